@@ -1,0 +1,56 @@
+//! The one place that decides how values become bytes on the wire and on
+//! disk. Every crate of the workspace encodes through here, so changing the
+//! format is a change to this file.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+
+/// An encode or decode failure. Decoding untrusted bytes returns this, never
+/// panics.
+#[derive(Debug, Error)]
+pub enum CodecError {
+    #[error("encode: {0}")]
+    Encode(String),
+    #[error("decode: {0}")]
+    Decode(String),
+    #[error("decode: {trailing} trailing bytes after the value")]
+    Trailing { trailing: usize },
+}
+
+fn config() -> impl bincode::config::Config {
+    // Little-endian varints, with a hard cap so a hostile length prefix
+    // cannot make us allocate gigabytes.
+    bincode::config::standard().with_limit::<{ 256 * 1024 * 1024 }>()
+}
+
+/// Encodes `value` to a fresh buffer.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// Decodes one value that must span all of `bytes`.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (value, read) =
+        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError::Decode(e.to_string()))?;
+    if read != bytes.len() {
+        return Err(CodecError::Trailing { trailing: bytes.len() - read });
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_garbage() {
+        let v: (u64, String) = (7, "x".into());
+        let bytes = encode(&v).unwrap();
+        assert_eq!(decode::<(u64, String)>(&bytes).unwrap(), v);
+        assert!(decode::<(u64, String)>(&[0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(matches!(decode::<(u64, String)>(&long), Err(CodecError::Trailing { trailing: 1 })));
+    }
+}

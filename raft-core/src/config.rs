@@ -1,0 +1,128 @@
+//! Engine configuration, validated at construction.
+
+use thiserror::Error;
+
+/// Tunables of one Raft node. Build with [`Config::default`] and adjust, then
+/// call [`Config::validate`]; the engine only accepts a validated config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Lower bound of the randomized election timeout, in milliseconds.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound (exclusive) of the randomized election timeout.
+    pub election_timeout_max_ms: u64,
+    /// How often a leader sends heartbeats.
+    pub heartbeat_interval_ms: u64,
+    /// Run a pre-vote round before a real election (thesis §9.6), so a node
+    /// that was partitioned away cannot raise everyone's term on return.
+    pub pre_vote: bool,
+    /// A leader that has not heard from a quorum within an election timeout
+    /// steps down (thesis §6.2).
+    pub check_quorum: bool,
+    /// Most AppendEntries messages in flight to one follower.
+    pub max_inflight: usize,
+    /// Most entries in one AppendEntries message.
+    pub max_entries_per_message: usize,
+    /// Most payload bytes (as estimated by `TypeConfig::command_size`) in one
+    /// AppendEntries message; a single larger entry is still sent alone.
+    pub max_bytes_per_message: usize,
+    /// Build a snapshot once this many entries were applied since the last one.
+    /// 0 disables automatic snapshots.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot, so a follower that is only
+    /// a little behind is repaired by entries rather than a whole snapshot.
+    pub purge_keep: u64,
+    /// Bytes per InstallSnapshot chunk.
+    pub snapshot_chunk_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
+            heartbeat_interval_ms: 50,
+            pre_vote: true,
+            check_quorum: true,
+            max_inflight: 8,
+            max_entries_per_message: 512,
+            max_bytes_per_message: 1 << 20,
+            snapshot_every: 10_000,
+            purge_keep: 1_000,
+            snapshot_chunk_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Why a [`Config`] was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("election_timeout_min_ms must be > 0")]
+    ZeroElectionTimeout,
+    #[error("election timeout range [{min}, {max}) is empty: max must exceed min")]
+    EmptyElectionRange { min: u64, max: u64 },
+    #[error("heartbeat_interval_ms ({heartbeat}) must be > 0 and below election_timeout_min_ms ({min})")]
+    HeartbeatTooSlow { heartbeat: u64, min: u64 },
+    #[error("{field} must be > 0")]
+    Zero { field: &'static str },
+}
+
+impl Config {
+    /// Checks the relations between fields; returns the config unchanged if
+    /// it is usable.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        if self.election_timeout_min_ms == 0 {
+            return Err(ConfigError::ZeroElectionTimeout);
+        }
+        if self.election_timeout_max_ms <= self.election_timeout_min_ms {
+            return Err(ConfigError::EmptyElectionRange {
+                min: self.election_timeout_min_ms,
+                max: self.election_timeout_max_ms,
+            });
+        }
+        if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms >= self.election_timeout_min_ms {
+            return Err(ConfigError::HeartbeatTooSlow {
+                heartbeat: self.heartbeat_interval_ms,
+                min: self.election_timeout_min_ms,
+            });
+        }
+        for (field, v) in [
+            ("max_inflight", self.max_inflight),
+            ("max_entries_per_message", self.max_entries_per_message),
+            ("max_bytes_per_message", self.max_bytes_per_message),
+            ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero { field });
+            }
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid() {
+        assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn inverted_election_range_is_a_typed_error() {
+        let c = Config { election_timeout_min_ms: 300, election_timeout_max_ms: 150, ..Config::default() };
+        assert_eq!(c.validate(), Err(ConfigError::EmptyElectionRange { min: 300, max: 150 }));
+    }
+
+    #[test]
+    fn heartbeat_not_below_election_timeout_is_refused() {
+        let c = Config { heartbeat_interval_ms: 150, ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::HeartbeatTooSlow { .. })));
+    }
+
+    #[test]
+    fn zero_inflight_is_refused() {
+        let c = Config { max_inflight: 0, ..Config::default() };
+        assert_eq!(c.validate(), Err(ConfigError::Zero { field: "max_inflight" }));
+    }
+}

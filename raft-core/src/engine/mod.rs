@@ -1,0 +1,1393 @@
+//! The sans-IO Raft engine.
+//!
+//! [`Engine`] is a deterministic state machine. It reads no clock (time comes
+//! in through [`Engine::tick`]), draws randomness only from the seed it was
+//! given, and performs no IO: every input is a method call and every effect
+//! is an [`Action`] the caller takes out with [`Engine::take_actions`].
+//!
+//! # The contract with whoever runs it
+//! Actions must be carried out **in the order given**, each storage action
+//! completing before the next action starts. That single rule is what makes
+//! the engine safe: a vote or an append is durable before the response that
+//! depends on it is sent, because the response comes later in the list.
+//! The one exception the engine relies on being allowed is that `Send`
+//! actions may be handed to a transport without waiting for them to arrive.
+//! After an `AppendLog` completes, report it with [`Engine::log_persisted`];
+//! after `BuildSnapshot`, with [`Engine::snapshot_built`].
+//!
+//! Roles follow etcd-io/raft's shape: one handler per message kind with the
+//! role-specific part in a `match`, and `become_*` functions that reset
+//! exactly the state each role owns. Comments cite the extended Raft paper
+//! (§) and Ongaro's thesis where a rule comes from.
+
+pub mod log;
+pub mod progress;
+pub mod quorum;
+pub mod rng;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::error::{InitializeError, NotLeader, RecoveryError, StepError};
+use crate::message::{
+    AppendEntriesRequest, AppendEntriesResponse, ConflictHint, InstallSnapshotRequest, InstallSnapshotResponse,
+    Message, SnapshotMeta, TimeoutNowRequest, VoteRequest, VoteResponse,
+};
+use crate::types::{Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Term, TypeConfig};
+
+use self::log::RaftLog;
+use self::progress::{Inflight, Progress, ProgressState};
+use self::rng::Rng;
+
+/// Identifies one ReadIndex request; chosen by the caller.
+pub type ReadId = u64;
+
+/// An effect the engine asks its driver to carry out, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action<C: TypeConfig> {
+    /// Make the term and vote durable.
+    SaveHardState(HardState),
+    /// Make these entries durable at the end of the log. Report completion
+    /// with [`Engine::log_persisted`].
+    AppendLog { entries: Vec<Entry<C>> },
+    /// Durably delete every entry at `from` and after.
+    TruncateLog { from: LogIndex },
+    /// Durably delete every entry up to and including `upto`; if the log ends
+    /// before it, the log becomes empty and continues after `upto`.
+    PurgeLog { upto: LogId },
+    /// Deliver a request (or one-way message) to a peer. May be handed to
+    /// the transport without waiting.
+    Send { to: NodeId, msg: Message<C> },
+    /// Answer the request just stepped from `to`. Each request passed to
+    /// [`Engine::step`] yields exactly one `Respond`, unless `step` errs.
+    Respond { to: NodeId, msg: Message<C> },
+    /// Apply these committed entries to the state machine, in order.
+    Apply { entries: Vec<Entry<C>> },
+    /// Build a snapshot of the state machine as applied so far; report it
+    /// with [`Engine::snapshot_built`].
+    BuildSnapshot,
+    /// Read `max_len` bytes at `offset` of the snapshot `meta.id` and send
+    /// them to `to` as an InstallSnapshot request in `term`.
+    SendSnapshotChunk { to: NodeId, term: Term, meta: SnapshotMeta<C>, offset: u64 },
+    /// Store a received chunk of an incoming snapshot (offset 0 starts over).
+    WriteSnapshotChunk { meta: SnapshotMeta<C>, offset: u64, data: Vec<u8> },
+    /// Atomically replace the state machine with the received snapshot.
+    InstallSnapshot { meta: SnapshotMeta<C> },
+    /// These reads are confirmed; serve them once `index` is applied.
+    ReadReady { ids: Vec<ReadId>, index: LogIndex },
+    /// These reads cannot be confirmed: this node is no longer leader.
+    ReadFailed { ids: Vec<ReadId>, leader_id: Option<NodeId> },
+}
+
+/// The role a node plays in its current term.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Follower,
+    /// Probing with pre-votes whether an election could succeed.
+    PreCandidate,
+    Candidate,
+    Leader,
+    /// Receives the log but does not vote.
+    Learner,
+}
+
+/// What a node recovered from its storage, handed to [`Engine::new`].
+#[derive(Clone, Debug)]
+pub struct RecoveredState<C: TypeConfig> {
+    pub hard_state: HardState,
+    /// The last purged entry of the `LogStore` (`LogId::ZERO` if none).
+    pub log_base: LogId,
+    /// Every entry after `log_base`, in order.
+    pub entries: Vec<Entry<C>>,
+    /// The newest durable snapshot, if any.
+    pub snapshot: Option<SnapshotMeta<C>>,
+    /// The state machine's last applied entry.
+    pub applied: LogId,
+}
+
+impl<C: TypeConfig> Default for RecoveredState<C> {
+    fn default() -> Self {
+        RecoveredState {
+            hard_state: HardState::default(),
+            log_base: LogId::ZERO,
+            entries: Vec::new(),
+            snapshot: None,
+            applied: LogId::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct VoteTally {
+    granted: BTreeSet<NodeId>,
+    rejected: BTreeSet<NodeId>,
+}
+
+#[derive(Debug)]
+struct PendingRead {
+    id: ReadId,
+    /// The heartbeat round a quorum must answer to confirm leadership.
+    round: u64,
+    /// The commit index to wait for; `None` until this term's no-op commits.
+    index: Option<LogIndex>,
+}
+
+#[derive(Debug)]
+struct LeaderState {
+    progress: BTreeMap<NodeId, Progress>,
+    /// Heartbeat round counter, echoed by followers (for ReadIndex).
+    round: u64,
+    pending_reads: Vec<PendingRead>,
+    heartbeat_due: u64,
+    check_quorum_due: u64,
+    /// The index of this term's no-op; reads wait until it commits (§8).
+    noop_index: LogIndex,
+    /// A leadership transfer under way: the target and when to give up.
+    transfer: Option<(NodeId, u64)>,
+}
+
+#[derive(Debug)]
+enum RoleState {
+    Follower,
+    PreCandidate(VoteTally),
+    Candidate(VoteTally),
+    Leader(Box<LeaderState>),
+}
+
+/// Why a leader refused a proposal.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum ProposeError<N> {
+    #[error(transparent)]
+    NotLeader(#[from] NotLeader<N>),
+    #[error("a leadership transfer is in progress")]
+    TransferInProgress,
+}
+
+/// One Raft node's consensus state. See the module docs for the contract.
+pub struct Engine<C: TypeConfig> {
+    id: NodeId,
+    config: Config,
+    rng: Rng,
+    now: u64,
+
+    // Persistent state (Figure 2).
+    term: Term,
+    voted_for: Option<NodeId>,
+    log: RaftLog<C>,
+
+    /// Highest index known durable in the local `LogStore`.
+    durable: LogIndex,
+    commit: LogIndex,
+    /// Highest index handed to the state machine in an `Apply` action.
+    applied: LogIndex,
+
+    role: RoleState,
+    leader_id: Option<NodeId>,
+    election_due: u64,
+    /// When we last heard from `leader_id` (for the lease check of thesis §4.2.3).
+    leader_contact: u64,
+
+    /// The configuration in force at `base_membership.0` (from a snapshot or
+    /// a purged entry) and every membership entry in the log after it.
+    base_membership: (LogId, Membership<C::Node>),
+    log_memberships: Vec<(LogId, Membership<C::Node>)>,
+
+    snapshot: Option<SnapshotMeta<C>>,
+    building_snapshot: bool,
+    /// An incoming snapshot: its id and the next byte offset expected.
+    receiving: Option<(u64, u64)>,
+
+    /// Leader: first index appended locally but not yet in an `AppendLog`.
+    unflushed: Option<LogIndex>,
+    /// Leader: a heartbeat round must go out at the next flush (for reads).
+    read_round_wanted: bool,
+
+    actions: Vec<Action<C>>,
+}
+
+impl<C: TypeConfig> Engine<C> {
+    /// Builds a node from what it recovered. `seed` drives every random
+    /// choice (election timeouts); `now` is the current time in milliseconds
+    /// on any monotonic clock. Repair actions (if storage must be reconciled
+    /// with a newer snapshot) come out of the first [`Engine::take_actions`].
+    pub fn new(
+        id: NodeId,
+        config: Config,
+        seed: u64,
+        now: u64,
+        state: RecoveredState<C>,
+    ) -> Result<Self, RecoveryError> {
+        let RecoveredState { hard_state, log_base, entries, snapshot, applied } = state;
+        validate_entries(log_base, &entries, hard_state.term)?;
+        let mut actions = Vec::new();
+        let mut log = RaftLog::new(log_base, entries);
+
+        let snap_id = snapshot.as_ref().map(|s| s.last_log_id).unwrap_or(LogId::ZERO);
+        let base_membership =
+            (snap_id, snapshot.as_ref().map(|s| s.membership.clone()).unwrap_or_default());
+        if snap_id.index > log.base().index {
+            // The snapshot is newer than the log's purge point: keep the log
+            // after it if it agrees, otherwise it was superseded (a crash
+            // between installing a snapshot and cleaning the log).
+            if log.matches(snap_id) {
+                log.purge(snap_id);
+            } else {
+                if !log.is_empty() {
+                    actions.push(Action::TruncateLog { from: log.first_index() });
+                }
+                log = RaftLog::new(snap_id, Vec::new());
+            }
+            actions.push(Action::PurgeLog { upto: snap_id });
+        }
+        if applied.index < snap_id.index {
+            return Err(RecoveryError::AppliedBeforeSnapshot { applied: applied.index, snapshot: snap_id.index });
+        }
+        if applied.index > log.last_index() {
+            return Err(RecoveryError::AppliedPastLog { applied: applied.index, last: log.last_index() });
+        }
+        if applied.index > snap_id.index && !log.matches(applied) {
+            return Err(RecoveryError::AppliedMismatch { applied: applied.index });
+        }
+        let mut log_memberships = Vec::new();
+        for e in log.range(LogIndex(0), log.last_index()) {
+            if let EntryPayload::Membership(m) = &e.payload {
+                if e.log_id.index > base_membership.0.index {
+                    log_memberships.push((e.log_id, m.clone()));
+                }
+            }
+        }
+
+        let mut engine = Engine {
+            id,
+            rng: Rng::new(seed ^ id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            now,
+            term: hard_state.term,
+            voted_for: hard_state.voted_for,
+            durable: log.last_index(),
+            commit: applied.index,
+            applied: applied.index,
+            log,
+            role: RoleState::Follower,
+            leader_id: None,
+            election_due: 0,
+            leader_contact: 0,
+            base_membership,
+            log_memberships,
+            snapshot,
+            building_snapshot: false,
+            receiving: None,
+            unflushed: None,
+            read_round_wanted: false,
+            actions,
+            config,
+        };
+        engine.reset_election_timer();
+        Ok(engine)
+    }
+
+    /// Bootstraps a pristine node with its first configuration, as entry 1 of
+    /// term 0. Every node of a new cluster may be initialized with the same
+    /// membership (the entries are identical), or only one of them.
+    pub fn initialize(&mut self, membership: Membership<C::Node>) -> Result<(), InitializeError> {
+        if self.term != Term(0) || self.log.last_index() != LogIndex(0) || self.snapshot.is_some() {
+            return Err(InitializeError::NotPristine { term: self.term, last_index: self.log.last_index() });
+        }
+        if membership.voter_ids().is_empty() {
+            return Err(InitializeError::NoVoters);
+        }
+        let entry = Entry { log_id: LogId::new(0, 1), payload: EntryPayload::Membership(membership) };
+        self.append_follower_entries(vec![entry]);
+        let m = self.membership();
+        if m.is_voter(self.id) && m.voter_ids().len() == 1 {
+            self.election_due = self.now;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- queries
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+    pub fn term(&self) -> Term {
+        self.term
+    }
+    pub fn voted_for(&self) -> Option<NodeId> {
+        self.voted_for
+    }
+    pub fn role(&self) -> Role {
+        match &self.role {
+            RoleState::Leader(_) => Role::Leader,
+            RoleState::Candidate(_) => Role::Candidate,
+            RoleState::PreCandidate(_) => Role::PreCandidate,
+            RoleState::Follower if !self.membership().is_voter(self.id) => Role::Learner,
+            RoleState::Follower => Role::Follower,
+        }
+    }
+    pub fn is_leader(&self) -> bool {
+        matches!(self.role, RoleState::Leader(_))
+    }
+    pub fn leader_id(&self) -> Option<NodeId> {
+        self.leader_id
+    }
+    pub fn commit_index(&self) -> LogIndex {
+        self.commit
+    }
+    /// Highest index handed to the state machine.
+    pub fn applied_index(&self) -> LogIndex {
+        self.applied
+    }
+    pub fn last_log_id(&self) -> LogId {
+        self.log.last_log_id()
+    }
+    pub fn log(&self) -> &RaftLog<C> {
+        &self.log
+    }
+    pub fn snapshot_meta(&self) -> Option<&SnapshotMeta<C>> {
+        self.snapshot.as_ref()
+    }
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    /// The configuration in force: the latest membership entry in the log,
+    /// committed or not (§6), else the snapshot's.
+    pub fn membership(&self) -> &Membership<C::Node> {
+        self.log_memberships.last().map(|(_, m)| m).unwrap_or(&self.base_membership.1)
+    }
+    /// The log id of the entry that set [`Engine::membership`].
+    pub fn membership_log_id(&self) -> LogId {
+        self.log_memberships.last().map(|(id, _)| *id).unwrap_or(self.base_membership.0)
+    }
+    /// Leader only: each peer's match index.
+    pub fn matched(&self) -> BTreeMap<NodeId, LogIndex> {
+        match &self.role {
+            RoleState::Leader(l) => l.progress.iter().map(|(id, p)| (*id, p.matched)).collect(),
+            _ => BTreeMap::new(),
+        }
+    }
+    /// The next time [`Engine::tick`] has work to do.
+    pub fn next_deadline(&self) -> u64 {
+        match &self.role {
+            RoleState::Leader(l) => {
+                let mut due = l.heartbeat_due.min(l.check_quorum_due);
+                if let Some((_, until)) = l.transfer {
+                    due = due.min(until);
+                }
+                due
+            }
+            _ => self.election_due,
+        }
+    }
+    pub fn not_leader(&self) -> NotLeader<C::Node> {
+        NotLeader {
+            leader_id: self.leader_id,
+            leader_node: self.leader_id.and_then(|l| self.membership().nodes.get(&l).cloned()),
+        }
+    }
+
+
+    // ----------------------------------------------------------------- inputs
+
+    /// Advances time to `now` (milliseconds) and fires due timers: elections
+    /// on followers and candidates; heartbeats, check-quorum and
+    /// retransmission on leaders.
+    pub fn tick(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        if self.is_leader() {
+            self.tick_leader();
+        } else if self.now >= self.election_due {
+            let kind = if self.config.pre_vote { CampaignKind::PreVote } else { CampaignKind::Election };
+            self.campaign(kind);
+        }
+    }
+
+    fn tick_leader(&mut self) {
+        let now = self.now;
+        let stale_after = self.config.election_timeout_min_ms;
+        let (id, term, check_quorum) = (self.id, self.term, self.config.check_quorum);
+        let configs = self.membership().configs.clone();
+        let RoleState::Leader(l) = &mut self.role else { return };
+        if l.transfer.is_some_and(|(_, until)| now >= until) {
+            info!(node = %id, term = %term, "leadership transfer timed out; resuming");
+            l.transfer = None;
+        }
+        // Check-quorum (thesis §6.2): step down if a quorum has been silent
+        // for an election timeout.
+        if now >= l.check_quorum_due {
+            let progress = &l.progress;
+            let active = quorum::has_quorum(&configs, |p| {
+                p == id || progress.get(&p).is_some_and(|p| p.recent_active)
+            });
+            for p in l.progress.values_mut() {
+                p.recent_active = false;
+            }
+            l.check_quorum_due = now + stale_after;
+            if check_quorum && !active {
+                warn!(node = %id, term = %term, "lost contact with a quorum; stepping down");
+                self.become_follower(term, None);
+                return;
+            }
+        }
+        // Retransmission: an unanswered snapshot chunk, or a replication
+        // window stuck behind a lost message.
+        for (peer, p) in l.progress.iter_mut() {
+            match &mut p.state {
+                ProgressState::Replicate => {
+                    if p.inflight.front().is_some_and(|f| f.sent_at + stale_after <= now) {
+                        debug!(node = %id, peer = %peer, "replication window stalled; probing");
+                        p.become_probe();
+                    }
+                }
+                ProgressState::Snapshot { sent_at, .. } => {
+                    if sent_at.is_some_and(|t| t + stale_after <= now) {
+                        *sent_at = None;
+                    }
+                }
+                ProgressState::Probe { .. } => {}
+            }
+        }
+        if now >= l.heartbeat_due {
+            self.broadcast_heartbeat();
+        }
+        self.replicate_all();
+    }
+
+    /// Handles one message from `from`. Requests get exactly one `Respond`
+    /// action. An `Err` means the message was refused as malformed or
+    /// hostile; nothing it said was applied and no response is owed.
+    pub fn step(&mut self, from: NodeId, msg: Message<C>) -> Result<(), StepError> {
+        if from == self.id {
+            return Err(StepError::FromSelf { from });
+        }
+        match msg {
+            Message::Vote(req) => self.on_vote_request(from, req),
+            Message::VoteResponse(resp) => {
+                self.on_vote_response(from, resp);
+                Ok(())
+            }
+            msg => {
+                let term = msg.term();
+                if term > self.term {
+                    // §5.1: a higher term makes us a follower of it. A
+                    // leader's message also tells us who leads.
+                    let leader = matches!(
+                        msg,
+                        Message::AppendEntries(_) | Message::InstallSnapshot(_) | Message::TimeoutNow(_)
+                    )
+                    .then_some(from);
+                    self.become_follower(term, leader);
+                } else if term < self.term {
+                    // Stale: answer requests so the sender learns our term.
+                    self.reject_stale(from, &msg);
+                    return Ok(());
+                }
+                match msg {
+                    Message::AppendEntries(req) => self.on_append_entries(from, req),
+                    Message::AppendEntriesResponse(resp) => self.on_append_response(from, resp),
+                    Message::InstallSnapshot(req) => self.on_install_snapshot(from, req),
+                    Message::InstallSnapshotResponse(resp) => {
+                        self.on_snapshot_response(from, resp);
+                        Ok(())
+                    }
+                    Message::TimeoutNow(req) => {
+                        self.on_timeout_now(from, req);
+                        Ok(())
+                    }
+                    Message::Vote(_) | Message::VoteResponse(_) => unreachable!("handled above"),
+                }
+            }
+        }
+    }
+
+    /// Proposes a command. On the leader it is appended to the log and will
+    /// be replicated at the next [`Engine::take_actions`]; the returned log id
+    /// identifies it when it is applied.
+    pub fn propose(&mut self, command: C::Command) -> Result<LogId, ProposeError<C::Node>> {
+        self.propose_payload(EntryPayload::Command(command))
+    }
+
+    fn propose_payload(&mut self, payload: EntryPayload<C>) -> Result<LogId, ProposeError<C::Node>> {
+        match &self.role {
+            RoleState::Leader(l) if l.transfer.is_some() => Err(ProposeError::TransferInProgress),
+            RoleState::Leader(_) => Ok(self.leader_append(payload)),
+            _ => Err(ProposeError::NotLeader(self.not_leader())),
+        }
+    }
+
+    /// Starts a linearizable read (ReadIndex, thesis §6.4). When a quorum
+    /// confirms this node is still leader, a `ReadReady` action names the
+    /// index the state machine must reach before the read is served. Reads
+    /// started before the next flush share one heartbeat round.
+    pub fn read_index(&mut self, id: ReadId) -> Result<(), NotLeader<C::Node>> {
+        let commit = self.commit;
+        let RoleState::Leader(l) = &mut self.role else {
+            return Err(self.not_leader());
+        };
+        let index = (commit >= l.noop_index).then_some(commit);
+        l.pending_reads.push(PendingRead { id, round: l.round + 1, index });
+        self.read_round_wanted = true;
+        Ok(())
+    }
+
+    /// Reports that an `AppendLog` ending at `last` is durable.
+    pub fn log_persisted(&mut self, last: LogId) {
+        if last.index > self.durable && self.log.matches(last) {
+            self.durable = last.index;
+            if self.is_leader() {
+                self.maybe_commit();
+            }
+        }
+    }
+
+    /// Reports that a `BuildSnapshot` produced `meta` (durable). Purges the
+    /// log behind it, keeping `purge_keep` entries for slow followers.
+    pub fn snapshot_built(&mut self, meta: SnapshotMeta<C>) {
+        self.building_snapshot = false;
+        let newer = self.snapshot.as_ref().is_none_or(|s| meta.last_log_id.index > s.last_log_id.index);
+        if !newer || !self.log.matches(meta.last_log_id) && meta.last_log_id.index > self.log.base().index {
+            return;
+        }
+        info!(node = %self.id, snapshot = %meta.last_log_id, "snapshot built");
+        let purge_to = LogIndex(meta.last_log_id.index.0.saturating_sub(self.config.purge_keep));
+        self.snapshot = Some(meta);
+        if purge_to > self.log.base().index
+            && let Some(upto) = self.log.log_id_at(purge_to)
+        {
+            self.purge_log(upto);
+            self.actions.push(Action::PurgeLog { upto });
+        }
+    }
+
+    /// Reports that building a snapshot failed; the engine will ask again later.
+    pub fn snapshot_failed(&mut self) {
+        self.building_snapshot = false;
+    }
+
+    /// Asks the leader to hand leadership to `to` (thesis §3.10): proposals
+    /// pause, `to` is brought up to date and told to campaign at once. If it
+    /// has not taken over within an election timeout, this node resumes.
+    pub fn transfer_leader(&mut self, to: NodeId) -> Result<(), NotLeader<C::Node>> {
+        let until = self.now + self.config.election_timeout_min_ms;
+        let RoleState::Leader(l) = &mut self.role else {
+            return Err(self.not_leader());
+        };
+        if to == self.id || !l.progress.get(&to).is_some_and(|p| p.voter) {
+            return Ok(());
+        }
+        l.transfer = Some((to, until));
+        info!(node = %self.id, term = %self.term, target = %to, "transferring leadership");
+        self.maybe_send_timeout_now(to);
+        Ok(())
+    }
+
+    /// Hands out the actions produced since the last call, in the order they
+    /// must be carried out.
+    pub fn take_actions(&mut self) -> Vec<Action<C>> {
+        if self.is_leader() {
+            if self.read_round_wanted {
+                self.broadcast_heartbeat();
+            }
+            if let Some(from) = self.unflushed.take() {
+                // Followers may receive entries before they are durable here
+                // (thesis §10.2.1): the leader counts itself only once
+                // `log_persisted` says so.
+                self.replicate_all();
+                let entries = self.log.range(from, self.log.last_index()).cloned().collect();
+                self.actions.push(Action::AppendLog { entries });
+            }
+        }
+        self.check_reads();
+        std::mem::take(&mut self.actions)
+    }
+
+    // -------------------------------------------------------------- elections
+
+    fn campaign(&mut self, kind: CampaignKind) {
+        self.reset_election_timer();
+        if !self.membership().is_voter(self.id) {
+            return;
+        }
+        let Some(next_term) = self.term.next() else {
+            warn!(node = %self.id, "term space exhausted; refusing to campaign");
+            return;
+        };
+        let (term, pre_vote) = match kind {
+            CampaignKind::PreVote => {
+                debug!(node = %self.id, term = %next_term, "pre-vote campaign");
+                self.role = RoleState::PreCandidate(VoteTally::default());
+                (next_term, true)
+            }
+            CampaignKind::Election | CampaignKind::Transfer => {
+                self.flush_leader_entries();
+                self.term = next_term;
+                self.voted_for = Some(self.id);
+                self.leader_id = None;
+                self.role = RoleState::Candidate(VoteTally::default());
+                self.save_hard_state();
+                info!(node = %self.id, term = %self.term, "election started");
+                (next_term, false)
+            }
+        };
+        let req = VoteRequest {
+            term,
+            candidate_id: self.id,
+            last_log_id: self.log.last_log_id(),
+            pre_vote,
+            transfer: kind == CampaignKind::Transfer,
+        };
+        for peer in self.membership().voter_ids() {
+            if peer != self.id {
+                self.actions.push(Action::Send { to: peer, msg: Message::Vote(req.clone()) });
+            }
+        }
+        self.record_vote(self.id, true);
+    }
+
+    fn on_vote_request(&mut self, from: NodeId, req: VoteRequest) -> Result<(), StepError> {
+        if req.candidate_id != from {
+            return Err(StepError::Malformed { from, kind: "vote", reason: "candidate_id differs from sender" });
+        }
+        let respond = |this: &mut Self, granted: bool, term: Term| {
+            let msg = Message::VoteResponse(VoteResponse { term, granted, pre_vote: req.pre_vote });
+            this.actions.push(Action::Respond { to: from, msg });
+        };
+        if req.term < self.term {
+            respond(self, false, self.term);
+            return Ok(());
+        }
+        // Thesis §4.2.3: while we hear from a leader, ignore campaigns, so a
+        // node that was partitioned away (or removed) cannot depose it.
+        if self.in_lease() && !req.transfer && (req.term > self.term || req.pre_vote) {
+            debug!(node = %self.id, candidate = %from, "vote refused: leader lease");
+            respond(self, false, self.term);
+            return Ok(());
+        }
+        let up_to_date = req.last_log_id >= self.log.last_log_id();
+        if req.pre_vote {
+            // A pre-vote changes nothing here; grant if a real vote could be.
+            let grant = req.term > self.term && up_to_date;
+            respond(self, grant, if grant { req.term } else { self.term });
+            return Ok(());
+        }
+        if req.term > self.term {
+            self.become_follower(req.term, None);
+        }
+        let can_vote = self.voted_for.is_none_or(|v| v == from) && self.leader_id.is_none_or(|l| l == from);
+        let grant = can_vote && up_to_date;
+        if grant && self.voted_for.is_none() {
+            // §5.2: at most one vote per term, durable before the reply.
+            self.voted_for = Some(from);
+            self.save_hard_state();
+        }
+        if grant {
+            self.reset_election_timer();
+        }
+        debug!(node = %self.id, term = %self.term, candidate = %from, grant, "vote");
+        respond(self, grant, self.term);
+        Ok(())
+    }
+
+    fn on_vote_response(&mut self, from: NodeId, resp: VoteResponse) {
+        let rejected_higher = !resp.granted && resp.term > self.term;
+        if rejected_higher || (!resp.pre_vote && resp.term > self.term) {
+            self.become_follower(resp.term, None);
+            return;
+        }
+        let expected_term = match &self.role {
+            RoleState::PreCandidate(_) if resp.pre_vote => self.term.next(),
+            RoleState::Candidate(_) if !resp.pre_vote => Some(self.term),
+            _ => None,
+        };
+        if resp.granted && expected_term != Some(resp.term) {
+            return; // an answer to an earlier campaign
+        }
+        self.record_vote(from, resp.granted);
+    }
+
+    fn record_vote(&mut self, from: NodeId, granted: bool) {
+        let configs = self.membership().configs.clone();
+        let tally = match &mut self.role {
+            RoleState::PreCandidate(t) | RoleState::Candidate(t) => t,
+            _ => return,
+        };
+        if granted {
+            tally.granted.insert(from);
+        } else {
+            tally.rejected.insert(from);
+        }
+        let won = quorum::has_quorum(&configs, |id| tally.granted.contains(&id));
+        let lost = quorum::quorum_impossible(&configs, |id| tally.rejected.contains(&id));
+        let pre = matches!(self.role, RoleState::PreCandidate(_));
+        if won && pre {
+            self.campaign(CampaignKind::Election);
+        } else if won {
+            self.become_leader();
+        } else if lost {
+            debug!(node = %self.id, term = %self.term, pre, "campaign lost");
+            self.become_follower(self.term, None);
+        }
+    }
+
+    fn on_timeout_now(&mut self, from: NodeId, _req: TimeoutNowRequest) {
+        if self.leader_id == Some(from) && self.membership().is_voter(self.id) {
+            info!(node = %self.id, term = %self.term, "told to campaign by the leader");
+            self.campaign(CampaignKind::Transfer);
+        }
+    }
+
+    fn in_lease(&self) -> bool {
+        self.config.check_quorum
+            && match &self.role {
+                RoleState::Leader(_) => true,
+                _ => {
+                    self.leader_id.is_some() && self.now < self.leader_contact + self.config.election_timeout_min_ms
+                }
+            }
+    }
+
+    // ---------------------------------------------------------- role changes
+
+    fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        self.flush_leader_entries();
+        if let RoleState::Leader(l) = &mut self.role {
+            let ids: Vec<ReadId> = l.pending_reads.drain(..).map(|r| r.id).collect();
+            if !ids.is_empty() {
+                self.actions.push(Action::ReadFailed { ids, leader_id: leader });
+            }
+        }
+        let was = self.role();
+        if term > self.term {
+            self.term = term;
+            self.voted_for = None;
+            self.save_hard_state();
+        }
+        self.role = RoleState::Follower;
+        self.leader_id = leader;
+        if leader.is_some() {
+            self.leader_contact = self.now;
+        }
+        self.reset_election_timer();
+        if was != Role::Follower && was != Role::Learner {
+            info!(node = %self.id, term = %self.term, leader = ?leader, from = ?was, "became follower");
+        }
+    }
+
+    fn become_leader(&mut self) {
+        let last = self.log.last_index();
+        let progress = self.peer_progress(last.next(), &BTreeMap::new());
+        self.role = RoleState::Leader(Box::new(LeaderState {
+            progress,
+            round: 0,
+            pending_reads: Vec::new(),
+            heartbeat_due: self.now,
+            check_quorum_due: self.now + self.config.election_timeout_min_ms,
+            noop_index: last.next(),
+            transfer: None,
+        }));
+        self.leader_id = Some(self.id);
+        info!(node = %self.id, term = %self.term, last_log = %self.log.last_log_id(), "became leader");
+        // §8: a no-op from this term lets the leader learn, through the
+        // Figure 8 rule, which earlier entries are committed.
+        self.leader_append(EntryPayload::Blank);
+    }
+
+    /// Progress trackers for every member but this node, keeping existing
+    /// ones.
+    fn peer_progress(&self, next: LogIndex, keep: &BTreeMap<NodeId, Progress>) -> BTreeMap<NodeId, Progress> {
+        let m = self.membership();
+        m.nodes
+            .keys()
+            .chain(m.voter_ids().iter())
+            .filter(|id| **id != self.id)
+            .map(|id| {
+                let voter = m.is_voter(*id);
+                let mut p = keep.get(id).cloned().unwrap_or_else(|| Progress::new(next, voter));
+                p.voter = voter;
+                (*id, p)
+            })
+            .collect()
+    }
+
+    fn reset_election_timer(&mut self) {
+        let c = &self.config;
+        self.election_due = self.now + self.rng.range(c.election_timeout_min_ms, c.election_timeout_max_ms);
+    }
+
+    fn save_hard_state(&mut self) {
+        self.actions.push(Action::SaveHardState(HardState { term: self.term, voted_for: self.voted_for }));
+    }
+
+    // ------------------------------------------------------------ replication
+
+    fn leader_append(&mut self, payload: EntryPayload<C>) -> LogId {
+        let log_id = LogId { term: self.term, index: self.log.last_index().next() };
+        let is_membership = matches!(payload, EntryPayload::Membership(_));
+        if let EntryPayload::Membership(m) = &payload {
+            self.log_memberships.push((log_id, m.clone()));
+        }
+        self.log.push(Entry { log_id, payload });
+        self.unflushed.get_or_insert(log_id.index);
+        if is_membership {
+            let keep = std::mem::take(&mut self.leader_mut().progress);
+            let progress = self.peer_progress(log_id.index, &keep);
+            self.leader_mut().progress = progress;
+        }
+        log_id
+    }
+
+    /// A leader that steps down must still persist what it appended.
+    fn flush_leader_entries(&mut self) {
+        if let Some(from) = self.unflushed.take() {
+            let entries = self.log.range(from, self.log.last_index()).cloned().collect();
+            self.actions.push(Action::AppendLog { entries });
+        }
+    }
+
+    fn replicate_all(&mut self) {
+        let peers: Vec<NodeId> = self.leader().progress.keys().copied().collect();
+        for peer in peers {
+            self.send_append(peer);
+        }
+    }
+
+    /// Sends `peer` what it is missing, as far as flow control allows.
+    fn send_append(&mut self, peer: NodeId) {
+        loop {
+            let last = self.log.last_index();
+            let base = self.log.base().index;
+            let (term, id, commit, now) = (self.term, self.id, self.commit, self.now);
+            let (max_n, max_bytes, max_inflight) = (
+                self.config.max_entries_per_message,
+                self.config.max_bytes_per_message,
+                self.config.max_inflight,
+            );
+            let snapshot = self.snapshot.clone();
+            let RoleState::Leader(l) = &mut self.role else { return };
+            let round = l.round;
+            let Some(p) = l.progress.get_mut(&peer) else { return };
+            if let ProgressState::Snapshot { snapshot_id, offset, sent_at } = &mut p.state {
+                if sent_at.is_none() {
+                    match snapshot.filter(|s| s.id == *snapshot_id) {
+                        Some(meta) => {
+                            *sent_at = Some(now);
+                            let offset = *offset;
+                            self.actions.push(Action::SendSnapshotChunk { to: peer, term, meta, offset });
+                        }
+                        None => p.become_probe(), // a newer snapshot replaced it; start again
+                    }
+                }
+                return;
+            }
+            if p.next <= base {
+                // The entries it needs were compacted away (§7).
+                let Some(meta) = snapshot else {
+                    warn!(node = %id, peer = %peer, "peer needs purged entries but no snapshot exists");
+                    return;
+                };
+                info!(node = %id, peer = %peer, snapshot = %meta.last_log_id, "sending snapshot");
+                p.state = ProgressState::Snapshot { snapshot_id: meta.id, offset: 0, sent_at: Some(now) };
+                p.inflight.clear();
+                self.actions.push(Action::SendSnapshotChunk { to: peer, term, meta, offset: 0 });
+                return;
+            }
+            let probing = matches!(p.state, ProgressState::Probe { .. });
+            if !p.can_send(max_inflight) || (!probing && p.next > last) {
+                return;
+            }
+            let prev_index = p.next.prev();
+            let Some(prev_log_id) = self.log.log_id_at(prev_index) else { return };
+            let mut entries = Vec::new();
+            let mut bytes = 0;
+            for e in self.log.range(p.next, last) {
+                if entries.len() >= max_n || (!entries.is_empty() && bytes + e.size_hint() > max_bytes) {
+                    break;
+                }
+                bytes += e.size_hint();
+                entries.push(e.clone());
+            }
+            let sent_last = prev_index.plus(entries.len() as u64);
+            match &mut p.state {
+                ProgressState::Probe { sent } => *sent = true,
+                _ => {
+                    p.next = sent_last.next();
+                    p.inflight.push_back(Inflight { last_index: sent_last, sent_at: now });
+                }
+            }
+            let req = AppendEntriesRequest { term, leader_id: id, prev_log_id, entries, leader_commit: commit, round };
+            self.actions.push(Action::Send { to: peer, msg: Message::AppendEntries(req) });
+            if probing {
+                return;
+            }
+        }
+    }
+
+    /// A heartbeat round: an empty AppendEntries to every peer, numbered so
+    /// the answers confirm leadership for ReadIndex.
+    fn broadcast_heartbeat(&mut self) {
+        self.read_round_wanted = false;
+        let (term, id, commit) = (self.term, self.id, self.commit);
+        let now = self.now;
+        let hb = self.config.heartbeat_interval_ms;
+        let base = self.log.base();
+        let l = self.leader_mut();
+        l.round += 1;
+        l.heartbeat_due = now + hb;
+        let round = l.round;
+        let mut sends = Vec::new();
+        for (peer, p) in l.progress.iter_mut() {
+            // In step: anchor on what it is known to hold. Probing: the
+            // heartbeat doubles as the probe.
+            let prev_index = match p.state {
+                ProgressState::Replicate => p.matched,
+                ProgressState::Probe { .. } => {
+                    p.state = ProgressState::Probe { sent: true };
+                    p.next.prev()
+                }
+                ProgressState::Snapshot { .. } => base.index,
+            };
+            sends.push((*peer, prev_index.max(base.index)));
+        }
+        for (peer, prev_index) in sends {
+            let prev_log_id = self.log.log_id_at(prev_index).unwrap_or(base);
+            let req = AppendEntriesRequest {
+                term,
+                leader_id: id,
+                prev_log_id,
+                entries: Vec::new(),
+                leader_commit: commit,
+                round,
+            };
+            self.actions.push(Action::Send { to: peer, msg: Message::AppendEntries(req) });
+        }
+    }
+
+    fn on_append_entries(&mut self, from: NodeId, mut req: AppendEntriesRequest<C>) -> Result<(), StepError> {
+        if req.leader_id != from {
+            return Err(StepError::Malformed { from, kind: "append", reason: "leader_id differs from sender" });
+        }
+        validate_incoming(from, &req)?;
+        match self.role {
+            RoleState::Leader(_) => return Err(StepError::TwoLeaders { from, term: self.term }),
+            RoleState::Follower if self.leader_id.is_some_and(|l| l != from) => {
+                return Err(StepError::TwoLeaders { from, term: self.term });
+            }
+            RoleState::Follower => {
+                self.leader_id = Some(from);
+                self.leader_contact = self.now;
+                self.reset_election_timer();
+            }
+            _ => self.become_follower(self.term, Some(from)),
+        }
+        let round = req.round;
+        let respond = |this: &mut Self, success: bool, index: LogIndex, conflict: Option<ConflictHint>| {
+            let msg = Message::AppendEntriesResponse(AppendEntriesResponse {
+                term: this.term,
+                success,
+                index,
+                conflict,
+                round,
+            });
+            this.actions.push(Action::Respond { to: from, msg });
+        };
+        let base = self.log.base();
+        if req.prev_log_id.index < base.index {
+            // Everything up to our base is committed, so it matches the
+            // leader's log: skip the part of the message that covers it.
+            let skip = (base.index.0 - req.prev_log_id.index.0) as usize;
+            if skip > req.entries.len() {
+                respond(self, true, base.index, None);
+                return Ok(());
+            }
+            if skip > 0 && req.entries[skip - 1].log_id != base {
+                return Err(StepError::ConflictsWithCommitted { from, index: base.index });
+            }
+            req.entries.drain(..skip);
+            req.prev_log_id = base;
+        }
+        let prev = req.prev_log_id;
+        if !self.log.matches(prev) {
+            // §5.3 consistency check failed; hint where to resume.
+            let conflict = if prev.index > self.log.last_index() {
+                ConflictHint { term: None, index: self.log.last_index().next() }
+            } else {
+                ConflictHint { term: self.log.term_at(prev.index), index: self.log.first_index_of_term_at(prev.index) }
+            };
+            if prev.index <= self.commit {
+                return Err(StepError::ConflictsWithCommitted { from, index: prev.index });
+            }
+            respond(self, false, prev.index, Some(conflict));
+            return Ok(());
+        }
+        let last_new = prev.index.plus(req.entries.len() as u64);
+        // Skip what we already hold; truncate at the first conflict (§5.3).
+        let mut new_from = req.entries.len();
+        for (i, e) in req.entries.iter().enumerate() {
+            match self.log.term_at(e.log_id.index) {
+                Some(t) if t == e.log_id.term => continue,
+                Some(_) => {
+                    if e.log_id.index <= self.commit {
+                        return Err(StepError::ConflictsWithCommitted { from, index: e.log_id.index });
+                    }
+                    self.truncate_log(e.log_id.index);
+                    new_from = i;
+                }
+                None => new_from = i,
+            }
+            break;
+        }
+        if new_from < req.entries.len() {
+            let entries: Vec<Entry<C>> = req.entries.drain(new_from..).collect();
+            self.append_follower_entries(entries);
+        }
+        // Figure 2: commitIndex = min(leaderCommit, index of last new entry).
+        let new_commit = req.leader_commit.min(last_new);
+        if new_commit > self.commit {
+            self.commit = new_commit;
+            self.apply_committed();
+        }
+        respond(self, true, last_new, None);
+        Ok(())
+    }
+
+    fn append_follower_entries(&mut self, entries: Vec<Entry<C>>) {
+        for e in &entries {
+            if let EntryPayload::Membership(m) = &e.payload {
+                self.log_memberships.push((e.log_id, m.clone()));
+            }
+            self.log.push(e.clone());
+        }
+        self.actions.push(Action::AppendLog { entries });
+    }
+
+    fn truncate_log(&mut self, from: LogIndex) {
+        debug!(node = %self.id, from = %from, "truncating conflicting entries");
+        self.log.truncate(from);
+        self.log_memberships.retain(|(id, _)| id.index < from);
+        self.durable = self.durable.min(from.prev());
+        self.actions.push(Action::TruncateLog { from });
+    }
+
+    fn purge_log(&mut self, upto: LogId) {
+        self.log.purge(upto);
+        while self.log_memberships.first().is_some_and(|(id, _)| id.index <= upto.index) {
+            self.base_membership = self.log_memberships.remove(0);
+        }
+    }
+
+    fn on_append_response(&mut self, from: NodeId, resp: AppendEntriesResponse) -> Result<(), StepError> {
+        let last = self.log.last_index();
+        let RoleState::Leader(l) = &mut self.role else { return Ok(()) };
+        let Some(p) = l.progress.get_mut(&from) else { return Ok(()) };
+        p.recent_active = true;
+        p.acked_round = p.acked_round.max(resp.round);
+        if resp.success {
+            if resp.index > last {
+                return Err(StepError::Malformed { from, kind: "append_resp", reason: "acknowledges past our log" });
+            }
+            let advanced = p.on_match(resp.index);
+            if matches!(p.state, ProgressState::Probe { .. }) {
+                p.become_replicate();
+            }
+            if advanced {
+                self.maybe_commit();
+                if let Some((to, _)) = self.leader().transfer
+                    && to == from
+                {
+                    self.maybe_send_timeout_now(from);
+                }
+            }
+        } else if resp.index > p.matched && !matches!(p.state, ProgressState::Snapshot { .. }) {
+            // A real rejection (not a reordered stale one): move back using
+            // the follower's hint, skipping a whole term at a time.
+            let next = match resp.conflict {
+                Some(ConflictHint { term: Some(t), index }) => {
+                    self.log.last_index_of_term(t, resp.index).map(|i| i.next()).unwrap_or(index)
+                }
+                Some(ConflictHint { term: None, index }) => index,
+                None => resp.index,
+            };
+            let RoleState::Leader(l) = &mut self.role else { return Ok(()) };
+            let Some(p) = l.progress.get_mut(&from) else { return Ok(()) };
+            p.become_probe();
+            p.next = next.min(resp.index).max(p.matched.next());
+        }
+        self.send_append(from);
+        Ok(())
+    }
+
+    /// Advances the commit index to what a quorum holds, counting replicas
+    /// only for an entry of the current term (§5.4.2, Figure 8).
+    fn maybe_commit(&mut self) {
+        let configs = self.membership().configs.clone();
+        let (me, durable) = (self.id, self.durable);
+        let l = self.leader();
+        let index = quorum::committed_index(&configs, |id| {
+            if id == me { durable } else { l.progress.get(&id).map(|p| p.matched).unwrap_or_default() }
+        });
+        if index > self.commit && self.log.term_at(index) == Some(self.term) {
+            self.commit = index;
+            self.apply_committed();
+            // A leader that is not in the configuration it just committed
+            // hands over by stepping down (§6).
+            if self.membership_log_id().index <= index && !self.membership().is_voter(self.id) {
+                info!(node = %self.id, term = %self.term, "removed from the configuration; stepping down");
+                self.become_follower(self.term, None);
+            }
+        }
+    }
+
+    fn apply_committed(&mut self) {
+        if self.commit <= self.applied {
+            return;
+        }
+        let entries: Vec<Entry<C>> = self.log.range(self.applied.next(), self.commit).cloned().collect();
+        self.applied = self.commit;
+        self.actions.push(Action::Apply { entries });
+        let since = self.snapshot.as_ref().map(|s| s.last_log_id.index).unwrap_or_default();
+        let every = self.config.snapshot_every;
+        if every > 0 && !self.building_snapshot && self.applied.0 - since.0.min(self.applied.0) >= every {
+            self.building_snapshot = true;
+            self.actions.push(Action::BuildSnapshot);
+        }
+    }
+
+    fn maybe_send_timeout_now(&mut self, to: NodeId) {
+        let last = self.log.last_index();
+        let (term, id) = (self.term, self.id);
+        let l = self.leader();
+        if l.progress.get(&to).is_some_and(|p| p.matched == last) {
+            let msg = Message::TimeoutNow(TimeoutNowRequest { term, leader_id: id });
+            self.actions.push(Action::Send { to, msg });
+        } else {
+            self.send_append(to);
+        }
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    fn check_reads(&mut self) {
+        let commit = self.commit;
+        let me = self.id;
+        let configs = self.membership().configs.clone();
+        let RoleState::Leader(l) = &mut self.role else { return };
+        if commit >= l.noop_index {
+            for r in l.pending_reads.iter_mut().filter(|r| r.index.is_none()) {
+                r.index = Some(commit);
+            }
+        }
+        let mut ready: Vec<(ReadId, LogIndex)> = Vec::new();
+        let progress = &l.progress;
+        l.pending_reads.retain(|r| {
+            let confirmed = r.index.is_some()
+                && quorum::has_quorum(&configs, |id| {
+                    id == me || progress.get(&id).is_some_and(|p| p.acked_round >= r.round)
+                });
+            if confirmed {
+                ready.push((r.id, r.index.unwrap_or_default()));
+            }
+            !confirmed
+        });
+        let mut i = 0;
+        while i < ready.len() {
+            let index = ready[i].1;
+            let ids: Vec<ReadId> = ready[i..].iter().take_while(|r| r.1 == index).map(|r| r.0).collect();
+            i += ids.len();
+            self.actions.push(Action::ReadReady { ids, index });
+        }
+    }
+
+    // ------------------------------------------------------------- snapshots
+
+    fn on_install_snapshot(&mut self, from: NodeId, req: InstallSnapshotRequest<C>) -> Result<(), StepError> {
+        if req.leader_id != from {
+            return Err(StepError::Malformed { from, kind: "snapshot", reason: "leader_id differs from sender" });
+        }
+        match self.role {
+            RoleState::Leader(_) => return Err(StepError::TwoLeaders { from, term: self.term }),
+            RoleState::Follower if self.leader_id.is_some_and(|l| l != from) => {
+                return Err(StepError::TwoLeaders { from, term: self.term });
+            }
+            RoleState::Follower => {
+                self.leader_id = Some(from);
+                self.leader_contact = self.now;
+                self.reset_election_timer();
+            }
+            _ => self.become_follower(self.term, Some(from)),
+        }
+        let snap = req.meta.last_log_id;
+        if snap.term > req.term {
+            return Err(StepError::Malformed { from, kind: "snapshot", reason: "snapshot from a future term" });
+        }
+        let Some(end) = req.offset.checked_add(req.data.len() as u64) else {
+            return Err(StepError::Malformed { from, kind: "snapshot", reason: "offset overflows" });
+        };
+        let (term, snapshot_id) = (self.term, req.meta.id);
+        let respond = |this: &mut Self, next_offset: u64, done: bool| {
+            let msg = Message::InstallSnapshotResponse(InstallSnapshotResponse {
+                term,
+                snapshot_id,
+                next_offset,
+                done,
+            });
+            this.actions.push(Action::Respond { to: from, msg });
+        };
+        if snap.index <= self.commit {
+            // We already hold everything it covers (committed entries match
+            // the leader's), unless it contradicts our committed log.
+            if let Some(t) = self.log.term_at(snap.index)
+                && t != snap.term
+            {
+                return Err(StepError::ConflictsWithCommitted { from, index: snap.index });
+            }
+            self.receiving = None;
+            respond(self, end, true);
+            return Ok(());
+        }
+        let expected = match self.receiving {
+            Some((id, next)) if id == req.meta.id => next,
+            _ => 0,
+        };
+        if req.offset != 0 && req.offset != expected {
+            respond(self, expected, false);
+            return Ok(());
+        }
+        self.receiving = Some((req.meta.id, end));
+        let meta = req.meta.clone();
+        self.actions.push(Action::WriteSnapshotChunk { meta: meta.clone(), offset: req.offset, data: req.data.clone() });
+        if !req.done {
+            respond(self, end, false);
+            return Ok(());
+        }
+        // §7: install; keep the log after the snapshot if it agrees, else
+        // discard it all.
+        info!(node = %self.id, term = %self.term, snapshot = %snap, "installing snapshot");
+        self.receiving = None;
+        self.actions.push(Action::InstallSnapshot { meta: meta.clone() });
+        if !self.log.matches(snap) && !self.log.is_empty() {
+            self.truncate_log(self.log.first_index());
+        }
+        self.purge_log(snap);
+        self.base_membership = (snap, meta.membership.clone());
+        self.log_memberships.retain(|(id, _)| id.index > snap.index);
+        self.actions.push(Action::PurgeLog { upto: snap });
+        self.durable = self.durable.max(snap.index).min(self.log.last_index());
+        self.commit = self.commit.max(snap.index);
+        self.applied = snap.index;
+        self.snapshot = Some(meta);
+        respond(self, end, true);
+        self.apply_committed();
+        Ok(())
+    }
+
+    fn on_snapshot_response(&mut self, from: NodeId, resp: InstallSnapshotResponse) {
+        let (now, term) = (self.now, self.term);
+        let snapshot = self.snapshot.clone();
+        let RoleState::Leader(l) = &mut self.role else { return };
+        let Some(p) = l.progress.get_mut(&from) else { return };
+        p.recent_active = true;
+        let ProgressState::Snapshot { snapshot_id, offset, sent_at } = &mut p.state else { return };
+        if *snapshot_id != resp.snapshot_id {
+            return;
+        }
+        let meta = snapshot.filter(|s| s.id == resp.snapshot_id);
+        match meta {
+            Some(meta) if resp.done => {
+                info!(peer = %from, snapshot = %meta.last_log_id, "snapshot delivered");
+                p.on_match(meta.last_log_id.index);
+                p.become_probe();
+            }
+            Some(meta) => {
+                *offset = resp.next_offset;
+                *sent_at = Some(now);
+                self.actions.push(Action::SendSnapshotChunk { to: from, term, meta, offset: resp.next_offset });
+                return;
+            }
+            None => p.become_probe(),
+        }
+        self.maybe_commit();
+        self.send_append(from);
+    }
+
+    // -------------------------------------------------------------- helpers
+
+    fn reject_stale(&mut self, from: NodeId, msg: &Message<C>) {
+        let term = self.term;
+        let resp = match msg {
+            Message::AppendEntries(req) => Message::AppendEntriesResponse(AppendEntriesResponse {
+                term,
+                success: false,
+                index: req.prev_log_id.index,
+                conflict: None,
+                round: req.round,
+            }),
+            Message::InstallSnapshot(req) => Message::InstallSnapshotResponse(InstallSnapshotResponse {
+                term,
+                snapshot_id: req.meta.id,
+                next_offset: 0,
+                done: false,
+            }),
+            _ => return,
+        };
+        self.actions.push(Action::Respond { to: from, msg: resp });
+    }
+
+    fn leader(&self) -> &LeaderState {
+        match &self.role {
+            RoleState::Leader(l) => l,
+            _ => unreachable!("leader-only path reached in another role"),
+        }
+    }
+
+    fn leader_mut(&mut self) -> &mut LeaderState {
+        match &mut self.role {
+            RoleState::Leader(l) => l,
+            _ => unreachable!("leader-only path reached in another role"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CampaignKind {
+    PreVote,
+    Election,
+    Transfer,
+}
+
+/// Checks an incoming AppendEntries for internal consistency before any of
+/// it touches the log.
+fn validate_incoming<C: TypeConfig>(from: NodeId, req: &AppendEntriesRequest<C>) -> Result<(), StepError> {
+    let malformed = |reason| Err(StepError::Malformed { from, kind: "append", reason });
+    if req.prev_log_id.term > req.term {
+        return malformed("prev_log_id from a future term");
+    }
+    let mut prev = req.prev_log_id;
+    for e in &req.entries {
+        if e.log_id.index != prev.index.next() {
+            return malformed("entries are not contiguous after prev_log_id");
+        }
+        if e.log_id.term < prev.term || e.log_id.term > req.term {
+            return malformed("entry terms out of order");
+        }
+        prev = e.log_id;
+    }
+    Ok(())
+}
+
+fn validate_entries<C: TypeConfig>(base: LogId, entries: &[Entry<C>], saved: Term) -> Result<(), RecoveryError> {
+    let mut prev = base;
+    for e in entries {
+        if e.log_id.index != prev.index.next() {
+            return Err(RecoveryError::Gap { index: e.log_id.index, expected: prev.index.next() });
+        }
+        if e.log_id.term < prev.term {
+            return Err(RecoveryError::TermRegression { index: e.log_id.index, term: e.log_id.term });
+        }
+        if e.log_id.term > saved {
+            return Err(RecoveryError::TermFromFuture { index: e.log_id.index, term: e.log_id.term, saved });
+        }
+        prev = e.log_id;
+    }
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! What the leader knows about one follower's log, and the flow control for
+//! sending to it (after etcd-io/raft's tracker/progress.go).
+
+use std::collections::VecDeque;
+
+use crate::types::LogIndex;
+
+/// How the leader is currently sending to a follower.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProgressState {
+    /// We do not know where the follower's log matches ours: one message at a
+    /// time until an answer says where.
+    Probe {
+        /// A probe is out and unanswered.
+        sent: bool,
+    },
+    /// The follower is in step: send optimistically, up to the in-flight
+    /// window.
+    Replicate,
+    /// The entries the follower needs were purged; a snapshot is streaming.
+    Snapshot {
+        snapshot_id: u64,
+        /// Bytes acknowledged so far.
+        offset: u64,
+        /// When the unanswered chunk was sent, if one is out.
+        sent_at: Option<u64>,
+    },
+}
+
+/// A message in flight in the replicate state: the last index it carried
+/// and when it was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inflight {
+    pub last_index: LogIndex,
+    pub sent_at: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// Highest index known to be replicated on the follower (Figure 2's matchIndex).
+    pub matched: LogIndex,
+    /// Next index to send (Figure 2's nextIndex).
+    pub next: LogIndex,
+    pub state: ProgressState,
+    pub inflight: VecDeque<Inflight>,
+    /// Heard from in the current check-quorum window.
+    pub recent_active: bool,
+    /// The highest heartbeat round the follower has answered.
+    pub acked_round: u64,
+    /// Counts toward quorums (false for learners).
+    pub voter: bool,
+}
+
+impl Progress {
+    pub fn new(next: LogIndex, voter: bool) -> Self {
+        Progress {
+            matched: LogIndex(0),
+            next,
+            state: ProgressState::Probe { sent: false },
+            inflight: VecDeque::new(),
+            recent_active: false,
+            acked_round: 0,
+            voter,
+        }
+    }
+
+    pub fn become_probe(&mut self) {
+        self.state = ProgressState::Probe { sent: false };
+        self.inflight.clear();
+        self.next = self.matched.next();
+    }
+
+    pub fn become_replicate(&mut self) {
+        self.state = ProgressState::Replicate;
+        self.inflight.clear();
+        self.next = self.matched.next();
+    }
+
+    /// Records an acknowledged match; returns whether it moved forward.
+    pub fn on_match(&mut self, index: LogIndex) -> bool {
+        while self.inflight.front().is_some_and(|f| f.last_index <= index) {
+            self.inflight.pop_front();
+        }
+        if index > self.matched {
+            self.matched = index;
+            if self.next <= index {
+                self.next = index.next();
+            }
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether a message carrying new entries may be sent now.
+    pub fn can_send(&self, max_inflight: usize) -> bool {
+        match &self.state {
+            ProgressState::Probe { sent } => !sent,
+            ProgressState::Replicate => self.inflight.len() < max_inflight,
+            ProgressState::Snapshot { .. } => false,
+        }
+    }
+}

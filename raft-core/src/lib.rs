@@ -1,0 +1,27 @@
+//! # raft-core
+//!
+//! A Raft consensus library in three layers:
+//! - [`engine`]: the sans-IO consensus state machine ([`Engine`]). Events in,
+//!   [`Action`]s out; no clock, no IO, randomness only from a seed.
+//! - the traits [`LogStore`], [`StateMachine`] and [`Network`] that backends
+//!   implement, each method's durability contract in its docs;
+//! - [`Raft`]: a tokio driver that runs one engine against those traits and
+//!   is the handle applications use (`client_write`, `ensure_linearizable`,
+//!   `metrics`, `shutdown`).
+//!
+//! [`memory`] has in-memory backends for tests and quick starts, and [`sim`]
+//! a deterministic cluster simulator with safety and linearizability
+//! checkers, reusable by other crates' tests.
+
+pub mod codec;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod message;
+pub mod types;
+
+pub use config::{Config, ConfigError};
+pub use engine::{Action, Engine, ReadId, RecoveredState, Role};
+pub use error::{InitializeError, NotLeader, RecoveryError, StepError};
+pub use message::*;
+pub use types::*;

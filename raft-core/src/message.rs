@@ -1,0 +1,158 @@
+//! The RPCs nodes exchange (Figure 2 plus pre-vote, fast backtracking hints,
+//! chunked snapshots and TimeoutNow).
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Entry, LogId, LogIndex, Membership, NodeId, Term, TypeConfig};
+
+/// AppendEntries (§5.3); also the heartbeat when `entries` is empty.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(bound = "")]
+pub struct AppendEntriesRequest<C: TypeConfig> {
+    pub term: Term,
+    pub leader_id: NodeId,
+    /// The entry immediately before `entries`; the follower must hold it.
+    pub prev_log_id: LogId,
+    pub entries: Vec<Entry<C>>,
+    pub leader_commit: LogIndex,
+    /// The leader's heartbeat round, echoed back; confirms leadership for
+    /// ReadIndex reads.
+    pub round: u64,
+}
+
+/// Where a follower's log diverges, so the leader skips a whole term per
+/// round trip instead of one entry (the "fast backup" of §5.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictHint {
+    /// The term of the follower's entry at `prev_log_id.index`, if it has one.
+    pub term: Option<Term>,
+    /// The follower's first index of `term`, or its last index + 1 when its
+    /// log is too short.
+    pub index: LogIndex,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendEntriesResponse {
+    pub term: Term,
+    pub success: bool,
+    /// On success: the index of the last entry now known to match the
+    /// leader's. On failure: the `prev_log_id.index` that was rejected.
+    pub index: LogIndex,
+    pub conflict: Option<ConflictHint>,
+    pub round: u64,
+}
+
+/// RequestVote (§5.2), or a pre-vote probe (thesis §9.6) that changes no
+/// state on the receiver.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoteRequest {
+    /// For a pre-vote, the term the candidate would campaign in.
+    pub term: Term,
+    pub candidate_id: NodeId,
+    pub last_log_id: LogId,
+    pub pre_vote: bool,
+    /// Set when the campaign follows a leadership transfer, so receivers
+    /// that still hear from the old leader vote anyway.
+    pub transfer: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoteResponse {
+    pub term: Term,
+    pub granted: bool,
+    pub pre_vote: bool,
+}
+
+/// Describes one snapshot: the last entry it covers and the configuration as
+/// of that entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(bound = "")]
+pub struct SnapshotMeta<C: TypeConfig> {
+    pub last_log_id: LogId,
+    pub membership: Membership<C::Node>,
+    /// Unique per snapshot built by the state machine; chunk reads name it.
+    pub id: u64,
+}
+
+/// One chunk of a snapshot (§7, "InstallSnapshot RPC"). Chunks arrive in
+/// order; `offset` 0 starts a new transfer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(bound = "")]
+pub struct InstallSnapshotRequest<C: TypeConfig> {
+    pub term: Term,
+    pub leader_id: NodeId,
+    pub meta: SnapshotMeta<C>,
+    pub offset: u64,
+    pub data: Vec<u8>,
+    pub done: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallSnapshotResponse {
+    pub term: Term,
+    /// The id of the snapshot this answers.
+    pub snapshot_id: u64,
+    /// The offset the follower expects next; after the last chunk, the
+    /// snapshot's length.
+    pub next_offset: u64,
+    /// The snapshot is installed.
+    pub done: bool,
+}
+
+/// TimeoutNow (thesis §3.10): the leader asks the target to campaign at once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeoutNowRequest {
+    pub term: Term,
+    pub leader_id: NodeId,
+}
+
+/// Every message the engine consumes or produces.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(bound = "")]
+pub enum Message<C: TypeConfig> {
+    AppendEntries(AppendEntriesRequest<C>),
+    AppendEntriesResponse(AppendEntriesResponse),
+    Vote(VoteRequest),
+    VoteResponse(VoteResponse),
+    InstallSnapshot(InstallSnapshotRequest<C>),
+    InstallSnapshotResponse(InstallSnapshotResponse),
+    TimeoutNow(TimeoutNowRequest),
+}
+
+impl<C: TypeConfig> Message<C> {
+    /// The sender's term, carried on every message.
+    pub fn term(&self) -> Term {
+        match self {
+            Message::AppendEntries(m) => m.term,
+            Message::AppendEntriesResponse(m) => m.term,
+            Message::Vote(m) => m.term,
+            Message::VoteResponse(m) => m.term,
+            Message::InstallSnapshot(m) => m.term,
+            Message::InstallSnapshotResponse(m) => m.term,
+            Message::TimeoutNow(m) => m.term,
+        }
+    }
+
+    /// Whether this message is a request that expects exactly one response.
+    /// (TimeoutNow is one-way.)
+    pub fn is_request(&self) -> bool {
+        matches!(
+            self,
+            Message::AppendEntries(_) | Message::Vote(_) | Message::InstallSnapshot(_)
+        )
+    }
+
+    /// Short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::AppendEntries(_) => "append",
+            Message::AppendEntriesResponse(_) => "append_resp",
+            Message::Vote(m) if m.pre_vote => "pre_vote",
+            Message::Vote(_) => "vote",
+            Message::VoteResponse(_) => "vote_resp",
+            Message::InstallSnapshot(_) => "snapshot",
+            Message::InstallSnapshotResponse(_) => "snapshot_resp",
+            Message::TimeoutNow(_) => "timeout_now",
+        }
+    }
+}

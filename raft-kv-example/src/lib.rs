@@ -1,0 +1,1 @@
+//! Placeholder crate: the replicated KV service is tracked in its own issue.
