@@ -25,3 +25,5 @@ pub use engine::{Action, Engine, ReadId, RecoveredState, Role};
 pub use error::{InitializeError, NotLeader, RecoveryError, StepError};
 pub use message::*;
 pub use types::*;
+pub mod memory;
+pub mod sim;

@@ -1,0 +1,116 @@
+//! A small key-value state machine: the command and response types the
+//! simulator, the examples and the benchmarks share.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, CodecError};
+use crate::types::{Entry, EntryPayload, LogId, Membership, TypeConfig};
+
+/// The type configuration of the in-memory key-value store: string keys and
+/// values, nodes addressed by a string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvConfig;
+
+impl TypeConfig for KvConfig {
+    type Command = KvCommand;
+    type Response = KvResponse;
+    type Node = String;
+
+    fn command_size(command: &KvCommand) -> usize {
+        match command {
+            KvCommand::Put { key, value } => key.len() + value.len(),
+            KvCommand::Delete { key } => key.len(),
+            KvCommand::Cas { key, expected, new } => {
+                key.len() + expected.as_ref().map_or(0, String::len) + new.as_ref().map_or(0, String::len)
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvCommand {
+    Put { key: String, value: String },
+    Delete { key: String },
+    /// Compare-and-set: `expected: None` means the key must be absent;
+    /// `new: None` deletes it.
+    Cas { key: String, expected: Option<String>, new: Option<String> },
+}
+
+impl KvCommand {
+    pub fn key(&self) -> &str {
+        match self {
+            KvCommand::Put { key, .. } | KvCommand::Delete { key } | KvCommand::Cas { key, .. } => key,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvResponse {
+    /// For blank and membership entries.
+    #[default]
+    None,
+    Put,
+    Deleted(bool),
+    /// Whether the swap happened, and the key's value after the operation.
+    Cas { succeeded: bool, current: Option<String> },
+}
+
+/// The key-value data plus what every state machine must track: the last
+/// applied entry and the configuration as of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvStore {
+    pub data: BTreeMap<String, String>,
+    pub last_applied: LogId,
+    pub membership: Membership<String>,
+}
+
+impl KvStore {
+    /// Applies one committed entry.
+    pub fn apply(&mut self, entry: &Entry<KvConfig>) -> KvResponse {
+        self.last_applied = entry.log_id;
+        match &entry.payload {
+            EntryPayload::Blank => KvResponse::None,
+            EntryPayload::Membership(m) => {
+                self.membership = m.clone();
+                KvResponse::None
+            }
+            EntryPayload::Command(cmd) => self.apply_command(cmd),
+        }
+    }
+
+    pub fn apply_command(&mut self, cmd: &KvCommand) -> KvResponse {
+        match cmd {
+            KvCommand::Put { key, value } => {
+                self.data.insert(key.clone(), value.clone());
+                KvResponse::Put
+            }
+            KvCommand::Delete { key } => KvResponse::Deleted(self.data.remove(key).is_some()),
+            KvCommand::Cas { key, expected, new } => {
+                let current = self.data.get(key).cloned();
+                if current == *expected {
+                    match new {
+                        Some(v) => self.data.insert(key.clone(), v.clone()),
+                        None => self.data.remove(key),
+                    };
+                    KvResponse::Cas { succeeded: true, current: new.clone() }
+                } else {
+                    KvResponse::Cas { succeeded: false, current }
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.data.get(key)
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        codec::encode(self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<KvStore, CodecError> {
+        codec::decode(bytes)
+    }
+}

@@ -1,0 +1,3 @@
+//! In-memory backends for tests and quick starts.
+
+pub mod kv;
