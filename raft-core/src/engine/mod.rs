@@ -582,6 +582,15 @@ impl<C: TypeConfig> Engine<C> {
         Ok(())
     }
 
+    /// Starts an election at once, skipping pre-vote (etcd's `Campaign`):
+    /// for scripted tests and operators. Does nothing on a leader or on a
+    /// node that does not vote.
+    pub fn campaign_now(&mut self) {
+        if !self.is_leader() {
+            self.campaign(CampaignKind::Election);
+        }
+    }
+
     /// Hands out the actions produced since the last call, in the order they
     /// must be carried out.
     pub fn take_actions(&mut self) -> Vec<Action<C>> {

@@ -323,7 +323,8 @@ impl Sim {
         (id.0 - 1) as usize
     }
 
-    fn fail(&self, what: String) -> ! {
+    /// Panics with `what`, the seed and the command that replays it.
+    pub fn fail(&self, what: String) -> ! {
         panic!(
             "simulation invariant violated at t={}ms: {what}\n  seed {seed}: replay with SIM_SEED={seed} cargo test -p raft-core --release {name}",
             self.now,
@@ -429,6 +430,8 @@ impl Sim {
             applied: sm.last_applied,
         };
         n.sm = sm;
+        // What was not durable may be forgotten; what was, never.
+        n.term_seen = n.disk.hard_state.term;
         n.commit_seen = n.sm.last_applied.index;
         n.applied_seen = n.sm.last_applied.index;
         n.was_leader = false;
@@ -465,12 +468,41 @@ impl Sim {
     /// Proposes a put on whichever node leads now; returns the op number.
     pub fn propose_put(&mut self, key: &str, value: &str) -> Option<usize> {
         let leader = self.leader()?;
-        let i = self.idx(leader);
+        self.propose_put_on(leader, key, value)
+    }
+
+    /// Proposes a put on node `id` (which may or may not lead).
+    pub fn propose_put_on(&mut self, id: NodeId, key: &str, value: &str) -> Option<usize> {
+        let i = self.idx(id);
+        self.nodes[i].engine.as_ref()?;
         let op = self.new_op(usize::MAX, i, key.to_string(), OpKind::Put(value.to_string()));
         let cmd = KvCommand::Put { key: key.to_string(), value: value.to_string() };
         self.nodes[i].inbox.push_back(Input::Propose { op, cmd });
         self.process(i);
         Some(op)
+    }
+
+    /// Starts a linearizable read of `key` on node `id`; returns the op number.
+    pub fn read_on(&mut self, id: NodeId, key: &str) -> Option<usize> {
+        let i = self.idx(id);
+        self.nodes[i].engine.as_ref()?;
+        let op = self.new_op(usize::MAX, i, key.to_string(), OpKind::Get);
+        self.nodes[i].inbox.push_back(Input::Read { op });
+        self.process(i);
+        Some(op)
+    }
+
+    /// The value a successful read `op` returned.
+    pub fn read_result(&self, op: usize) -> Option<Option<String>> {
+        match &self.ops[op].state {
+            OpState::Ok(_, OpOutput::Get(v)) => Some(v.clone()),
+            _ => None,
+        }
+    }
+
+    /// Whether op `op` is still waiting for an outcome.
+    pub fn op_pending(&self, op: usize) -> bool {
+        self.ops[op].state == OpState::Pending
     }
 
     /// Whether op `op` completed successfully.
@@ -1085,6 +1117,34 @@ impl Sim {
                 self.fail(format!("two nodes applied up to {} but hold different data", n.sm.last_applied));
             }
         }
+    }
+
+    /// Fails the run (with its seed) unless `cond` holds.
+    pub fn expect(&self, cond: bool, what: impl FnOnce() -> String) {
+        if !cond {
+            self.fail(what());
+        }
+    }
+
+    /// Puts `key = value` through whichever node leads, retrying across
+    /// leader changes, until acknowledged or `max_ms` pass.
+    pub fn put(&mut self, key: &str, value: &str, max_ms: u64) -> bool {
+        let deadline = self.now + max_ms;
+        while self.now < deadline {
+            let Some(op) = self.propose_put(key, value) else {
+                self.run_for(10);
+                continue;
+            };
+            let wait = self.opts.op_timeout_ms.min(deadline - self.now);
+            self.run_until(wait, |s| s.ops[op].state != OpState::Pending);
+            if self.op_succeeded(op) {
+                return true;
+            }
+            if self.ops[op].state == OpState::Pending {
+                self.finish_op(op, OpState::Unknown);
+            }
+        }
+        false
     }
 
     /// Operations that completed successfully.

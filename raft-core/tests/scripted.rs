@@ -1,0 +1,216 @@
+//! Scenarios scripted message by message against bare engines (no
+//! simulator randomness), where the exact interleaving is the point: the
+//! extended Raft paper's Figure 8, and a vote that must survive a crash.
+
+use std::collections::BTreeMap;
+
+use raft_core::memory::kv::{KvCommand, KvConfig};
+use raft_core::{
+    Action, Config, Engine, Entry, HardState, LogId, LogIndex, Membership, Message, NodeId, RecoveredState,
+};
+
+type C = KvConfig;
+
+/// Five engines with instant, durable storage and a hand-cranked network.
+struct Script {
+    engines: BTreeMap<NodeId, Engine<C>>,
+    disks: BTreeMap<NodeId, (HardState, Vec<Entry<C>>)>,
+    queue: Vec<(NodeId, NodeId, Message<C>)>,
+    /// Every (index -> entry id) any node ever reported committed.
+    committed: BTreeMap<LogIndex, LogId>,
+    clock: u64,
+}
+
+fn config() -> Config {
+    Config { pre_vote: false, check_quorum: false, max_entries_per_message: 1, max_inflight: 1, ..Config::default() }
+}
+
+impl Script {
+    fn new(n: u64) -> Script {
+        let members: BTreeMap<NodeId, String> = (1..=n).map(|i| (NodeId(i), format!("n{i}"))).collect();
+        let mut s = Script { engines: BTreeMap::new(), disks: BTreeMap::new(), queue: Vec::new(), committed: BTreeMap::new(), clock: 0 };
+        for i in 1..=n {
+            let id = NodeId(i);
+            let mut e = Engine::new(id, config(), i, 0, RecoveredState::default()).unwrap();
+            e.initialize(Membership::new_voters(members.clone())).unwrap();
+            s.disks.insert(id, (HardState::default(), Vec::new()));
+            s.engines.insert(id, e);
+            s.flush(id);
+        }
+        s
+    }
+
+    /// Carries out a node's actions at once (storage is instant here).
+    fn flush(&mut self, id: NodeId) {
+        loop {
+            let Some(e) = self.engines.get_mut(&id) else { return };
+            let actions = e.take_actions();
+            if actions.is_empty() {
+                break;
+            }
+            for a in actions {
+                let disk = self.disks.get_mut(&id).unwrap();
+                match a {
+                    Action::SaveHardState(hs) => disk.0 = hs,
+                    Action::AppendLog { entries } => {
+                        let last = entries.last().unwrap().log_id;
+                        disk.1.extend(entries);
+                        self.engines.get_mut(&id).unwrap().log_persisted(last);
+                    }
+                    Action::TruncateLog { from } => disk.1.retain(|e| e.log_id.index < from),
+                    Action::Send { to, msg } | Action::Respond { to, msg } => self.queue.push((id, to, msg)),
+                    _ => {}
+                }
+            }
+        }
+        self.record_commit(id);
+    }
+
+    fn record_commit(&mut self, id: NodeId) {
+        let e = &self.engines[&id];
+        for i in 1..=e.commit_index().0 {
+            let idx = LogIndex(i);
+            let log_id = e.log().log_id_at(idx).unwrap();
+            let prev = *self.committed.entry(idx).or_insert(log_id);
+            assert_eq!(prev, log_id, "committed entry at {idx} changed: {prev} then {log_id} (node {id})");
+        }
+    }
+
+    /// Delivers queued messages (and what they cause) until none is left,
+    /// dropping those `drop` picks.
+    fn deliver(&mut self, drop: impl Fn(NodeId, NodeId, &Message<C>) -> bool) {
+        while !self.queue.is_empty() {
+            let batch = std::mem::take(&mut self.queue);
+            for (from, to, msg) in batch {
+                if drop(from, to, &msg) || !self.engines.contains_key(&to) {
+                    continue;
+                }
+                self.engines.get_mut(&to).unwrap().step(from, msg).unwrap();
+                self.flush(to);
+            }
+        }
+    }
+
+    fn crash(&mut self, id: NodeId) {
+        self.engines.remove(&id);
+        self.queue.retain(|(from, _, _)| *from != id);
+    }
+
+    fn restart(&mut self, id: NodeId) {
+        let (hs, entries) = self.disks[&id].clone();
+        let state = RecoveredState { hard_state: hs, entries, ..RecoveredState::default() };
+        self.engines.insert(id, Engine::new(id, config(), id.0 + 100, 0, state).unwrap());
+    }
+
+    /// Lets a heartbeat interval pass on `id` only, and delivers the result.
+    fn heartbeat(&mut self, id: NodeId, drop: impl Fn(NodeId, NodeId, &Message<C>) -> bool + Copy) {
+        self.clock += config().heartbeat_interval_ms;
+        self.engines.get_mut(&id).unwrap().tick(self.clock);
+        self.flush(id);
+        self.deliver(drop);
+    }
+
+    /// Makes `id` campaign until it leads (or `tries` elections fail).
+    fn elect(&mut self, id: NodeId, drop: impl Fn(NodeId, NodeId, &Message<C>) -> bool + Copy) {
+        for _ in 0..5 {
+            self.engines.get_mut(&id).unwrap().campaign_now();
+            self.flush(id);
+            self.deliver(drop);
+            if self.engines[&id].is_leader() {
+                return;
+            }
+        }
+        panic!("node {id} could not be elected");
+    }
+}
+
+fn append_to(msg: &Message<C>, index: u64) -> bool {
+    matches!(msg, Message::AppendEntries(r) if r.entries.iter().any(|e| e.log_id.index == LogIndex(index)))
+}
+
+#[test]
+fn leader_never_commits_previous_term_entry_by_counting_replicas() {
+    let [s1, s2, s3, s4, s5] = [1, 2, 3, 4, 5].map(NodeId);
+    let mut s = Script::new(5);
+
+    // S1 leads term 1; its no-op (index 2) reaches everyone.
+    s.elect(s1, |_, _, _| false);
+    assert_eq!(s.engines[&s1].commit_index(), LogIndex(2));
+
+    // (a) S1 appends A at index 3 and replicates it to S2 only.
+    s.engines.get_mut(&s1).unwrap().propose(KvCommand::Put { key: "k".into(), value: "A".into() }).unwrap();
+    s.flush(s1);
+    s.deliver(|from, to, _| from == s1 && to != s2);
+    assert_eq!(s.engines[&s2].last_log_id(), LogId::new(1, 3));
+
+    // (b) S1 crashes; S5 wins term 2 with S3 and S4 and appends B at index 3,
+    // which nobody receives.
+    s.crash(s1);
+    s.elect(s5, |from, to, msg| from == s5 && matches!(msg, Message::AppendEntries(_)) || to == s1);
+    assert_eq!(s.engines[&s5].last_log_id().index, LogIndex(3));
+    let b = s.engines[&s5].last_log_id();
+    s.crash(s5);
+
+    // (c) S1 restarts and wins with S2 and S3, then replicates A (term 1) to
+    // S3 but not its own no-op at index 4: A is on a majority.
+    s.restart(s1);
+    let cut = |_: NodeId, to: NodeId, msg: &Message<C>| to == s5 || append_to(msg, 4);
+    s.elect(s1, cut);
+    s.heartbeat(s1, cut); // S3 rejects the probe, hints where its log ends
+    s.heartbeat(s1, cut);
+    assert!(s.engines[&s3].log().matches(LogId::new(1, 3)), "A must have reached S3 for the scenario");
+    assert!(
+        s.engines[&s1].commit_index() < LogIndex(3),
+        "Figure 8: S1 committed an entry of an earlier term by counting replicas"
+    );
+
+    // (d) S1 crashes again; S5 returns and, having a newer last term than S2
+    // and S3, wins and overwrites index 3 with B. That is only safe because
+    // A was never committed.
+    s.crash(s1);
+    s.restart(s5);
+    s.elect(s5, |_, to, _| to == s1);
+    s.deliver(|_, to, _| to == s1);
+    for id in [s2, s3, s4, s5] {
+        assert_eq!(s.engines[&id].log().log_id_at(LogIndex(3)), Some(b), "node {id}");
+    }
+    assert_eq!(s.committed.get(&LogIndex(3)), Some(&b));
+}
+
+#[test]
+fn vote_survives_a_crash_so_a_node_never_votes_twice_in_a_term() {
+    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
+    let mut s = Script::new(3);
+    // S1 campaigns in term 1; only S3 hears it, and S3 grants its vote.
+    s.engines.get_mut(&s1).unwrap().campaign_now();
+    s.flush(s1);
+    let granted = |s: &Script, voter: NodeId| {
+        s.queue.iter().any(|(from, _, m)| *from == voter && matches!(m, Message::VoteResponse(v) if v.granted))
+    };
+    let batch = std::mem::take(&mut s.queue);
+    for (from, to, msg) in batch {
+        if to == s3 {
+            s.engines.get_mut(&to).unwrap().step(from, msg).unwrap();
+            s.flush(to);
+        }
+    }
+    assert!(granted(&s, s3), "S3 should grant S1 in term 1");
+    s.queue.clear();
+
+    // S3 loses power and comes back from its disk.
+    s.crash(s3);
+    s.restart(s3);
+
+    // S2, still in term 0, campaigns in term 1 too. S3 already voted in term 1.
+    s.engines.get_mut(&s2).unwrap().campaign_now();
+    s.flush(s2);
+    assert_eq!(s.engines[&s2].term().0, 1);
+    let batch = std::mem::take(&mut s.queue);
+    for (from, to, msg) in batch {
+        if to == s3 {
+            s.engines.get_mut(&to).unwrap().step(from, msg).unwrap();
+            s.flush(to);
+        }
+    }
+    assert!(!granted(&s, s3), "S3 voted twice in term 1: its vote was not durable before it replied");
+}
