@@ -220,6 +220,9 @@ impl Sim {
             sim.drain(i);
             sim.process(i);
         }
+        // Bootstrap completes (as `Raft::initialize` does) once the first
+        // configuration is durable everywhere.
+        sim.run_until(1_000, |s| s.nodes.iter().all(|n| !n.disk.entries.is_empty()));
         sim
     }
 
@@ -675,6 +678,32 @@ impl Sim {
     /// everything it logged, within `max_ms`. Returns the time it took.
     pub fn converge(&mut self, max_ms: u64) -> Option<u64> {
         self.run_until(max_ms, |s| s.converged())
+    }
+
+    /// One line per node: role, term, log, commit, applied, queue lengths.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        for n in &self.nodes {
+            match &n.engine {
+                Some(e) => s.push_str(&format!(
+                    "\n  node {}: {:?} term {} leader {:?} last {} base {} commit {} applied {} actions {} inbox {} busy {} matched {:?}",
+                    n.id,
+                    e.role(),
+                    e.term(),
+                    e.leader_id(),
+                    e.last_log_id(),
+                    e.log().base(),
+                    e.commit_index(),
+                    n.sm.last_applied,
+                    n.actions.len(),
+                    n.inbox.len(),
+                    n.busy,
+                    e.matched(),
+                )),
+                None => s.push_str(&format!("\n  node {}: down", n.id)),
+            }
+        }
+        s
     }
 
     /// One leader for the highest term, and every live node's log, commit

@@ -51,7 +51,7 @@ pub fn heal_and_converge(sim: &mut Sim) {
     }
     sim.stop_clients();
     let t = sim.converge(10 * ET + 1_500);
-    sim.expect(t.is_some(), || "cluster did not converge within 10 election timeouts after healing".into());
+    sim.expect(t.is_some(), || format!("cluster did not converge within 10 election timeouts after healing:{}", sim.describe()));
 }
 
 /// Puts a value and requires it to be acknowledged.
