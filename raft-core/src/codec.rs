@@ -31,10 +31,12 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Decodes one value that must span all of `bytes`.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    let (value, read) =
-        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError::Decode(e.to_string()))?;
+    let (value, read) = bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|e| CodecError::Decode(e.to_string()))?;
     if read != bytes.len() {
-        return Err(CodecError::Trailing { trailing: bytes.len() - read });
+        return Err(CodecError::Trailing {
+            trailing: bytes.len() - read,
+        });
     }
     Ok(value)
 }
@@ -51,6 +53,9 @@ mod tests {
         assert!(decode::<(u64, String)>(&[0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
         let mut long = bytes.clone();
         long.push(0);
-        assert!(matches!(decode::<(u64, String)>(&long), Err(CodecError::Trailing { trailing: 1 })));
+        assert!(matches!(
+            decode::<(u64, String)>(&long),
+            Err(CodecError::Trailing { trailing: 1 })
+        ));
     }
 }

@@ -60,7 +60,9 @@ pub enum ConfigError {
     ZeroElectionTimeout,
     #[error("election timeout range [{min}, {max}) is empty: max must exceed min")]
     EmptyElectionRange { min: u64, max: u64 },
-    #[error("heartbeat_interval_ms ({heartbeat}) must be > 0 and below election_timeout_min_ms ({min})")]
+    #[error(
+        "heartbeat_interval_ms ({heartbeat}) must be > 0 and below election_timeout_min_ms ({min})"
+    )]
     HeartbeatTooSlow { heartbeat: u64, min: u64 },
     #[error("{field} must be > 0")]
     Zero { field: &'static str },
@@ -79,7 +81,9 @@ impl Config {
                 max: self.election_timeout_max_ms,
             });
         }
-        if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms >= self.election_timeout_min_ms {
+        if self.heartbeat_interval_ms == 0
+            || self.heartbeat_interval_ms >= self.election_timeout_min_ms
+        {
             return Err(ConfigError::HeartbeatTooSlow {
                 heartbeat: self.heartbeat_interval_ms,
                 min: self.election_timeout_min_ms,
@@ -110,19 +114,40 @@ mod tests {
 
     #[test]
     fn inverted_election_range_is_a_typed_error() {
-        let c = Config { election_timeout_min_ms: 300, election_timeout_max_ms: 150, ..Config::default() };
-        assert_eq!(c.validate(), Err(ConfigError::EmptyElectionRange { min: 300, max: 150 }));
+        let c = Config {
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 150,
+            ..Config::default()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::EmptyElectionRange { min: 300, max: 150 })
+        );
     }
 
     #[test]
     fn heartbeat_not_below_election_timeout_is_refused() {
-        let c = Config { heartbeat_interval_ms: 150, ..Config::default() };
-        assert!(matches!(c.validate(), Err(ConfigError::HeartbeatTooSlow { .. })));
+        let c = Config {
+            heartbeat_interval_ms: 150,
+            ..Config::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::HeartbeatTooSlow { .. })
+        ));
     }
 
     #[test]
     fn zero_inflight_is_refused() {
-        let c = Config { max_inflight: 0, ..Config::default() };
-        assert_eq!(c.validate(), Err(ConfigError::Zero { field: "max_inflight" }));
+        let c = Config {
+            max_inflight: 0,
+            ..Config::default()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::Zero {
+                field: "max_inflight"
+            })
+        );
     }
 }

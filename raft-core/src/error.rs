@@ -9,7 +9,11 @@ use crate::types::{LogIndex, NodeId, Term};
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum StepError {
     #[error("malformed {kind} from node {from}: {reason}")]
-    Malformed { from: NodeId, kind: &'static str, reason: &'static str },
+    Malformed {
+        from: NodeId,
+        kind: &'static str,
+        reason: &'static str,
+    },
     #[error("node {from} sent entries that conflict with committed index {index}")]
     ConflictsWithCommitted { from: NodeId, index: LogIndex },
     #[error("node {from} claims leadership of term {term}, which already has a leader")]
@@ -27,11 +31,18 @@ pub enum RecoveryError {
     #[error("log entry {index} has term {term}, lower than the entry before it")]
     TermRegression { index: LogIndex, term: Term },
     #[error("log entry {index} has term {term}, newer than the saved term {saved}")]
-    TermFromFuture { index: LogIndex, term: Term, saved: Term },
+    TermFromFuture {
+        index: LogIndex,
+        term: Term,
+        saved: Term,
+    },
     #[error("state machine applied index {applied} but the log ends at {last}")]
     AppliedPastLog { applied: LogIndex, last: LogIndex },
     #[error("state machine applied {applied}, older than its own snapshot at {snapshot}")]
-    AppliedBeforeSnapshot { applied: LogIndex, snapshot: LogIndex },
+    AppliedBeforeSnapshot {
+        applied: LogIndex,
+        snapshot: LogIndex,
+    },
     #[error("state machine applied entry {applied} whose term differs from the log's")]
     AppliedMismatch { applied: LogIndex },
 }
@@ -39,7 +50,9 @@ pub enum RecoveryError {
 /// Why `initialize` refused to bootstrap this node.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum InitializeError {
-    #[error("node already has state (term {term}, last log index {last_index}); it recovers instead")]
+    #[error(
+        "node already has state (term {term}, last log index {last_index}); it recovers instead"
+    )]
     NotPristine { term: Term, last_index: LogIndex },
     #[error("the initial membership has no voters")]
     NoVoters,

@@ -11,15 +11,21 @@ use serde::{Deserialize, Serialize};
 
 /// Identifies one member of the cluster. Chosen by the application; never 0
 /// is not required, but ids must be unique and stable across restarts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct NodeId(pub u64);
 
 /// A Raft term (§5.1 of the Raft paper). Terms only ever grow.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Term(pub u64);
 
 /// A position in the replicated log. Index 0 is "before the first entry".
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct LogIndex(pub u64);
 
 impl fmt::Display for NodeId {
@@ -70,10 +76,16 @@ pub struct LogId {
 }
 
 impl LogId {
-    pub const ZERO: LogId = LogId { term: Term(0), index: LogIndex(0) };
+    pub const ZERO: LogId = LogId {
+        term: Term(0),
+        index: LogIndex(0),
+    };
 
     pub fn new(term: u64, index: u64) -> LogId {
-        LogId { term: Term(term), index: LogIndex(index) }
+        LogId {
+            term: Term(term),
+            index: LogIndex(index),
+        }
     }
 }
 
@@ -111,11 +123,26 @@ impl Ord for LogId {
 /// ```
 pub trait TypeConfig: Clone + fmt::Debug + PartialEq + Eq + Send + Sync + 'static {
     /// What clients propose; replicated in the log.
-    type Command: Serialize + DeserializeOwned + Clone + fmt::Debug + PartialEq + Send + Sync + 'static;
+    type Command: Serialize
+        + DeserializeOwned
+        + Clone
+        + fmt::Debug
+        + PartialEq
+        + Send
+        + Sync
+        + 'static;
     /// What the state machine answers for one applied command.
     type Response: Clone + fmt::Debug + Send + Sync + 'static;
     /// How to reach a node (an address); stored in membership entries.
-    type Node: Serialize + DeserializeOwned + Clone + fmt::Debug + PartialEq + Eq + Send + Sync + 'static;
+    type Node: Serialize
+        + DeserializeOwned
+        + Clone
+        + fmt::Debug
+        + PartialEq
+        + Eq
+        + Send
+        + Sync
+        + 'static;
 
     /// Approximate encoded size of a command in bytes, used to cap the
     /// bytes per AppendEntries message. Override it for large commands.
@@ -176,7 +203,10 @@ pub struct Membership<N> {
 
 impl<N> Default for Membership<N> {
     fn default() -> Self {
-        Membership { configs: Vec::new(), nodes: BTreeMap::new() }
+        Membership {
+            configs: Vec::new(),
+            nodes: BTreeMap::new(),
+        }
     }
 }
 
@@ -184,7 +214,10 @@ impl<N: Clone> Membership<N> {
     /// A plain (non-joint) configuration in which every listed node votes.
     pub fn new_voters(nodes: BTreeMap<NodeId, N>) -> Self {
         let voters = nodes.keys().copied().collect();
-        Membership { configs: vec![voters], nodes }
+        Membership {
+            configs: vec![voters],
+            nodes,
+        }
     }
 
     /// Whether `id` votes in any of the configurations.
@@ -200,7 +233,11 @@ impl<N: Clone> Membership<N> {
     /// Members that receive the log but do not vote.
     pub fn learner_ids(&self) -> BTreeSet<NodeId> {
         let voters = self.voter_ids();
-        self.nodes.keys().filter(|id| !voters.contains(id)).copied().collect()
+        self.nodes
+            .keys()
+            .filter(|id| !voters.contains(id))
+            .copied()
+            .collect()
     }
 
     pub fn is_joint(&self) -> bool {

@@ -23,42 +23,73 @@ fn each(name: &str, sizes: &[usize], seeds_n: u64, f: impl Fn(&mut Sim)) {
 
 #[test]
 fn initial_election_and_stable_term_when_idle() {
-    each("initial_election_and_stable_term_when_idle", &SIZES, 10, |sim| {
-        let leader = wait_leader(sim);
-        let term = term_of(sim, leader);
-        sim.run_for(20 * ET);
-        sim.expect(sim.leader() == Some(leader), || "leader changed while idle".into());
-        for id in sim.ids() {
-            let t = term_of(sim, id);
-            sim.expect(t == term, || format!("node {id} term {t} drifted from {term} while idle"));
-        }
-        sim.expect(sim.leaders().len() == 1, || "more than one node believes it leads".into());
-    });
+    each(
+        "initial_election_and_stable_term_when_idle",
+        &SIZES,
+        10,
+        |sim| {
+            let leader = wait_leader(sim);
+            let term = term_of(sim, leader);
+            sim.run_for(20 * ET);
+            sim.expect(sim.leader() == Some(leader), || {
+                "leader changed while idle".into()
+            });
+            for id in sim.ids() {
+                let t = term_of(sim, id);
+                sim.expect(t == term, || {
+                    format!("node {id} term {t} drifted from {term} while idle")
+                });
+            }
+            sim.expect(sim.leaders().len() == 1, || {
+                "more than one node believes it leads".into()
+            });
+        },
+    );
 }
 
 #[test]
 fn reelection_after_leader_isolated_and_clean_step_down_on_return() {
-    each("reelection_after_leader_isolated_and_clean_step_down_on_return", &SIZES, 10, |sim| {
-        let old = wait_leader(sim);
-        let old_term = term_of(sim, old);
-        sim.isolate(old);
-        let t = sim.run_until(10 * ET, |s| s.leaders().iter().any(|(id, t)| *id != old && t.0 > old_term));
-        sim.expect(t.is_some(), || "majority elected no new leader".into());
-        // Check-quorum: the isolated leader steps down by itself.
-        sim.run_for(3 * ET);
-        let still = sim.engine(old).map(|e| e.is_leader()).unwrap_or(false);
-        sim.expect(!still, || "isolated leader kept leading without a quorum".into());
-        let new = sim.leader().unwrap_or_default();
-        let new_term = term_of(sim, new);
-        sim.heal();
-        sim.run_for(5 * ET);
-        sim.expect(sim.leader() == Some(new), || "the returning old leader disrupted the new one".into());
-        sim.expect(term_of(sim, new) == new_term, || "term rose when the old leader returned".into());
-        sim.expect(sim.engine(old).map(|e| e.role()) == Some(Role::Follower), || "old leader is not a follower".into());
-        must_put(sim, "k", "after");
-        sim.run_for(ET);
-        sim.expect(all_have(sim, "k", "after"), || "old leader did not catch up".into());
-    });
+    each(
+        "reelection_after_leader_isolated_and_clean_step_down_on_return",
+        &SIZES,
+        10,
+        |sim| {
+            let old = wait_leader(sim);
+            let old_term = term_of(sim, old);
+            sim.isolate(old);
+            let t = sim.run_until(10 * ET, |s| {
+                s.leaders()
+                    .iter()
+                    .any(|(id, t)| *id != old && t.0 > old_term)
+            });
+            sim.expect(t.is_some(), || "majority elected no new leader".into());
+            // Check-quorum: the isolated leader steps down by itself.
+            sim.run_for(3 * ET);
+            let still = sim.engine(old).map(|e| e.is_leader()).unwrap_or(false);
+            sim.expect(!still, || {
+                "isolated leader kept leading without a quorum".into()
+            });
+            let new = sim.leader().unwrap_or_default();
+            let new_term = term_of(sim, new);
+            sim.heal();
+            sim.run_for(5 * ET);
+            sim.expect(sim.leader() == Some(new), || {
+                "the returning old leader disrupted the new one".into()
+            });
+            sim.expect(term_of(sim, new) == new_term, || {
+                "term rose when the old leader returned".into()
+            });
+            sim.expect(
+                sim.engine(old).map(|e| e.role()) == Some(Role::Follower),
+                || "old leader is not a follower".into(),
+            );
+            must_put(sim, "k", "after");
+            sim.run_for(ET);
+            sim.expect(all_have(sim, "k", "after"), || {
+                "old leader did not catch up".into()
+            });
+        },
+    );
 }
 
 #[test]
@@ -68,53 +99,88 @@ fn no_leader_and_no_commit_in_minority() {
         must_put(sim, "k", "v0");
         let n = sim.ids().len();
         let mut minority = vec![leader];
-        minority.extend(others(sim, leader).into_iter().take((n - 1) / 2 - 1 + 1).take(n / 2 - 1));
-        let majority: Vec<NodeId> = sim.ids().into_iter().filter(|id| !minority.contains(id)).collect();
+        minority.extend(
+            others(sim, leader)
+                .into_iter()
+                .take((n - 1) / 2 - 1 + 1)
+                .take(n / 2 - 1),
+        );
+        let majority: Vec<NodeId> = sim
+            .ids()
+            .into_iter()
+            .filter(|id| !minority.contains(id))
+            .collect();
         sim.partition(&[minority.clone(), majority.clone()]);
-        let commit_before = sim.engine(leader).map(|e| e.commit_index()).unwrap_or_default();
+        let commit_before = sim
+            .engine(leader)
+            .map(|e| e.commit_index())
+            .unwrap_or_default();
         let op = sim.propose_put_on(leader, "k", "minority");
         sim.run_for(10 * ET);
         for id in &minority {
             let e = sim.engine(*id).expect("up");
             sim.expect(!e.is_leader(), || format!("node {id} leads in a minority"));
-            sim.expect(e.commit_index() == commit_before, || format!("minority node {id} committed"));
+            sim.expect(e.commit_index() == commit_before, || {
+                format!("minority node {id} committed")
+            });
         }
-        sim.expect(op.is_some_and(|op| !sim.op_succeeded(op)), || "write acknowledged in a minority".into());
-        sim.expect(majority.iter().any(|id| sim.engine(*id).is_some_and(|e| e.is_leader())), || {
-            "majority side has no leader".into()
+        sim.expect(op.is_some_and(|op| !sim.op_succeeded(op)), || {
+            "write acknowledged in a minority".into()
         });
+        sim.expect(
+            majority
+                .iter()
+                .any(|id| sim.engine(*id).is_some_and(|e| e.is_leader())),
+            || "majority side has no leader".into(),
+        );
         heal_and_converge(sim);
-        sim.expect(all_have(sim, "k", "v0"), || "minority write surfaced after healing".into());
+        sim.expect(all_have(sim, "k", "v0"), || {
+            "minority write surfaced after healing".into()
+        });
         sim.final_check();
     });
 }
 
 #[test]
 fn many_elections_with_three_of_seven_isolated() {
-    each("many_elections_with_three_of_seven_isolated", &[7], 10, |sim| {
-        wait_leader(sim);
-        for round in 0..10 {
-            let ids = sim.ids();
-            let mut out = Vec::new();
-            while out.len() < 3 {
-                let pick = ids[(sim.now() as usize / 7 + out.len() * 3 + round) % ids.len()];
-                if !out.contains(&pick) {
-                    out.push(pick);
-                } else {
-                    out.push(ids.iter().copied().find(|i| !out.contains(i)).unwrap_or(pick));
+    each(
+        "many_elections_with_three_of_seven_isolated",
+        &[7],
+        10,
+        |sim| {
+            wait_leader(sim);
+            for round in 0..10 {
+                let ids = sim.ids();
+                let mut out = Vec::new();
+                while out.len() < 3 {
+                    let pick = ids[(sim.now() as usize / 7 + out.len() * 3 + round) % ids.len()];
+                    if !out.contains(&pick) {
+                        out.push(pick);
+                    } else {
+                        out.push(
+                            ids.iter()
+                                .copied()
+                                .find(|i| !out.contains(i))
+                                .unwrap_or(pick),
+                        );
+                    }
                 }
+                for id in &out {
+                    sim.isolate(*id);
+                }
+                let t = sim.run_until(10 * ET, |s| {
+                    s.leaders().iter().any(|(id, _)| !out.contains(id))
+                });
+                sim.expect(t.is_some(), || {
+                    format!("round {round}: no leader among the 4 connected nodes")
+                });
+                sim.heal();
+                sim.run_for(ET);
             }
-            for id in &out {
-                sim.isolate(*id);
-            }
-            let t = sim.run_until(10 * ET, |s| s.leaders().iter().any(|(id, _)| !out.contains(id)));
-            sim.expect(t.is_some(), || format!("round {round}: no leader among the 4 connected nodes"));
-            sim.heal();
-            sim.run_for(ET);
-        }
-        let t = sim.converge(10 * ET);
-        sim.expect(t.is_some(), || "did not converge after the rounds".into());
-    });
+            let t = sim.converge(10 * ET);
+            sim.expect(t.is_some(), || "did not converge after the rounds".into());
+        },
+    );
 }
 
 // ---------------------------------------------------------------- agreement
@@ -129,7 +195,9 @@ fn basic_agreement() {
         let t = sim.converge(10 * ET);
         sim.expect(t.is_some(), || "did not converge".into());
         for i in 0..20 {
-            sim.expect(all_have(sim, &format!("k{i}"), &format!("v{i}")), || format!("k{i} missing somewhere"));
+            sim.expect(all_have(sim, &format!("k{i}"), &format!("v{i}")), || {
+                format!("k{i} missing somewhere")
+            });
         }
     });
 }
@@ -156,54 +224,77 @@ fn no_agreement_without_a_majority() {
         let leader = wait_leader(sim);
         must_put(sim, "k", "before");
         let n = sim.ids().len();
-        let down: Vec<NodeId> = others(sim, leader).into_iter().take(n.div_ceil(2)).collect();
+        let down: Vec<NodeId> = others(sim, leader)
+            .into_iter()
+            .take(n.div_ceil(2))
+            .collect();
         for id in &down {
             sim.crash(*id);
         }
         let op = sim.propose_put_on(leader, "k", "without-majority");
         sim.run_for(5 * ET);
-        sim.expect(op.is_some_and(|op| !sim.op_succeeded(op)), || "committed without a majority".into());
+        sim.expect(op.is_some_and(|op| !sim.op_succeeded(op)), || {
+            "committed without a majority".into()
+        });
         for id in &down {
             sim.restart(*id);
         }
         let t = sim.converge(10 * ET);
-        sim.expect(t.is_some(), || "did not converge after the majority returned".into());
+        sim.expect(t.is_some(), || {
+            "did not converge after the majority returned".into()
+        });
         sim.final_check();
     });
 }
 
 #[test]
 fn concurrent_proposals_are_all_linearizable() {
-    each("concurrent_proposals_are_all_linearizable", &SIZES, 5, |sim| {
-        wait_leader(sim);
-        sim.start_clients(8, 3);
-        sim.run_for(3_000);
-        heal_and_converge(sim);
-        sim.expect(sim.acknowledged() > 100, || format!("only {} ops acknowledged", sim.acknowledged()));
-        sim.check_acknowledged_writes_present();
-        sim.final_check();
-    });
+    each(
+        "concurrent_proposals_are_all_linearizable",
+        &SIZES,
+        5,
+        |sim| {
+            wait_leader(sim);
+            sim.start_clients(8, 3);
+            sim.run_for(3_000);
+            heal_and_converge(sim);
+            sim.expect(sim.acknowledged() > 100, || {
+                format!("only {} ops acknowledged", sim.acknowledged())
+            });
+            sim.check_acknowledged_writes_present();
+            sim.final_check();
+        },
+    );
 }
 
 #[test]
 fn rejoining_old_leader_discards_its_uncommitted_entries() {
-    each("rejoining_old_leader_discards_its_uncommitted_entries", &SIZES, 10, |sim| {
-        let old = wait_leader(sim);
-        must_put(sim, "k", "committed");
-        sim.isolate(old);
-        let mut stray = Vec::new();
-        for i in 0..5 {
-            stray.extend(sim.propose_put_on(old, "k", &format!("stray{i}")));
-        }
-        sim.run_for(10 * ET);
-        must_put(sim, "k", "new-leader");
-        heal_and_converge(sim);
-        for op in stray {
-            sim.expect(!sim.op_succeeded(op), || "an isolated leader's entry was acknowledged".into());
-        }
-        sim.expect(all_have(sim, "k", "new-leader"), || "old leader's stray entries survived".into());
-        sim.final_check();
-    });
+    each(
+        "rejoining_old_leader_discards_its_uncommitted_entries",
+        &SIZES,
+        10,
+        |sim| {
+            let old = wait_leader(sim);
+            must_put(sim, "k", "committed");
+            sim.isolate(old);
+            let mut stray = Vec::new();
+            for i in 0..5 {
+                stray.extend(sim.propose_put_on(old, "k", &format!("stray{i}")));
+            }
+            sim.run_for(10 * ET);
+            must_put(sim, "k", "new-leader");
+            heal_and_converge(sim);
+            for op in stray {
+                sim.expect(!sim.op_succeeded(op), || {
+                    "an isolated leader's entry was acknowledged".into()
+                });
+            }
+            sim.expect(all_have(sim, "k", "new-leader"), || {
+                "old leader's stray entries survived".into()
+            });
+            sim.final_check();
+        },
+    );
 }
 
 #[test]
@@ -211,31 +302,44 @@ fn fast_backup_over_fifty_conflicting_entries() {
     // After 6.824's TestBackup: a leader and one follower collect 50
     // uncommitted entries while the rest commit 50 others; repairing the old
     // leader's divergent log must take a few round trips, not one per entry.
-    each("fast_backup_over_fifty_conflicting_entries", &SIZES, 5, |sim| {
-        let leader = wait_leader(sim);
-        must_put(sim, "k", "base");
-        sim.run_for(ET);
-        let follower = others(sim, leader)[0];
-        let rest: Vec<NodeId> = sim.ids().into_iter().filter(|i| *i != leader && *i != follower).collect();
-        sim.partition(&[vec![leader, follower], rest.clone()]);
-        for i in 0..50 {
-            sim.propose_put_on(leader, "k", &format!("lost{i}"));
-        }
-        sim.run_for(10 * ET);
-        for i in 0..50 {
-            must_put(sim, "k", &format!("won{i}"));
-        }
-        let rejections_before = sim.stats.append_rejections;
-        sim.heal();
-        let t = sim.converge(10 * ET);
-        sim.expect(t.is_some(), || "did not converge".into());
-        let rejections = sim.stats.append_rejections - rejections_before;
-        // Two divergent nodes, each repaired in a handful of rounds (50
-        // entries would mean at least 100 rejections one by one).
-        sim.expect(rejections <= 16, || format!("repair took {rejections} rejected appends"));
-        sim.expect(all_have(sim, "k", "won49"), || "repair lost the committed value".into());
-        sim.final_check();
-    });
+    each(
+        "fast_backup_over_fifty_conflicting_entries",
+        &SIZES,
+        5,
+        |sim| {
+            let leader = wait_leader(sim);
+            must_put(sim, "k", "base");
+            sim.run_for(ET);
+            let follower = others(sim, leader)[0];
+            let rest: Vec<NodeId> = sim
+                .ids()
+                .into_iter()
+                .filter(|i| *i != leader && *i != follower)
+                .collect();
+            sim.partition(&[vec![leader, follower], rest.clone()]);
+            for i in 0..50 {
+                sim.propose_put_on(leader, "k", &format!("lost{i}"));
+            }
+            sim.run_for(10 * ET);
+            for i in 0..50 {
+                must_put(sim, "k", &format!("won{i}"));
+            }
+            let rejections_before = sim.stats.append_rejections;
+            sim.heal();
+            let t = sim.converge(10 * ET);
+            sim.expect(t.is_some(), || "did not converge".into());
+            let rejections = sim.stats.append_rejections - rejections_before;
+            // Two divergent nodes, each repaired in a handful of rounds (50
+            // entries would mean at least 100 rejections one by one).
+            sim.expect(rejections <= 16, || {
+                format!("repair took {rejections} rejected appends")
+            });
+            sim.expect(all_have(sim, "k", "won49"), || {
+                "repair lost the committed value".into()
+            });
+            sim.final_check();
+        },
+    );
 }
 
 // --------------------------------------------------------------- persistence
@@ -249,28 +353,37 @@ fn persistence_across_leader_restart() {
             sim.power_cycle(leader);
         }
         heal_and_converge(sim);
-        sim.expect(all_have(sim, "k", "v4"), || "acknowledged write lost across restarts".into());
+        sim.expect(all_have(sim, "k", "v4"), || {
+            "acknowledged write lost across restarts".into()
+        });
         sim.final_check();
     });
 }
 
 #[test]
 fn persistence_across_restart_of_all_nodes() {
-    each("persistence_across_restart_of_all_nodes", &SIZES, 5, |sim| {
-        for round in 0..5 {
-            wait_leader(sim);
-            must_put(sim, "k", &format!("v{round}"));
-            for id in sim.ids() {
-                sim.crash(id);
+    each(
+        "persistence_across_restart_of_all_nodes",
+        &SIZES,
+        5,
+        |sim| {
+            for round in 0..5 {
+                wait_leader(sim);
+                must_put(sim, "k", &format!("v{round}"));
+                for id in sim.ids() {
+                    sim.crash(id);
+                }
+                for id in sim.ids() {
+                    sim.restart(id);
+                }
             }
-            for id in sim.ids() {
-                sim.restart(id);
-            }
-        }
-        heal_and_converge(sim);
-        sim.expect(all_have(sim, "k", "v4"), || "acknowledged write lost across full restarts".into());
-        sim.final_check();
-    });
+            heal_and_converge(sim);
+            sim.expect(all_have(sim, "k", "v4"), || {
+                "acknowledged write lost across full restarts".into()
+            });
+            sim.final_check();
+        },
+    );
 }
 
 #[test]
@@ -293,50 +406,62 @@ fn crash_loops_under_client_load() {
 
 #[test]
 fn power_loss_of_a_minority_and_of_all_nodes_loses_nothing_acknowledged() {
-    each("power_loss_of_a_minority_and_of_all_nodes_loses_nothing_acknowledged", &SIZES, 5, |sim| {
-        // Slow disks widen the window in which a write is in flight.
-        sim.opts.disk_latency_ms = (1, 8);
-        sim.start_clients(5, 3);
-        for round in 0..12u64 {
-            sim.run_for(150 + round * 11);
-            let ids = sim.ids();
-            if round % 3 == 2 {
-                for id in &ids {
-                    sim.crash(*id);
+    each(
+        "power_loss_of_a_minority_and_of_all_nodes_loses_nothing_acknowledged",
+        &SIZES,
+        5,
+        |sim| {
+            // Slow disks widen the window in which a write is in flight.
+            sim.opts.disk_latency_ms = (1, 8);
+            sim.start_clients(5, 3);
+            for round in 0..12u64 {
+                sim.run_for(150 + round * 11);
+                let ids = sim.ids();
+                if round % 3 == 2 {
+                    for id in &ids {
+                        sim.crash(*id);
+                    }
+                } else {
+                    for id in ids.iter().take((ids.len() - 1) / 2) {
+                        sim.crash(*id);
+                    }
                 }
-            } else {
-                for id in ids.iter().take((ids.len() - 1) / 2) {
-                    sim.crash(*id);
+                sim.run_for(20);
+                for id in ids {
+                    sim.restart(id);
                 }
             }
-            sim.run_for(20);
-            for id in ids {
-                sim.restart(id);
-            }
-        }
-        heal_and_converge(sim);
-        sim.check_acknowledged_writes_present();
-        sim.final_check();
-    });
+            heal_and_converge(sim);
+            sim.check_acknowledged_writes_present();
+            sim.final_check();
+        },
+    );
 }
 
 #[test]
 fn storage_errors_fail_stop_without_safety_loss() {
-    each("storage_errors_fail_stop_without_safety_loss", &SIZES, 5, |sim| {
-        sim.opts.storage_error_rate = 0.01;
-        sim.start_clients(5, 3);
-        for _ in 0..20 {
-            sim.run_for(200);
-            for id in sim.ids() {
-                sim.restart(id); // a failed node comes back after an operator replaces its disk controller
+    each(
+        "storage_errors_fail_stop_without_safety_loss",
+        &SIZES,
+        5,
+        |sim| {
+            sim.opts.storage_error_rate = 0.01;
+            sim.start_clients(5, 3);
+            for _ in 0..20 {
+                sim.run_for(200);
+                for id in sim.ids() {
+                    sim.restart(id); // a failed node comes back after an operator replaces its disk controller
+                }
             }
-        }
-        sim.opts.storage_error_rate = 0.0;
-        heal_and_converge(sim);
-        sim.expect(sim.stats.crashes > 0, || "no storage error was injected".into());
-        sim.check_acknowledged_writes_present();
-        sim.final_check();
-    });
+            sim.opts.storage_error_rate = 0.0;
+            heal_and_converge(sim);
+            sim.expect(sim.stats.crashes > 0, || {
+                "no storage error was injected".into()
+            });
+            sim.check_acknowledged_writes_present();
+            sim.final_check();
+        },
+    );
 }
 
 // ---------------------------------------------------------- Figure 8 and nets
@@ -448,7 +573,9 @@ fn lossy_network_with_concurrent_clients() {
         sim.start_clients(6, 3);
         sim.run_for(5_000);
         heal_and_converge(sim);
-        sim.expect(sim.acknowledged() > 50, || format!("only {} ops acknowledged", sim.acknowledged()));
+        sim.expect(sim.acknowledged() > 50, || {
+            format!("only {} ops acknowledged", sim.acknowledged())
+        });
         sim.check_acknowledged_writes_present();
         sim.final_check();
     });
@@ -457,7 +584,11 @@ fn lossy_network_with_concurrent_clients() {
 #[test]
 fn long_reordering_of_replies() {
     each("long_reordering_of_replies", &SIZES, 5, |sim| {
-        sim.set_net(NetOptions { min_delay_ms: 0, max_delay_ms: 120, ..NetOptions::default() });
+        sim.set_net(NetOptions {
+            min_delay_ms: 0,
+            max_delay_ms: 120,
+            ..NetOptions::default()
+        });
         sim.start_clients(6, 3);
         sim.run_for(5_000);
         heal_and_converge(sim);
@@ -468,107 +599,154 @@ fn long_reordering_of_replies() {
 
 #[test]
 fn one_way_partition_and_disruptive_rejoin_keep_the_leader() {
-    each("one_way_partition_and_disruptive_rejoin_keep_the_leader", &SIZES, 10, |sim| {
-        let leader = wait_leader(sim);
-        let term = term_of(sim, leader);
-        let f = others(sim, leader)[0];
-        // The follower hears nobody but can still send: it times out and
-        // campaigns, but pre-vote keeps its campaigns from raising terms.
-        for other in others(sim, f) {
-            sim.cut_one_way(other, f);
-        }
-        sim.run_for(20 * ET);
-        sim.expect(sim.leader() == Some(leader), || "a deaf follower deposed the leader".into());
-        sim.expect(term_of(sim, leader) == term, || "a deaf follower raised the term".into());
-        // Fully isolated for a long time, then back: still no disruption.
-        sim.heal();
-        sim.isolate(f);
-        sim.run_for(30 * ET);
-        sim.heal();
-        sim.run_for(10 * ET);
-        sim.expect(sim.leader() == Some(leader), || "a rejoining node deposed the leader".into());
-        sim.expect(term_of(sim, leader) == term, || "a rejoining node raised the term".into());
-        must_put(sim, "k", "v");
-        sim.run_for(ET);
-        sim.expect(all_have(sim, "k", "v"), || "rejoined node did not catch up".into());
-    });
+    each(
+        "one_way_partition_and_disruptive_rejoin_keep_the_leader",
+        &SIZES,
+        10,
+        |sim| {
+            let leader = wait_leader(sim);
+            let term = term_of(sim, leader);
+            let f = others(sim, leader)[0];
+            // The follower hears nobody but can still send: it times out and
+            // campaigns, but pre-vote keeps its campaigns from raising terms.
+            for other in others(sim, f) {
+                sim.cut_one_way(other, f);
+            }
+            sim.run_for(20 * ET);
+            sim.expect(sim.leader() == Some(leader), || {
+                "a deaf follower deposed the leader".into()
+            });
+            sim.expect(term_of(sim, leader) == term, || {
+                "a deaf follower raised the term".into()
+            });
+            // Fully isolated for a long time, then back: still no disruption.
+            sim.heal();
+            sim.isolate(f);
+            sim.run_for(30 * ET);
+            sim.heal();
+            sim.run_for(10 * ET);
+            sim.expect(sim.leader() == Some(leader), || {
+                "a rejoining node deposed the leader".into()
+            });
+            sim.expect(term_of(sim, leader) == term, || {
+                "a rejoining node raised the term".into()
+            });
+            must_put(sim, "k", "v");
+            sim.run_for(ET);
+            sim.expect(all_have(sim, "k", "v"), || {
+                "rejoined node did not catch up".into()
+            });
+        },
+    );
 }
 
 // ------------------------------------------------------------------ snapshots
 
 #[test]
 fn snapshot_catch_up_of_a_lagging_follower_with_lost_chunks_and_a_crash_mid_install() {
-    each("snapshot_catch_up_of_a_lagging_follower_with_lost_chunks_and_a_crash_mid_install", &SIZES, 5, |sim| {
-        let o = with_snapshots(sim.opts.clone(), 20);
-        *sim = Sim::new(o);
-        let leader = wait_leader(sim);
-        let lagging = others(sim, leader)[0];
-        sim.crash(lagging);
-        for i in 0..120 {
-            must_put(sim, &format!("k{}", i % 7), &format!("v{i}"));
-        }
-        let leader_now = sim.leader().unwrap_or(leader);
-        let base = sim.engine(leader_now).map(|e| e.log().base().index).unwrap_or_default();
-        sim.expect(base > LogIndex(20), || format!("leader did not compact its log (base {base})"));
-        // Chunks get lost on the way; the follower crashes mid-install once.
-        sim.set_net(NetOptions { request_loss: 0.2, response_loss: 0.2, ..NetOptions::default() });
-        sim.restart(lagging);
-        sim.run_until(10 * ET, |s| {
-            s.engine(lagging).is_some_and(|e| e.snapshot_meta().is_some()) || s.stats.snapshots_installed > 0
-        });
-        sim.run_for(7);
-        sim.power_cycle(lagging);
-        heal_and_converge(sim);
-        sim.expect(sim.stats.snapshots_installed > 0, || "no snapshot was installed".into());
-        sim.expect(all_have(sim, "k1", "v113"), || "lagging follower's state is wrong".into());
-        sim.final_check();
-    });
+    each(
+        "snapshot_catch_up_of_a_lagging_follower_with_lost_chunks_and_a_crash_mid_install",
+        &SIZES,
+        5,
+        |sim| {
+            let o = with_snapshots(sim.opts.clone(), 20);
+            *sim = Sim::new(o);
+            let leader = wait_leader(sim);
+            let lagging = others(sim, leader)[0];
+            sim.crash(lagging);
+            for i in 0..120 {
+                must_put(sim, &format!("k{}", i % 7), &format!("v{i}"));
+            }
+            let leader_now = sim.leader().unwrap_or(leader);
+            let base = sim
+                .engine(leader_now)
+                .map(|e| e.log().base().index)
+                .unwrap_or_default();
+            sim.expect(base > LogIndex(20), || {
+                format!("leader did not compact its log (base {base})")
+            });
+            // Chunks get lost on the way; the follower crashes mid-install once.
+            sim.set_net(NetOptions {
+                request_loss: 0.2,
+                response_loss: 0.2,
+                ..NetOptions::default()
+            });
+            sim.restart(lagging);
+            sim.run_until(10 * ET, |s| {
+                s.engine(lagging)
+                    .is_some_and(|e| e.snapshot_meta().is_some())
+                    || s.stats.snapshots_installed > 0
+            });
+            sim.run_for(7);
+            sim.power_cycle(lagging);
+            heal_and_converge(sim);
+            sim.expect(sim.stats.snapshots_installed > 0, || {
+                "no snapshot was installed".into()
+            });
+            sim.expect(all_have(sim, "k1", "v113"), || {
+                "lagging follower's state is wrong".into()
+            });
+            sim.final_check();
+        },
+    );
 }
 
 #[test]
 fn crash_all_after_snapshots_never_regresses() {
-    each("crash_all_after_snapshots_never_regresses", &SIZES, 5, |sim| {
-        let o = with_snapshots(sim.opts.clone(), 15);
-        *sim = Sim::new(o);
-        sim.start_clients(5, 3);
-        for _ in 0..6 {
-            sim.run_for(700);
-            for id in sim.ids() {
-                sim.crash(id);
+    each(
+        "crash_all_after_snapshots_never_regresses",
+        &SIZES,
+        5,
+        |sim| {
+            let o = with_snapshots(sim.opts.clone(), 15);
+            *sim = Sim::new(o);
+            sim.start_clients(5, 3);
+            for _ in 0..6 {
+                sim.run_for(700);
+                for id in sim.ids() {
+                    sim.crash(id);
+                }
+                for id in sim.ids() {
+                    sim.restart(id);
+                }
             }
-            for id in sim.ids() {
-                sim.restart(id);
-            }
-        }
-        heal_and_converge(sim);
-        sim.check_acknowledged_writes_present();
-        sim.final_check();
-    });
+            heal_and_converge(sim);
+            sim.check_acknowledged_writes_present();
+            sim.final_check();
+        },
+    );
 }
 
 // ----------------------------------------------------------------------- reads
 
 #[test]
 fn deposed_leader_in_a_minority_never_serves_a_stale_read() {
-    each("deposed_leader_in_a_minority_never_serves_a_stale_read", &SIZES, 10, |sim| {
-        let old = wait_leader(sim);
-        must_put(sim, "k", "v1");
-        sim.isolate(old);
-        // The majority elects a new leader and overwrites the key.
-        sim.run_until(10 * ET, |s| s.leaders().iter().any(|(id, _)| *id != old));
-        must_put(sim, "k", "v2");
-        // Reads at the deposed leader, before and after it notices.
-        let mut reads = Vec::new();
-        for _ in 0..5 {
-            reads.extend(sim.read_on(old, "k"));
-            sim.run_for(ET / 2);
-        }
-        for op in reads {
-            if let Some(v) = sim.read_result(op) {
-                sim.expect(v.as_deref() == Some("v2"), || format!("stale linearizable read returned {v:?}"));
+    each(
+        "deposed_leader_in_a_minority_never_serves_a_stale_read",
+        &SIZES,
+        10,
+        |sim| {
+            let old = wait_leader(sim);
+            must_put(sim, "k", "v1");
+            sim.isolate(old);
+            // The majority elects a new leader and overwrites the key.
+            sim.run_until(10 * ET, |s| s.leaders().iter().any(|(id, _)| *id != old));
+            must_put(sim, "k", "v2");
+            // Reads at the deposed leader, before and after it notices.
+            let mut reads = Vec::new();
+            for _ in 0..5 {
+                reads.extend(sim.read_on(old, "k"));
+                sim.run_for(ET / 2);
             }
-        }
-        heal_and_converge(sim);
-        sim.final_check();
-    });
+            for op in reads {
+                if let Some(v) = sim.read_result(op) {
+                    sim.expect(v.as_deref() == Some("v2"), || {
+                        format!("stale linearizable read returned {v:?}")
+                    });
+                }
+            }
+            heal_and_converge(sim);
+            sim.final_check();
+        },
+    );
 }

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use raft_core::memory::kv::{KvCommand, KvConfig};
 use raft_core::{
-    Action, Config, Engine, Entry, HardState, LogId, LogIndex, Membership, Message, NodeId, RecoveredState,
+    Action, Config, Engine, Entry, HardState, LogId, LogIndex, Membership, Message, NodeId,
+    RecoveredState,
 };
 
 type C = KvConfig;
@@ -22,17 +23,31 @@ struct Script {
 }
 
 fn config() -> Config {
-    Config { pre_vote: false, check_quorum: false, max_entries_per_message: 1, max_inflight: 1, ..Config::default() }
+    Config {
+        pre_vote: false,
+        check_quorum: false,
+        max_entries_per_message: 1,
+        max_inflight: 1,
+        ..Config::default()
+    }
 }
 
 impl Script {
     fn new(n: u64) -> Script {
-        let members: BTreeMap<NodeId, String> = (1..=n).map(|i| (NodeId(i), format!("n{i}"))).collect();
-        let mut s = Script { engines: BTreeMap::new(), disks: BTreeMap::new(), queue: Vec::new(), committed: BTreeMap::new(), clock: 0 };
+        let members: BTreeMap<NodeId, String> =
+            (1..=n).map(|i| (NodeId(i), format!("n{i}"))).collect();
+        let mut s = Script {
+            engines: BTreeMap::new(),
+            disks: BTreeMap::new(),
+            queue: Vec::new(),
+            committed: BTreeMap::new(),
+            clock: 0,
+        };
         for i in 1..=n {
             let id = NodeId(i);
             let mut e = Engine::new(id, config(), i, 0, RecoveredState::default()).unwrap();
-            e.initialize(Membership::new_voters(members.clone())).unwrap();
+            e.initialize(Membership::new_voters(members.clone()))
+                .unwrap();
             s.disks.insert(id, (HardState::default(), Vec::new()));
             s.engines.insert(id, e);
             s.flush(id);
@@ -43,7 +58,9 @@ impl Script {
     /// Carries out a node's actions at once (storage is instant here).
     fn flush(&mut self, id: NodeId) {
         loop {
-            let Some(e) = self.engines.get_mut(&id) else { return };
+            let Some(e) = self.engines.get_mut(&id) else {
+                return;
+            };
             let actions = e.take_actions();
             if actions.is_empty() {
                 break;
@@ -58,7 +75,9 @@ impl Script {
                         self.engines.get_mut(&id).unwrap().log_persisted(last);
                     }
                     Action::TruncateLog { from } => disk.1.retain(|e| e.log_id.index < from),
-                    Action::Send { to, msg } | Action::Respond { to, msg } => self.queue.push((id, to, msg)),
+                    Action::Send { to, msg } | Action::Respond { to, msg } => {
+                        self.queue.push((id, to, msg))
+                    }
                     _ => {}
                 }
             }
@@ -72,7 +91,10 @@ impl Script {
             let idx = LogIndex(i);
             let log_id = e.log().log_id_at(idx).unwrap();
             let prev = *self.committed.entry(idx).or_insert(log_id);
-            assert_eq!(prev, log_id, "committed entry at {idx} changed: {prev} then {log_id} (node {id})");
+            assert_eq!(
+                prev, log_id,
+                "committed entry at {idx} changed: {prev} then {log_id} (node {id})"
+            );
         }
     }
 
@@ -98,8 +120,13 @@ impl Script {
 
     fn restart(&mut self, id: NodeId) {
         let (hs, entries) = self.disks[&id].clone();
-        let state = RecoveredState { hard_state: hs, entries, ..RecoveredState::default() };
-        self.engines.insert(id, Engine::new(id, config(), id.0 + 100, 0, state).unwrap());
+        let state = RecoveredState {
+            hard_state: hs,
+            entries,
+            ..RecoveredState::default()
+        };
+        self.engines
+            .insert(id, Engine::new(id, config(), id.0 + 100, 0, state).unwrap());
     }
 
     /// Lets a heartbeat interval pass on `id` only, and delivers the result.
@@ -138,7 +165,14 @@ fn leader_never_commits_previous_term_entry_by_counting_replicas() {
     assert_eq!(s.engines[&s1].commit_index(), LogIndex(2));
 
     // (a) S1 appends A at index 3 and replicates it to S2 only.
-    s.engines.get_mut(&s1).unwrap().propose(KvCommand::Put { key: "k".into(), value: "A".into() }).unwrap();
+    s.engines
+        .get_mut(&s1)
+        .unwrap()
+        .propose(KvCommand::Put {
+            key: "k".into(),
+            value: "A".into(),
+        })
+        .unwrap();
     s.flush(s1);
     s.deliver(|from, to, _| from == s1 && to != s2);
     assert_eq!(s.engines[&s2].last_log_id(), LogId::new(1, 3));
@@ -146,7 +180,9 @@ fn leader_never_commits_previous_term_entry_by_counting_replicas() {
     // (b) S1 crashes; S5 wins term 2 with S3 and S4 and appends B at index 3,
     // which nobody receives.
     s.crash(s1);
-    s.elect(s5, |from, to, msg| from == s5 && matches!(msg, Message::AppendEntries(_)) || to == s1);
+    s.elect(s5, |from, to, msg| {
+        from == s5 && matches!(msg, Message::AppendEntries(_)) || to == s1
+    });
     assert_eq!(s.engines[&s5].last_log_id().index, LogIndex(3));
     let b = s.engines[&s5].last_log_id();
     s.crash(s5);
@@ -158,7 +194,10 @@ fn leader_never_commits_previous_term_entry_by_counting_replicas() {
     s.elect(s1, cut);
     s.heartbeat(s1, cut); // S3 rejects the probe, hints where its log ends
     s.heartbeat(s1, cut);
-    assert!(s.engines[&s3].log().matches(LogId::new(1, 3)), "A must have reached S3 for the scenario");
+    assert!(
+        s.engines[&s3].log().matches(LogId::new(1, 3)),
+        "A must have reached S3 for the scenario"
+    );
     assert!(
         s.engines[&s1].commit_index() < LogIndex(3),
         "Figure 8: S1 committed an entry of an earlier term by counting replicas"
@@ -172,7 +211,11 @@ fn leader_never_commits_previous_term_entry_by_counting_replicas() {
     s.elect(s5, |_, to, _| to == s1);
     s.deliver(|_, to, _| to == s1);
     for id in [s2, s3, s4, s5] {
-        assert_eq!(s.engines[&id].log().log_id_at(LogIndex(3)), Some(b), "node {id}");
+        assert_eq!(
+            s.engines[&id].log().log_id_at(LogIndex(3)),
+            Some(b),
+            "node {id}"
+        );
     }
     assert_eq!(s.committed.get(&LogIndex(3)), Some(&b));
 }
@@ -185,7 +228,9 @@ fn vote_survives_a_crash_so_a_node_never_votes_twice_in_a_term() {
     s.engines.get_mut(&s1).unwrap().campaign_now();
     s.flush(s1);
     let granted = |s: &Script, voter: NodeId| {
-        s.queue.iter().any(|(from, _, m)| *from == voter && matches!(m, Message::VoteResponse(v) if v.granted))
+        s.queue.iter().any(|(from, _, m)| {
+            *from == voter && matches!(m, Message::VoteResponse(v) if v.granted)
+        })
     };
     let batch = std::mem::take(&mut s.queue);
     for (from, to, msg) in batch {
@@ -212,5 +257,8 @@ fn vote_survives_a_crash_so_a_node_never_votes_twice_in_a_term() {
             s.flush(to);
         }
     }
-    assert!(!granted(&s, s3), "S3 voted twice in term 1: its vote was not durable before it replied");
+    assert!(
+        !granted(&s, s3),
+        "S3 voted twice in term 1: its vote was not durable before it replied"
+    );
 }

@@ -11,9 +11,9 @@
 mod common;
 
 use common::*;
+use raft_core::NodeId;
 use raft_core::engine::rng::Rng;
 use raft_core::sim::{NetOptions, Sim};
-use raft_core::NodeId;
 
 fn run_seed(seed: u64) {
     let mut r = Rng::new(seed ^ 0x5EED);
@@ -56,7 +56,11 @@ fn run_seed(seed: u64) {
                 }
             }
             5 => sim.set_net(lossy()),
-            6 => sim.set_net(NetOptions { min_delay_ms: 0, max_delay_ms: r.range(5, 100), ..NetOptions::default() }),
+            6 => sim.set_net(NetOptions {
+                min_delay_ms: 0,
+                max_delay_ms: r.range(5, 100),
+                ..NetOptions::default()
+            }),
             7 => sim.opts.storage_error_rate = 0.005,
             _ => {
                 sim.heal();
@@ -83,5 +87,9 @@ fn randomized_sweep() {
     for &seed in &seeds {
         run_seed(seed);
     }
-    println!("randomized_sweep: {} seeds in {:.1}s", seeds.len(), start.elapsed().as_secs_f64());
+    println!(
+        "randomized_sweep: {} seeds in {:.1}s",
+        seeds.len(),
+        start.elapsed().as_secs_f64()
+    );
 }

@@ -18,7 +18,10 @@ pub struct RaftLog<C: TypeConfig> {
 
 impl<C: TypeConfig> RaftLog<C> {
     pub fn new(base: LogId, entries: Vec<Entry<C>>) -> Self {
-        RaftLog { base, entries: entries.into() }
+        RaftLog {
+            base,
+            entries: entries.into(),
+        }
     }
 
     pub fn base(&self) -> LogId {
@@ -82,7 +85,10 @@ impl<C: TypeConfig> RaftLog<C> {
         let (s, e) = if start > end {
             (0, 0)
         } else {
-            ((start - self.base.index.0 - 1) as usize, (end - self.base.index.0) as usize)
+            (
+                (start - self.base.index.0 - 1) as usize,
+                (end - self.base.index.0) as usize,
+            )
         };
         self.entries.range(s..e)
     }
@@ -129,7 +135,9 @@ impl<C: TypeConfig> RaftLog<C> {
 
     /// The first index of the run of entries with `term` that contains `index`.
     pub fn first_index_of_term_at(&self, index: LogIndex) -> LogIndex {
-        let Some(term) = self.term_at(index) else { return index };
+        let Some(term) = self.term_at(index) else {
+            return index;
+        };
         let mut idx = index;
         while idx > self.first_index() {
             match self.term_at(idx.prev()) {

@@ -32,10 +32,12 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::error::{InitializeError, NotLeader, RecoveryError, StepError};
 use crate::message::{
-    AppendEntriesRequest, AppendEntriesResponse, ConflictHint, InstallSnapshotRequest, InstallSnapshotResponse,
-    Message, SnapshotMeta, TimeoutNowRequest, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, ConflictHint, InstallSnapshotRequest,
+    InstallSnapshotResponse, Message, SnapshotMeta, TimeoutNowRequest, VoteRequest, VoteResponse,
 };
-use crate::types::{Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Term, TypeConfig};
+use crate::types::{
+    Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Term, TypeConfig,
+};
 
 use self::log::RaftLog;
 use self::progress::{Inflight, Progress, ProgressState};
@@ -70,15 +72,27 @@ pub enum Action<C: TypeConfig> {
     BuildSnapshot,
     /// Read `max_len` bytes at `offset` of the snapshot `meta.id` and send
     /// them to `to` as an InstallSnapshot request in `term`.
-    SendSnapshotChunk { to: NodeId, term: Term, meta: SnapshotMeta<C>, offset: u64 },
+    SendSnapshotChunk {
+        to: NodeId,
+        term: Term,
+        meta: SnapshotMeta<C>,
+        offset: u64,
+    },
     /// Store a received chunk of an incoming snapshot (offset 0 starts over).
-    WriteSnapshotChunk { meta: SnapshotMeta<C>, offset: u64, data: Vec<u8> },
+    WriteSnapshotChunk {
+        meta: SnapshotMeta<C>,
+        offset: u64,
+        data: Vec<u8>,
+    },
     /// Atomically replace the state machine with the received snapshot.
     InstallSnapshot { meta: SnapshotMeta<C> },
     /// These reads are confirmed; serve them once `index` is applied.
     ReadReady { ids: Vec<ReadId>, index: LogIndex },
     /// These reads cannot be confirmed: this node is no longer leader.
-    ReadFailed { ids: Vec<ReadId>, leader_id: Option<NodeId> },
+    ReadFailed {
+        ids: Vec<ReadId>,
+        leader_id: Option<NodeId>,
+    },
 }
 
 /// The role a node plays in its current term.
@@ -219,14 +233,28 @@ impl<C: TypeConfig> Engine<C> {
         now: u64,
         state: RecoveredState<C>,
     ) -> Result<Self, RecoveryError> {
-        let RecoveredState { hard_state, log_base, entries, snapshot, applied } = state;
+        let RecoveredState {
+            hard_state,
+            log_base,
+            entries,
+            snapshot,
+            applied,
+        } = state;
         validate_entries(log_base, &entries, hard_state.term)?;
         let mut actions = Vec::new();
         let mut log = RaftLog::new(log_base, entries);
 
-        let snap_id = snapshot.as_ref().map(|s| s.last_log_id).unwrap_or(LogId::ZERO);
-        let base_membership =
-            (snap_id, snapshot.as_ref().map(|s| s.membership.clone()).unwrap_or_default());
+        let snap_id = snapshot
+            .as_ref()
+            .map(|s| s.last_log_id)
+            .unwrap_or(LogId::ZERO);
+        let base_membership = (
+            snap_id,
+            snapshot
+                .as_ref()
+                .map(|s| s.membership.clone())
+                .unwrap_or_default(),
+        );
         if snap_id.index > log.base().index {
             // The snapshot is newer than the log's purge point: keep the log
             // after it if it agrees, otherwise it was superseded (a crash
@@ -235,27 +263,37 @@ impl<C: TypeConfig> Engine<C> {
                 log.purge(snap_id);
             } else {
                 if !log.is_empty() {
-                    actions.push(Action::TruncateLog { from: log.first_index() });
+                    actions.push(Action::TruncateLog {
+                        from: log.first_index(),
+                    });
                 }
                 log = RaftLog::new(snap_id, Vec::new());
             }
             actions.push(Action::PurgeLog { upto: snap_id });
         }
         if applied.index < snap_id.index {
-            return Err(RecoveryError::AppliedBeforeSnapshot { applied: applied.index, snapshot: snap_id.index });
+            return Err(RecoveryError::AppliedBeforeSnapshot {
+                applied: applied.index,
+                snapshot: snap_id.index,
+            });
         }
         if applied.index > log.last_index() {
-            return Err(RecoveryError::AppliedPastLog { applied: applied.index, last: log.last_index() });
+            return Err(RecoveryError::AppliedPastLog {
+                applied: applied.index,
+                last: log.last_index(),
+            });
         }
         if applied.index > snap_id.index && !log.matches(applied) {
-            return Err(RecoveryError::AppliedMismatch { applied: applied.index });
+            return Err(RecoveryError::AppliedMismatch {
+                applied: applied.index,
+            });
         }
         let mut log_memberships = Vec::new();
         for e in log.range(LogIndex(0), log.last_index()) {
-            if let EntryPayload::Membership(m) = &e.payload {
-                if e.log_id.index > base_membership.0.index {
-                    log_memberships.push((e.log_id, m.clone()));
-                }
+            if let EntryPayload::Membership(m) = &e.payload
+                && e.log_id.index > base_membership.0.index
+            {
+                log_memberships.push((e.log_id, m.clone()));
             }
         }
 
@@ -292,12 +330,18 @@ impl<C: TypeConfig> Engine<C> {
     /// membership (the entries are identical), or only one of them.
     pub fn initialize(&mut self, membership: Membership<C::Node>) -> Result<(), InitializeError> {
         if self.term != Term(0) || self.log.last_index() != LogIndex(0) || self.snapshot.is_some() {
-            return Err(InitializeError::NotPristine { term: self.term, last_index: self.log.last_index() });
+            return Err(InitializeError::NotPristine {
+                term: self.term,
+                last_index: self.log.last_index(),
+            });
         }
         if membership.voter_ids().is_empty() {
             return Err(InitializeError::NoVoters);
         }
-        let entry = Entry { log_id: LogId::new(0, 1), payload: EntryPayload::Membership(membership) };
+        let entry = Entry {
+            log_id: LogId::new(0, 1),
+            payload: EntryPayload::Membership(membership),
+        };
         self.append_follower_entries(vec![entry]);
         let m = self.membership();
         if m.is_voter(self.id) && m.voter_ids().len() == 1 {
@@ -354,11 +398,17 @@ impl<C: TypeConfig> Engine<C> {
     /// The configuration in force: the latest membership entry in the log,
     /// committed or not (§6), else the snapshot's.
     pub fn membership(&self) -> &Membership<C::Node> {
-        self.log_memberships.last().map(|(_, m)| m).unwrap_or(&self.base_membership.1)
+        self.log_memberships
+            .last()
+            .map(|(_, m)| m)
+            .unwrap_or(&self.base_membership.1)
     }
     /// The log id of the entry that set [`Engine::membership`].
     pub fn membership_log_id(&self) -> LogId {
-        self.log_memberships.last().map(|(id, _)| *id).unwrap_or(self.base_membership.0)
+        self.log_memberships
+            .last()
+            .map(|(id, _)| *id)
+            .unwrap_or(self.base_membership.0)
     }
     /// Leader only: each peer's match index.
     pub fn matched(&self) -> BTreeMap<NodeId, LogIndex> {
@@ -383,10 +433,11 @@ impl<C: TypeConfig> Engine<C> {
     pub fn not_leader(&self) -> NotLeader<C::Node> {
         NotLeader {
             leader_id: self.leader_id,
-            leader_node: self.leader_id.and_then(|l| self.membership().nodes.get(&l).cloned()),
+            leader_node: self
+                .leader_id
+                .and_then(|l| self.membership().nodes.get(&l).cloned()),
         }
     }
-
 
     // ----------------------------------------------------------------- inputs
 
@@ -398,7 +449,11 @@ impl<C: TypeConfig> Engine<C> {
         if self.is_leader() {
             self.tick_leader();
         } else if self.now >= self.election_due {
-            let kind = if self.config.pre_vote { CampaignKind::PreVote } else { CampaignKind::Election };
+            let kind = if self.config.pre_vote {
+                CampaignKind::PreVote
+            } else {
+                CampaignKind::Election
+            };
             self.campaign(kind);
         }
     }
@@ -408,7 +463,9 @@ impl<C: TypeConfig> Engine<C> {
         let stale_after = self.config.election_timeout_min_ms;
         let (id, term, check_quorum) = (self.id, self.term, self.config.check_quorum);
         let configs = self.membership().configs.clone();
-        let RoleState::Leader(l) = &mut self.role else { return };
+        let RoleState::Leader(l) = &mut self.role else {
+            return;
+        };
         if l.transfer.is_some_and(|(_, until)| now >= until) {
             info!(node = %id, term = %term, "leadership transfer timed out; resuming");
             l.transfer = None;
@@ -435,7 +492,10 @@ impl<C: TypeConfig> Engine<C> {
         for (peer, p) in l.progress.iter_mut() {
             match &mut p.state {
                 ProgressState::Replicate => {
-                    if p.inflight.front().is_some_and(|f| f.sent_at + stale_after <= now) {
+                    if p.inflight
+                        .front()
+                        .is_some_and(|f| f.sent_at + stale_after <= now)
+                    {
                         debug!(node = %id, peer = %peer, "replication window stalled; probing");
                         p.become_probe();
                     }
@@ -474,7 +534,9 @@ impl<C: TypeConfig> Engine<C> {
                     // leader's message also tells us who leads.
                     let leader = matches!(
                         msg,
-                        Message::AppendEntries(_) | Message::InstallSnapshot(_) | Message::TimeoutNow(_)
+                        Message::AppendEntries(_)
+                            | Message::InstallSnapshot(_)
+                            | Message::TimeoutNow(_)
                     )
                     .then_some(from);
                     self.become_follower(term, leader);
@@ -508,7 +570,10 @@ impl<C: TypeConfig> Engine<C> {
         self.propose_payload(EntryPayload::Command(command))
     }
 
-    fn propose_payload(&mut self, payload: EntryPayload<C>) -> Result<LogId, ProposeError<C::Node>> {
+    fn propose_payload(
+        &mut self,
+        payload: EntryPayload<C>,
+    ) -> Result<LogId, ProposeError<C::Node>> {
         match &self.role {
             RoleState::Leader(l) if l.transfer.is_some() => Err(ProposeError::TransferInProgress),
             RoleState::Leader(_) => Ok(self.leader_append(payload)),
@@ -526,7 +591,11 @@ impl<C: TypeConfig> Engine<C> {
             return Err(self.not_leader());
         };
         let index = (commit >= l.noop_index).then_some(commit);
-        l.pending_reads.push(PendingRead { id, round: l.round + 1, index });
+        l.pending_reads.push(PendingRead {
+            id,
+            round: l.round + 1,
+            index,
+        });
         self.read_round_wanted = true;
         Ok(())
     }
@@ -545,12 +614,22 @@ impl<C: TypeConfig> Engine<C> {
     /// log behind it, keeping `purge_keep` entries for slow followers.
     pub fn snapshot_built(&mut self, meta: SnapshotMeta<C>) {
         self.building_snapshot = false;
-        let newer = self.snapshot.as_ref().is_none_or(|s| meta.last_log_id.index > s.last_log_id.index);
-        if !newer || !self.log.matches(meta.last_log_id) && meta.last_log_id.index > self.log.base().index {
+        let newer = self
+            .snapshot
+            .as_ref()
+            .is_none_or(|s| meta.last_log_id.index > s.last_log_id.index);
+        if !newer
+            || !self.log.matches(meta.last_log_id) && meta.last_log_id.index > self.log.base().index
+        {
             return;
         }
         info!(node = %self.id, snapshot = %meta.last_log_id, "snapshot built");
-        let purge_to = LogIndex(meta.last_log_id.index.0.saturating_sub(self.config.purge_keep));
+        let purge_to = LogIndex(
+            meta.last_log_id
+                .index
+                .0
+                .saturating_sub(self.config.purge_keep),
+        );
         self.snapshot = Some(meta);
         if purge_to > self.log.base().index
             && let Some(upto) = self.log.log_id_at(purge_to)
@@ -603,7 +682,11 @@ impl<C: TypeConfig> Engine<C> {
                 // (thesis §10.2.1): the leader counts itself only once
                 // `log_persisted` says so.
                 self.replicate_all();
-                let entries = self.log.range(from, self.log.last_index()).cloned().collect();
+                let entries = self
+                    .log
+                    .range(from, self.log.last_index())
+                    .cloned()
+                    .collect();
                 self.actions.push(Action::AppendLog { entries });
             }
         }
@@ -648,7 +731,10 @@ impl<C: TypeConfig> Engine<C> {
         };
         for peer in self.membership().voter_ids() {
             if peer != self.id {
-                self.actions.push(Action::Send { to: peer, msg: Message::Vote(req.clone()) });
+                self.actions.push(Action::Send {
+                    to: peer,
+                    msg: Message::Vote(req.clone()),
+                });
             }
         }
         self.record_vote(self.id, true);
@@ -656,10 +742,18 @@ impl<C: TypeConfig> Engine<C> {
 
     fn on_vote_request(&mut self, from: NodeId, req: VoteRequest) -> Result<(), StepError> {
         if req.candidate_id != from {
-            return Err(StepError::Malformed { from, kind: "vote", reason: "candidate_id differs from sender" });
+            return Err(StepError::Malformed {
+                from,
+                kind: "vote",
+                reason: "candidate_id differs from sender",
+            });
         }
         let respond = |this: &mut Self, granted: bool, term: Term| {
-            let msg = Message::VoteResponse(VoteResponse { term, granted, pre_vote: req.pre_vote });
+            let msg = Message::VoteResponse(VoteResponse {
+                term,
+                granted,
+                pre_vote: req.pre_vote,
+            });
             this.actions.push(Action::Respond { to: from, msg });
         };
         if req.term < self.term {
@@ -683,7 +777,8 @@ impl<C: TypeConfig> Engine<C> {
         if req.term > self.term {
             self.become_follower(req.term, None);
         }
-        let can_vote = self.voted_for.is_none_or(|v| v == from) && self.leader_id.is_none_or(|l| l == from);
+        let can_vote =
+            self.voted_for.is_none_or(|v| v == from) && self.leader_id.is_none_or(|l| l == from);
         let grant = can_vote && up_to_date;
         if grant && self.voted_for.is_none() {
             // §5.2: at most one vote per term, durable before the reply.
@@ -751,7 +846,8 @@ impl<C: TypeConfig> Engine<C> {
             && match &self.role {
                 RoleState::Leader(_) => true,
                 _ => {
-                    self.leader_id.is_some() && self.now < self.leader_contact + self.config.election_timeout_min_ms
+                    self.leader_id.is_some()
+                        && self.now < self.leader_contact + self.config.election_timeout_min_ms
                 }
             }
     }
@@ -763,7 +859,10 @@ impl<C: TypeConfig> Engine<C> {
         if let RoleState::Leader(l) = &mut self.role {
             let ids: Vec<ReadId> = l.pending_reads.drain(..).map(|r| r.id).collect();
             if !ids.is_empty() {
-                self.actions.push(Action::ReadFailed { ids, leader_id: leader });
+                self.actions.push(Action::ReadFailed {
+                    ids,
+                    leader_id: leader,
+                });
             }
         }
         let was = self.role();
@@ -804,7 +903,11 @@ impl<C: TypeConfig> Engine<C> {
 
     /// Progress trackers for every member but this node, keeping existing
     /// ones.
-    fn peer_progress(&self, next: LogIndex, keep: &BTreeMap<NodeId, Progress>) -> BTreeMap<NodeId, Progress> {
+    fn peer_progress(
+        &self,
+        next: LogIndex,
+        keep: &BTreeMap<NodeId, Progress>,
+    ) -> BTreeMap<NodeId, Progress> {
         let m = self.membership();
         m.nodes
             .keys()
@@ -812,7 +915,10 @@ impl<C: TypeConfig> Engine<C> {
             .filter(|id| **id != self.id)
             .map(|id| {
                 let voter = m.is_voter(*id);
-                let mut p = keep.get(id).cloned().unwrap_or_else(|| Progress::new(next, voter));
+                let mut p = keep
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| Progress::new(next, voter));
                 p.voter = voter;
                 (*id, p)
             })
@@ -821,17 +927,26 @@ impl<C: TypeConfig> Engine<C> {
 
     fn reset_election_timer(&mut self) {
         let c = &self.config;
-        self.election_due = self.now + self.rng.range(c.election_timeout_min_ms, c.election_timeout_max_ms);
+        self.election_due = self.now
+            + self
+                .rng
+                .range(c.election_timeout_min_ms, c.election_timeout_max_ms);
     }
 
     fn save_hard_state(&mut self) {
-        self.actions.push(Action::SaveHardState(HardState { term: self.term, voted_for: self.voted_for }));
+        self.actions.push(Action::SaveHardState(HardState {
+            term: self.term,
+            voted_for: self.voted_for,
+        }));
     }
 
     // ------------------------------------------------------------ replication
 
     fn leader_append(&mut self, payload: EntryPayload<C>) -> LogId {
-        let log_id = LogId { term: self.term, index: self.log.last_index().next() };
+        let log_id = LogId {
+            term: self.term,
+            index: self.log.last_index().next(),
+        };
         let is_membership = matches!(payload, EntryPayload::Membership(_));
         if let EntryPayload::Membership(m) = &payload {
             self.log_memberships.push((log_id, m.clone()));
@@ -849,7 +964,11 @@ impl<C: TypeConfig> Engine<C> {
     /// A leader that steps down must still persist what it appended.
     fn flush_leader_entries(&mut self) {
         if let Some(from) = self.unflushed.take() {
-            let entries = self.log.range(from, self.log.last_index()).cloned().collect();
+            let entries = self
+                .log
+                .range(from, self.log.last_index())
+                .cloned()
+                .collect();
             self.actions.push(Action::AppendLog { entries });
         }
     }
@@ -873,16 +992,30 @@ impl<C: TypeConfig> Engine<C> {
                 self.config.max_inflight,
             );
             let snapshot = self.snapshot.clone();
-            let RoleState::Leader(l) = &mut self.role else { return };
+            let RoleState::Leader(l) = &mut self.role else {
+                return;
+            };
             let round = l.round;
-            let Some(p) = l.progress.get_mut(&peer) else { return };
-            if let ProgressState::Snapshot { snapshot_id, offset, sent_at } = &mut p.state {
+            let Some(p) = l.progress.get_mut(&peer) else {
+                return;
+            };
+            if let ProgressState::Snapshot {
+                snapshot_id,
+                offset,
+                sent_at,
+            } = &mut p.state
+            {
                 if sent_at.is_none() {
                     match snapshot.filter(|s| s.id == *snapshot_id) {
                         Some(meta) => {
                             *sent_at = Some(now);
                             let offset = *offset;
-                            self.actions.push(Action::SendSnapshotChunk { to: peer, term, meta, offset });
+                            self.actions.push(Action::SendSnapshotChunk {
+                                to: peer,
+                                term,
+                                meta,
+                                offset,
+                            });
                         }
                         None => p.become_probe(), // a newer snapshot replaced it; start again
                     }
@@ -896,9 +1029,18 @@ impl<C: TypeConfig> Engine<C> {
                     return;
                 };
                 info!(node = %id, peer = %peer, snapshot = %meta.last_log_id, "sending snapshot");
-                p.state = ProgressState::Snapshot { snapshot_id: meta.id, offset: 0, sent_at: Some(now) };
+                p.state = ProgressState::Snapshot {
+                    snapshot_id: meta.id,
+                    offset: 0,
+                    sent_at: Some(now),
+                };
                 p.inflight.clear();
-                self.actions.push(Action::SendSnapshotChunk { to: peer, term, meta, offset: 0 });
+                self.actions.push(Action::SendSnapshotChunk {
+                    to: peer,
+                    term,
+                    meta,
+                    offset: 0,
+                });
                 return;
             }
             let probing = matches!(p.state, ProgressState::Probe { .. });
@@ -906,11 +1048,15 @@ impl<C: TypeConfig> Engine<C> {
                 return;
             }
             let prev_index = p.next.prev();
-            let Some(prev_log_id) = self.log.log_id_at(prev_index) else { return };
+            let Some(prev_log_id) = self.log.log_id_at(prev_index) else {
+                return;
+            };
             let mut entries = Vec::new();
             let mut bytes = 0;
             for e in self.log.range(p.next, last) {
-                if entries.len() >= max_n || (!entries.is_empty() && bytes + e.size_hint() > max_bytes) {
+                if entries.len() >= max_n
+                    || (!entries.is_empty() && bytes + e.size_hint() > max_bytes)
+                {
                     break;
                 }
                 bytes += e.size_hint();
@@ -921,11 +1067,24 @@ impl<C: TypeConfig> Engine<C> {
                 ProgressState::Probe { sent } => *sent = true,
                 _ => {
                     p.next = sent_last.next();
-                    p.inflight.push_back(Inflight { last_index: sent_last, sent_at: now });
+                    p.inflight.push_back(Inflight {
+                        last_index: sent_last,
+                        sent_at: now,
+                    });
                 }
             }
-            let req = AppendEntriesRequest { term, leader_id: id, prev_log_id, entries, leader_commit: commit, round };
-            self.actions.push(Action::Send { to: peer, msg: Message::AppendEntries(req) });
+            let req = AppendEntriesRequest {
+                term,
+                leader_id: id,
+                prev_log_id,
+                entries,
+                leader_commit: commit,
+                round,
+            };
+            self.actions.push(Action::Send {
+                to: peer,
+                msg: Message::AppendEntries(req),
+            });
             if probing {
                 return;
             }
@@ -968,19 +1127,38 @@ impl<C: TypeConfig> Engine<C> {
                 leader_commit: commit,
                 round,
             };
-            self.actions.push(Action::Send { to: peer, msg: Message::AppendEntries(req) });
+            self.actions.push(Action::Send {
+                to: peer,
+                msg: Message::AppendEntries(req),
+            });
         }
     }
 
-    fn on_append_entries(&mut self, from: NodeId, mut req: AppendEntriesRequest<C>) -> Result<(), StepError> {
+    fn on_append_entries(
+        &mut self,
+        from: NodeId,
+        mut req: AppendEntriesRequest<C>,
+    ) -> Result<(), StepError> {
         if req.leader_id != from {
-            return Err(StepError::Malformed { from, kind: "append", reason: "leader_id differs from sender" });
+            return Err(StepError::Malformed {
+                from,
+                kind: "append",
+                reason: "leader_id differs from sender",
+            });
         }
         validate_incoming(from, &req)?;
         match self.role {
-            RoleState::Leader(_) => return Err(StepError::TwoLeaders { from, term: self.term }),
+            RoleState::Leader(_) => {
+                return Err(StepError::TwoLeaders {
+                    from,
+                    term: self.term,
+                });
+            }
             RoleState::Follower if self.leader_id.is_some_and(|l| l != from) => {
-                return Err(StepError::TwoLeaders { from, term: self.term });
+                return Err(StepError::TwoLeaders {
+                    from,
+                    term: self.term,
+                });
             }
             RoleState::Follower => {
                 self.leader_id = Some(from);
@@ -990,16 +1168,17 @@ impl<C: TypeConfig> Engine<C> {
             _ => self.become_follower(self.term, Some(from)),
         }
         let round = req.round;
-        let respond = |this: &mut Self, success: bool, index: LogIndex, conflict: Option<ConflictHint>| {
-            let msg = Message::AppendEntriesResponse(AppendEntriesResponse {
-                term: this.term,
-                success,
-                index,
-                conflict,
-                round,
-            });
-            this.actions.push(Action::Respond { to: from, msg });
-        };
+        let respond =
+            |this: &mut Self, success: bool, index: LogIndex, conflict: Option<ConflictHint>| {
+                let msg = Message::AppendEntriesResponse(AppendEntriesResponse {
+                    term: this.term,
+                    success,
+                    index,
+                    conflict,
+                    round,
+                });
+                this.actions.push(Action::Respond { to: from, msg });
+            };
         let base = self.log.base();
         if req.prev_log_id.index < base.index {
             // Everything up to our base is committed, so it matches the
@@ -1010,7 +1189,10 @@ impl<C: TypeConfig> Engine<C> {
                 return Ok(());
             }
             if skip > 0 && req.entries[skip - 1].log_id != base {
-                return Err(StepError::ConflictsWithCommitted { from, index: base.index });
+                return Err(StepError::ConflictsWithCommitted {
+                    from,
+                    index: base.index,
+                });
             }
             req.entries.drain(..skip);
             req.prev_log_id = base;
@@ -1019,12 +1201,21 @@ impl<C: TypeConfig> Engine<C> {
         if !self.log.matches(prev) {
             // §5.3 consistency check failed; hint where to resume.
             let conflict = if prev.index > self.log.last_index() {
-                ConflictHint { term: None, index: self.log.last_index().next() }
+                ConflictHint {
+                    term: None,
+                    index: self.log.last_index().next(),
+                }
             } else {
-                ConflictHint { term: self.log.term_at(prev.index), index: self.log.first_index_of_term_at(prev.index) }
+                ConflictHint {
+                    term: self.log.term_at(prev.index),
+                    index: self.log.first_index_of_term_at(prev.index),
+                }
             };
             if prev.index <= self.commit {
-                return Err(StepError::ConflictsWithCommitted { from, index: prev.index });
+                return Err(StepError::ConflictsWithCommitted {
+                    from,
+                    index: prev.index,
+                });
             }
             respond(self, false, prev.index, Some(conflict));
             return Ok(());
@@ -1037,7 +1228,10 @@ impl<C: TypeConfig> Engine<C> {
                 Some(t) if t == e.log_id.term => continue,
                 Some(_) => {
                     if e.log_id.index <= self.commit {
-                        return Err(StepError::ConflictsWithCommitted { from, index: e.log_id.index });
+                        return Err(StepError::ConflictsWithCommitted {
+                            from,
+                            index: e.log_id.index,
+                        });
                     }
                     self.truncate_log(e.log_id.index);
                     new_from = i;
@@ -1080,20 +1274,36 @@ impl<C: TypeConfig> Engine<C> {
 
     fn purge_log(&mut self, upto: LogId) {
         self.log.purge(upto);
-        while self.log_memberships.first().is_some_and(|(id, _)| id.index <= upto.index) {
+        while self
+            .log_memberships
+            .first()
+            .is_some_and(|(id, _)| id.index <= upto.index)
+        {
             self.base_membership = self.log_memberships.remove(0);
         }
     }
 
-    fn on_append_response(&mut self, from: NodeId, resp: AppendEntriesResponse) -> Result<(), StepError> {
+    fn on_append_response(
+        &mut self,
+        from: NodeId,
+        resp: AppendEntriesResponse,
+    ) -> Result<(), StepError> {
         let last = self.log.last_index();
-        let RoleState::Leader(l) = &mut self.role else { return Ok(()) };
-        let Some(p) = l.progress.get_mut(&from) else { return Ok(()) };
+        let RoleState::Leader(l) = &mut self.role else {
+            return Ok(());
+        };
+        let Some(p) = l.progress.get_mut(&from) else {
+            return Ok(());
+        };
         p.recent_active = true;
         p.acked_round = p.acked_round.max(resp.round);
         if resp.success {
             if resp.index > last {
-                return Err(StepError::Malformed { from, kind: "append_resp", reason: "acknowledges past our log" });
+                return Err(StepError::Malformed {
+                    from,
+                    kind: "append_resp",
+                    reason: "acknowledges past our log",
+                });
             }
             let advanced = p.on_match(resp.index);
             if matches!(p.state, ProgressState::Probe { .. }) {
@@ -1111,14 +1321,23 @@ impl<C: TypeConfig> Engine<C> {
             // A real rejection (not a reordered stale one): move back using
             // the follower's hint, skipping a whole term at a time.
             let next = match resp.conflict {
-                Some(ConflictHint { term: Some(t), index }) => {
-                    self.log.last_index_of_term(t, resp.index).map(|i| i.next()).unwrap_or(index)
-                }
+                Some(ConflictHint {
+                    term: Some(t),
+                    index,
+                }) => self
+                    .log
+                    .last_index_of_term(t, resp.index)
+                    .map(|i| i.next())
+                    .unwrap_or(index),
                 Some(ConflictHint { term: None, index }) => index,
                 None => resp.index,
             };
-            let RoleState::Leader(l) = &mut self.role else { return Ok(()) };
-            let Some(p) = l.progress.get_mut(&from) else { return Ok(()) };
+            let RoleState::Leader(l) = &mut self.role else {
+                return Ok(());
+            };
+            let Some(p) = l.progress.get_mut(&from) else {
+                return Ok(());
+            };
             p.become_probe();
             p.next = next.min(resp.index).max(p.matched.next());
         }
@@ -1133,7 +1352,11 @@ impl<C: TypeConfig> Engine<C> {
         let (me, durable) = (self.id, self.durable);
         let l = self.leader();
         let index = quorum::committed_index(&configs, |id| {
-            if id == me { durable } else { l.progress.get(&id).map(|p| p.matched).unwrap_or_default() }
+            if id == me {
+                durable
+            } else {
+                l.progress.get(&id).map(|p| p.matched).unwrap_or_default()
+            }
         });
         if index > self.commit && self.log.term_at(index) == Some(self.term) {
             self.commit = index;
@@ -1151,12 +1374,23 @@ impl<C: TypeConfig> Engine<C> {
         if self.commit <= self.applied {
             return;
         }
-        let entries: Vec<Entry<C>> = self.log.range(self.applied.next(), self.commit).cloned().collect();
+        let entries: Vec<Entry<C>> = self
+            .log
+            .range(self.applied.next(), self.commit)
+            .cloned()
+            .collect();
         self.applied = self.commit;
         self.actions.push(Action::Apply { entries });
-        let since = self.snapshot.as_ref().map(|s| s.last_log_id.index).unwrap_or_default();
+        let since = self
+            .snapshot
+            .as_ref()
+            .map(|s| s.last_log_id.index)
+            .unwrap_or_default();
         let every = self.config.snapshot_every;
-        if every > 0 && !self.building_snapshot && self.applied.0 - since.0.min(self.applied.0) >= every {
+        if every > 0
+            && !self.building_snapshot
+            && self.applied.0 - since.0.min(self.applied.0) >= every
+        {
             self.building_snapshot = true;
             self.actions.push(Action::BuildSnapshot);
         }
@@ -1167,7 +1401,10 @@ impl<C: TypeConfig> Engine<C> {
         let (term, id) = (self.term, self.id);
         let l = self.leader();
         if l.progress.get(&to).is_some_and(|p| p.matched == last) {
-            let msg = Message::TimeoutNow(TimeoutNowRequest { term, leader_id: id });
+            let msg = Message::TimeoutNow(TimeoutNowRequest {
+                term,
+                leader_id: id,
+            });
             self.actions.push(Action::Send { to, msg });
         } else {
             self.send_append(to);
@@ -1180,7 +1417,9 @@ impl<C: TypeConfig> Engine<C> {
         let commit = self.commit;
         let me = self.id;
         let configs = self.membership().configs.clone();
-        let RoleState::Leader(l) = &mut self.role else { return };
+        let RoleState::Leader(l) = &mut self.role else {
+            return;
+        };
         if commit >= l.noop_index {
             for r in l.pending_reads.iter_mut().filter(|r| r.index.is_none()) {
                 r.index = Some(commit);
@@ -1201,7 +1440,11 @@ impl<C: TypeConfig> Engine<C> {
         let mut i = 0;
         while i < ready.len() {
             let index = ready[i].1;
-            let ids: Vec<ReadId> = ready[i..].iter().take_while(|r| r.1 == index).map(|r| r.0).collect();
+            let ids: Vec<ReadId> = ready[i..]
+                .iter()
+                .take_while(|r| r.1 == index)
+                .map(|r| r.0)
+                .collect();
             i += ids.len();
             self.actions.push(Action::ReadReady { ids, index });
         }
@@ -1209,14 +1452,30 @@ impl<C: TypeConfig> Engine<C> {
 
     // ------------------------------------------------------------- snapshots
 
-    fn on_install_snapshot(&mut self, from: NodeId, req: InstallSnapshotRequest<C>) -> Result<(), StepError> {
+    fn on_install_snapshot(
+        &mut self,
+        from: NodeId,
+        req: InstallSnapshotRequest<C>,
+    ) -> Result<(), StepError> {
         if req.leader_id != from {
-            return Err(StepError::Malformed { from, kind: "snapshot", reason: "leader_id differs from sender" });
+            return Err(StepError::Malformed {
+                from,
+                kind: "snapshot",
+                reason: "leader_id differs from sender",
+            });
         }
         match self.role {
-            RoleState::Leader(_) => return Err(StepError::TwoLeaders { from, term: self.term }),
+            RoleState::Leader(_) => {
+                return Err(StepError::TwoLeaders {
+                    from,
+                    term: self.term,
+                });
+            }
             RoleState::Follower if self.leader_id.is_some_and(|l| l != from) => {
-                return Err(StepError::TwoLeaders { from, term: self.term });
+                return Err(StepError::TwoLeaders {
+                    from,
+                    term: self.term,
+                });
             }
             RoleState::Follower => {
                 self.leader_id = Some(from);
@@ -1227,10 +1486,18 @@ impl<C: TypeConfig> Engine<C> {
         }
         let snap = req.meta.last_log_id;
         if snap.term > req.term {
-            return Err(StepError::Malformed { from, kind: "snapshot", reason: "snapshot from a future term" });
+            return Err(StepError::Malformed {
+                from,
+                kind: "snapshot",
+                reason: "snapshot from a future term",
+            });
         }
         let Some(end) = req.offset.checked_add(req.data.len() as u64) else {
-            return Err(StepError::Malformed { from, kind: "snapshot", reason: "offset overflows" });
+            return Err(StepError::Malformed {
+                from,
+                kind: "snapshot",
+                reason: "offset overflows",
+            });
         };
         let (term, snapshot_id) = (self.term, req.meta.id);
         let respond = |this: &mut Self, next_offset: u64, done: bool| {
@@ -1248,7 +1515,10 @@ impl<C: TypeConfig> Engine<C> {
             if let Some(t) = self.log.term_at(snap.index)
                 && t != snap.term
             {
-                return Err(StepError::ConflictsWithCommitted { from, index: snap.index });
+                return Err(StepError::ConflictsWithCommitted {
+                    from,
+                    index: snap.index,
+                });
             }
             self.receiving = None;
             respond(self, end, true);
@@ -1264,7 +1534,11 @@ impl<C: TypeConfig> Engine<C> {
         }
         self.receiving = Some((req.meta.id, end));
         let meta = req.meta.clone();
-        self.actions.push(Action::WriteSnapshotChunk { meta: meta.clone(), offset: req.offset, data: req.data.clone() });
+        self.actions.push(Action::WriteSnapshotChunk {
+            meta: meta.clone(),
+            offset: req.offset,
+            data: req.data.clone(),
+        });
         if !req.done {
             respond(self, end, false);
             return Ok(());
@@ -1273,7 +1547,8 @@ impl<C: TypeConfig> Engine<C> {
         // discard it all.
         info!(node = %self.id, term = %self.term, snapshot = %snap, "installing snapshot");
         self.receiving = None;
-        self.actions.push(Action::InstallSnapshot { meta: meta.clone() });
+        self.actions
+            .push(Action::InstallSnapshot { meta: meta.clone() });
         if !self.log.matches(snap) && !self.log.is_empty() {
             self.truncate_log(self.log.first_index());
         }
@@ -1293,10 +1568,21 @@ impl<C: TypeConfig> Engine<C> {
     fn on_snapshot_response(&mut self, from: NodeId, resp: InstallSnapshotResponse) {
         let (now, term) = (self.now, self.term);
         let snapshot = self.snapshot.clone();
-        let RoleState::Leader(l) = &mut self.role else { return };
-        let Some(p) = l.progress.get_mut(&from) else { return };
+        let RoleState::Leader(l) = &mut self.role else {
+            return;
+        };
+        let Some(p) = l.progress.get_mut(&from) else {
+            return;
+        };
         p.recent_active = true;
-        let ProgressState::Snapshot { snapshot_id, offset, sent_at } = &mut p.state else { return };
+        let ProgressState::Snapshot {
+            snapshot_id,
+            offset,
+            sent_at,
+        } = &mut p.state
+        else {
+            return;
+        };
         if *snapshot_id != resp.snapshot_id {
             return;
         }
@@ -1310,7 +1596,12 @@ impl<C: TypeConfig> Engine<C> {
             Some(meta) => {
                 *offset = resp.next_offset;
                 *sent_at = Some(now);
-                self.actions.push(Action::SendSnapshotChunk { to: from, term, meta, offset: resp.next_offset });
+                self.actions.push(Action::SendSnapshotChunk {
+                    to: from,
+                    term,
+                    meta,
+                    offset: resp.next_offset,
+                });
                 return;
             }
             None => p.become_probe(),
@@ -1331,15 +1622,20 @@ impl<C: TypeConfig> Engine<C> {
                 conflict: None,
                 round: req.round,
             }),
-            Message::InstallSnapshot(req) => Message::InstallSnapshotResponse(InstallSnapshotResponse {
-                term,
-                snapshot_id: req.meta.id,
-                next_offset: 0,
-                done: false,
-            }),
+            Message::InstallSnapshot(req) => {
+                Message::InstallSnapshotResponse(InstallSnapshotResponse {
+                    term,
+                    snapshot_id: req.meta.id,
+                    next_offset: 0,
+                    done: false,
+                })
+            }
             _ => return,
         };
-        self.actions.push(Action::Respond { to: from, msg: resp });
+        self.actions.push(Action::Respond {
+            to: from,
+            msg: resp,
+        });
     }
 
     fn leader(&self) -> &LeaderState {
@@ -1366,8 +1662,17 @@ enum CampaignKind {
 
 /// Checks an incoming AppendEntries for internal consistency before any of
 /// it touches the log.
-fn validate_incoming<C: TypeConfig>(from: NodeId, req: &AppendEntriesRequest<C>) -> Result<(), StepError> {
-    let malformed = |reason| Err(StepError::Malformed { from, kind: "append", reason });
+fn validate_incoming<C: TypeConfig>(
+    from: NodeId,
+    req: &AppendEntriesRequest<C>,
+) -> Result<(), StepError> {
+    let malformed = |reason| {
+        Err(StepError::Malformed {
+            from,
+            kind: "append",
+            reason,
+        })
+    };
     if req.prev_log_id.term > req.term {
         return malformed("prev_log_id from a future term");
     }
@@ -1384,17 +1689,31 @@ fn validate_incoming<C: TypeConfig>(from: NodeId, req: &AppendEntriesRequest<C>)
     Ok(())
 }
 
-fn validate_entries<C: TypeConfig>(base: LogId, entries: &[Entry<C>], saved: Term) -> Result<(), RecoveryError> {
+fn validate_entries<C: TypeConfig>(
+    base: LogId,
+    entries: &[Entry<C>],
+    saved: Term,
+) -> Result<(), RecoveryError> {
     let mut prev = base;
     for e in entries {
         if e.log_id.index != prev.index.next() {
-            return Err(RecoveryError::Gap { index: e.log_id.index, expected: prev.index.next() });
+            return Err(RecoveryError::Gap {
+                index: e.log_id.index,
+                expected: prev.index.next(),
+            });
         }
         if e.log_id.term < prev.term {
-            return Err(RecoveryError::TermRegression { index: e.log_id.index, term: e.log_id.term });
+            return Err(RecoveryError::TermRegression {
+                index: e.log_id.index,
+                term: e.log_id.term,
+            });
         }
         if e.log_id.term > saved {
-            return Err(RecoveryError::TermFromFuture { index: e.log_id.index, term: e.log_id.term, saved });
+            return Err(RecoveryError::TermFromFuture {
+                index: e.log_id.index,
+                term: e.log_id.term,
+                saved,
+            });
         }
         prev = e.log_id;
     }

@@ -26,7 +26,10 @@ pub fn quorum_impossible(configs: &[BTreeSet<NodeId>], no: impl Fn(NodeId) -> bo
 
 /// The largest index that a majority of every configuration has reached, given
 /// each voter's match index (quorum/majority.go in etcd-io/raft).
-pub fn committed_index(configs: &[BTreeSet<NodeId>], matched: impl Fn(NodeId) -> LogIndex) -> LogIndex {
+pub fn committed_index(
+    configs: &[BTreeSet<NodeId>],
+    matched: impl Fn(NodeId) -> LogIndex,
+) -> LogIndex {
     configs
         .iter()
         .map(|c| {
@@ -60,7 +63,10 @@ mod tests {
     #[test]
     fn joint_configuration_needs_both_majorities() {
         let c = [set(&[1, 2, 3]), set(&[3, 4, 5])];
-        assert!(!has_quorum(&c, |id| id.0 <= 3), "old majority alone is not enough");
+        assert!(
+            !has_quorum(&c, |id| id.0 <= 3),
+            "old majority alone is not enough"
+        );
         assert!(has_quorum(&c, |id| [1, 2, 4, 5].contains(&id.0)));
     }
 
@@ -68,7 +74,10 @@ mod tests {
     fn committed_index_is_the_median_and_min_across_joint() {
         let m = |id: NodeId| LogIndex([0, 10, 7, 3, 9, 1][id.0 as usize]);
         assert_eq!(committed_index(&[set(&[1, 2, 3])], m), LogIndex(7));
-        assert_eq!(committed_index(&[set(&[1, 2, 3]), set(&[3, 4, 5])], m), LogIndex(3));
+        assert_eq!(
+            committed_index(&[set(&[1, 2, 3]), set(&[3, 4, 5])], m),
+            LogIndex(3)
+        );
         assert_eq!(committed_index(&[set(&[1, 2, 3, 4])], m), LogIndex(7));
     }
 

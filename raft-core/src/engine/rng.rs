@@ -19,7 +19,11 @@ impl Rng {
 
     /// Uniform in `[lo, hi)`; `lo` when the range is empty.
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        if hi <= lo { lo } else { lo + self.next_u64() % (hi - lo) }
+        if hi <= lo {
+            lo
+        } else {
+            lo + self.next_u64() % (hi - lo)
+        }
     }
 
     /// True with probability `p` (0.0..=1.0).

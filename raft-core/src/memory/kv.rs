@@ -23,7 +23,9 @@ impl TypeConfig for KvConfig {
             KvCommand::Put { key, value } => key.len() + value.len(),
             KvCommand::Delete { key } => key.len(),
             KvCommand::Cas { key, expected, new } => {
-                key.len() + expected.as_ref().map_or(0, String::len) + new.as_ref().map_or(0, String::len)
+                key.len()
+                    + expected.as_ref().map_or(0, String::len)
+                    + new.as_ref().map_or(0, String::len)
             }
         }
     }
@@ -31,17 +33,28 @@ impl TypeConfig for KvConfig {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvCommand {
-    Put { key: String, value: String },
-    Delete { key: String },
+    Put {
+        key: String,
+        value: String,
+    },
+    Delete {
+        key: String,
+    },
     /// Compare-and-set: `expected: None` means the key must be absent;
     /// `new: None` deletes it.
-    Cas { key: String, expected: Option<String>, new: Option<String> },
+    Cas {
+        key: String,
+        expected: Option<String>,
+        new: Option<String>,
+    },
 }
 
 impl KvCommand {
     pub fn key(&self) -> &str {
         match self {
-            KvCommand::Put { key, .. } | KvCommand::Delete { key } | KvCommand::Cas { key, .. } => key,
+            KvCommand::Put { key, .. } | KvCommand::Delete { key } | KvCommand::Cas { key, .. } => {
+                key
+            }
         }
     }
 }
@@ -54,7 +67,10 @@ pub enum KvResponse {
     Put,
     Deleted(bool),
     /// Whether the swap happened, and the key's value after the operation.
-    Cas { succeeded: bool, current: Option<String> },
+    Cas {
+        succeeded: bool,
+        current: Option<String>,
+    },
 }
 
 /// The key-value data plus what every state machine must track: the last
@@ -94,9 +110,15 @@ impl KvStore {
                         Some(v) => self.data.insert(key.clone(), v.clone()),
                         None => self.data.remove(key),
                     };
-                    KvResponse::Cas { succeeded: true, current: new.clone() }
+                    KvResponse::Cas {
+                        succeeded: true,
+                        current: new.clone(),
+                    }
                 } else {
-                    KvResponse::Cas { succeeded: false, current }
+                    KvResponse::Cas {
+                        succeeded: false,
+                        current,
+                    }
                 }
             }
         }

@@ -11,7 +11,10 @@ pub enum OpKind {
     Put(String),
     Delete,
     Get,
-    Cas { expected: Option<String>, new: Option<String> },
+    Cas {
+        expected: Option<String>,
+        new: Option<String>,
+    },
 }
 
 /// What the system answered.
@@ -20,7 +23,10 @@ pub enum OpOutput {
     Put,
     Deleted(bool),
     Get(Option<String>),
-    Cas { succeeded: bool, current: Option<String> },
+    Cas {
+        succeeded: bool,
+        current: Option<String>,
+    },
 }
 
 /// One client operation. `output: None` means the outcome is unknown (it
@@ -44,9 +50,21 @@ fn step(state: &Option<String>, kind: &OpKind) -> (Option<String>, OpOutput) {
         OpKind::Get => (state.clone(), OpOutput::Get(state.clone())),
         OpKind::Cas { expected, new } => {
             if state == expected {
-                (new.clone(), OpOutput::Cas { succeeded: true, current: new.clone() })
+                (
+                    new.clone(),
+                    OpOutput::Cas {
+                        succeeded: true,
+                        current: new.clone(),
+                    },
+                )
             } else {
-                (state.clone(), OpOutput::Cas { succeeded: false, current: state.clone() })
+                (
+                    state.clone(),
+                    OpOutput::Cas {
+                        succeeded: false,
+                        current: state.clone(),
+                    },
+                )
             }
         }
     }
@@ -89,11 +107,20 @@ fn prune_unobserved(ops: Vec<&Operation>) -> Vec<&Operation> {
     }
     let mut observed: HashSet<&str> = HashSet::new();
     for o in &ops {
-        if let OpKind::Cas { expected: Some(v), .. } = &o.kind {
+        if let OpKind::Cas {
+            expected: Some(v), ..
+        } = &o.kind
+        {
             observed.insert(v);
         }
         match &o.complete {
-            Some((_, OpOutput::Get(Some(v)))) | Some((_, OpOutput::Cas { current: Some(v), .. })) => {
+            Some((_, OpOutput::Get(Some(v))))
+            | Some((
+                _,
+                OpOutput::Cas {
+                    current: Some(v), ..
+                },
+            )) => {
                 observed.insert(v);
             }
             _ => {}
@@ -105,7 +132,9 @@ fn prune_unobserved(ops: Vec<&Operation>) -> Vec<&Operation> {
         _ => None,
     };
     ops.into_iter()
-        .filter(|o| o.complete.is_some() || written(o).is_none_or(|v| observed.contains(v.as_str())))
+        .filter(|o| {
+            o.complete.is_some() || written(o).is_none_or(|v| observed.contains(v.as_str()))
+        })
         .collect()
 }
 
@@ -158,7 +187,11 @@ fn check_key(key: &str, ops: &[&Operation], budget: usize) -> Result<(), Violati
             }
         }
     }
-    Err(Violation { key: key.to_string(), ops: n, detail: describe(ops) })
+    Err(Violation {
+        key: key.to_string(),
+        ops: n,
+        detail: describe(ops),
+    })
 }
 
 fn describe(ops: &[&Operation]) -> String {
@@ -178,7 +211,12 @@ mod tests {
     use super::*;
 
     fn op(kind: OpKind, invoke: u64, complete: Option<(u64, OpOutput)>) -> Operation {
-        Operation { key: "k".into(), kind, invoke, complete }
+        Operation {
+            key: "k".into(),
+            kind,
+            invoke,
+            complete,
+        }
     }
 
     #[test]
@@ -217,7 +255,10 @@ mod tests {
             op(OpKind::Get, 5, Some((6, OpOutput::Get(Some("a".into()))))),
         ];
         assert!(check(&took_effect, 10_000).is_ok());
-        let did_not = vec![op(OpKind::Put("a".into()), 0, None), op(OpKind::Get, 5, Some((6, OpOutput::Get(None))))];
+        let did_not = vec![
+            op(OpKind::Put("a".into()), 0, None),
+            op(OpKind::Get, 5, Some((6, OpOutput::Get(None)))),
+        ];
         assert!(check(&did_not, 10_000).is_ok());
     }
 
@@ -237,16 +278,37 @@ mod tests {
         let h = vec![
             op(OpKind::Put("a".into()), 0, Some((1, OpOutput::Put))),
             op(
-                OpKind::Cas { expected: Some("a".into()), new: Some("b".into()) },
+                OpKind::Cas {
+                    expected: Some("a".into()),
+                    new: Some("b".into()),
+                },
                 2,
-                Some((3, OpOutput::Cas { succeeded: true, current: Some("b".into()) })),
+                Some((
+                    3,
+                    OpOutput::Cas {
+                        succeeded: true,
+                        current: Some("b".into()),
+                    },
+                )),
             ),
             op(
-                OpKind::Cas { expected: Some("a".into()), new: Some("c".into()) },
+                OpKind::Cas {
+                    expected: Some("a".into()),
+                    new: Some("c".into()),
+                },
                 4,
-                Some((5, OpOutput::Cas { succeeded: true, current: Some("c".into()) })),
+                Some((
+                    5,
+                    OpOutput::Cas {
+                        succeeded: true,
+                        current: Some("c".into()),
+                    },
+                )),
             ),
         ];
-        assert!(check(&h, 10_000).is_err(), "two CAS from the same value cannot both succeed in sequence");
+        assert!(
+            check(&h, 10_000).is_err(),
+            "two CAS from the same value cannot both succeed in sequence"
+        );
     }
 }

@@ -54,7 +54,13 @@ pub struct NetOptions {
 
 impl Default for NetOptions {
     fn default() -> Self {
-        NetOptions { min_delay_ms: 1, max_delay_ms: 5, request_loss: 0.0, response_loss: 0.0, duplicate: 0.0 }
+        NetOptions {
+            min_delay_ms: 1,
+            max_delay_ms: 5,
+            request_loss: 0.0,
+            response_loss: 0.0,
+            duplicate: 0.0,
+        }
     }
 }
 
@@ -84,7 +90,10 @@ impl SimOptions {
         SimOptions {
             nodes,
             seed,
-            config: Config { snapshot_every: 0, ..Config::default() },
+            config: Config {
+                snapshot_every: 0,
+                ..Config::default()
+            },
             net: NetOptions::default(),
             disk_latency_ms: (0, 1),
             storage_error_rate: 0.0,
@@ -135,9 +144,16 @@ struct Node {
 
 #[derive(Debug)]
 enum EventKind {
-    Deliver { from: NodeId, to: NodeId, msg: Message<C> },
+    Deliver {
+        from: NodeId,
+        to: NodeId,
+        msg: Message<C>,
+    },
     Tick,
-    StorageDone { node: usize, epoch: u64 },
+    StorageDone {
+        node: usize,
+        epoch: u64,
+    },
 }
 
 /// A client operation in the history, with its current outcome.
@@ -210,8 +226,11 @@ impl Sim {
     /// same membership.
     pub fn new(opts: SimOptions) -> Sim {
         let mut sim = Sim::uninitialized(opts);
-        let members: BTreeMap<NodeId, String> =
-            sim.nodes.iter().map(|n| (n.id, format!("node-{}", n.id))).collect();
+        let members: BTreeMap<NodeId, String> = sim
+            .nodes
+            .iter()
+            .map(|n| (n.id, format!("node-{}", n.id)))
+            .collect();
         for i in 0..sim.nodes.len() {
             let m = Membership::new_voters(members.clone());
             if let Some(e) = sim.nodes[i].engine.as_mut() {
@@ -222,7 +241,9 @@ impl Sim {
         }
         // Bootstrap completes (as `Raft::initialize` does) once the first
         // configuration is durable everywhere.
-        sim.run_until(1_000, |s| s.nodes.iter().all(|n| !n.disk.entries.is_empty()));
+        sim.run_until(1_000, |s| {
+            s.nodes.iter().all(|n| !n.disk.entries.is_empty())
+        });
         sim
     }
 
@@ -232,8 +253,14 @@ impl Sim {
         let nodes = (0..opts.nodes)
             .map(|i| {
                 let id = NodeId(i as u64 + 1);
-                let engine = Engine::new(id, opts.config.clone(), rng.next_u64(), 0, RecoveredState::default())
-                    .expect("empty state recovers");
+                let engine = Engine::new(
+                    id,
+                    opts.config.clone(),
+                    rng.next_u64(),
+                    0,
+                    RecoveredState::default(),
+                )
+                .expect("empty state recovers");
                 Node {
                     id,
                     engine: Some(engine),
@@ -302,16 +329,28 @@ impl Sim {
     pub fn leaders(&self) -> Vec<(NodeId, Term)> {
         self.nodes
             .iter()
-            .filter_map(|n| n.engine.as_ref().filter(|e| e.is_leader()).map(|e| (n.id, e.term())))
+            .filter_map(|n| {
+                n.engine
+                    .as_ref()
+                    .filter(|e| e.is_leader())
+                    .map(|e| (n.id, e.term()))
+            })
             .collect()
     }
     /// The leader of the highest term among live nodes, if one leads.
     pub fn leader(&self) -> Option<NodeId> {
-        self.leaders().into_iter().max_by_key(|(_, t)| *t).map(|(id, _)| id)
+        self.leaders()
+            .into_iter()
+            .max_by_key(|(_, t)| *t)
+            .map(|(id, _)| id)
     }
     /// The highest commit index any node has reached.
     pub fn max_commit(&self) -> LogIndex {
-        self.committed.keys().next_back().copied().unwrap_or_default()
+        self.committed
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or_default()
     }
     /// The entry id committed at `index`, as observed.
     pub fn committed_at(&self, index: LogIndex) -> Option<LogId> {
@@ -420,7 +459,8 @@ impl Sim {
         n.failed = false;
         let (snapshot, sm) = match &n.disk.snapshot {
             Some((meta, data)) => {
-                let sm = KvStore::decode(data).unwrap_or_else(|e| panic!("snapshot of node {id} undecodable: {e}"));
+                let sm = KvStore::decode(data)
+                    .unwrap_or_else(|e| panic!("snapshot of node {id} undecodable: {e}"));
                 (Some(meta.clone()), sm)
             }
             None => (None, KvStore::default()),
@@ -459,7 +499,12 @@ impl Sim {
         self.keys = (0..keys).map(|k| format!("k{k}")).collect();
         while self.clients.len() < n {
             let target = self.rng.range(0, self.nodes.len() as u64) as usize;
-            self.clients.push(Client { target, current: None, next_at: self.now, seq: 0 });
+            self.clients.push(Client {
+                target,
+                current: None,
+                next_at: self.now,
+                seq: 0,
+            });
         }
         self.clients_running = true;
     }
@@ -478,8 +523,16 @@ impl Sim {
     pub fn propose_put_on(&mut self, id: NodeId, key: &str, value: &str) -> Option<usize> {
         let i = self.idx(id);
         self.nodes[i].engine.as_ref()?;
-        let op = self.new_op(usize::MAX, i, key.to_string(), OpKind::Put(value.to_string()));
-        let cmd = KvCommand::Put { key: key.to_string(), value: value.to_string() };
+        let op = self.new_op(
+            usize::MAX,
+            i,
+            key.to_string(),
+            OpKind::Put(value.to_string()),
+        );
+        let cmd = KvCommand::Put {
+            key: key.to_string(),
+            value: value.to_string(),
+        };
         self.nodes[i].inbox.push_back(Input::Propose { op, cmd });
         self.process(i);
         Some(op)
@@ -514,14 +567,22 @@ impl Sim {
     }
 
     fn new_op(&mut self, client: usize, node: usize, key: String, kind: OpKind) -> usize {
-        self.ops.push(OpRecord { client, node, key, kind, invoke: self.now, state: OpState::Pending });
+        self.ops.push(OpRecord {
+            client,
+            node,
+            key,
+            kind,
+            invoke: self.now,
+            state: OpState::Pending,
+        });
         self.ops.len() - 1
     }
 
     fn finish_op(&mut self, op: usize, state: OpState) {
         let rec = &mut self.ops[op];
         let upgrade = matches!(rec.state, OpState::Pending)
-            || (matches!(rec.state, OpState::Unknown) && matches!(state, OpState::Ok(..) | OpState::Failed));
+            || (matches!(rec.state, OpState::Unknown)
+                && matches!(state, OpState::Ok(..) | OpState::Failed));
         if !upgrade {
             return;
         }
@@ -563,15 +624,36 @@ impl Sim {
             let value = format!("c{c}-{}", self.clients[c].seq);
             let roll = self.rng.range(0, 10);
             let (kind, input) = match roll {
-                0..=3 => (OpKind::Put(value.clone()), Some(KvCommand::Put { key: key.clone(), value })),
+                0..=3 => (
+                    OpKind::Put(value.clone()),
+                    Some(KvCommand::Put {
+                        key: key.clone(),
+                        value,
+                    }),
+                ),
                 4..=6 => (OpKind::Get, None),
                 _ => {
                     // CAS from the value this client last saw, or from absent.
-                    let expected = if self.rng.chance(0.3) { None } else { self.last_value(&key) };
-                    let new = if self.rng.chance(0.1) { None } else { Some(value) };
+                    let expected = if self.rng.chance(0.3) {
+                        None
+                    } else {
+                        self.last_value(&key)
+                    };
+                    let new = if self.rng.chance(0.1) {
+                        None
+                    } else {
+                        Some(value)
+                    };
                     (
-                        OpKind::Cas { expected: expected.clone(), new: new.clone() },
-                        Some(KvCommand::Cas { key: key.clone(), expected, new }),
+                        OpKind::Cas {
+                            expected: expected.clone(),
+                            new: new.clone(),
+                        },
+                        Some(KvCommand::Cas {
+                            key: key.clone(),
+                            expected,
+                            new,
+                        }),
                     )
                 }
             };
@@ -593,11 +675,15 @@ impl Sim {
     }
 
     fn last_value(&self, key: &str) -> Option<String> {
-        self.ops.iter().rev().filter(|o| o.key == key).find_map(|o| match &o.state {
-            OpState::Ok(_, OpOutput::Get(v)) => v.clone(),
-            OpState::Ok(_, OpOutput::Cas { current, .. }) => current.clone(),
-            _ => None,
-        })
+        self.ops
+            .iter()
+            .rev()
+            .filter(|o| o.key == key)
+            .find_map(|o| match &o.state {
+                OpState::Ok(_, OpOutput::Get(v)) => v.clone(),
+                OpState::Ok(_, OpOutput::Cas { current, .. }) => current.clone(),
+                _ => None,
+            })
     }
 
     fn redirect(&mut self, op: usize, hint: Option<NodeId>) {
@@ -622,7 +708,12 @@ impl Sim {
                     OpState::Unknown | OpState::Pending => None,
                     OpState::Failed => return None,
                 };
-                Some(Operation { key: o.key.clone(), kind: o.kind.clone(), invoke: o.invoke, complete })
+                Some(Operation {
+                    key: o.key.clone(),
+                    kind: o.kind.clone(),
+                    invoke: o.invoke,
+                    complete,
+                })
             })
             .collect()
     }
@@ -630,7 +721,10 @@ impl Sim {
     /// Checks the recorded history for linearizability; panics with the seed.
     pub fn check_linearizable(&self) {
         if let Err(v) = linearizability::check(&self.history(), 2_000_000) {
-            self.fail(format!("history of key {} ({} ops) is not linearizable: {}", v.key, v.ops, v.detail));
+            self.fail(format!(
+                "history of key {} ({} ops) is not linearizable: {}",
+                v.key, v.ops, v.detail
+            ));
         }
     }
 
@@ -715,19 +809,26 @@ impl Sim {
         if le.commit_index() != last.index || le.log().term_at(last.index) != Some(le.term()) {
             return false;
         }
-        self.nodes.iter().filter_map(|n| n.engine.as_ref().map(|e| (n, e))).all(|(n, e)| {
-            e.term() == le.term()
-                && e.last_log_id() == last
-                && e.commit_index() == last.index
-                && n.sm.last_applied.index == last.index
-                && n.actions.is_empty()
-        })
+        self.nodes
+            .iter()
+            .filter_map(|n| n.engine.as_ref().map(|e| (n, e)))
+            .all(|(n, e)| {
+                e.term() == le.term()
+                    && e.last_log_id() == last
+                    && e.commit_index() == last.index
+                    && n.sm.last_applied.index == last.index
+                    && n.actions.is_empty()
+            })
     }
 
     fn step_event(&mut self) {
-        let Some(Reverse((at, seq))) = self.queue.pop() else { return };
+        let Some(Reverse((at, seq))) = self.queue.pop() else {
+            return;
+        };
         self.now = at;
-        let Some(ev) = self.events.remove(&seq) else { return };
+        let Some(ev) = self.events.remove(&seq) else {
+            return;
+        };
         match ev {
             EventKind::Tick => {
                 for i in 0..self.nodes.len() {
@@ -771,7 +872,9 @@ impl Sim {
                 self.execute(i, action);
                 continue;
             }
-            let Some(input) = self.nodes[i].inbox.pop_front() else { return };
+            let Some(input) = self.nodes[i].inbox.pop_front() else {
+                return;
+            };
             self.feed(i, input);
         }
     }
@@ -790,12 +893,16 @@ impl Sim {
                 }
                 if let Err(e) = engine.step(from, msg) {
                     let id = self.nodes[i].id;
-                    self.fail(format!("node {id} refused a message from an honest peer: {e}"));
+                    self.fail(format!(
+                        "node {id} refused a message from an honest peer: {e}"
+                    ));
                 }
             }
             Input::Propose { op, cmd } => match engine.propose(cmd) {
                 Ok(log_id) => {
-                    self.nodes[i].pending_writes.insert(log_id.index, (log_id, op));
+                    self.nodes[i]
+                        .pending_writes
+                        .insert(log_id.index, (log_id, op));
                 }
                 Err(ProposeError::NotLeader(nl)) => {
                     self.finish_op(op, OpState::Failed);
@@ -840,12 +947,13 @@ impl Sim {
                 if let Message::VoteResponse(v) = &msg
                     && v.granted
                     && !v.pre_vote
+                    && let Some(prev) = self.votes.insert((id, v.term), to)
+                    && prev != to
                 {
-                    if let Some(prev) = self.votes.insert((id, v.term), to)
-                        && prev != to
-                    {
-                        self.fail(format!("node {id} voted for both {prev} and {to} in term {}", v.term));
-                    }
+                    self.fail(format!(
+                        "node {id} voted for both {prev} and {to} in term {}",
+                        v.term
+                    ));
                 }
                 self.send(id, to, msg)
             }
@@ -862,7 +970,12 @@ impl Sim {
                     self.redirect(op as usize, leader_id);
                 }
             }
-            Action::SendSnapshotChunk { to, term, meta, offset } => {
+            Action::SendSnapshotChunk {
+                to,
+                term,
+                meta,
+                offset,
+            } => {
                 let chunk = self.opts.config.snapshot_chunk_bytes as u64;
                 if let Some((m, data)) = &self.nodes[i].disk.snapshot
                     && m.id == meta.id
@@ -888,7 +1001,9 @@ impl Sim {
                 }
                 if offset as usize != st.len() {
                     let have = st.len();
-                    self.fail(format!("node {id} asked to write snapshot chunk at {offset} after {have}"));
+                    self.fail(format!(
+                        "node {id} asked to write snapshot chunk at {offset} after {have}"
+                    ));
                 }
                 st.extend_from_slice(&data);
             }
@@ -912,7 +1027,9 @@ impl Sim {
     fn complete_storage(&mut self, i: usize) {
         let id = self.nodes[i].id;
         self.nodes[i].busy = false;
-        let Some(action) = self.nodes[i].actions.pop_front() else { return };
+        let Some(action) = self.nodes[i].actions.pop_front() else {
+            return;
+        };
         if self.opts.storage_error_rate > 0.0 && self.rng.chance(self.opts.storage_error_rate) {
             // The driver stops the node on a storage error (fail-stop).
             self.crash(id);
@@ -924,17 +1041,32 @@ impl Sim {
             Action::SaveHardState(hs) => {
                 let old = n.disk.hard_state;
                 if hs.term < old.term
-                    || (hs.term == old.term && old.voted_for.is_some() && hs.voted_for != old.voted_for)
+                    || (hs.term == old.term
+                        && old.voted_for.is_some()
+                        && hs.voted_for != old.voted_for)
                 {
-                    self.fail(format!("node {id} overwrote hard state {old:?} with {hs:?}"));
+                    self.fail(format!(
+                        "node {id} overwrote hard state {old:?} with {hs:?}"
+                    ));
                 }
                 n.disk.hard_state = hs;
             }
             Action::AppendLog { entries } => {
-                let Some(last) = entries.last().map(|e| e.log_id) else { return };
-                let expect = n.disk.entries.last().map(|e| e.log_id.index).unwrap_or(n.disk.base.index).next();
+                let Some(last) = entries.last().map(|e| e.log_id) else {
+                    return;
+                };
+                let expect = n
+                    .disk
+                    .entries
+                    .last()
+                    .map(|e| e.log_id.index)
+                    .unwrap_or(n.disk.base.index)
+                    .next();
                 if entries[0].log_id.index != expect {
-                    self.fail(format!("node {id} appends at {} but its disk log continues at {expect}", entries[0].log_id.index));
+                    self.fail(format!(
+                        "node {id} appends at {} but its disk log continues at {expect}",
+                        entries[0].log_id.index
+                    ));
                 }
                 n.disk.entries.extend(entries);
                 if let Some(e) = n.engine.as_mut() {
@@ -947,7 +1079,8 @@ impl Sim {
                 n.disk.entries.truncate(keep);
             }
             Action::PurgeLog { upto } => {
-                let drop = (upto.index.0.saturating_sub(n.disk.base.index.0) as usize).min(n.disk.entries.len());
+                let drop = (upto.index.0.saturating_sub(n.disk.base.index.0) as usize)
+                    .min(n.disk.entries.len());
                 n.disk.entries.drain(..drop);
                 if upto.index > n.disk.base.index {
                     n.disk.base = upto;
@@ -969,21 +1102,31 @@ impl Sim {
             }
             Action::InstallSnapshot { meta } => {
                 let data = std::mem::take(&mut n.staging);
-                let sm = KvStore::decode(&data)
-                    .unwrap_or_else(|e| panic!("node {id}: received snapshot does not decode: {e}"));
+                let sm = KvStore::decode(&data).unwrap_or_else(|e| {
+                    panic!("node {id}: received snapshot does not decode: {e}")
+                });
                 if sm.last_applied != meta.last_log_id {
-                    self.fail(format!("node {id}: snapshot data is at {} but meta says {}", sm.last_applied, meta.last_log_id));
+                    self.fail(format!(
+                        "node {id}: snapshot data is at {} but meta says {}",
+                        sm.last_applied, meta.last_log_id
+                    ));
                 }
                 if sm.last_applied.index < self.nodes[i].applied_seen {
-                    self.fail(format!("node {id}: installing a snapshot moved applied backwards"));
+                    self.fail(format!(
+                        "node {id}: installing a snapshot moved applied backwards"
+                    ));
                 }
                 let n = &mut self.nodes[i];
                 n.sm = sm;
                 n.disk.snapshot = Some((meta.clone(), data));
                 n.applied_seen = meta.last_log_id.index;
-                let lost: Vec<usize> =
-                    n.pending_writes.range(..=meta.last_log_id.index).map(|(_, (_, op))| *op).collect();
-                n.pending_writes.retain(|idx, _| *idx > meta.last_log_id.index);
+                let lost: Vec<usize> = n
+                    .pending_writes
+                    .range(..=meta.last_log_id.index)
+                    .map(|(_, (_, op))| *op)
+                    .collect();
+                n.pending_writes
+                    .retain(|idx, _| *idx > meta.last_log_id.index);
                 self.stats.snapshots_installed += 1;
                 for op in lost {
                     self.finish_op(op, OpState::Unknown);
@@ -1006,10 +1149,21 @@ impl Sim {
             self.stats.messages_dropped += 1;
             return;
         }
-        let copies = if net.duplicate > 0.0 && self.rng.chance(net.duplicate) { 2 } else { 1 };
+        let copies = if net.duplicate > 0.0 && self.rng.chance(net.duplicate) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
             let delay = self.rng.range(net.min_delay_ms, net.max_delay_ms + 1);
-            self.schedule(delay, EventKind::Deliver { from, to, msg: msg.clone() });
+            self.schedule(
+                delay,
+                EventKind::Deliver {
+                    from,
+                    to,
+                    msg: msg.clone(),
+                },
+            );
         }
     }
 
@@ -1022,9 +1176,10 @@ impl Sim {
                 self.fail(format!("node {id} applies {idx} after {prev}"));
             }
             match self.committed.get(&idx) {
-                Some(c) if *c != e.log_id => {
-                    self.fail(format!("node {id} applies {} at index {idx} where {c} was committed", e.log_id))
-                }
+                Some(c) if *c != e.log_id => self.fail(format!(
+                    "node {id} applies {} at index {idx} where {c} was committed",
+                    e.log_id
+                )),
                 Some(_) => {}
                 None => {
                     self.committed.insert(idx, e.log_id);
@@ -1037,7 +1192,9 @@ impl Sim {
                     let out = match resp {
                         KvResponse::Put => OpOutput::Put,
                         KvResponse::Deleted(d) => OpOutput::Deleted(d),
-                        KvResponse::Cas { succeeded, current } => OpOutput::Cas { succeeded, current },
+                        KvResponse::Cas { succeeded, current } => {
+                            OpOutput::Cas { succeeded, current }
+                        }
                         KvResponse::None => OpOutput::Put,
                     };
                     self.finish_op(op, OpState::Ok(self.now, out));
@@ -1052,8 +1209,9 @@ impl Sim {
 
     fn serve_reads(&mut self, i: usize) {
         let applied = self.nodes[i].sm.last_applied.index;
-        let (ready, waiting): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.nodes[i].waiting_reads).into_iter().partition(|(idx, _)| *idx <= applied);
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.nodes[i].waiting_reads)
+            .into_iter()
+            .partition(|(idx, _)| *idx <= applied);
         self.nodes[i].waiting_reads = waiting;
         for (_, op) in ready {
             let v = self.nodes[i].sm.get(&self.ops[op].key).cloned();
@@ -1069,10 +1227,16 @@ impl Sim {
         let (term, commit, is_leader) = (e.term(), e.commit_index(), e.is_leader());
         let n = &self.nodes[i];
         if term < n.term_seen {
-            self.fail(format!("node {id} term went back from {} to {term}", n.term_seen));
+            self.fail(format!(
+                "node {id} term went back from {} to {term}",
+                n.term_seen
+            ));
         }
         if commit < n.commit_seen {
-            self.fail(format!("node {id} commit went back from {} to {commit}", n.commit_seen));
+            self.fail(format!(
+                "node {id} commit went back from {} to {commit}",
+                n.commit_seen
+            ));
         }
         // Committed entries never change.
         let base = e.log().base().index;
@@ -1085,9 +1249,9 @@ impl Sim {
                 self.fail(format!("node {id} committed {idx} beyond its log"));
             };
             match self.committed.get(&idx) {
-                Some(c) if *c != log_id => {
-                    self.fail(format!("node {id} committed {log_id} at {idx}, but {c} was committed there"))
-                }
+                Some(c) if *c != log_id => self.fail(format!(
+                    "node {id} committed {log_id} at {idx}, but {c} was committed there"
+                )),
                 Some(_) => {}
                 None => {
                     self.committed.insert(idx, log_id);
@@ -1105,7 +1269,9 @@ impl Sim {
             // Leader Completeness.
             for (idx, c) in self.committed.range(base.next()..) {
                 if e.log().term_at(*idx) != Some(c.term) {
-                    self.fail(format!("leader {id} of term {term} lacks committed entry {c}"));
+                    self.fail(format!(
+                        "leader {id} of term {term} lacks committed entry {c}"
+                    ));
                 }
             }
         }
@@ -1120,7 +1286,10 @@ impl Sim {
     fn check_entries(&mut self, i: usize, entries: &[Entry<C>]) {
         let e = self.nodes[i].engine.as_ref().expect("live node");
         for entry in entries {
-            let prev_term = e.log().term_at(entry.log_id.index.prev()).unwrap_or_default();
+            let prev_term = e
+                .log()
+                .term_at(entry.log_id.index.prev())
+                .unwrap_or_default();
             let mut h = DefaultHasher::new();
             format!("{:?}", entry.payload).hash(&mut h);
             let fp = (prev_term, h.finish());
@@ -1143,7 +1312,10 @@ impl Sim {
             if let Some(other) = seen.insert(n.sm.last_applied, &n.sm.data)
                 && other != &n.sm.data
             {
-                self.fail(format!("two nodes applied up to {} but hold different data", n.sm.last_applied));
+                self.fail(format!(
+                    "two nodes applied up to {} but hold different data",
+                    n.sm.last_applied
+                ));
             }
         }
     }
@@ -1178,14 +1350,19 @@ impl Sim {
 
     /// Operations that completed successfully.
     pub fn acknowledged(&self) -> usize {
-        self.ops.iter().filter(|o| matches!(o.state, OpState::Ok(..))).count()
+        self.ops
+            .iter()
+            .filter(|o| matches!(o.state, OpState::Ok(..)))
+            .count()
     }
 
     /// Every acknowledged put whose value is the latest acknowledged write of
     /// its key must be what a linearizable read returns now; the caller
     /// should have converged first. Returns how many keys were checked.
     pub fn check_acknowledged_writes_present(&mut self) -> usize {
-        let Some(l) = self.leader() else { self.fail("no leader to read from".into()) };
+        let Some(l) = self.leader() else {
+            self.fail("no leader to read from".into())
+        };
         let sm = &self.nodes[self.idx(l)].sm;
         // Every key's final value must be one a linearization allows: the
         // linearizability check covers that; here we add a read at the end

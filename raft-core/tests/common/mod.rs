@@ -14,7 +14,10 @@ pub fn seeds(default: u64) -> Vec<u64> {
     if let Ok(s) = std::env::var("SIM_SEED") {
         return vec![s.parse().expect("SIM_SEED is a u64")];
     }
-    let n = std::env::var("SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let n = std::env::var("SIM_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
     (1..=n).collect()
 }
 
@@ -25,19 +28,32 @@ pub fn opts(nodes: usize, seed: u64, name: &str) -> SimOptions {
 }
 
 pub fn with_snapshots(mut o: SimOptions, every: u64) -> SimOptions {
-    o.config = Config { snapshot_every: every, purge_keep: 5, snapshot_chunk_bytes: 64, ..o.config };
+    o.config = Config {
+        snapshot_every: every,
+        purge_keep: 5,
+        snapshot_chunk_bytes: 64,
+        ..o.config
+    };
     o
 }
 
 pub fn lossy() -> NetOptions {
-    NetOptions { min_delay_ms: 0, max_delay_ms: 27, request_loss: 0.1, response_loss: 0.1, duplicate: 0.05 }
+    NetOptions {
+        min_delay_ms: 0,
+        max_delay_ms: 27,
+        request_loss: 0.1,
+        response_loss: 0.1,
+        duplicate: 0.05,
+    }
 }
 
 /// Runs until a leader exists (at most 10 election timeouts) and returns it.
 pub fn wait_leader(sim: &mut Sim) -> NodeId {
     sim.run_until(10 * ET, |s| s.leader().is_some());
     let l = sim.leader();
-    sim.expect(l.is_some(), || "no leader within 10 election timeouts".into());
+    sim.expect(l.is_some(), || {
+        "no leader within 10 election timeouts".into()
+    });
     l.unwrap_or_default()
 }
 
@@ -51,7 +67,12 @@ pub fn heal_and_converge(sim: &mut Sim) {
     }
     sim.stop_clients();
     let t = sim.converge(10 * ET + 1_500);
-    sim.expect(t.is_some(), || format!("cluster did not converge within 10 election timeouts after healing:{}", sim.describe()));
+    sim.expect(t.is_some(), || {
+        format!(
+            "cluster did not converge within 10 election timeouts after healing:{}",
+            sim.describe()
+        )
+    });
 }
 
 /// Puts a value and requires it to be acknowledged.
@@ -62,7 +83,10 @@ pub fn must_put(sim: &mut Sim, key: &str, value: &str) {
 
 /// Every live node has `key = value` in its state machine.
 pub fn all_have(sim: &Sim, key: &str, value: &str) -> bool {
-    sim.ids().into_iter().filter(|id| sim.is_up(*id)).all(|id| sim.state_machine(id).get(key).map(String::as_str) == Some(value))
+    sim.ids()
+        .into_iter()
+        .filter(|id| sim.is_up(*id))
+        .all(|id| sim.state_machine(id).get(key).map(String::as_str) == Some(value))
 }
 
 pub fn others(sim: &Sim, but: NodeId) -> Vec<NodeId> {

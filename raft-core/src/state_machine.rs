@@ -1,0 +1,73 @@
+//! The application state machine trait.
+
+use async_trait::async_trait;
+
+use crate::message::SnapshotMeta;
+use crate::storage::StorageError;
+use crate::types::{Entry, LogId, TypeConfig};
+
+/// One chunk of a snapshot read back for sending.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotChunk {
+    pub data: Vec<u8>,
+    /// This chunk ends the snapshot.
+    pub done: bool,
+}
+
+/// The replicated application: applies committed entries and snapshots
+/// itself.
+///
+/// # Contract
+/// - Calls are serialized and come in log order; `apply` receives each
+///   committed entry exactly once per life of the process (after a restart,
+///   entries after [`StateMachine::applied`] are applied again).
+/// - `apply` must be deterministic: every node applying the same entries
+///   holds the same state.
+/// - Snapshots are streamed in chunks so they never have to fit in memory.
+///   A snapshot returned by `build_snapshot` or installed by
+///   `install_snapshot` must be durable when the future completes, and
+///   installing must be atomic: after a crash the state machine holds either
+///   the old state or the new one.
+/// - An `Err` stops the node.
+#[async_trait]
+pub trait StateMachine<C: TypeConfig>: Send + Sync + 'static {
+    /// The last applied entry (`LogId::ZERO` if none). A durable state
+    /// machine returns what survived the last restart; an in-memory one
+    /// restores its latest snapshot and returns its last entry.
+    async fn applied(&mut self) -> Result<LogId, StorageError>;
+
+    /// Applies committed entries in order, returning one response per entry
+    /// (for blank and membership entries the response is ignored, but the
+    /// entry still counts as applied: record its log id, and keep the
+    /// membership for snapshots).
+    async fn apply(&mut self, entries: Vec<Entry<C>>) -> Result<Vec<C::Response>, StorageError>;
+
+    /// Captures the state as of the last applied entry as a new snapshot
+    /// and makes it the current one. Durable on completion.
+    async fn build_snapshot(&mut self) -> Result<SnapshotMeta<C>, StorageError>;
+
+    /// The current snapshot, if any.
+    async fn current_snapshot(&mut self) -> Result<Option<SnapshotMeta<C>>, StorageError>;
+
+    /// Up to `max_len` bytes at `offset` of snapshot `snapshot_id`. `None`
+    /// if that snapshot is no longer the current one.
+    async fn read_snapshot_chunk(
+        &mut self,
+        snapshot_id: u64,
+        offset: u64,
+        max_len: usize,
+    ) -> Result<Option<SnapshotChunk>, StorageError>;
+
+    /// Stores a chunk of an incoming snapshot. `offset` 0 discards any
+    /// partial earlier transfer. Chunks arrive in order.
+    async fn write_snapshot_chunk(
+        &mut self,
+        meta: &SnapshotMeta<C>,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<(), StorageError>;
+
+    /// Atomically replaces the state with the fully received snapshot
+    /// `meta`, which becomes the current snapshot. Durable on completion.
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<C>) -> Result<(), StorageError>;
+}

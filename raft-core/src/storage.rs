@@ -1,0 +1,82 @@
+//! The log storage trait.
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+use crate::types::{Entry, HardState, LogId, LogIndex, TypeConfig};
+
+/// A storage failure. The driver treats every storage error as fatal: the
+/// node stops (fail-stop) rather than continue with state it cannot trust.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Stored data failed validation (checksum, decoding, a hole in the log).
+    #[error("corrupt data in {location}: {detail}")]
+    Corrupt { location: String, detail: String },
+    /// The data was written by a newer or unknown format version.
+    #[error("unsupported format in {location}: {detail}")]
+    Unsupported { location: String, detail: String },
+    /// A snapshot chunk or range that does not exist was asked for.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// Any other backend failure.
+    #[error("storage backend: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Where a log begins and ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogState {
+    /// The last purged entry (`LogId::ZERO` if nothing was purged). The log
+    /// holds the entries after it.
+    pub last_purged: LogId,
+    /// The last entry, or `last_purged` when the log is empty.
+    pub last: LogId,
+}
+
+/// Durable storage for the Raft log and the hard state (term and vote).
+///
+/// # Contract
+/// - Calls are serialized: the driver never issues a call before the
+///   previous one completed, so `&mut self` is enough.
+/// - **Durability:** when a mutating future (`append`, `truncate`, `purge`,
+///   `save_hard_state`) completes with `Ok`, its effect must survive a crash
+///   or power loss (written and synced). Nothing may be acknowledged before.
+/// - The log never has holes: entries are contiguous from
+///   `last_purged.index + 1` to `last.index`.
+/// - On `Err`, the node stops; the store must still reopen to a valid log
+///   (each mutation atomic: all of it or none of it).
+#[async_trait]
+pub trait LogStore<C: TypeConfig>: Send + Sync + 'static {
+    /// First and last entry ids. On an empty, never-written store both are
+    /// `LogId::ZERO`.
+    async fn log_state(&mut self) -> Result<LogState, StorageError>;
+
+    /// Entries with indices in `[from, to]`, clipped to what the log holds.
+    async fn read(&mut self, from: LogIndex, to: LogIndex) -> Result<Vec<Entry<C>>, StorageError>;
+
+    /// Appends `entries` after the last entry. The first entry's index is
+    /// always `last.index + 1` (the driver truncates first when needed).
+    /// Durable on completion.
+    async fn append(&mut self, entries: Vec<Entry<C>>) -> Result<(), StorageError>;
+
+    /// Deletes every entry with index `>= from`. Durable on completion.
+    async fn truncate(&mut self, from: LogIndex) -> Result<(), StorageError>;
+
+    /// Deletes every entry with index `<= upto.index` and records `upto` as
+    /// `last_purged`. If the log ends before `upto`, it becomes empty and
+    /// `last` becomes `upto`. Durable on completion.
+    async fn purge(&mut self, upto: LogId) -> Result<(), StorageError>;
+
+    /// Saves term and vote. Durable on completion: a node must never vote
+    /// twice in a term, even across a power loss.
+    async fn save_hard_state(&mut self, hard_state: HardState) -> Result<(), StorageError>;
+
+    /// The last saved hard state, or the default on a new store.
+    async fn load_hard_state(&mut self) -> Result<HardState, StorageError>;
+}

@@ -1,0 +1,307 @@
+//! The tokio driver end to end: real `Raft` handles over the in-process
+//! network with in-memory storage. These check behaviour, never timing:
+//! every wait is a condition with a generous limit.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use raft_core::memory::{KvCommand, KvConfig, KvResponse, MemLogStore, MemRouter, MemStateMachine};
+use raft_core::{Config, LogIndex, NodeId, Raft, RaftError, Role};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Node {
+    raft: Raft<KvConfig>,
+    log: MemLogStore<KvConfig>,
+    sm: MemStateMachine,
+}
+
+struct Cluster {
+    router: MemRouter<KvConfig>,
+    nodes: BTreeMap<NodeId, Node>,
+    config: Config,
+}
+
+impl Cluster {
+    async fn new(n: u64, config: Config) -> Cluster {
+        let router = MemRouter::new();
+        let mut c = Cluster {
+            router,
+            nodes: BTreeMap::new(),
+            config,
+        };
+        let members: BTreeMap<NodeId, String> =
+            (1..=n).map(|i| (NodeId(i), format!("node-{i}"))).collect();
+        for i in 1..=n {
+            c.start(NodeId(i), MemLogStore::new(), MemStateMachine::new())
+                .await;
+        }
+        for node in c.nodes.values() {
+            node.raft
+                .initialize(members.clone())
+                .await
+                .expect("initialize");
+        }
+        c
+    }
+
+    async fn start(&mut self, id: NodeId, log: MemLogStore<KvConfig>, sm: MemStateMachine) {
+        let raft = Raft::start(
+            id,
+            self.config.clone(),
+            log.clone(),
+            sm.clone(),
+            self.router.factory(id),
+        )
+        .await
+        .expect("start");
+        self.router.register(id, raft.clone());
+        self.nodes.insert(id, Node { raft, log, sm });
+    }
+
+    async fn stop(&mut self, id: NodeId) -> Node {
+        self.router.unregister(id);
+        let node = self.nodes.remove(&id).expect("running");
+        node.raft.shutdown().await;
+        node
+    }
+
+    async fn leader(&self) -> NodeId {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            for (id, n) in &self.nodes {
+                if n.raft.metrics().borrow().role == Role::Leader {
+                    return *id;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no leader within {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn write(&self, key: &str, value: &str) -> (LogIndex, KvResponse) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let l = self.leader().await;
+            let cmd = KvCommand::Put {
+                key: key.into(),
+                value: value.into(),
+            };
+            match self.nodes[&l].raft.client_write(cmd).await {
+                Ok((id, resp)) => return (id.index, resp),
+                Err(e) => assert!(tokio::time::Instant::now() < deadline, "write failed: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn wait_applied(&self, id: NodeId, index: LogIndex) {
+        let mut m = self.nodes[&id].raft.metrics();
+        tokio::time::timeout(WAIT, m.wait_for(|m| m.applied_index >= index))
+            .await
+            .unwrap_or_else(|_| panic!("node {id} did not apply {index}"))
+            .expect("metrics");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_replicate_and_read_linearizably() {
+    let c = Cluster::new(3, Config::default()).await;
+    let leader = c.leader().await;
+    let mut last = LogIndex(0);
+    for i in 0..100 {
+        let (idx, resp) = c.write(&format!("k{i}"), &format!("v{i}")).await;
+        assert_eq!(resp, KvResponse::Put);
+        assert!(idx > last, "indices increase");
+        last = idx;
+    }
+    let read_index = c.nodes[&leader]
+        .raft
+        .ensure_linearizable()
+        .await
+        .expect("read");
+    assert!(read_index >= last);
+    assert_eq!(c.nodes[&leader].sm.get("k99").as_deref(), Some("v99"));
+    for id in c.nodes.keys() {
+        c.wait_applied(*id, last).await;
+        assert_eq!(c.nodes[id].sm.get("k42").as_deref(), Some("v42"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_refuses_writes_and_reads_naming_the_leader() {
+    let c = Cluster::new(3, Config::default()).await;
+    let leader = c.leader().await;
+    c.write("k", "v").await;
+    let follower = *c
+        .nodes
+        .keys()
+        .find(|id| **id != leader)
+        .expect("a follower");
+    let err = c.nodes[&follower]
+        .raft
+        .client_write(KvCommand::Put {
+            key: "k".into(),
+            value: "x".into(),
+        })
+        .await
+        .expect_err("follower must refuse");
+    match err {
+        RaftError::NotLeader(nl) => {
+            assert_eq!(nl.leader_id, Some(leader));
+            assert_eq!(nl.leader_node, Some(format!("node-{leader}")));
+        }
+        other => panic!("expected NotLeader, got {other}"),
+    }
+    assert!(matches!(
+        c.nodes[&follower].raft.ensure_linearizable().await,
+        Err(RaftError::NotLeader(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_failover_keeps_acknowledged_writes() {
+    let mut c = Cluster::new(3, Config::default()).await;
+    for i in 0..20 {
+        c.write(&format!("k{i}"), "before").await;
+    }
+    let old = c.leader().await;
+    let stopped = c.stop(old).await;
+    let new = c.leader().await;
+    assert_ne!(new, old);
+    let (idx, _) = c.write("after", "failover").await;
+    for i in 0..20 {
+        assert_eq!(
+            c.nodes[&new].sm.get(&format!("k{i}")).as_deref(),
+            Some("before")
+        );
+    }
+    // The old leader restarts from its storage and catches up.
+    c.start(old, stopped.log, stopped.sm).await;
+    c.wait_applied(old, idx).await;
+    assert_eq!(c.nodes[&old].sm.get("after").as_deref(), Some("failover"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_follower_catches_up_by_snapshot() {
+    let config = Config {
+        snapshot_every: 50,
+        purge_keep: 10,
+        snapshot_chunk_bytes: 256,
+        ..Config::default()
+    };
+    let mut c = Cluster::new(3, config).await;
+    let leader = c.leader().await;
+    let lagging = *c.nodes.keys().find(|id| **id != leader).expect("follower");
+    let stopped = c.stop(lagging).await;
+    let mut last = LogIndex(0);
+    for i in 0..300 {
+        last = c.write(&format!("k{}", i % 17), &format!("v{i}")).await.0;
+    }
+    let leader = c.leader().await;
+    let m = c.nodes[&leader].raft.metrics().borrow().clone();
+    assert!(m.snapshot.is_some(), "leader built a snapshot");
+    // Restart the follower with fresh (wiped) storage: only a snapshot can
+    // bring it back.
+    let _ = stopped;
+    c.start(lagging, MemLogStore::new(), MemStateMachine::new())
+        .await;
+    c.wait_applied(lagging, last).await;
+    let snap = c.nodes[&lagging].raft.metrics().borrow().snapshot;
+    assert!(snap.is_some(), "follower installed a snapshot");
+    assert_eq!(
+        c.nodes[&lagging].sm.get("k16").as_deref(),
+        c.nodes[&leader].sm.get("k16").as_deref()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_are_batched_and_all_acknowledged() {
+    let c = Cluster::new(3, Config::default()).await;
+    let leader = c.leader().await;
+    let raft = c.nodes[&leader].raft.clone();
+    let mut tasks = Vec::new();
+    for w in 0..64 {
+        let raft = raft.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20 {
+                let cmd = KvCommand::Put {
+                    key: format!("w{w}"),
+                    value: format!("{i}"),
+                };
+                raft.client_write(cmd).await.expect("write");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    for w in 0..64 {
+        assert_eq!(
+            c.nodes[&leader].sm.get(&format!("w{w}")).as_deref(),
+            Some("19")
+        );
+    }
+    // 64 writers x 20 writes + the no-op and the configuration.
+    let m = raft.metrics().borrow().clone();
+    assert!(m.last_log_index >= LogIndex(64 * 20 + 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_transfer_hands_over_to_the_target() {
+    let c = Cluster::new(3, Config::default()).await;
+    let leader = c.leader().await;
+    c.write("k", "v").await;
+    let target = *c.nodes.keys().find(|id| **id != leader).expect("follower");
+    c.nodes[&leader]
+        .raft
+        .transfer_leader(target)
+        .await
+        .expect("transfer starts");
+    let mut m = c.nodes[&target].raft.metrics();
+    tokio::time::timeout(WAIT, m.wait_for(|m| m.role == Role::Leader))
+        .await
+        .expect("target leads")
+        .expect("metrics");
+    c.write("k2", "v2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initialize_twice_is_refused_with_a_typed_error() {
+    let c = Cluster::new(1, Config::default()).await;
+    c.leader().await;
+    let members = BTreeMap::from([(NodeId(1), "node-1".to_string())]);
+    let err = c.nodes[&NodeId(1)]
+        .raft
+        .initialize(members)
+        .await
+        .expect_err("already initialized");
+    assert!(matches!(err, RaftError::Initialize(_)), "{err}");
+}
+
+#[test]
+fn invalid_config_is_a_typed_error_at_start() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let bad = Config {
+            heartbeat_interval_ms: 500,
+            ..Config::default()
+        };
+        let router = MemRouter::<KvConfig>::new();
+        let r = Raft::start(
+            NodeId(1),
+            bad,
+            MemLogStore::new(),
+            MemStateMachine::new(),
+            router.factory(NodeId(1)),
+        )
+        .await;
+        assert!(matches!(r, Err(raft_core::StartError::Config(_))));
+    });
+}
