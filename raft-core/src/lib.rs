@@ -33,5 +33,6 @@ pub use raft::{Raft, RaftError, RaftMetrics, StartError};
 pub use state_machine::{SnapshotChunk, StateMachine};
 pub use storage::{LogState, LogStore, StorageError};
 pub use types::*;
+pub mod log_store_suite;
 pub mod memory;
 pub mod sim;
