@@ -1300,16 +1300,16 @@ impl<C: TypeConfig> Engine<C> {
         let Some(p) = l.progress.get_mut(&from) else {
             return Ok(());
         };
+        if resp.success && resp.index > last {
+            return Err(StepError::Malformed {
+                from,
+                kind: "append_resp",
+                reason: "acknowledges past our log",
+            });
+        }
         p.recent_active = true;
         p.acked_round = p.acked_round.max(resp.round);
         if resp.success {
-            if resp.index > last {
-                return Err(StepError::Malformed {
-                    from,
-                    kind: "append_resp",
-                    reason: "acknowledges past our log",
-                });
-            }
             let advanced = p.on_match(resp.index);
             if matches!(p.state, ProgressState::Probe { .. }) {
                 p.become_replicate();
