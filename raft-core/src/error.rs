@@ -43,7 +43,9 @@ pub enum RecoveryError {
         applied: LogIndex,
         snapshot: LogIndex,
     },
-    #[error("state machine applied only up to {applied}, but the log starts at {first} and no snapshot covers the gap")]
+    #[error(
+        "state machine applied only up to {applied}, but the log starts at {first} and no snapshot covers the gap"
+    )]
     AppliedBeforeLogStart { applied: LogIndex, first: LogIndex },
     #[error("state machine applied entry {applied} whose term differs from the log's")]
     AppliedMismatch { applied: LogIndex },

@@ -30,7 +30,10 @@ pub trait LogStoreHarness: Send {
 fn entry(term: u64, index: u64) -> Entry<KvConfig> {
     Entry {
         log_id: LogId::new(term, index),
-        payload: EntryPayload::Command(KvCommand::Put { key: format!("k{index}"), value: format!("t{term}") }),
+        payload: EntryPayload::Command(KvCommand::Put {
+            key: format!("k{index}"),
+            value: format!("t{term}"),
+        }),
     }
 }
 
@@ -43,7 +46,12 @@ async fn state<S: LogStore<KvConfig>>(s: &mut S) -> LogState {
 }
 
 async fn ids<S: LogStore<KvConfig>>(s: &mut S, from: u64, to: u64) -> Vec<LogId> {
-    s.read(LogIndex(from), LogIndex(to)).await.expect("read").iter().map(|e| e.log_id).collect()
+    s.read(LogIndex(from), LogIndex(to))
+        .await
+        .expect("read")
+        .iter()
+        .map(|e| e.log_id)
+        .collect()
 }
 
 fn id_range(term: u64, from: u64, to: u64) -> Vec<LogId> {
@@ -65,22 +73,52 @@ pub async fn run<H: LogStoreHarness>(h: &mut H) {
 
 async fn empty_store<H: LogStoreHarness>(h: &mut H) {
     let mut s = h.fresh().await;
-    assert_eq!(state(&mut s).await, LogState::default(), "empty_store: log state");
-    assert_eq!(s.load_hard_state().await.expect("hs"), HardState::default(), "empty_store: hard state");
+    assert_eq!(
+        state(&mut s).await,
+        LogState::default(),
+        "empty_store: log state"
+    );
+    assert_eq!(
+        s.load_hard_state().await.expect("hs"),
+        HardState::default(),
+        "empty_store: hard state"
+    );
     assert!(ids(&mut s, 0, 100).await.is_empty(), "empty_store: read");
     let mut s = h.reopen(s).await;
-    assert_eq!(state(&mut s).await, LogState::default(), "empty_store: reopened");
+    assert_eq!(
+        state(&mut s).await,
+        LogState::default(),
+        "empty_store: reopened"
+    );
 }
 
 async fn append_and_read_ranges<H: LogStoreHarness>(h: &mut H) {
     let mut s = h.fresh().await;
     s.append(entries(1, 1, 5)).await.expect("append");
     s.append(entries(2, 6, 10)).await.expect("append");
-    assert_eq!(state(&mut s).await, LogState { last_purged: LogId::ZERO, last: LogId::new(2, 10) });
+    assert_eq!(
+        state(&mut s).await,
+        LogState {
+            last_purged: LogId::ZERO,
+            last: LogId::new(2, 10)
+        }
+    );
     assert_eq!(ids(&mut s, 1, 10).await.len(), 10, "read all");
-    assert_eq!(ids(&mut s, 4, 7).await, [id_range(1, 4, 5), id_range(2, 6, 7)].concat(), "read middle");
-    assert_eq!(ids(&mut s, 0, 2).await, id_range(1, 1, 2), "read clipped below");
-    assert_eq!(ids(&mut s, 9, 50).await, id_range(2, 9, 10), "read clipped above");
+    assert_eq!(
+        ids(&mut s, 4, 7).await,
+        [id_range(1, 4, 5), id_range(2, 6, 7)].concat(),
+        "read middle"
+    );
+    assert_eq!(
+        ids(&mut s, 0, 2).await,
+        id_range(1, 1, 2),
+        "read clipped below"
+    );
+    assert_eq!(
+        ids(&mut s, 9, 50).await,
+        id_range(2, 9, 10),
+        "read clipped above"
+    );
     assert!(ids(&mut s, 11, 20).await.is_empty(), "read past the end");
     assert!(ids(&mut s, 7, 6).await.is_empty(), "read an empty range");
 }
@@ -88,24 +126,56 @@ async fn append_and_read_ranges<H: LogStoreHarness>(h: &mut H) {
 async fn append_leaving_a_hole_is_refused<H: LogStoreHarness>(h: &mut H) {
     let mut s = h.fresh().await;
     s.append(entries(1, 1, 3)).await.expect("append");
-    assert!(s.append(entries(1, 5, 6)).await.is_err(), "append with a hole must fail");
-    assert!(s.append(entries(1, 3, 4)).await.is_err(), "append overlapping the end must fail");
-    assert_eq!(state(&mut s).await.last, LogId::new(1, 3), "refused appends leave the log as it was");
+    assert!(
+        s.append(entries(1, 5, 6)).await.is_err(),
+        "append with a hole must fail"
+    );
+    assert!(
+        s.append(entries(1, 3, 4)).await.is_err(),
+        "append overlapping the end must fail"
+    );
+    assert_eq!(
+        state(&mut s).await.last,
+        LogId::new(1, 3),
+        "refused appends leave the log as it was"
+    );
 }
 
 async fn truncate_edges<H: LogStoreHarness>(h: &mut H) {
     let mut s = h.fresh().await;
     s.append(entries(1, 1, 10)).await.expect("append");
     s.truncate(LogIndex(11)).await.expect("truncate past end");
-    assert_eq!(state(&mut s).await.last, LogId::new(1, 10), "truncate past the end is a no-op");
+    assert_eq!(
+        state(&mut s).await.last,
+        LogId::new(1, 10),
+        "truncate past the end is a no-op"
+    );
     s.truncate(LogIndex(6)).await.expect("truncate");
-    assert_eq!(state(&mut s).await.last, LogId::new(1, 5), "truncate middle");
-    assert!(ids(&mut s, 6, 10).await.is_empty(), "truncated entries are gone");
-    s.append(entries(3, 6, 8)).await.expect("append after truncate");
-    assert_eq!(ids(&mut s, 5, 8).await, [id_range(1, 5, 5), id_range(3, 6, 8)].concat());
+    assert_eq!(
+        state(&mut s).await.last,
+        LogId::new(1, 5),
+        "truncate middle"
+    );
+    assert!(
+        ids(&mut s, 6, 10).await.is_empty(),
+        "truncated entries are gone"
+    );
+    s.append(entries(3, 6, 8))
+        .await
+        .expect("append after truncate");
+    assert_eq!(
+        ids(&mut s, 5, 8).await,
+        [id_range(1, 5, 5), id_range(3, 6, 8)].concat()
+    );
     s.truncate(LogIndex(1)).await.expect("truncate all");
-    assert_eq!(state(&mut s).await, LogState::default(), "truncate from the first entry empties the log");
-    s.append(entries(4, 1, 2)).await.expect("append to emptied log");
+    assert_eq!(
+        state(&mut s).await,
+        LogState::default(),
+        "truncate from the first entry empties the log"
+    );
+    s.append(entries(4, 1, 2))
+        .await
+        .expect("append to emptied log");
     assert_eq!(state(&mut s).await.last, LogId::new(4, 2));
 }
 
@@ -113,15 +183,47 @@ async fn purge_edges<H: LogStoreHarness>(h: &mut H) {
     let mut s = h.fresh().await;
     s.append(entries(1, 1, 10)).await.expect("append");
     s.purge(LogId::new(1, 4)).await.expect("purge");
-    assert_eq!(state(&mut s).await, LogState { last_purged: LogId::new(1, 4), last: LogId::new(1, 10) });
-    assert_eq!(ids(&mut s, 1, 6).await, id_range(1, 5, 6), "purged entries are gone");
-    s.purge(LogId::new(1, 2)).await.expect("purge behind the purge point");
-    assert_eq!(state(&mut s).await.last_purged, LogId::new(1, 4), "purging backwards is a no-op");
+    assert_eq!(
+        state(&mut s).await,
+        LogState {
+            last_purged: LogId::new(1, 4),
+            last: LogId::new(1, 10)
+        }
+    );
+    assert_eq!(
+        ids(&mut s, 1, 6).await,
+        id_range(1, 5, 6),
+        "purged entries are gone"
+    );
+    s.purge(LogId::new(1, 2))
+        .await
+        .expect("purge behind the purge point");
+    assert_eq!(
+        state(&mut s).await.last_purged,
+        LogId::new(1, 4),
+        "purging backwards is a no-op"
+    );
     s.truncate(LogIndex(7)).await.expect("truncate after purge");
-    assert_eq!(state(&mut s).await, LogState { last_purged: LogId::new(1, 4), last: LogId::new(1, 6) });
-    s.truncate(LogIndex(5)).await.expect("truncate everything after purge");
-    assert_eq!(state(&mut s).await, LogState { last_purged: LogId::new(1, 4), last: LogId::new(1, 4) });
-    s.append(entries(2, 5, 5)).await.expect("append after purge point");
+    assert_eq!(
+        state(&mut s).await,
+        LogState {
+            last_purged: LogId::new(1, 4),
+            last: LogId::new(1, 6)
+        }
+    );
+    s.truncate(LogIndex(5))
+        .await
+        .expect("truncate everything after purge");
+    assert_eq!(
+        state(&mut s).await,
+        LogState {
+            last_purged: LogId::new(1, 4),
+            last: LogId::new(1, 4)
+        }
+    );
+    s.append(entries(2, 5, 5))
+        .await
+        .expect("append after purge point");
     assert_eq!(state(&mut s).await.last, LogId::new(2, 5));
 }
 
@@ -130,37 +232,84 @@ async fn purge_past_the_end_then_append<H: LogStoreHarness>(h: &mut H) {
     let mut s = h.fresh().await;
     s.append(entries(1, 1, 3)).await.expect("append");
     s.purge(LogId::new(5, 20)).await.expect("purge past end");
-    assert_eq!(state(&mut s).await, LogState { last_purged: LogId::new(5, 20), last: LogId::new(5, 20) });
+    assert_eq!(
+        state(&mut s).await,
+        LogState {
+            last_purged: LogId::new(5, 20),
+            last: LogId::new(5, 20)
+        }
+    );
     assert!(ids(&mut s, 0, 30).await.is_empty());
-    s.append(entries(5, 21, 22)).await.expect("append after snapshot point");
+    s.append(entries(5, 21, 22))
+        .await
+        .expect("append after snapshot point");
     let mut s = h.reopen(s).await;
-    assert_eq!(state(&mut s).await, LogState { last_purged: LogId::new(5, 20), last: LogId::new(5, 22) });
+    assert_eq!(
+        state(&mut s).await,
+        LogState {
+            last_purged: LogId::new(5, 20),
+            last: LogId::new(5, 22)
+        }
+    );
 }
 
 async fn hard_state_round_trip<H: LogStoreHarness>(h: &mut H) {
     let mut s = h.fresh().await;
-    let a = HardState { term: Term(3), voted_for: Some(NodeId(2)) };
+    let a = HardState {
+        term: Term(3),
+        voted_for: Some(NodeId(2)),
+    };
     s.save_hard_state(a).await.expect("save");
     assert_eq!(s.load_hard_state().await.expect("load"), a);
-    let b = HardState { term: Term(4), voted_for: None };
+    let b = HardState {
+        term: Term(4),
+        voted_for: None,
+    };
     s.save_hard_state(b).await.expect("save");
     let mut s = h.reopen(s).await;
-    assert_eq!(s.load_hard_state().await.expect("load"), b, "hard state survives reopen");
+    assert_eq!(
+        s.load_hard_state().await.expect("load"),
+        b,
+        "hard state survives reopen"
+    );
 }
 
 async fn reopen_after_every_operation<H: LogStoreHarness>(h: &mut H) {
     let mut s = h.fresh().await;
     s.append(entries(1, 1, 10)).await.expect("append");
     let mut s = h.reopen(s).await;
-    assert_eq!(state(&mut s).await.last, LogId::new(1, 10), "append survives reopen");
+    assert_eq!(
+        state(&mut s).await.last,
+        LogId::new(1, 10),
+        "append survives reopen"
+    );
     s.truncate(LogIndex(8)).await.expect("truncate");
     let mut s = h.reopen(s).await;
-    assert_eq!(state(&mut s).await.last, LogId::new(1, 7), "truncate survives reopen");
+    assert_eq!(
+        state(&mut s).await.last,
+        LogId::new(1, 7),
+        "truncate survives reopen"
+    );
     s.purge(LogId::new(1, 3)).await.expect("purge");
     let mut s = h.reopen(s).await;
-    assert_eq!(state(&mut s).await, LogState { last_purged: LogId::new(1, 3), last: LogId::new(1, 7) });
-    assert_eq!(ids(&mut s, 0, 100).await, id_range(1, 4, 7), "purge survives reopen");
-    s.save_hard_state(HardState { term: Term(9), voted_for: Some(NodeId(1)) }).await.expect("save");
+    assert_eq!(
+        state(&mut s).await,
+        LogState {
+            last_purged: LogId::new(1, 3),
+            last: LogId::new(1, 7)
+        }
+    );
+    assert_eq!(
+        ids(&mut s, 0, 100).await,
+        id_range(1, 4, 7),
+        "purge survives reopen"
+    );
+    s.save_hard_state(HardState {
+        term: Term(9),
+        voted_for: Some(NodeId(1)),
+    })
+    .await
+    .expect("save");
     let mut s = h.reopen(s).await;
     assert_eq!(s.load_hard_state().await.expect("load").term, Term(9));
 }
@@ -168,7 +317,10 @@ async fn reopen_after_every_operation<H: LogStoreHarness>(h: &mut H) {
 async fn entries_round_trip_exactly<H: LogStoreHarness>(h: &mut H) {
     let mut s = h.fresh().await;
     let mut es = entries(1, 1, 3);
-    es.push(Entry { log_id: LogId::new(1, 4), payload: EntryPayload::Blank });
+    es.push(Entry {
+        log_id: LogId::new(1, 4),
+        payload: EntryPayload::Blank,
+    });
     es.push(Entry {
         log_id: LogId::new(2, 5),
         payload: EntryPayload::Membership(crate::types::Membership::new_voters(
@@ -177,7 +329,11 @@ async fn entries_round_trip_exactly<H: LogStoreHarness>(h: &mut H) {
     });
     s.append(es.clone()).await.expect("append");
     let mut s = h.reopen(s).await;
-    assert_eq!(s.read(LogIndex(1), LogIndex(5)).await.expect("read"), es, "entries come back exactly");
+    assert_eq!(
+        s.read(LogIndex(1), LogIndex(5)).await.expect("read"),
+        es,
+        "entries come back exactly"
+    );
 }
 
 #[cfg(test)]

@@ -82,7 +82,7 @@ fn run_seed(seed: u64) {
 
 #[test]
 fn randomized_sweep() {
-    let seeds = seeds(200);
+    let seeds = seeds_from("SIM_SEEDS", 200);
     let start = std::time::Instant::now();
     for &seed in &seeds {
         run_seed(seed);

@@ -280,7 +280,10 @@ impl<C: TypeConfig> Engine<C> {
         if applied.index < log.base().index {
             // The log was purged past what the state machine holds and no
             // snapshot covers the gap: those entries are gone.
-            return Err(RecoveryError::AppliedBeforeLogStart { applied: applied.index, first: log.first_index() });
+            return Err(RecoveryError::AppliedBeforeLogStart {
+                applied: applied.index,
+                first: log.first_index(),
+            });
         }
         if applied.index > log.last_index() {
             return Err(RecoveryError::AppliedPastLog {

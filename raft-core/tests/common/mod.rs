@@ -8,13 +8,18 @@ use raft_core::{Config, NodeId};
 /// timeouts" bounds are multiples of this.
 pub const ET: u64 = 300;
 
-/// The seeds to run: `SIM_SEED=S` replays exactly one, `SIM_SEEDS=N`
-/// overrides how many.
+/// The seeds a scenario runs: `SIM_SEED=S` replays exactly one;
+/// `SCENARIO_SEEDS=N` overrides how many each scenario runs.
 pub fn seeds(default: u64) -> Vec<u64> {
+    seeds_from("SCENARIO_SEEDS", default)
+}
+
+/// Like [`seeds`], with the count taken from the environment variable `knob`.
+pub fn seeds_from(knob: &str, default: u64) -> Vec<u64> {
     if let Ok(s) = std::env::var("SIM_SEED") {
         return vec![s.parse().expect("SIM_SEED is a u64")];
     }
-    let n = std::env::var("SIM_SEEDS")
+    let n = std::env::var(knob)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default);
@@ -66,7 +71,7 @@ pub fn heal_and_converge(sim: &mut Sim) {
         sim.restart(id);
     }
     sim.stop_clients();
-    let t = sim.converge(10 * ET + 1_500);
+    let t = sim.converge(10 * ET);
     sim.expect(t.is_some(), || {
         format!(
             "cluster did not converge within 10 election timeouts after healing:{}",
