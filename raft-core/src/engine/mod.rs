@@ -1155,26 +1155,7 @@ impl<C: TypeConfig> Engine<C> {
             });
         }
         validate_incoming(from, &req)?;
-        match self.role {
-            RoleState::Leader(_) => {
-                return Err(StepError::TwoLeaders {
-                    from,
-                    term: self.term,
-                });
-            }
-            RoleState::Follower if self.leader_id.is_some_and(|l| l != from) => {
-                return Err(StepError::TwoLeaders {
-                    from,
-                    term: self.term,
-                });
-            }
-            RoleState::Follower => {
-                self.leader_id = Some(from);
-                self.leader_contact = self.now;
-                self.reset_election_timer();
-            }
-            _ => self.become_follower(self.term, Some(from)),
-        }
+        self.accept_leader(from)?;
         let round = req.round;
         let respond =
             |this: &mut Self, success: bool, index: LogIndex, conflict: Option<ConflictHint>| {
@@ -1259,6 +1240,25 @@ impl<C: TypeConfig> Engine<C> {
             self.apply_committed();
         }
         respond(self, true, last_new, None);
+        Ok(())
+    }
+
+    /// A leader's message in our term: follow `from` and reset the election
+    /// timer. Refuses a second leader in one term (Election Safety, §5.2).
+    fn accept_leader(&mut self, from: NodeId) -> Result<(), StepError> {
+        let term = self.term;
+        match self.role {
+            RoleState::Leader(_) => return Err(StepError::TwoLeaders { from, term }),
+            RoleState::Follower if self.leader_id.is_some_and(|l| l != from) => {
+                return Err(StepError::TwoLeaders { from, term });
+            }
+            RoleState::Follower => {
+                self.leader_id = Some(from);
+                self.leader_contact = self.now;
+                self.reset_election_timer();
+            }
+            _ => self.become_follower(term, Some(from)),
+        }
         Ok(())
     }
 
@@ -1472,26 +1472,7 @@ impl<C: TypeConfig> Engine<C> {
                 reason: "leader_id differs from sender",
             });
         }
-        match self.role {
-            RoleState::Leader(_) => {
-                return Err(StepError::TwoLeaders {
-                    from,
-                    term: self.term,
-                });
-            }
-            RoleState::Follower if self.leader_id.is_some_and(|l| l != from) => {
-                return Err(StepError::TwoLeaders {
-                    from,
-                    term: self.term,
-                });
-            }
-            RoleState::Follower => {
-                self.leader_id = Some(from);
-                self.leader_contact = self.now;
-                self.reset_election_timer();
-            }
-            _ => self.become_follower(self.term, Some(from)),
-        }
+        self.accept_leader(from)?;
         let snap = req.meta.last_log_id;
         if snap.term > req.term {
             return Err(StepError::Malformed {
