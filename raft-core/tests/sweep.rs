@@ -28,7 +28,7 @@ fn run_seed(seed: u64) {
     let ids = sim.ids();
     let pick = |r: &mut Rng| ids[r.range(0, ids.len() as u64) as usize];
     for _ in 0..r.range(8, 16) {
-        match r.range(0, 9) {
+        match r.range(0, 10) {
             0 => {
                 let a = pick(&mut r);
                 sim.isolate(a);
@@ -62,9 +62,22 @@ fn run_seed(seed: u64) {
                 ..NetOptions::default()
             }),
             7 => sim.opts.storage_error_rate = 0.005,
+            8 => {
+                // One slow, lossy link (a flaky NIC between two nodes).
+                let (a, b) = (pick(&mut r), pick(&mut r));
+                let slow = NetOptions {
+                    min_delay_ms: r.range(10, 60),
+                    max_delay_ms: r.range(60, 200),
+                    request_loss: 0.2,
+                    response_loss: 0.2,
+                    duplicate: 0.1,
+                };
+                sim.set_link(a, b, slow);
+            }
             _ => {
                 sim.heal();
                 sim.set_net(NetOptions::default());
+                sim.clear_links();
                 sim.opts.storage_error_rate = 0.0;
                 let down: Vec<NodeId> = ids.iter().copied().filter(|id| !sim.is_up(*id)).collect();
                 for id in down {

@@ -208,6 +208,8 @@ pub struct Sim {
     events: HashMap<u64, EventKind>,
     nodes: Vec<Node>,
     blocked: HashSet<(NodeId, NodeId)>,
+    /// Per-link overrides of `opts.net`.
+    links: HashMap<(NodeId, NodeId), NetOptions>,
     // Safety bookkeeping.
     leaders: BTreeMap<Term, NodeId>,
     entry_ids: HashMap<LogId, (Term, u64)>,
@@ -289,6 +291,7 @@ impl Sim {
             events: HashMap::new(),
             nodes,
             blocked: HashSet::new(),
+            links: HashMap::new(),
             leaders: BTreeMap::new(),
             entry_ids: HashMap::new(),
             committed: BTreeMap::new(),
@@ -410,8 +413,18 @@ impl Sim {
     pub fn heal(&mut self) {
         self.blocked.clear();
     }
+    /// Sets how every link behaves (links with their own settings keep them).
     pub fn set_net(&mut self, net: NetOptions) {
         self.opts.net = net;
+    }
+    /// Sets how the link from `from` to `to` behaves (delay, loss,
+    /// duplication), overriding [`Sim::set_net`] for it.
+    pub fn set_link(&mut self, from: NodeId, to: NodeId, net: NetOptions) {
+        self.links.insert((from, to), net);
+    }
+    /// Drops every per-link setting.
+    pub fn clear_links(&mut self) {
+        self.links.clear();
     }
 
     /// Crashes a node: in-progress storage actions and volatile state are lost.
@@ -1139,7 +1152,11 @@ impl Sim {
 
     fn send(&mut self, from: NodeId, to: NodeId, msg: Message<C>) {
         self.stats.messages_sent += 1;
-        let net = self.opts.net.clone();
+        let net = self
+            .links
+            .get(&(from, to))
+            .unwrap_or(&self.opts.net)
+            .clone();
         let loss = if msg.is_request() || matches!(msg, Message::TimeoutNow(_)) {
             net.request_loss
         } else {

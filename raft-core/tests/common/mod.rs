@@ -67,6 +67,7 @@ pub fn wait_leader(sim: &mut Sim) -> NodeId {
 pub fn heal_and_converge(sim: &mut Sim) {
     sim.heal();
     sim.set_net(NetOptions::default());
+    sim.clear_links();
     for id in sim.ids() {
         sim.restart(id);
     }
