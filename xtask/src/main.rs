@@ -97,35 +97,56 @@ fn bench(extra: &[String]) -> Result<()> {
     status(c)
 }
 
-/// Tools the build needs, each with the Debian package that provides it.
-/// (RocksDB's bindings will add clang and libclang-dev here.)
-const NEEDS: &[(&str, &str)] = &[("cc", "gcc")];
+/// What the build needs: a check, and the Debian package that satisfies it.
+/// RocksDB's bindings are generated with bindgen (clang + libclang) and its
+/// C++ is compiled from source.
+const NEEDS: &[(&str, fn() -> bool, &str)] = &[
+    ("a C compiler (cc)", || on_path("cc"), "gcc"),
+    ("a C++ compiler (c++)", || on_path("c++"), "g++"),
+    ("clang", || on_path("clang"), "clang"),
+    ("libclang (for bindgen)", has_libclang, "libclang-dev"),
+];
 
 fn doctor(install: bool) -> Result<()> {
-    let missing: Vec<&(&str, &str)> = NEEDS.iter().filter(|(tool, _)| !on_path(tool)).collect();
+    let missing: Vec<_> = NEEDS.iter().filter(|(_, ok, _)| !ok()).collect();
     if missing.is_empty() {
         return Ok(());
     }
-    let pkgs: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false);
+    let what: Vec<&str> = missing.iter().map(|(w, _, _)| *w).collect();
+    let pkgs: Vec<&str> = missing.iter().map(|(_, _, p)| *p).collect();
+    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
     if install && is_root {
-        status({
-            let mut c = Command::new("apt-get");
-            c.arg("update");
-            c
-        })?;
+        eprintln!("xtask: installing {} ({})", pkgs.join(" "), what.join(", "));
+        let mut update = Command::new("apt-get");
+        update.args(["update", "-qq"]);
+        status(update)?;
         let mut c = Command::new("apt-get");
-        c.args(["install", "-y"]).args(&pkgs);
+        c.args(["install", "-y", "-qq"]).args(&pkgs).env("DEBIAN_FRONTEND", "noninteractive");
         return status(c);
     }
     bail!(
-        "missing build tools; install them with: apt-get install -y {}",
+        "missing {}; install with: apt-get install -y {} (or run `cargo xtask doctor --install` as root)",
+        what.join(", "),
         pkgs.join(" ")
     )
+}
+
+fn has_libclang() -> bool {
+    if env::var_os("LIBCLANG_PATH").is_some() {
+        return true;
+    }
+    let roots = ["/usr/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/local/lib"];
+    let named = |dir: &std::path::Path| {
+        std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("libclang") && n.contains(".so") && !n.starts_with("libclang-cpp")
+        })
+    };
+    roots.iter().any(|r| named(std::path::Path::new(r)))
+        || std::fs::read_dir("/usr/lib").into_iter().flatten().flatten().any(|e| {
+            e.file_name().to_string_lossy().starts_with("llvm-") && named(&e.path().join("lib"))
+        })
 }
 
 fn on_path(tool: &str) -> bool {
