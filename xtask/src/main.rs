@@ -114,14 +114,20 @@ fn doctor(install: bool) -> Result<()> {
     }
     let what: Vec<&str> = missing.iter().map(|(w, _, _)| *w).collect();
     let pkgs: Vec<&str> = missing.iter().map(|(_, _, p)| *p).collect();
-    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
     if install && is_root {
         eprintln!("xtask: installing {} ({})", pkgs.join(" "), what.join(", "));
         let mut update = Command::new("apt-get");
         update.args(["update", "-qq"]);
         status(update)?;
         let mut c = Command::new("apt-get");
-        c.args(["install", "-y", "-qq"]).args(&pkgs).env("DEBIAN_FRONTEND", "noninteractive");
+        c.args(["install", "-y", "-qq"])
+            .args(&pkgs)
+            .env("DEBIAN_FRONTEND", "noninteractive");
         return status(c);
     }
     bail!(
@@ -135,18 +141,31 @@ fn has_libclang() -> bool {
     if env::var_os("LIBCLANG_PATH").is_some() {
         return true;
     }
-    let roots = ["/usr/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/local/lib"];
+    let roots = [
+        "/usr/lib",
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/local/lib",
+    ];
     let named = |dir: &std::path::Path| {
-        std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            n.starts_with("libclang") && n.contains(".so") && !n.starts_with("libclang-cpp")
-        })
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                n.starts_with("libclang") && n.contains(".so") && !n.starts_with("libclang-cpp")
+            })
     };
     roots.iter().any(|r| named(std::path::Path::new(r)))
-        || std::fs::read_dir("/usr/lib").into_iter().flatten().flatten().any(|e| {
-            e.file_name().to_string_lossy().starts_with("llvm-") && named(&e.path().join("lib"))
-        })
+        || std::fs::read_dir("/usr/lib")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                e.file_name().to_string_lossy().starts_with("llvm-") && named(&e.path().join("lib"))
+            })
 }
 
 fn on_path(tool: &str) -> bool {

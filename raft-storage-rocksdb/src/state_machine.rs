@@ -1,0 +1,449 @@
+//! A state machine whose data lives in RocksDB.
+//!
+//! The application supplies only its command logic ([`KvApply`]): given a
+//! command and a view of the data, stage writes and return a response. This
+//! helper does the rest of the [`StateMachine`] contract:
+//! - each `apply` batch writes the data, the last applied log id and the
+//!   membership **in one atomic, synced batch**, so a restart resumes exactly
+//!   after the last applied entry: nothing replayed, nothing applied twice;
+//! - snapshots are a consistent iteration of the group's data (a RocksDB
+//!   snapshot), written to a file, streamed in chunks from it, and
+//!   installed with one atomic batch: a crash mid-install leaves the old
+//!   state intact, and a partly received snapshot is just a stray file.
+//!
+//! Keys of group `g` are stored as `g (u64 BE) ++ key` in the `sm` column
+//! family.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use raft_core::{
+    Entry, EntryPayload, LogId, Membership, SnapshotChunk, SnapshotMeta, StateMachine,
+    StorageError, TypeConfig,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::codec;
+use crate::writer::Op;
+use crate::{CF_META, CF_SM, RocksDb, RocksError};
+
+const TAG_APPLIED: &[u8] = b"sm_applied";
+const TAG_SNAPSHOT: &[u8] = b"sm_snapshot";
+
+/// The application's command logic.
+pub trait KvApply<C: TypeConfig>: Send + Sync + 'static {
+    /// Applies one command: read through `view`, stage writes on it, return
+    /// the response. Must be deterministic.
+    fn apply(&self, command: &C::Command, view: &mut WriteView<'_>) -> C::Response;
+    /// The response recorded for blank and membership entries (ignored).
+    fn empty_response(&self) -> C::Response;
+}
+
+/// Reads see earlier writes of the same batch; writes are staged until the
+/// batch commits.
+pub struct WriteView<'a> {
+    db: &'a RocksDb,
+    group: u64,
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    error: Option<RocksError>,
+}
+
+impl WriteView<'_> {
+    pub fn get(&mut self, key: &[u8]) -> Option<Vec<u8>> {
+        if let Some(v) = self.pending.get(key) {
+            return v.clone();
+        }
+        match read_key(self.db, self.group, key) {
+            Ok(v) => v,
+            Err(e) => {
+                self.error.get_or_insert(e);
+                None
+            }
+        }
+    }
+    pub fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.pending.insert(key.to_vec(), Some(value.to_vec()));
+    }
+    pub fn delete(&mut self, key: &[u8]) {
+        self.pending.insert(key.to_vec(), None);
+    }
+}
+
+fn data_key(group: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = group.to_be_bytes().to_vec();
+    k.extend_from_slice(key);
+    k
+}
+
+fn read_key(db: &RocksDb, group: u64, key: &[u8]) -> Result<Option<Vec<u8>>, RocksError> {
+    let cf = db.cf(CF_SM)?;
+    db.shared
+        .db
+        .get_cf(cf, data_key(group, key))
+        .map_err(|source| RocksError::Db {
+            path: db.shared.path.clone(),
+            source,
+        })
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "")]
+struct Applied<C: TypeConfig> {
+    log_id: LogId,
+    membership: Membership<C::Node>,
+}
+
+/// A [`StateMachine`] over RocksDB for one Raft group.
+pub struct RocksStateMachine<C: TypeConfig, A: KvApply<C>> {
+    db: RocksDb,
+    group: u64,
+    app: A,
+    applied: LogId,
+    membership: Membership<C::Node>,
+    snapshot: Option<SnapshotMeta<C>>,
+    snapshot_dir: PathBuf,
+}
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> StorageError {
+    move |source| StorageError::Io { context, source }
+}
+
+impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
+    /// Opens group `group`'s state machine in `db`, resuming after the last
+    /// applied entry.
+    pub fn open(db: &RocksDb, group: u64, app: A) -> Result<Self, StorageError> {
+        let snapshot_dir = db.path().join("snapshots").join(group.to_string());
+        std::fs::create_dir_all(&snapshot_dir)
+            .map_err(io(format!("creating {}", snapshot_dir.display())))?;
+        let applied: Option<Applied<C>> = db.meta_get(group, TAG_APPLIED)?;
+        let snapshot: Option<SnapshotMeta<C>> = db.meta_get(group, TAG_SNAPSHOT)?;
+        let (applied, membership) = applied
+            .map(|a| (a.log_id, a.membership))
+            .unwrap_or_default();
+        Ok(RocksStateMachine {
+            db: db.clone(),
+            group,
+            app,
+            applied,
+            membership,
+            snapshot,
+            snapshot_dir,
+        })
+    }
+
+    /// Reads a key of the local state (linearizable after
+    /// `Raft::ensure_linearizable`).
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(read_key(&self.db, self.group, key)?)
+    }
+
+    /// A read handle for the application, sharing this state machine's data.
+    pub fn reader(&self) -> RocksReader {
+        RocksReader {
+            db: self.db.clone(),
+            group: self.group,
+        }
+    }
+
+    fn snapshot_file(&self, id: u64) -> PathBuf {
+        self.snapshot_dir.join(format!("{id}.snap"))
+    }
+
+    fn receive_file(&self, id: u64) -> PathBuf {
+        self.snapshot_dir.join(format!("{id}.partial"))
+    }
+
+    fn applied_op(
+        &self,
+        log_id: LogId,
+        membership: &Membership<C::Node>,
+    ) -> Result<Op, StorageError> {
+        let key = codec::meta_key(self.group, TAG_APPLIED);
+        let value = codec::seal_record(
+            &key,
+            &Applied::<C> {
+                log_id,
+                membership: membership.clone(),
+            },
+        )
+        .map_err(|d| StorageError::Corrupt {
+            location: "state machine meta".into(),
+            detail: d,
+        })?;
+        Ok(Op::Put {
+            cf: CF_META,
+            key,
+            value,
+        })
+    }
+
+    fn snapshot_meta_op(&self, meta: &SnapshotMeta<C>) -> Result<Op, StorageError> {
+        let key = codec::meta_key(self.group, TAG_SNAPSHOT);
+        let value = codec::seal_record(&key, meta).map_err(|d| StorageError::Corrupt {
+            location: "snapshot meta".into(),
+            detail: d,
+        })?;
+        Ok(Op::Put {
+            cf: CF_META,
+            key,
+            value,
+        })
+    }
+}
+
+/// Reads one group's state-machine data.
+#[derive(Clone)]
+pub struct RocksReader {
+    db: RocksDb,
+    group: u64,
+}
+
+impl RocksReader {
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(read_key(&self.db, self.group, key)?)
+    }
+}
+
+/// One key and its value.
+type Pair = (Vec<u8>, Vec<u8>);
+
+/// Snapshot file: a sequence of `(key, value)` records, each
+/// `u32 LE length ++ codec((key, value))`, ending with a zero length.
+fn write_pair(w: &mut impl Write, pair: &Pair) -> std::io::Result<()> {
+    let bytes = raft_core::codec::encode(pair).map_err(std::io::Error::other)?;
+    w.write_all(&(bytes.len() as u32).to_le_bytes())?;
+    w.write_all(&bytes)
+}
+
+fn read_pair(r: &mut impl Read) -> Result<Option<Pair>, String> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)
+        .map_err(|e| format!("record length: {e}"))?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 {
+        return Ok(None);
+    }
+    if len > 64 << 20 {
+        return Err(format!("record of {len} bytes"));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf)
+        .map_err(|e| format!("record body: {e}"))?;
+    raft_core::codec::decode(&buf)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+#[async_trait]
+impl<C, A> StateMachine<C> for RocksStateMachine<C, A>
+where
+    C: TypeConfig,
+    A: KvApply<C>,
+{
+    async fn applied(&mut self) -> Result<LogId, StorageError> {
+        Ok(self.applied)
+    }
+
+    async fn apply(&mut self, entries: Vec<Entry<C>>) -> Result<Vec<C::Response>, StorageError> {
+        let Some(last) = entries.last().map(|e| e.log_id) else {
+            return Ok(Vec::new());
+        };
+        let mut view = WriteView {
+            db: &self.db,
+            group: self.group,
+            pending: BTreeMap::new(),
+            error: None,
+        };
+        let mut membership = self.membership.clone();
+        let mut responses = Vec::with_capacity(entries.len());
+        for e in &entries {
+            responses.push(match &e.payload {
+                EntryPayload::Command(c) => self.app.apply(c, &mut view),
+                EntryPayload::Membership(m) => {
+                    membership = m.clone();
+                    self.app.empty_response()
+                }
+                EntryPayload::Blank => self.app.empty_response(),
+            });
+        }
+        if let Some(e) = view.error.take() {
+            return Err(e.into());
+        }
+        let mut ops: Vec<Op> = view
+            .pending
+            .into_iter()
+            .map(|(k, v)| {
+                let key = data_key(self.group, &k);
+                match v {
+                    Some(value) => Op::Put {
+                        cf: CF_SM,
+                        key,
+                        value,
+                    },
+                    None => Op::Delete { cf: CF_SM, key },
+                }
+            })
+            .collect();
+        ops.push(self.applied_op(last, &membership)?);
+        self.db.writer.write(ops).await?;
+        self.applied = last;
+        self.membership = membership;
+        Ok(responses)
+    }
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotMeta<C>, StorageError> {
+        let id = self
+            .snapshot
+            .as_ref()
+            .map(|s| s.id + 1)
+            .unwrap_or(1)
+            .max(self.applied.index.0);
+        let meta = SnapshotMeta {
+            last_log_id: self.applied,
+            membership: self.membership.clone(),
+            id,
+        };
+        let path = self.snapshot_file(id);
+        let tmp = path.with_extension("tmp");
+        {
+            // The driver serializes calls, so nothing is applied while this
+            // iterates; a RocksDB snapshot makes the read consistent anyway.
+            let snap = self.db.shared.db.snapshot();
+            let cf = self.db.cf(CF_SM)?;
+            let prefix = self.group.to_be_bytes();
+            let file = File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+            let mut w = BufWriter::new(file);
+            let mode = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+            for item in snap.iterator_cf(cf, mode) {
+                let (k, v) = item.map_err(|source| RocksError::Db {
+                    path: self.db.shared.path.clone(),
+                    source,
+                })?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                write_pair(&mut w, &(k[8..].to_vec(), v.to_vec()))
+                    .map_err(io(format!("writing {}", tmp.display())))?;
+            }
+            w.write_all(&0u32.to_le_bytes())
+                .map_err(io(format!("writing {}", tmp.display())))?;
+            let file = w
+                .into_inner()
+                .map_err(|e| io(format!("flushing {}", tmp.display()))(e.into_error()))?;
+            file.sync_all()
+                .map_err(io(format!("syncing {}", tmp.display())))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io(format!("renaming {}", tmp.display())))?;
+        self.db
+            .writer
+            .write(vec![self.snapshot_meta_op(&meta)?])
+            .await?;
+        if let Some(old) = self.snapshot.replace(meta.clone()) {
+            let _ = std::fs::remove_file(self.snapshot_file(old.id));
+        }
+        Ok(meta)
+    }
+
+    async fn current_snapshot(&mut self) -> Result<Option<SnapshotMeta<C>>, StorageError> {
+        Ok(self.snapshot.clone())
+    }
+
+    async fn read_snapshot_chunk(
+        &mut self,
+        snapshot_id: u64,
+        offset: u64,
+        max_len: usize,
+    ) -> Result<Option<SnapshotChunk>, StorageError> {
+        if self.snapshot.as_ref().is_none_or(|s| s.id != snapshot_id) {
+            return Ok(None);
+        }
+        let path = self.snapshot_file(snapshot_id);
+        let file = File::open(&path).map_err(io(format!("opening {}", path.display())))?;
+        let len = file
+            .metadata()
+            .map_err(io(format!("stat {}", path.display())))?
+            .len();
+        let start = offset.min(len);
+        let n = (max_len as u64).min(len - start) as usize;
+        let mut data = vec![0u8; n];
+        file.read_exact_at(&mut data, start)
+            .map_err(io(format!("reading {}", path.display())))?;
+        Ok(Some(SnapshotChunk {
+            data,
+            done: start + n as u64 == len,
+        }))
+    }
+
+    async fn write_snapshot_chunk(
+        &mut self,
+        meta: &SnapshotMeta<C>,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<(), StorageError> {
+        let path = self.receive_file(meta.id);
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(offset == 0)
+            .open(&path)
+            .map_err(io(format!("opening {}", path.display())))?;
+        let len = file
+            .metadata()
+            .map_err(io(format!("stat {}", path.display())))?
+            .len();
+        if len != offset {
+            return Err(StorageError::Corrupt {
+                location: path.display().to_string(),
+                detail: format!("chunk at {offset} but {len} bytes received"),
+            });
+        }
+        file.write_all_at(&data, offset)
+            .map_err(io(format!("writing {}", path.display())))?;
+        Ok(())
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<C>) -> Result<(), StorageError> {
+        let partial = self.receive_file(meta.id);
+        let file = File::open(&partial).map_err(io(format!("opening {}", partial.display())))?;
+        file.sync_all()
+            .map_err(io(format!("syncing {}", partial.display())))?;
+        let mut r = BufReader::new(file);
+        let corrupt = |detail: String| StorageError::Corrupt {
+            location: partial.display().to_string(),
+            detail,
+        };
+        // One batch replaces the data, the applied id and the snapshot meta:
+        // after a crash either all of it happened or none of it.
+        let mut ops = vec![Op::DeleteRange {
+            cf: CF_SM,
+            from: self.group.to_be_bytes().to_vec(),
+            to: (self.group + 1).to_be_bytes().to_vec(),
+        }];
+        while let Some((k, v)) = read_pair(&mut r).map_err(corrupt)? {
+            ops.push(Op::Put {
+                cf: CF_SM,
+                key: data_key(self.group, &k),
+                value: v,
+            });
+        }
+        let path = self.snapshot_file(meta.id);
+        std::fs::rename(&partial, &path).map_err(io(format!("renaming {}", partial.display())))?;
+        ops.push(self.applied_op(meta.last_log_id, &meta.membership)?);
+        ops.push(self.snapshot_meta_op(meta)?);
+        self.db.writer.write(ops).await?;
+        if let Some(old) = self
+            .snapshot
+            .replace(meta.clone())
+            .filter(|o| o.id != meta.id)
+        {
+            let _ = std::fs::remove_file(self.snapshot_file(old.id));
+        }
+        self.applied = meta.last_log_id;
+        self.membership = meta.membership.clone();
+        Ok(())
+    }
+}

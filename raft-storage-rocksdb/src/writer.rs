@@ -1,0 +1,163 @@
+//! The group-commit writer: one thread applies every waiting mutation in one
+//! `WriteBatch` with one synced WAL write, then answers all of their callers.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use rocksdb::{WriteBatch, WriteOptions};
+use tokio::sync::oneshot;
+
+use crate::{RocksError, Shared};
+
+/// One mutation of a batch.
+pub enum Op {
+    Put {
+        cf: &'static str,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        cf: &'static str,
+        key: Vec<u8>,
+    },
+    DeleteRange {
+        cf: &'static str,
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
+}
+
+struct Request {
+    ops: Vec<Op>,
+    reply: oneshot::Sender<Result<(), RocksError>>,
+}
+
+/// Most requests folded into one batch.
+const MAX_GROUP: usize = 4096;
+
+struct Inner {
+    tx: Mutex<Option<mpsc::Sender<Request>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Handle to the writer thread; the thread stops (and the database closes)
+/// when the last handle is dropped.
+#[derive(Clone)]
+pub struct Writer {
+    inner: Arc<Inner>,
+    path: std::path::PathBuf,
+}
+
+impl Writer {
+    pub fn start(shared: Arc<Shared>) -> Writer {
+        let (tx, rx) = mpsc::channel::<Request>();
+        let path = shared.path.clone();
+        let thread = std::thread::Builder::new()
+            .name("rocks-writer".into())
+            .spawn(move || run(shared, rx))
+            .ok();
+        Writer {
+            inner: Arc::new(Inner {
+                tx: Mutex::new(Some(tx)),
+                thread: Mutex::new(thread),
+            }),
+            path,
+        }
+    }
+
+    /// Applies `ops` atomically; durable (if sync is on) when it returns.
+    pub async fn write(&self, ops: Vec<Op>) -> Result<(), RocksError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || RocksError::WriterGone {
+            path: self.path.clone(),
+        };
+        {
+            let tx = self.inner.tx.lock().map_err(|_| gone())?;
+            tx.as_ref()
+                .ok_or_else(gone)?
+                .send(Request { ops, reply })
+                .map_err(|_| gone())?;
+        }
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Request>) {
+    let mut opts = WriteOptions::default();
+    opts.set_sync(shared.sync);
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut batch = WriteBatch::default();
+        let mut missing = None;
+        for req in &group {
+            for op in &req.ops {
+                let name = match op {
+                    Op::Put { cf, .. } | Op::Delete { cf, .. } | Op::DeleteRange { cf, .. } => *cf,
+                };
+                let Some(cf) = shared.db.cf_handle(name) else {
+                    missing = Some(name);
+                    continue;
+                };
+                match op {
+                    Op::Put { key, value, .. } => batch.put_cf(cf, key, value),
+                    Op::Delete { key, .. } => batch.delete_cf(cf, key),
+                    Op::DeleteRange { from, to, .. } => batch.delete_range_cf(cf, from, to),
+                }
+            }
+        }
+        let result = match missing {
+            Some(name) => Err(RocksError::MissingColumnFamily {
+                path: shared.path.clone(),
+                name,
+            }),
+            None => shared
+                .db
+                .write_opt(batch, &opts)
+                .map_err(|source| RocksError::Db {
+                    path: shared.path.clone(),
+                    source,
+                }),
+        };
+        for req in group {
+            let r = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(clone_err(e, &shared)),
+            };
+            let _ = req.reply.send(r);
+        }
+    }
+}
+
+fn clone_err(e: &RocksError, shared: &Shared) -> RocksError {
+    match e {
+        RocksError::Db { source, .. } => RocksError::Db {
+            path: shared.path.clone(),
+            source: source.clone(),
+        },
+        RocksError::MissingColumnFamily { name, .. } => RocksError::MissingColumnFamily {
+            path: shared.path.clone(),
+            name,
+        },
+        _ => RocksError::WriterGone {
+            path: shared.path.clone(),
+        },
+    }
+}
