@@ -116,17 +116,26 @@ fn raw(dir: &std::path::Path, producers: usize, payload: usize, secs: f64) -> f6
     rate
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 fn main() {
     let secs: f64 = std::env::var("BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0);
+    let reps: usize = std::env::var("BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     // Both measured in the same directory tree, so on the same disk.
     let base = std::env::var("BENCH_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| std::env::temp_dir());
     println!(
-        "rocksdb append vs raw group-committed fdatasync in {}, {secs}s per cell",
+        "rocksdb append vs raw group-committed fdatasync in {}, {secs}s per run, median of {reps} paired runs",
         base.display()
     );
     println!(
@@ -135,17 +144,25 @@ fn main() {
     );
     for payload in [64usize, 4096] {
         for appenders in [1usize, 16, 256] {
-            let d1 = tempfile::tempdir_in(&base).expect("tempdir");
-            let d2 = tempfile::tempdir_in(&base).expect("tempdir");
-            let r = raw(d2.path(), appenders, payload, secs);
-            let o = ours(d1.path(), appenders, payload, secs);
+            // Paired runs, back to back, so drift on a shared machine hits
+            // both sides of each ratio alike.
+            let (mut os, mut rs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..reps {
+                let d1 = tempfile::tempdir_in(&base).expect("tempdir");
+                let d2 = tempfile::tempdir_in(&base).expect("tempdir");
+                let r = raw(d2.path(), appenders, payload, secs);
+                let o = ours(d1.path(), appenders, payload, secs);
+                os.push(o);
+                rs.push(r);
+                ratios.push(o / r);
+            }
             println!(
                 "{:>8} {:>10} | {:>14.0} | {:>14.0} | {:>6.2}",
                 payload,
                 appenders,
-                o,
-                r,
-                o / r
+                median(os),
+                median(rs),
+                median(ratios)
             );
             let _ = std::io::stdout().flush();
         }
