@@ -12,15 +12,21 @@
 //! - `log`: `group (u64 BE) ++ index (u64 BE)` → `crc32 (LE) ++ entry`; big-endian keys
 //!   so ranges scan in order; the checksum covers the key too, so a record
 //!   moved to another key is detected.
-//! - `meta`: `format` → format version; `group ++ "hs"` → hard state;
-//!   `group ++ "purged"` → the last purged log id. Each value checksummed.
+//! - `hard_state`: `group ++ "hs"` → term and vote.
+//! - `meta`: `format` → format version; `group ++ "purged"` → the last purged
+//!   log id; the state machine's applied id and snapshot metadata.
+//! - `sm`: state-machine data (see [`RocksStateMachine`]).
+//!
+//! Every value is checksummed.
 //!
 //! Durability: with [`RocksOptions::sync`] on (the default) every mutation's
 //! future completes only after its WAL write is synced. Purge and truncate
 //! update data and metadata in one batch, so any crash leaves a valid log.
-//! The WAL is replayed in absolute-consistency mode: a damaged WAL makes
+//! WAL recovery tolerates only a torn record at the tail (the write a crash
+//! interrupted, which was never acknowledged); damage anywhere else, or a
+//! WAL shorter than the size the MANIFEST recorded when it was synced, makes
 //! [`RocksDb::open`] fail with a typed error instead of silently dropping
-//! the records after the damage.
+//! records.
 
 mod codec;
 mod state_machine;
@@ -46,8 +52,9 @@ pub const FORMAT_VERSION: u32 = 1;
 
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
+const CF_HARD_STATE: &str = "hard_state";
 const CF_SM: &str = "sm";
-const COLUMN_FAMILIES: [&str; 3] = [CF_LOG, CF_META, CF_SM];
+const COLUMN_FAMILIES: [&str; 4] = [CF_LOG, CF_HARD_STATE, CF_META, CF_SM];
 const KEY_FORMAT: &[u8] = b"format";
 
 /// Tunables, with defaults suited to a Raft log (small sequential writes,
@@ -161,7 +168,12 @@ impl RocksDb {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.set_paranoid_checks(true);
-        opts.set_wal_recovery_mode(DBRecoveryMode::AbsoluteConsistency);
+        // A crash can tear the record being written at the WAL's tail: that
+        // record was never acknowledged, so tolerate it; damage anywhere
+        // else in a WAL fails the open. Synced WAL sizes are also recorded
+        // in the MANIFEST, so a WAL truncated at rest is detected.
+        opts.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
+        opts.set_track_and_verify_wals_in_manifest(true);
         opts.set_write_buffer_size(options.write_buffer_size);
         opts.set_manual_wal_flush(options.manual_wal_flush);
         let cache = Cache::new_lru_cache(options.block_cache_bytes);
@@ -239,11 +251,21 @@ impl RocksDb {
         group: u64,
         tag: &[u8],
     ) -> Result<Option<T>, RocksError> {
+        self.record_get(CF_META, group, tag)
+    }
+
+    /// Reads and verifies a checksummed record of `group` in column family `cf`.
+    pub(crate) fn record_get<T: serde::de::DeserializeOwned>(
+        &self,
+        cf: &'static str,
+        group: u64,
+        tag: &[u8],
+    ) -> Result<Option<T>, RocksError> {
         let key = codec::meta_key(group, tag);
         let value = self
             .shared
             .db
-            .get_cf(self.cf(CF_META)?, &key)
+            .get_cf(self.cf(cf)?, &key)
             .map_err(|source| RocksError::Db {
                 path: self.shared.path.clone(),
                 source,
@@ -481,7 +503,7 @@ impl<C: TypeConfig> LogStore<C> for RocksLogStore<C> {
         let key = codec::meta_key(self.group, codec::TAG_HARD_STATE);
         let value = codec::seal_record(&key, &hard_state).map_err(|d| self.corrupt(0, d))?;
         self.write(vec![Op::Put {
-            cf: CF_META,
+            cf: CF_HARD_STATE,
             key,
             value,
         }])
@@ -492,7 +514,7 @@ impl<C: TypeConfig> LogStore<C> for RocksLogStore<C> {
     async fn load_hard_state(&mut self) -> Result<HardState, StorageError> {
         Ok(self
             .db
-            .meta_get(self.group, codec::TAG_HARD_STATE)?
+            .record_get(CF_HARD_STATE, self.group, codec::TAG_HARD_STATE)?
             .unwrap_or_default())
     }
 }

@@ -106,6 +106,7 @@ fn bit_flips_and_truncation_are_detected_or_harmless_never_silent() {
     let (mut detected, mut harmless, mut cases) = (0, 0, 0);
     let mut kinds = std::collections::BTreeSet::new();
     let mut harmless_files = std::collections::BTreeSet::new();
+    let mut different: Vec<String> = Vec::new();
     for file in &files {
         let name = file
             .file_name()
@@ -164,6 +165,10 @@ fn bit_flips_and_truncation_are_detected_or_harmless_never_silent() {
         println!("  {k}");
     }
     assert!(detected > 0);
+    assert!(
+        different.is_empty(),
+        "opened with a different log and no error: {different:#?}"
+    );
 }
 
 #[test]
@@ -173,7 +178,8 @@ fn newer_format_version_is_refused() {
     {
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(false);
-        let db = rocksdb::DB::open_cf(&opts, dir.path(), ["log", "meta", "sm"]).expect("raw open");
+        let db = rocksdb::DB::open_cf(&opts, dir.path(), ["log", "hard_state", "meta", "sm"])
+            .expect("raw open");
         db.put_cf(
             db.cf_handle("meta").expect("meta"),
             b"format",
@@ -210,7 +216,7 @@ fn corrupt_record_names_its_index_and_the_node_refuses_to_start() {
         let db = rocksdb::DB::open_cf(
             &rocksdb::Options::default(),
             dir.path(),
-            ["log", "meta", "sm"],
+            ["log", "hard_state", "meta", "sm"],
         )
         .expect("raw open");
         let mut key = 1u64.to_be_bytes().to_vec();
@@ -245,7 +251,7 @@ fn a_hole_in_the_log_is_refused() {
         let db = rocksdb::DB::open_cf(
             &rocksdb::Options::default(),
             dir.path(),
-            ["log", "meta", "sm"],
+            ["log", "hard_state", "meta", "sm"],
         )
         .expect("raw open");
         let mut key = 1u64.to_be_bytes().to_vec();
