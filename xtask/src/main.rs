@@ -100,7 +100,10 @@ fn bench(extra: &[String]) -> Result<()> {
 /// What the build needs: a check, and the Debian package that satisfies it.
 /// RocksDB's bindings are generated with bindgen (clang + libclang) and its
 /// C++ is compiled from source.
-const NEEDS: &[(&str, fn() -> bool, &str)] = &[
+/// What is needed, how to check for it, and the package that provides it.
+type Need = (&'static str, fn() -> bool, &'static str);
+
+const NEEDS: &[Need] = &[
     ("a C compiler (cc)", || on_path("cc"), "gcc"),
     ("a C++ compiler (c++)", || on_path("c++"), "g++"),
     ("clang", || on_path("clang"), "clang"),
