@@ -106,7 +106,6 @@ fn bit_flips_and_truncation_are_detected_or_harmless_never_silent() {
     let (mut detected, mut harmless, mut cases) = (0, 0, 0);
     let mut kinds = std::collections::BTreeSet::new();
     let mut harmless_files = std::collections::BTreeSet::new();
-    let mut different: Vec<String> = Vec::new();
     for file in &files {
         let name = file
             .file_name()
@@ -165,10 +164,6 @@ fn bit_flips_and_truncation_are_detected_or_harmless_never_silent() {
         println!("  {k}");
     }
     assert!(detected > 0);
-    assert!(
-        different.is_empty(),
-        "opened with a different log and no error: {different:#?}"
-    );
 }
 
 #[test]
