@@ -1,0 +1,227 @@
+//! Mutual TLS for the cluster: every node presents a certificate signed by
+//! the cluster CA whose DNS name is `node-<id>.raft`, and checks its peer's.
+//! There is no plain-text or skip-verification mode.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use raft_core::NodeId;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use thiserror::Error;
+
+/// Why certificates could not be made, loaded or used.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("generating certificates: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: no usable {what} in PEM file")]
+    Pem { path: PathBuf, what: &'static str },
+    #[error("tls configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(String),
+}
+
+/// The DNS name a node's certificate carries and peers dial it by.
+pub fn node_name(id: NodeId) -> String {
+    format!("node-{id}.raft")
+}
+
+/// The node id in a certificate's DNS names, if it names exactly one node.
+pub fn node_id_of(cert: &CertificateDer<'_>) -> Option<NodeId> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => d
+            .strip_prefix("node-")?
+            .strip_suffix(".raft")?
+            .parse::<u64>()
+            .ok()
+            .map(NodeId),
+        _ => None,
+    });
+    let id = ids.next()?;
+    ids.next().is_none().then_some(id)
+}
+
+/// A development CA and one certificate per node, as PEM.
+pub struct DevCerts {
+    pub ca_pem: String,
+    /// Per node: certificate PEM and private key PEM.
+    pub nodes: BTreeMap<NodeId, (String, String)>,
+}
+
+impl DevCerts {
+    /// Generates a fresh CA and a certificate for each of `ids`.
+    pub fn generate(ids: impl IntoIterator<Item = NodeId>) -> Result<DevCerts, TlsError> {
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "raft development cluster CA");
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_key = KeyPair::generate()?;
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        let mut nodes = BTreeMap::new();
+        for id in ids {
+            let mut p = CertificateParams::new(vec![node_name(id)])?;
+            p.distinguished_name.push(DnType::CommonName, node_name(id));
+            let key = KeyPair::generate()?;
+            let cert = p.signed_by(&key, &issuer)?;
+            nodes.insert(id, (cert.pem(), key.serialize_pem()));
+        }
+        Ok(DevCerts {
+            ca_pem: ca_cert.pem(),
+            nodes,
+        })
+    }
+
+    /// Writes `ca.pem`, `node-<id>.pem` and `node-<id>-key.pem` into `dir`.
+    pub fn write_to(&self, dir: &Path) -> Result<(), TlsError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| TlsError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, &self.ca_pem).map_err(io(&ca))?;
+        for (id, (cert, key)) in &self.nodes {
+            let c = dir.join(format!("node-{id}.pem"));
+            std::fs::write(&c, cert).map_err(io(&c))?;
+            let k = dir.join(format!("node-{id}-key.pem"));
+            std::fs::write(&k, key).map_err(io(&k))?;
+        }
+        Ok(())
+    }
+
+    /// The identity of node `id`, in memory.
+    pub fn identity(&self, id: NodeId) -> Result<TlsIdentity, TlsError> {
+        let (cert, key) = self.nodes.get(&id).ok_or_else(|| TlsError::Pem {
+            path: PathBuf::from(format!("<generated node {id}>")),
+            what: "certificate for this node",
+        })?;
+        TlsIdentity::from_pem(
+            id,
+            self.ca_pem.as_bytes(),
+            cert.as_bytes(),
+            key.as_bytes(),
+            Path::new("<generated>"),
+        )
+    }
+}
+
+/// One node's CA, certificate and key.
+#[derive(Debug)]
+pub struct TlsIdentity {
+    pub id: NodeId,
+    ca: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for TlsIdentity {
+    fn clone(&self) -> Self {
+        TlsIdentity {
+            id: self.id,
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl TlsIdentity {
+    /// Loads `ca.pem`, `node-<id>.pem` and `node-<id>-key.pem` from `dir`.
+    pub fn load(dir: &Path, id: NodeId) -> Result<TlsIdentity, TlsError> {
+        let read = |name: String| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|source| TlsError::Io {
+                path: path.clone(),
+                source,
+            })
+        };
+        let ca = read("ca.pem".into())?;
+        let cert = read(format!("node-{id}.pem"))?;
+        let key = read(format!("node-{id}-key.pem"))?;
+        TlsIdentity::from_pem(id, &ca, &cert, &key, dir)
+    }
+
+    pub fn from_pem(
+        id: NodeId,
+        ca: &[u8],
+        cert: &[u8],
+        key: &[u8],
+        origin: &Path,
+    ) -> Result<TlsIdentity, TlsError> {
+        let pem_err = |what| TlsError::Pem {
+            path: origin.to_path_buf(),
+            what,
+        };
+        let ca: Vec<_> = CertificateDer::pem_slice_iter(ca)
+            .filter_map(Result::ok)
+            .collect();
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(cert)
+            .filter_map(Result::ok)
+            .collect();
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|_| pem_err("private key"))?;
+        if ca.is_empty() {
+            return Err(pem_err("CA certificate"));
+        }
+        if chain.is_empty() {
+            return Err(pem_err("node certificate"));
+        }
+        Ok(TlsIdentity { id, ca, chain, key })
+    }
+
+    fn roots(&self) -> Result<Arc<rustls::RootCertStore>, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in &self.ca {
+            roots.add(c.clone())?;
+        }
+        Ok(Arc::new(roots))
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// Server side: requires a client certificate from the cluster CA.
+    pub(crate) fn server_crypto(&self) -> Result<rustls::ServerConfig, TlsError> {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots()?,
+            Self::provider(),
+        )
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let mut c = rustls::ServerConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        c.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(c)
+    }
+
+    /// Client side: presents our certificate; the server's must come from
+    /// the cluster CA and name the node we dial.
+    pub(crate) fn client_crypto(&self) -> Result<rustls::ClientConfig, TlsError> {
+        let mut c = rustls::ClientConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        c.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(c)
+    }
+}
+
+/// The application protocol name, so a stray QUIC client is refused early.
+pub const ALPN: &[u8] = b"raft/1";
