@@ -685,17 +685,12 @@ impl<C: TypeConfig> Engine<C> {
             if self.read_round_wanted {
                 self.broadcast_heartbeat();
             }
-            if let Some(from) = self.unflushed.take() {
+            if self.unflushed.is_some() {
                 // Followers may receive entries before they are durable here
                 // (thesis §10.2.1): the leader counts itself only once
                 // `log_persisted` says so.
                 self.replicate_all();
-                let entries = self
-                    .log
-                    .range(from, self.log.last_index())
-                    .cloned()
-                    .collect();
-                self.actions.push(Action::AppendLog { entries });
+                self.flush_leader_entries();
             }
         }
         self.check_reads();
