@@ -1,0 +1,183 @@
+//! A small client of the HTTP API, used by the `raft-kv` subcommands.
+//! Redirects to the leader are followed; `503` (no leader yet) is retried
+//! for a few seconds.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::http::Status;
+
+/// Why a client call failed.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("request to {url} failed: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server answered with an error (`{"error", "message"}`).
+    #[error("{status}: {code}: {message}")]
+    Api {
+        status: StatusCode,
+        code: String,
+        message: String,
+    },
+    #[error("invalid endpoint `{0}`: expected http://host:port")]
+    Endpoint(String),
+}
+
+/// A client bound to one endpoint (any node of the cluster).
+pub struct Client {
+    http: reqwest::Client,
+    endpoint: String,
+}
+
+/// How long to keep retrying while the cluster has no leader.
+const RETRY_FOR: Duration = Duration::from_secs(5);
+
+impl Client {
+    pub fn new(endpoint: &str) -> Result<Client, ClientError> {
+        let endpoint = endpoint.trim_end_matches('/').to_string();
+        if !endpoint.starts_with("http://") {
+            return Err(ClientError::Endpoint(endpoint));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|source| ClientError::Http {
+                url: endpoint.clone(),
+                source,
+            })?;
+        Ok(Client { http, endpoint })
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Vec<u8>), ClientError> {
+        let url = format!("{}{path}", self.endpoint);
+        let deadline = tokio::time::Instant::now() + RETRY_FOR;
+        loop {
+            let mut req = self.http.request(method.clone(), &url);
+            if let Some(b) = &body {
+                req = req.body(b.clone());
+            }
+            let http_err = |source| ClientError::Http {
+                url: url.clone(),
+                source,
+            };
+            let resp = req.send().await.map_err(http_err)?;
+            let status = resp.status();
+            let bytes = resp.bytes().await.map_err(http_err)?.to_vec();
+            if status == StatusCode::SERVICE_UNAVAILABLE && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            return Ok((status, bytes));
+        }
+    }
+
+    fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+        let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let field = |f: &str| v.get(f).and_then(Value::as_str).unwrap_or("").to_string();
+        ClientError::Api {
+            status,
+            code: field("error"),
+            message: field("message"),
+        }
+    }
+
+    async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Value, ClientError> {
+        let (status, bytes) = self.call(method, path, body).await?;
+        if !status.is_success() {
+            return Err(Self::api_error(status, &bytes));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Api {
+            status,
+            code: "bad_response".into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// `PUT /v1/kv/{key}`: the JSON answer (`{"index": N}`).
+    pub async fn put(&self, key: &str, value: &[u8]) -> Result<Value, ClientError> {
+        self.json(Method::PUT, &kv_path(key), Some(value.to_vec()))
+            .await
+    }
+
+    /// `GET /v1/kv/{key}`: the value, or `None` for 404.
+    pub async fn get(&self, key: &str, stale: bool) -> Result<Option<Vec<u8>>, ClientError> {
+        let mut path = kv_path(key);
+        if stale {
+            path.push_str("?consistency=stale");
+        }
+        let (status, bytes) = self.call(Method::GET, &path, None).await?;
+        match status {
+            StatusCode::OK => Ok(Some(bytes)),
+            StatusCode::NOT_FOUND => match Self::api_error(status, &bytes) {
+                ClientError::Api { code, .. } if code == "key_not_found" => Ok(None),
+                other => Err(other),
+            },
+            _ => Err(Self::api_error(status, &bytes)),
+        }
+    }
+
+    /// `DELETE /v1/kv/{key}`: `{"index", "deleted"}`.
+    pub async fn delete(&self, key: &str) -> Result<Value, ClientError> {
+        self.json(Method::DELETE, &kv_path(key), None).await
+    }
+
+    /// `POST /v1/cas/{key}`: `{"succeeded", "current"}`.
+    pub async fn cas(
+        &self,
+        key: &str,
+        expected: Option<&str>,
+        new: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let body = serde_json::json!({ "expected": expected, "new": new }).to_string();
+        self.json(
+            Method::POST,
+            &format!("/v1/cas/{}", encode_key(key)),
+            Some(body.into_bytes()),
+        )
+        .await
+    }
+
+    /// `GET /v1/status` of the endpoint itself (not redirected).
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        let v = self.json(Method::GET, "/v1/status", None).await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Api {
+            status: StatusCode::OK,
+            code: "bad_response".into(),
+            message: e.to_string(),
+        })
+    }
+}
+
+fn kv_path(key: &str) -> String {
+    format!("/v1/kv/{}", encode_key(key))
+}
+
+/// Percent-encodes everything but unreserved characters and `/`.
+pub fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

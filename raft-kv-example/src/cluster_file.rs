@@ -1,0 +1,395 @@
+//! The cluster file: the initial members and every tunable, in TOML.
+//!
+//! ```toml
+//! [[node]]
+//! id = 1
+//! raft_addr = "127.0.0.1:7001"   # QUIC, node to node
+//! http_addr = "127.0.0.1:8001"   # client API
+//! data_dir = "data/1"            # optional; default data/<id>
+//! # ...one [[node]] table per member
+//!
+//! [tls]
+//! dir = "certs"                  # optional; default certs/ next to the file
+//!
+//! [raft]                         # every key optional; defaults shown
+//! election_timeout_ms = [150, 300]
+//! heartbeat_ms = 50
+//! snapshot_every = 10000         # entries applied between snapshots
+//! purge_keep = 1000              # entries kept behind a snapshot
+//! max_inflight = 8               # AppendEntries in flight per follower
+//! max_entries_per_message = 512
+//!
+//! [limits]                       # every key optional; defaults shown
+//! max_key_bytes = 4096
+//! max_value_bytes = 1048576
+//! request_timeout_ms = 5000      # after this a proposal's outcome is unknown (504)
+//! ```
+//!
+//! Relative paths are relative to the file. Any error names the file, the
+//! line and the field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use raft_core::{Config, NodeId};
+use serde::Deserialize;
+use thiserror::Error;
+use toml::Spanned;
+
+use crate::types::NodeAddr;
+
+/// A parsed and validated cluster file.
+#[derive(Clone, Debug)]
+pub struct ClusterFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    pub nodes: BTreeMap<NodeId, NodeEntry>,
+    /// Holds `ca.pem`, `node-<id>.pem`, `node-<id>-key.pem`.
+    pub tls_dir: PathBuf,
+    /// The engine settings (validated).
+    pub raft: Config,
+    pub limits: Limits,
+}
+
+/// One `[[node]]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeEntry {
+    pub id: NodeId,
+    pub raft_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+impl NodeEntry {
+    /// The address stored in membership entries.
+    pub fn addr(&self) -> NodeAddr {
+        NodeAddr {
+            raft_addr: self.raft_addr.to_string(),
+            http_addr: self.http_addr.to_string(),
+        }
+    }
+}
+
+/// Request limits of the HTTP API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    /// How long a write or linearizable read may take before the node
+    /// answers 504 (outcome unknown).
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_key_bytes: 4096,
+            max_value_bytes: 1 << 20,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a cluster file was refused.
+#[derive(Debug, Error)]
+pub enum ClusterFileError {
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(Located),
+}
+
+/// An error at a place in the file.
+#[derive(Debug)]
+pub struct Located {
+    pub path: PathBuf,
+    /// 1-based; `None` when the error concerns the whole file.
+    pub line: Option<usize>,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Located {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if self.field.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": `{}`: {}", self.field, self.message)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    node: Vec<RawNode>,
+    tls: Option<RawTls>,
+    raft: Option<Spanned<RawRaft>>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    id: Spanned<u64>,
+    raft_addr: Spanned<String>,
+    http_addr: Spanned<String>,
+    data_dir: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    dir: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRaft {
+    election_timeout_ms: Option<[u64; 2]>,
+    heartbeat_ms: Option<u64>,
+    snapshot_every: Option<u64>,
+    purge_keep: Option<u64>,
+    max_inflight: Option<usize>,
+    max_entries_per_message: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_key_bytes: Option<Spanned<u64>>,
+    max_value_bytes: Option<Spanned<u64>>,
+    request_timeout_ms: Option<Spanned<u64>>,
+}
+
+impl ClusterFile {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<ClusterFile, ClusterFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ClusterFileError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        ClusterFile::parse(path, &text)
+    }
+
+    /// Parses `text` as if read from `path` (relative paths resolve against
+    /// its directory).
+    pub fn parse(path: &Path, text: &str) -> Result<ClusterFile, ClusterFileError> {
+        let at = |span: Option<Range<usize>>, field: &str, message: String| {
+            ClusterFileError::Invalid(Located {
+                path: path.to_path_buf(),
+                line: span.map(|s| line_of(text, s.start)),
+                field: field.to_string(),
+                message,
+            })
+        };
+        let raw: RawFile =
+            toml::from_str(text).map_err(|e| at(e.span(), "", e.message().trim().to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
+        let resolve = |p: &str| base.join(p);
+
+        if raw.node.is_empty() {
+            return Err(at(None, "node", "at least one [[node]] is required".into()));
+        }
+        let mut nodes = BTreeMap::new();
+        for n in raw.node {
+            let id = NodeId(*n.id.get_ref());
+            if id.0 == 0 {
+                return Err(at(Some(n.id.span()), "id", "node ids start at 1".into()));
+            }
+            let addr = |s: &Spanned<String>, field: &str| {
+                s.get_ref().parse::<SocketAddr>().map_err(|e| {
+                    at(
+                        Some(s.span()),
+                        field,
+                        format!("`{}` is not an ip:port address: {e}", s.get_ref()),
+                    )
+                })
+            };
+            let entry = NodeEntry {
+                id,
+                raft_addr: addr(&n.raft_addr, "raft_addr")?,
+                http_addr: addr(&n.http_addr, "http_addr")?,
+                data_dir: resolve(n.data_dir.as_deref().unwrap_or(&format!("data/{id}"))),
+            };
+            if nodes.insert(id, entry).is_some() {
+                return Err(at(
+                    Some(n.id.span()),
+                    "id",
+                    format!("node {id} is listed twice"),
+                ));
+            }
+        }
+        let mut seen = BTreeMap::new();
+        for n in nodes.values() {
+            for a in [n.raft_addr, n.http_addr] {
+                if let Some(other) = seen.insert(a, n.id) {
+                    return Err(at(
+                        None,
+                        "node",
+                        format!("address {a} is used by node {other} and node {}", n.id),
+                    ));
+                }
+            }
+        }
+
+        let tls_dir = resolve(raw.tls.and_then(|t| t.dir).as_deref().unwrap_or("certs"));
+
+        let mut raft = Config::default();
+        if let Some(r) = raw.raft {
+            let span = r.span();
+            let r = r.into_inner();
+            if let Some([min, max]) = r.election_timeout_ms {
+                raft.election_timeout_min_ms = min;
+                raft.election_timeout_max_ms = max;
+            }
+            raft.heartbeat_interval_ms = r.heartbeat_ms.unwrap_or(raft.heartbeat_interval_ms);
+            raft.snapshot_every = r.snapshot_every.unwrap_or(raft.snapshot_every);
+            raft.purge_keep = r.purge_keep.unwrap_or(raft.purge_keep);
+            raft.max_inflight = r.max_inflight.unwrap_or(raft.max_inflight);
+            raft.max_entries_per_message = r
+                .max_entries_per_message
+                .unwrap_or(raft.max_entries_per_message);
+            raft = raft
+                .validate()
+                .map_err(|e| at(Some(span), "raft", e.to_string()))?;
+        }
+
+        let mut limits = Limits::default();
+        if let Some(l) = raw.limits {
+            let positive = |v: &Spanned<u64>, field: &str| match *v.get_ref() {
+                0 => Err(at(Some(v.span()), field, "must be > 0".into())),
+                n => Ok(n),
+            };
+            if let Some(v) = &l.max_key_bytes {
+                limits.max_key_bytes = positive(v, "max_key_bytes")? as usize;
+            }
+            if let Some(v) = &l.max_value_bytes {
+                limits.max_value_bytes = positive(v, "max_value_bytes")? as usize;
+            }
+            if let Some(v) = &l.request_timeout_ms {
+                limits.request_timeout = Duration::from_millis(positive(v, "request_timeout_ms")?);
+            }
+        }
+
+        Ok(ClusterFile {
+            path: path.to_path_buf(),
+            nodes,
+            tls_dir,
+            raft,
+            limits,
+        })
+    }
+
+    /// The entry of node `id`.
+    pub fn node(&self, id: NodeId) -> Option<&NodeEntry> {
+        self.nodes.get(&id)
+    }
+
+    /// The members as the initial membership.
+    pub fn members(&self) -> BTreeMap<NodeId, NodeAddr> {
+        self.nodes.iter().map(|(id, n)| (*id, n.addr())).collect()
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[node]]
+id = 1
+raft_addr = "127.0.0.1:7001"
+http_addr = "127.0.0.1:8001"
+
+[[node]]
+id = 2
+raft_addr = "127.0.0.1:7002"
+http_addr = "127.0.0.1:8002"
+data_dir = "/var/lib/kv2"
+
+[raft]
+election_timeout_ms = [300, 600]
+"#;
+
+    fn parse(text: &str) -> Result<ClusterFile, ClusterFileError> {
+        ClusterFile::parse(Path::new("/etc/kv/cluster.toml"), text)
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).expect_err("must be refused").to_string()
+    }
+
+    #[test]
+    fn defaults_resolve_relative_to_the_file() {
+        let f = parse(GOOD).expect("valid");
+        assert_eq!(f.nodes.len(), 2);
+        assert_eq!(f.nodes[&NodeId(1)].data_dir, Path::new("/etc/kv/data/1"));
+        assert_eq!(f.nodes[&NodeId(2)].data_dir, Path::new("/var/lib/kv2"));
+        assert_eq!(f.tls_dir, Path::new("/etc/kv/certs"));
+        assert_eq!(f.raft.election_timeout_min_ms, 300);
+        assert_eq!(f.raft.heartbeat_interval_ms, 50);
+        assert_eq!(f.limits, Limits::default());
+    }
+
+    #[test]
+    fn a_bad_address_names_its_line_and_field() {
+        let e = error(&GOOD.replace("127.0.0.1:8002", "localhost"));
+        assert_eq!(
+            e,
+            "/etc/kv/cluster.toml:10: `http_addr`: `localhost` is not an ip:port address: invalid socket address syntax"
+        );
+    }
+
+    #[test]
+    fn a_duplicate_id_names_its_line() {
+        let e = error(&GOOD.replace("id = 2", "id = 1"));
+        assert!(
+            e.starts_with("/etc/kv/cluster.toml:8: `id`: node 1 is listed twice"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_field_and_a_wrong_type_name_their_lines() {
+        let e = error(&GOOD.replace("data_dir =", "datadir ="));
+        assert!(e.starts_with("/etc/kv/cluster.toml:11:"), "{e}");
+        assert!(e.contains("datadir"), "{e}");
+        let e = error(&GOOD.replace("id = 2", "id = \"two\""));
+        assert!(e.starts_with("/etc/kv/cluster.toml:8:"), "{e}");
+    }
+
+    #[test]
+    fn invalid_raft_timings_are_refused() {
+        let e = error(&GOOD.replace("[300, 600]", "[600, 300]"));
+        assert!(e.starts_with("/etc/kv/cluster.toml:13: `raft`:"), "{e}");
+    }
+
+    #[test]
+    fn zero_limits_and_missing_nodes_are_refused() {
+        let e = error(&format!("{GOOD}\n[limits]\nmax_value_bytes = 0\n"));
+        assert!(e.contains(":17: `max_value_bytes`: must be > 0"), "{e}");
+        assert!(error("").contains("at least one [[node]]"));
+    }
+}

@@ -1,0 +1,413 @@
+//! The client API over HTTP/1.1.
+//!
+//! | method and path | answer |
+//! |---|---|
+//! | `PUT /v1/kv/{key}` (body: the raw value) | 200 `{"index": N}` once committed and applied |
+//! | `GET /v1/kv/{key}[?consistency=stale]` | 200 with the raw value, or 404; linearizable (ReadIndex) unless `stale` |
+//! | `DELETE /v1/kv/{key}` | 200 `{"index": N, "deleted": bool}` |
+//! | `POST /v1/cas/{key}` `{"expected": s\|null, "new": s\|null}` | 200 `{"succeeded": bool, "current": s\|null}` |
+//! | `GET /v1/status` | the node's role, term, leader, indices and members |
+//! | `GET /metrics` | Prometheus text |
+//!
+//! A node that does not lead answers writes and linearizable reads with
+//! `307` and a `Location` on the leader's `http_addr`; with no known leader,
+//! `503` and `Retry-After`. Errors are `{"error": code, "message": text}`:
+//! 400 malformed input, 404 unknown path or key, 405 wrong method, 413 key or
+//! value too large, 503 unavailable, 504 outcome unknown.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::FromRequestParts;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use raft_core::{LogIndex, NodeId, Raft, RaftError, Role};
+use raft_storage_rocksdb::RocksReader;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::cluster_file::Limits;
+use crate::metrics::{Metrics, role_name};
+use crate::types::{Command, Kv, NodeAddr, Response as KvResponse};
+
+/// The `{key}` of a path, percent-decoded; a key that is not valid UTF-8
+/// after decoding is a 400 like any other malformed input.
+struct Key(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Key {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Key, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(k)| Key(k))
+            .map_err(|e| ApiError::bad_request(format!("invalid key: {}", e.body_text())))
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub raft: Raft<Kv>,
+    pub reader: RocksReader,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    // The body limit is checked by the handlers (413 as JSON); the extractor
+    // stops reading one byte past it.
+    let body_limit = state.limits.max_value_bytes.saturating_mul(2).max(64 << 10);
+    Router::new()
+        .route(
+            "/v1/kv/{*key}",
+            get(get_key).put(put_key).delete(delete_key),
+        )
+        .route("/v1/cas/{*key}", post(cas))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such path") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this path",
+            )
+        })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// An error answer: `{"error": code, "message": text}` with a status, and
+/// the headers a redirect or retry needs.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    location: Option<String>,
+    retry_after: bool,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            location: None,
+            retry_after: false,
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn too_large(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+    }
+
+    fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError {
+            retry_after: true,
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        }
+    }
+
+    fn unknown_outcome(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::GATEWAY_TIMEOUT, "outcome_unknown", message)
+    }
+
+    /// Maps an engine error for the request at `uri`.
+    fn from_raft(e: RaftError<NodeAddr>, uri: &Uri) -> ApiError {
+        match e {
+            RaftError::NotLeader(nl) => match nl.leader_node {
+                Some(leader) => {
+                    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+                    ApiError {
+                        location: Some(format!("http://{}{path}", leader.http_addr)),
+                        ..ApiError::new(
+                            StatusCode::TEMPORARY_REDIRECT,
+                            "not_leader",
+                            format!("node {} leads", nl.leader_id.map_or(0, |id| id.0)),
+                        )
+                    }
+                }
+                None => ApiError::unavailable("no leader is known; retry shortly"),
+            },
+            RaftError::TransferInProgress => {
+                ApiError::unavailable("leadership is being transferred; retry shortly")
+            }
+            // Definitely not applied: safe to retry.
+            RaftError::ProposalDropped => ApiError::unavailable(
+                "leadership changed before the write committed; it was not applied",
+            ),
+            RaftError::OutcomeUnknown => ApiError::unknown_outcome(e.to_string()),
+            RaftError::Refused(_) | RaftError::Initialize(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            }
+            // The node stopped while the request was in flight: a proposal
+            // may already be in other nodes' logs.
+            RaftError::Fatal(_) | RaftError::Shutdown => ApiError::unknown_outcome(e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = axum::Json(json!({ "error": self.code, "message": self.message }));
+        let mut resp = (self.status, body).into_response();
+        if let Some(loc) = self.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+            resp.headers_mut().insert(header::LOCATION, loc);
+        }
+        if self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+impl AppState {
+    fn check_key(&self, key: &str) -> Result<(), ApiError> {
+        if key.is_empty() {
+            return Err(ApiError::bad_request("the key is empty"));
+        }
+        if key.len() > self.limits.max_key_bytes {
+            return Err(ApiError::too_large(format!(
+                "key of {} bytes exceeds the {}-byte limit",
+                key.len(),
+                self.limits.max_key_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, len: usize) -> Result<(), ApiError> {
+        if len > self.limits.max_value_bytes {
+            return Err(ApiError::too_large(format!(
+                "value of {len} bytes exceeds the {}-byte limit",
+                self.limits.max_value_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Proposes `command` and waits for its response, or answers 504 once
+    /// the request timeout passes (the proposal may still commit).
+    async fn write(&self, command: Command, uri: &Uri) -> Result<(LogIndex, KvResponse), ApiError> {
+        self.metrics.proposals.fetch_add(1, Relaxed);
+        let result =
+            tokio::time::timeout(self.limits.request_timeout, self.raft.client_write(command))
+                .await;
+        let outcome = match result {
+            Ok(Ok((log_id, resp))) => Ok((log_id.index, resp)),
+            Ok(Err(e)) => Err(ApiError::from_raft(e, uri)),
+            Err(_) => Err(ApiError::unknown_outcome(
+                "timed out after proposing; the write may or may not be applied",
+            )),
+        };
+        if outcome.is_err() {
+            self.metrics.proposals_failed.fetch_add(1, Relaxed);
+        }
+        outcome
+    }
+
+    /// Waits until a read of the local state machine is linearizable.
+    async fn linearize(&self, uri: &Uri) -> Result<(), ApiError> {
+        self.metrics.reads.fetch_add(1, Relaxed);
+        let result =
+            tokio::time::timeout(self.limits.request_timeout, self.raft.ensure_linearizable())
+                .await;
+        let outcome = match result {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(ApiError::from_raft(e, uri)),
+            Err(_) => Err(ApiError::unavailable(
+                "could not confirm leadership in time",
+            )),
+        };
+        if outcome.is_err() {
+            self.metrics.reads_failed.fetch_add(1, Relaxed);
+        }
+        outcome
+    }
+
+    fn read(&self, key: &str) -> Result<Option<Vec<u8>>, ApiError> {
+        self.reader
+            .get(key.as_bytes())
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()))
+    }
+}
+
+fn body_or_error(body: Result<Bytes, BytesRejection>, state: &AppState) -> Result<Bytes, ApiError> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(format!(
+                "body exceeds the {}-byte value limit",
+                state.limits.max_value_bytes
+            ))
+        } else {
+            ApiError::bad_request(r.body_text())
+        }
+    })?;
+    state.check_value(body.len())?;
+    Ok(body)
+}
+
+async fn put_key(
+    State(state): State<AppState>,
+    Key(key): Key,
+    uri: Uri,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    state.check_key(&key)?;
+    let value = body_or_error(body, &state)?;
+    let command = Command::Put {
+        key,
+        value: serde_bytes::ByteBuf::from(value.to_vec()),
+    };
+    let (index, _) = state.write(command, &uri).await?;
+    Ok(axum::Json(json!({ "index": index.0 })).into_response())
+}
+
+#[derive(Deserialize)]
+struct ReadParams {
+    consistency: Option<String>,
+}
+
+async fn get_key(
+    State(state): State<AppState>,
+    Key(key): Key,
+    params: Result<Query<ReadParams>, QueryRejection>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    state.check_key(&key)?;
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    match params.consistency.as_deref() {
+        None | Some("linearizable") => state.linearize(&uri).await?,
+        Some("stale") => {}
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "consistency must be `linearizable` or `stale`, not `{other}`"
+            )));
+        }
+    }
+    match state.read(&key)? {
+        Some(v) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "key_not_found",
+            format!("no key `{key}`"),
+        )),
+    }
+}
+
+async fn delete_key(
+    State(state): State<AppState>,
+    Key(key): Key,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    state.check_key(&key)?;
+    let (index, resp) = state.write(Command::Delete { key }, &uri).await?;
+    let deleted = matches!(resp, KvResponse::Deleted(true));
+    Ok(axum::Json(json!({ "index": index.0, "deleted": deleted })).into_response())
+}
+
+/// The CAS body; both fields are required (`null` is a value, not a default).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CasRequest {
+    #[serde(deserialize_with = "Option::deserialize")]
+    expected: Option<String>,
+    #[serde(deserialize_with = "Option::deserialize")]
+    new: Option<String>,
+}
+
+#[derive(Serialize)]
+struct CasAnswer {
+    succeeded: bool,
+    current: Option<String>,
+}
+
+async fn cas(
+    State(state): State<AppState>,
+    Key(key): Key,
+    uri: Uri,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    state.check_key(&key)?;
+    let body = body_or_error(body, &state)?;
+    let req: CasRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid CAS body: {e}")))?;
+    for v in [&req.expected, &req.new].into_iter().flatten() {
+        state.check_value(v.len())?;
+    }
+    let bytes = |v: Option<String>| v.map(|s| serde_bytes::ByteBuf::from(s.into_bytes()));
+    let command = Command::Cas {
+        key,
+        expected: bytes(req.expected),
+        new: bytes(req.new),
+    };
+    let (_, resp) = state.write(command, &uri).await?;
+    let KvResponse::Cas { succeeded, current } = resp else {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected response to CAS",
+        ));
+    };
+    // Values written through CAS are UTF-8; one written by PUT may not be.
+    let current = current.map(|v| String::from_utf8_lossy(&v).into_owned());
+    Ok(axum::Json(CasAnswer { succeeded, current }).into_response())
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub id: u64,
+    pub role: String,
+    pub term: u64,
+    pub leader_id: Option<u64>,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+}
+
+async fn status(State(state): State<AppState>) -> Response {
+    let m = state.raft.metrics().borrow().clone();
+    let ids = |s: std::collections::BTreeSet<NodeId>| s.into_iter().map(|id| id.0).collect();
+    let role = match m.role {
+        Role::PreCandidate => "candidate",
+        r => role_name(r),
+    };
+    axum::Json(Status {
+        id: m.id.0,
+        role: role.into(),
+        term: m.term.0,
+        leader_id: m.leader_id.map(|id| id.0),
+        commit_index: m.commit_index.0,
+        applied_index: m.applied_index.0,
+        last_log_index: m.last_log_index.0,
+        voters: ids(m.membership.voter_ids()),
+        learners: ids(m.membership.learner_ids()),
+    })
+    .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let m = state.raft.metrics().borrow().clone();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(&m),
+    )
+        .into_response()
+}

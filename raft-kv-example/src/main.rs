@@ -1,0 +1,223 @@
+//! `raft-kv`: run a node of the replicated key-value service, create its
+//! development certificates, or talk to a running cluster.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use raft_core::NodeId;
+use raft_kv_example::client::Client;
+use raft_kv_example::{ClusterFile, Node};
+use raft_transport_quic::tls::DevCerts;
+
+#[derive(Parser)]
+#[command(
+    name = "raft-kv",
+    version,
+    about = "A replicated key-value service on Raft"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run node N of the cluster described by the file.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        id: u64,
+    },
+    /// Write a development CA and one certificate per node of the file.
+    Certs {
+        #[arg(long)]
+        config: PathBuf,
+        /// Default: the file's TLS dir (`certs/` next to it unless `[tls] dir` says otherwise).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Set KEY to VALUE.
+    Put {
+        key: String,
+        value: String,
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: String,
+    },
+    /// Print KEY's value (linearizable unless --stale).
+    Get {
+        key: String,
+        #[arg(long)]
+        stale: bool,
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: String,
+    },
+    /// Delete KEY.
+    Delete {
+        key: String,
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: String,
+    },
+    /// Set KEY to NEW if it holds EXPECTED (`--absent` / `--delete` for none).
+    Cas {
+        key: String,
+        expected: Option<String>,
+        new: Option<String>,
+        /// Succeed only if KEY is absent (instead of EXPECTED).
+        #[arg(long)]
+        absent: bool,
+        /// Delete KEY on success (instead of NEW).
+        #[arg(long)]
+        delete: bool,
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: String,
+    },
+    /// Print the node's status.
+    Status {
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: String,
+    },
+}
+
+const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:8001";
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("raft-kv: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("raft-kv: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Serve { config, id } => {
+            let file = ClusterFile::load(&config)?;
+            let node = Node::start(&file, NodeId(id)).await?;
+            node.run_until(shutdown_signal()).await;
+            Ok(())
+        }
+        Cmd::Certs { config, out } => {
+            let file = ClusterFile::load(&config)?;
+            let dir = out.unwrap_or_else(|| file.tls_dir.clone());
+            let certs = DevCerts::generate(file.nodes.keys().copied())?;
+            certs.write_to(&dir)?;
+            println!(
+                "wrote ca.pem and certificates for {} nodes to {}",
+                file.nodes.len(),
+                dir.display()
+            );
+            Ok(())
+        }
+        Cmd::Put {
+            key,
+            value,
+            endpoint,
+        } => {
+            let r = Client::new(&endpoint)?.put(&key, value.as_bytes()).await?;
+            println!("{r}");
+            Ok(())
+        }
+        Cmd::Get {
+            key,
+            stale,
+            endpoint,
+        } => {
+            match Client::new(&endpoint)?.get(&key, stale).await? {
+                Some(v) => println!("{}", String::from_utf8_lossy(&v)),
+                None => anyhow::bail!("key `{key}` not found"),
+            }
+            Ok(())
+        }
+        Cmd::Delete { key, endpoint } => {
+            println!("{}", Client::new(&endpoint)?.delete(&key).await?);
+            Ok(())
+        }
+        Cmd::Cas {
+            key,
+            expected,
+            new,
+            absent,
+            delete,
+            endpoint,
+        } => {
+            let (expected, new) = cas_args(expected, new, absent, delete)?;
+            let r = Client::new(&endpoint)?
+                .cas(&key, expected.as_deref(), new.as_deref())
+                .await?;
+            println!("{r}");
+            Ok(())
+        }
+        Cmd::Status { endpoint } => {
+            let s = Client::new(&endpoint)?.status().await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&s).context("encoding status")?
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `cas KEY EXPECTED NEW`, `cas KEY --absent NEW`, `cas KEY EXPECTED --delete`.
+fn cas_args(
+    first: Option<String>,
+    second: Option<String>,
+    absent: bool,
+    delete: bool,
+) -> Result<(Option<String>, Option<String>)> {
+    let mut given = [first, second].into_iter().flatten();
+    let expected = if absent {
+        None
+    } else {
+        Some(given.next().context("missing EXPECTED (or --absent)")?)
+    };
+    let new = if delete {
+        None
+    } else {
+        Some(given.next().context("missing NEW (or --delete)")?)
+    };
+    anyhow::ensure!(given.next().is_none(), "too many values for cas");
+    Ok((expected, new))
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

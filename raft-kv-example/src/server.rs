@@ -1,0 +1,160 @@
+//! One node of the service: RocksDB storage, the QUIC transport, the Raft
+//! driver and the HTTP API, started together and stopped together.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use raft_core::{NodeId, Raft, RaftError, StartError};
+use raft_storage_rocksdb::{RocksDb, RocksError, RocksOptions, RocksStateMachine};
+use raft_transport_quic::tls::{TlsError, TlsIdentity};
+use raft_transport_quic::{QuicConfig, QuicTransport, TransportError};
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::cluster_file::ClusterFile;
+use crate::http::{AppState, router};
+use crate::logic::KvLogic;
+use crate::metrics::{MeteredLogStore, MeteredNetworkFactory, Metrics};
+use crate::types::{Kv, NodeAddr};
+
+/// The Raft group id of the service's one group in its RocksDB.
+const GROUP: u64 = 1;
+
+/// Why a node could not start or stopped with an error.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("node {0} is not listed in the cluster file")]
+    UnknownNode(NodeId),
+    #[error("storage: {0}")]
+    Rocks(#[from] RocksError),
+    #[error("state machine: {0}")]
+    Storage(#[from] raft_core::StorageError),
+    #[error("TLS: {0} (run `raft-kv certs --config FILE` to create development certificates)")]
+    Tls(#[from] TlsError),
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    #[error("starting raft: {0}")]
+    Start(#[from] StartError),
+    #[error("bootstrapping the cluster: {0}")]
+    Bootstrap(RaftError<NodeAddr>),
+    #[error("HTTP on {addr}: {source}")]
+    Http {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running node.
+pub struct Node {
+    pub raft: Raft<Kv>,
+    /// Where the HTTP API listens (useful when the file said port 0).
+    pub http_addr: std::net::SocketAddr,
+    transport: QuicTransport,
+    http: tokio::task::JoinHandle<Result<(), std::io::Error>>,
+    stop_http: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Node {
+    /// Starts node `id` of `file`: recovers from its data dir, or on first
+    /// start bootstraps the file's members as the initial voters.
+    pub async fn start(file: &ClusterFile, id: NodeId) -> Result<Node, ServeError> {
+        let me = file.node(id).ok_or(ServeError::UnknownNode(id))?;
+        let metrics = Arc::new(Metrics::default());
+
+        let db = RocksDb::open(&me.data_dir, RocksOptions::default())?;
+        let log = MeteredLogStore {
+            inner: db.log_store::<Kv>(GROUP)?,
+            metrics: metrics.clone(),
+        };
+        let sm = RocksStateMachine::open(&db, GROUP, KvLogic)?;
+        let reader = sm.reader();
+
+        let identity = TlsIdentity::load(&file.tls_dir, id)?;
+        let transport = QuicTransport::bind(
+            QuicConfig {
+                bind: me.raft_addr,
+                ..QuicConfig::default()
+            },
+            identity,
+        )?;
+        let network = MeteredNetworkFactory {
+            inner: transport.network_factory::<Kv>(),
+            metrics: metrics.clone(),
+        };
+        let raft = Raft::start(id, file.raft.clone(), log, sm, network).await?;
+        transport.serve(raft.clone());
+        metrics.watch(raft.metrics());
+
+        let pristine = {
+            let m = raft.metrics().borrow().clone();
+            m.term.0 == 0 && m.last_log_index.0 == 0 && m.snapshot.is_none()
+        };
+        if pristine {
+            match raft.initialize(file.members()).await {
+                Ok(()) => info!(node = %id, members = file.nodes.len(), "bootstrapped the cluster"),
+                // A peer reached us first: we are part of the cluster already.
+                Err(RaftError::Initialize(e)) => {
+                    info!(node = %id, reason = %e, "not bootstrapping")
+                }
+                Err(e) => return Err(ServeError::Bootstrap(e)),
+            }
+        }
+
+        let listener = tokio::net::TcpListener::bind(me.http_addr)
+            .await
+            .map_err(|source| ServeError::Http {
+                addr: me.http_addr,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| ServeError::Http {
+            addr: me.http_addr,
+            source,
+        })?;
+        let app = router(AppState {
+            raft: raft.clone(),
+            reader,
+            limits: file.limits.clone(),
+            metrics,
+        });
+        let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        info!(node = %id, raft = %me.raft_addr, http = %http_addr, "serving");
+        Ok(Node {
+            raft,
+            http_addr,
+            transport,
+            http,
+            stop_http,
+        })
+    }
+
+    /// Runs until `signal` resolves, then stops cleanly.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+        signal.await;
+        self.stop().await;
+    }
+
+    /// Stops serving clients, then the Raft node, then the transport.
+    pub async fn stop(self) {
+        let _ = self.stop_http.send(());
+        // In-flight requests get a moment to finish; a client that keeps its
+        // connection open does not hold the shutdown hostage.
+        if tokio::time::timeout(Duration::from_secs(2), self.http)
+            .await
+            .is_err()
+        {
+            warn!("HTTP connections still open at shutdown; closing them");
+        }
+        self.raft.shutdown().await;
+        self.transport.close().await;
+        info!("stopped");
+    }
+}

@@ -1,0 +1,80 @@
+//! The service's vocabulary: what is replicated, what applying it answers,
+//! and how a member is addressed.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use raft_core::TypeConfig;
+use raft_transport_quic::QuicAddr;
+use serde::{Deserialize, Serialize};
+
+/// The service's [`TypeConfig`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kv;
+
+impl TypeConfig for Kv {
+    type Command = Command;
+    type Response = Response;
+    type Node = NodeAddr;
+
+    fn command_size(command: &Command) -> usize {
+        let opt = |v: &Option<serde_bytes::ByteBuf>| v.as_ref().map_or(0, |v| v.len());
+        match command {
+            Command::Put { key, value } => key.len() + value.len(),
+            Command::Delete { key } => key.len(),
+            Command::Cas { key, expected, new } => key.len() + opt(expected) + opt(new),
+        }
+    }
+}
+
+/// One replicated operation. Keys are UTF-8 (they travel in URL paths);
+/// values are arbitrary bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Put {
+        key: String,
+        value: serde_bytes::ByteBuf,
+    },
+    Delete {
+        key: String,
+    },
+    /// Compare-and-set: `expected: None` means the key must be absent;
+    /// `new: None` deletes it.
+    Cas {
+        key: String,
+        expected: Option<serde_bytes::ByteBuf>,
+        new: Option<serde_bytes::ByteBuf>,
+    },
+}
+
+/// What applying a [`Command`] answered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Response {
+    /// For blank and membership entries.
+    #[default]
+    None,
+    Put,
+    /// Whether the key existed.
+    Deleted(bool),
+    /// Whether the swap happened, and the key's value after the operation.
+    Cas {
+        succeeded: bool,
+        current: Option<Vec<u8>>,
+    },
+}
+
+/// How a member is reached: its QUIC address for peers and its HTTP address
+/// for clients (redirects point there). Stored in membership entries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAddr {
+    pub raft_addr: String,
+    pub http_addr: String,
+}
+
+impl QuicAddr for NodeAddr {
+    fn quic_addr(&self) -> Option<SocketAddr> {
+        self.raft_addr
+            .parse()
+            .ok()
+            .or_else(|| self.raft_addr.to_socket_addrs().ok()?.next())
+    }
+}

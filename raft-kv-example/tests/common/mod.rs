@@ -1,0 +1,128 @@
+//! A local cluster of in-process nodes on 127.0.0.1, over real QUIC and
+//! RocksDB, for the HTTP API tests.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use raft_core::{NodeId, Role};
+use raft_kv_example::{ClusterFile, Node};
+use raft_transport_quic::tls::DevCerts;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub file: ClusterFile,
+    pub nodes: BTreeMap<NodeId, Node>,
+}
+
+/// A port no one listens on right now, for both UDP and TCP.
+fn free_port() -> u16 {
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let port = udp.local_addr().expect("addr").port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl Cluster {
+    /// Writes a cluster file of `n` nodes (plus `extra` TOML), certificates,
+    /// and starts every node.
+    pub async fn start(n: u64, extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut text = String::new();
+        for id in 1..=n {
+            text.push_str(&format!(
+                "[[node]]\nid = {id}\nraft_addr = \"{}\"\nhttp_addr = \"{}\"\n\n",
+                addr(free_port()),
+                addr(free_port())
+            ));
+        }
+        text.push_str(extra);
+        let path = dir.path().join("cluster.toml");
+        std::fs::write(&path, &text).expect("write cluster file");
+        let file = ClusterFile::load(&path).expect("valid cluster file");
+        DevCerts::generate(file.nodes.keys().copied())
+            .expect("certs")
+            .write_to(&file.tls_dir)
+            .expect("write certs");
+        let mut cluster = Cluster {
+            dir,
+            file,
+            nodes: BTreeMap::new(),
+        };
+        for id in 1..=n {
+            cluster.start_node(NodeId(id)).await;
+        }
+        cluster
+    }
+
+    pub async fn start_node(&mut self, id: NodeId) {
+        let node = Node::start(&self.file, id).await.expect("node starts");
+        self.nodes.insert(id, node);
+    }
+
+    pub async fn stop_node(&mut self, id: NodeId) {
+        if let Some(node) = self.nodes.remove(&id) {
+            node.stop().await;
+        }
+    }
+
+    pub fn endpoint(&self, id: NodeId) -> String {
+        format!("http://{}", self.file.nodes[&id].http_addr)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Waits until one running node leads and every running node knows it.
+    pub async fn leader(&self) -> NodeId {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let leaders: Vec<NodeId> = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.raft.metrics().borrow().role == Role::Leader)
+                .map(|(id, _)| *id)
+                .collect();
+            if let [l] = leaders[..]
+                && self
+                    .nodes
+                    .values()
+                    .all(|n| n.raft.metrics().borrow().leader_id == Some(l))
+            {
+                return l;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no stable leader");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Some running node that does not lead.
+    pub async fn follower(&self) -> NodeId {
+        let l = self.leader().await;
+        *self.nodes.keys().find(|id| **id != l).expect("a follower")
+    }
+
+    pub async fn shutdown(mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.stop_node(id).await;
+        }
+    }
+
+    pub fn data_dir(&self, id: NodeId) -> PathBuf {
+        self.file.nodes[&id].data_dir.clone()
+    }
+}

@@ -1,0 +1,321 @@
+//! The HTTP API of a 3-node cluster on real QUIC and RocksDB: every path,
+//! status code and redirect the API promises, malformed input, and leader
+//! failover with every acknowledged write kept.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Cluster;
+use raft_core::NodeId;
+use raft_kv_example::client::Client;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// A client that does not follow redirects, to see them.
+fn raw() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+async fn json_of(resp: reqwest::Response) -> (StatusCode, Value) {
+    let status = resp.status();
+    let body = resp.bytes().await.expect("body");
+    let v = serde_json::from_slice(&body).unwrap_or_else(|e| {
+        panic!(
+            "{status}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&body)
+        )
+    });
+    (status, v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_operation_works_through_any_node() {
+    let cluster = Cluster::start(3, "").await;
+    let follower = cluster.follower().await;
+    let c = Client::new(&cluster.endpoint(follower)).expect("client");
+
+    let put = c.put("color", b"blue").await.expect("put");
+    assert!(put["index"].as_u64().expect("index") > 0, "{put}");
+    assert_eq!(
+        c.get("color", false).await.expect("get"),
+        Some(b"blue".to_vec())
+    );
+    assert_eq!(c.get("missing", false).await.expect("get"), None);
+
+    // Keys may hold slashes and need percent-encoding; values are raw bytes.
+    let odd_key = "dir/sub key/ü?#";
+    c.put(odd_key, &[0, 159, 255]).await.expect("put odd");
+    assert_eq!(
+        c.get(odd_key, false).await.expect("get odd"),
+        Some(vec![0, 159, 255])
+    );
+
+    let cas = c.cas("lock", None, Some("me")).await.expect("cas absent");
+    assert_eq!(cas, json!({"succeeded": true, "current": "me"}));
+    let cas = c.cas("lock", None, Some("you")).await.expect("cas taken");
+    assert_eq!(cas, json!({"succeeded": false, "current": "me"}));
+    let cas = c.cas("lock", Some("me"), None).await.expect("cas delete");
+    assert_eq!(cas, json!({"succeeded": true, "current": null}));
+
+    let del = c.delete("color").await.expect("delete");
+    assert_eq!(del["deleted"], json!(true));
+    let del = c.delete("color").await.expect("delete again");
+    assert_eq!(del["deleted"], json!(false));
+    assert!(del["index"].as_u64() > put["index"].as_u64());
+
+    // A stale read is served locally, by the follower, once it has applied.
+    c.put("stale", b"x").await.expect("put");
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while c.get("stale", true).await.expect("stale get").is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "follower never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let status = c.status().await.expect("status");
+    assert_eq!(status.id, follower.0);
+    assert_eq!(status.role, "follower");
+    assert_eq!(status.voters, vec![1, 2, 3]);
+    assert!(status.learners.is_empty());
+    assert_eq!(status.leader_id, Some(cluster.leader().await.0));
+    assert!(status.commit_index >= del["index"].as_u64().expect("index"));
+
+    let metrics = raw()
+        .get(format!("{}/metrics", cluster.endpoint(follower)))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(metrics.status(), StatusCode::OK);
+    let text = metrics.text().await.expect("text");
+    for line in [
+        "raft_term ",
+        "raft_applied_index ",
+        "raft_role{role=\"follower\"} 1",
+        "raft_log_append_seconds_count ",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_redirects_writes_and_linearizable_reads_to_the_leader() {
+    let cluster = Cluster::start(3, "").await;
+    let leader = cluster.leader().await;
+    let follower = cluster.follower().await;
+    let leader_http = cluster.file.nodes[&leader].http_addr;
+    let http = raw();
+    let base = cluster.endpoint(follower);
+
+    let put = http
+        .put(format!("{base}/v1/kv/a%20b"))
+        .body("v")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(put.status(), StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(
+        put.headers()["location"].to_str().expect("ascii"),
+        format!("http://{leader_http}/v1/kv/a%20b")
+    );
+    let read = http
+        .get(format!("{base}/v1/kv/k?consistency=linearizable"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(read.status(), StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(
+        read.headers()["location"].to_str().expect("ascii"),
+        format!("http://{leader_http}/v1/kv/k?consistency=linearizable")
+    );
+    for req in [
+        http.delete(format!("{base}/v1/kv/k")),
+        http.post(format!("{base}/v1/cas/k"))
+            .body(r#"{"expected":null,"new":"1"}"#),
+    ] {
+        let (status, body) = json_of(req.send().await.expect("send")).await;
+        assert_eq!(status, StatusCode::TEMPORARY_REDIRECT);
+        assert_eq!(body["error"], "not_leader");
+    }
+    // A stale read is never redirected.
+    let stale = http
+        .get(format!("{base}/v1/kv/k?consistency=stale"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(stale.status(), StatusCode::NOT_FOUND);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_requests_get_json_4xx_and_the_node_keeps_serving() {
+    let cluster = Cluster::start(3, "[limits]\nmax_key_bytes = 16\nmax_value_bytes = 1024\n").await;
+    let leader = cluster.leader().await;
+    let base = cluster.endpoint(leader);
+    let http = raw();
+
+    let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str)> = vec![
+        (
+            http.put(format!("{base}/v1/kv/{}", "k".repeat(17)))
+                .body("v"),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
+            http.put(format!("{base}/v1/kv/k")).body(vec![7u8; 1025]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
+            http.put(format!("{base}/v1/kv/k")).body(vec![7u8; 1 << 20]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
+            http.post(format!("{base}/v1/cas/k")).body("{not json"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            http.post(format!("{base}/v1/cas/k"))
+                .body(b"{\"expected\":null,\"new\":\"\xff\xfe\"}".to_vec()),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            http.post(format!("{base}/v1/cas/k")).body(r#"{"new":"x"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            http.post(format!("{base}/v1/cas/k"))
+                .body(r#"{"expected":1,"new":"x"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            http.post(format!("{base}/v1/cas/k")).body(format!(
+                r#"{{"expected":null,"new":"{}"}}"#,
+                "x".repeat(1025)
+            )),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
+            http.get(format!("{base}/v1/kv/%FF%FE")),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            http.get(format!("{base}/v1/kv/k?consistency=sometimes")),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            http.get(format!("{base}/v1/nothing")),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            http.get(format!("{base}/v1/kv/")),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            http.patch(format!("{base}/v1/kv/k")),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            http.get(format!("{base}/v1/cas/k")),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+    ];
+    for (i, (req, want, code)) in cases.into_iter().enumerate() {
+        let (status, body) = json_of(req.send().await.expect("send")).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (want, Some(code)),
+            "case {i}: {body}"
+        );
+    }
+
+    // A client that sends half a body and disconnects leaves nothing behind.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(cluster.file.nodes[&leader].http_addr)
+            .await
+            .expect("connect");
+        s.write_all(b"PUT /v1/kv/half HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nonly-part")
+            .await
+            .expect("write");
+    }
+
+    let c = Client::new(&base).expect("client");
+    c.put("k", b"still serving")
+        .await
+        .expect("put after bad input");
+    assert_eq!(
+        c.get("k", false).await.expect("get"),
+        Some(b"still serving".to_vec())
+    );
+    assert_eq!(c.get("half", false).await.expect("get"), None);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_writes_survive_leader_failover_and_the_old_leader_catches_up() {
+    let mut cluster = Cluster::start(3, "[raft]\nsnapshot_every = 50\npurge_keep = 5\n").await;
+    let old = cluster.leader().await;
+    let c = Client::new(&cluster.endpoint(old)).expect("client");
+    for i in 0..100 {
+        c.put(&format!("k{i}"), format!("v{i}").as_bytes())
+            .await
+            .expect("put");
+    }
+    cluster.stop_node(old).await;
+
+    let new = cluster.leader().await;
+    assert_ne!(new, old);
+    let c = Client::new(&cluster.endpoint(new)).expect("client");
+    for i in 0..100 {
+        assert_eq!(
+            c.get(&format!("k{i}"), false).await.expect("get"),
+            Some(format!("v{i}").into_bytes())
+        );
+    }
+    // Enough writes while it is down that it needs the snapshot.
+    for i in 100..200 {
+        c.put(&format!("k{i}"), format!("v{i}").as_bytes())
+            .await
+            .expect("put");
+    }
+
+    cluster.start_node(old).await;
+    let commit = c.status().await.expect("status").commit_index;
+    let back = Client::new(&cluster.endpoint(old)).expect("client");
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while back.status().await.expect("status").applied_index < commit {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "old leader never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..200 {
+        assert_eq!(
+            back.get(&format!("k{i}"), true).await.expect("stale get"),
+            Some(format!("v{i}").into_bytes()),
+            "k{i} on the restarted node"
+        );
+    }
+    assert!(cluster.data_dir(NodeId(1)).exists());
+    cluster.shutdown().await;
+}
