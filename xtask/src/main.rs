@@ -1,18 +1,31 @@
 //! `cargo xtask`: the project's entry points.
 //!
-//! - `cargo xtask demo`  — build and run the demo cluster.
-//! - `cargo xtask test`  — the full test suite, as CI runs it (release mode;
-//!   the simulator sweep runs `SIM_SEEDS` seeds, default 1000).
-//! - `cargo xtask bench` — the benchmarks.
-//! - `cargo xtask doctor [--install]` — check (and as root, install) what
-//!   the build needs.
+//! - `cargo xtask demo`: build `raft-kv` and run the 3-node demo.
+//! - `cargo xtask test`: the whole test suite as CI runs it (release mode;
+//!   the simulator sweep runs `SIM_SEEDS` seeds, default 1000), then a short
+//!   chaos run against real processes.
+//! - `cargo xtask cluster up|status|down [--nodes 3|5]`: a local cluster
+//!   that stays up (raft ports 7001.., HTTP ports 8001..).
+//! - `cargo xtask chaos [--nodes 5] [--duration 60s] [--faults kill,pause,partition] [--seed S]`.
+//! - `cargo xtask bench [--clients 1,16,256] [--duration 20s]`: raft-kv
+//!   against etcd on this machine; `cargo xtask bench core` runs the
+//!   in-process benchmarks of raft-core.
+//! - `cargo xtask doctor [--install]`: check (and as root, install) what
+//!   the build, chaos partitions and the etcd comparison need.
 //!
-//! xtask itself depends on nothing heavy, so it builds on a fresh machine
-//! before anything else does.
+//! xtask itself needs no C or C++ toolchain beyond the linker, so it builds
+//! on a fresh machine before anything else does.
+
+mod bench;
+mod chaos;
+mod cluster;
+mod demo;
+mod http;
 
 use std::env;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -26,16 +39,45 @@ fn main() -> ExitCode {
     }
 }
 
+const USAGE: &str = "usage: cargo xtask <demo | test | cluster up|status|down [--nodes N] | \
+chaos [--nodes 5] [--duration 60s] [--faults kill,pause,partition] [--seed S] | \
+bench [core | --clients 1,16,256 --duration 20s] | doctor [--install [--bench]]>";
+
 fn run() -> Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
     let rest = args.get(1..).unwrap_or(&[]);
+    let root = root();
     match args.first().map(String::as_str) {
-        Some("demo") => demo(rest),
-        Some("test") => test(rest),
-        Some("bench") => bench(rest),
-        Some("doctor") => doctor(rest.iter().any(|a| a == "--install")),
+        Some("demo") => {
+            doctor(&[])?;
+            demo::build(&root)?;
+            demo::run(&root)
+        }
+        Some("test") => test(&root, rest),
+        Some("cluster") => cluster(&root, rest),
+        Some("chaos") => {
+            let opts = chaos::Options::parse(rest)?;
+            if env::var_os("RAFT_CHAOS_NETNS").is_none() {
+                doctor(&[])?;
+                demo::build(&root)?;
+            }
+            chaos::run(&root, opts)
+        }
+        Some("bench") if rest.first().map(String::as_str) == Some("core") => {
+            doctor(&[])?;
+            let mut c = cargo();
+            c.args(["bench", "-p", "raft-core"]).args(&rest[1..]);
+            status(c)
+        }
+        Some("bench") => {
+            let opts = bench::Options::parse(rest)?;
+            doctor(&[])?;
+            demo::build(&root)?;
+            bench::run(&root, opts)
+        }
+        Some("doctor") => doctor(rest),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test|bench|doctor [--install]>");
+            eprintln!("{USAGE}");
             bail!("unknown or missing command")
         }
     }
@@ -63,38 +105,102 @@ fn status(mut cmd: Command) -> Result<()> {
     Ok(())
 }
 
-fn demo(extra: &[String]) -> Result<()> {
-    doctor(false)?;
-    let mut c = cargo();
-    c.args([
-        "run",
-        "--release",
-        "--quiet",
-        "-p",
-        "raft-core",
-        "--example",
-        "cluster",
-        "--",
-    ])
-    .args(extra);
-    status(c)
-}
-
-fn test(extra: &[String]) -> Result<()> {
-    doctor(false)?;
+/// The unit and integration tests, then a short chaos run with every fault.
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    doctor(&[])?;
     let mut c = cargo();
     c.args(["test", "--workspace", "--release"]).args(extra);
     if env::var_os("SIM_SEEDS").is_none() {
         c.env("SIM_SEEDS", "1000");
     }
-    status(c)
+    status(c)?;
+    // `cargo test` built target/release/raft-kv for raft-kv-example's
+    // integration tests; the chaos run uses that binary as it is.
+    let secs = env::var("CHAOS_SECS").unwrap_or_else(|_| "25".into());
+    let opts = chaos::Options::parse(&[
+        "--nodes".into(),
+        "3".into(),
+        "--duration".into(),
+        format!("{secs}s"),
+        "--faults".into(),
+        "kill,pause,partition".into(),
+        "--seed".into(),
+        env::var("CHAOS_SEED").unwrap_or_else(|_| "1".into()),
+    ])?;
+    chaos::run(root, opts)
 }
 
-fn bench(extra: &[String]) -> Result<()> {
-    doctor(false)?;
-    let mut c = cargo();
-    c.args(["bench", "-p", "raft-core"]).args(extra);
-    status(c)
+/// `cargo xtask cluster up|status|down [--nodes N]`.
+fn cluster(root: &Path, args: &[String]) -> Result<()> {
+    let dir = root.join("target").join("xtask").join("cluster");
+    let nodes: u64 = match args.iter().position(|a| a == "--nodes") {
+        Some(i) => args.get(i + 1).context("--nodes needs a value")?.parse()?,
+        None => 3,
+    };
+    match args.first().map(String::as_str) {
+        Some("up") => {
+            doctor(&[])?;
+            demo::build(root)?;
+            if let Ok(old) = cluster::LocalCluster::attach(root, dir.clone()) {
+                let mut old = old;
+                if old.ids().into_iter().any(|id| old.is_running(id)) {
+                    bail!(
+                        "a cluster is already up in {}; `cargo xtask cluster down` first",
+                        dir.display()
+                    );
+                }
+            }
+            let mut c = cluster::LocalCluster::create(root, dir, nodes, 7000, "")?;
+            c.start_all()?;
+            let leader = c.wait_leader(&c.ids(), Duration::from_secs(20))?;
+            c.detach();
+            println!(
+                "{nodes} nodes up; node {leader} leads. cluster file: {}",
+                c.file().display()
+            );
+            for id in c.ids() {
+                println!(
+                    "  node {id}: {}  (logs: {})",
+                    c.endpoint(id),
+                    c.dir.join("logs").join(format!("node-{id}.log")).display()
+                );
+            }
+            println!(
+                "try: target/release/raft-kv put hello world --endpoint {}",
+                c.endpoint(1)
+            );
+            Ok(())
+        }
+        Some("status") => {
+            let c = cluster::LocalCluster::attach(root, dir)?;
+            println!(
+                "{:<5} {:<28} {:<10} {:>6} {:>7} {:>8} {:>8}",
+                "node", "endpoint", "role", "term", "leader", "commit", "applied"
+            );
+            for (id, s) in c.statuses() {
+                match s {
+                    Some(s) => println!(
+                        "{id:<5} {:<28} {:<10} {:>6} {:>7} {:>8} {:>8}",
+                        c.endpoint(id),
+                        s.role,
+                        s.term,
+                        s.leader_id.map_or("-".into(), |l| l.to_string()),
+                        s.commit_index,
+                        s.applied_index
+                    ),
+                    None => println!("{id:<5} {:<28} down", c.endpoint(id)),
+                }
+            }
+            Ok(())
+        }
+        Some("down") => {
+            let mut c = cluster::LocalCluster::attach(root, dir)?;
+            c.stop_all()?;
+            println!("cluster stopped (data kept in {})", c.dir.display());
+            Ok(())
+        }
+        _ => bail!("usage: cargo xtask cluster up|status|down [--nodes 3|5]"),
+    }
 }
 
 /// What the build needs: a check, and the Debian package that satisfies it.
@@ -110,8 +216,32 @@ const NEEDS: &[Need] = &[
     ("libclang (for bindgen)", has_libclang, "libclang-dev"),
 ];
 
-fn doctor(install: bool) -> Result<()> {
-    let missing: Vec<_> = NEEDS.iter().filter(|(_, ok, _)| !ok()).collect();
+/// Needed only for chaos partitions (as root); without it they are skipped
+/// with a message saying so. `doctor --install` installs it too.
+const FOR_CHAOS: Need = (
+    "iptables (chaos partitions)",
+    || find_tool("iptables").is_some(),
+    "iptables",
+);
+/// The baseline of `cargo xtask bench`; `doctor --install --bench` installs it.
+const FOR_BENCH: Need = (
+    "etcd (the bench baseline)",
+    || find_tool("etcd").is_some(),
+    "etcd-server",
+);
+
+/// Checks what the build needs (and with `install`, as root, installs it
+/// along with the chaos and, with `--bench`, the benchmark tools).
+fn doctor(args: &[String]) -> Result<()> {
+    let install = args.iter().any(|a| a == "--install");
+    let mut needs: Vec<&Need> = NEEDS.iter().collect();
+    if install {
+        needs.push(&FOR_CHAOS);
+        if args.iter().any(|a| a == "--bench") {
+            needs.push(&FOR_BENCH);
+        }
+    }
+    let missing: Vec<&Need> = needs.into_iter().filter(|(_, ok, _)| !ok()).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -120,7 +250,7 @@ fn doctor(install: bool) -> Result<()> {
     let is_root = Command::new("id")
         .arg("-u")
         .output()
-        .map(|o| o.stdout.starts_with(b"0"))
+        .map(|o| o.stdout.starts_with(b"0\n"))
         .unwrap_or(false);
     if install && is_root {
         eprintln!("xtask: installing {} ({})", pkgs.join(" "), what.join(", "));
@@ -169,6 +299,15 @@ fn has_libclang() -> bool {
             .any(|e| {
                 e.file_name().to_string_lossy().starts_with("llvm-") && named(&e.path().join("lib"))
             })
+}
+
+/// `tool` on PATH or in the sbin directories (which a non-root PATH lacks).
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH").unwrap_or_default();
+    env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
 }
 
 fn on_path(tool: &str) -> bool {

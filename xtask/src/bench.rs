@@ -1,0 +1,356 @@
+//! `cargo xtask bench`: writes/s and linearizable reads/s with p50/p99
+//! latency against a local 3-node `raft-kv` cluster, and the same workload
+//! against a 3-member etcd cluster started on the same machine in the same
+//! run (etcd's v3 JSON gateway), with our/etcd ratios.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Barrier;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::chaos::parse_duration;
+use crate::cluster::LocalCluster;
+use crate::http::{Http, Outcome};
+
+pub struct Options {
+    pub clients: Vec<usize>,
+    pub duration: Duration,
+    pub value_bytes: usize,
+}
+
+impl Options {
+    pub fn parse(args: &[String]) -> Result<Options> {
+        let mut o = Options {
+            clients: vec![1, 16, 256],
+            duration: Duration::from_secs(20),
+            value_bytes: 64,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+            match a.as_str() {
+                "--clients" => {
+                    o.clients = value()?
+                        .split(',')
+                        .map(|c| c.parse().context("--clients"))
+                        .collect::<Result<_>>()?
+                }
+                "--duration" => o.duration = parse_duration(value()?)?,
+                "--value-bytes" => o.value_bytes = value()?.parse().context("--value-bytes")?,
+                other => bail!(
+                    "unknown option `{other}`; usage: cargo xtask bench [--clients 1,16,256] [--duration 20s] [--value-bytes 64]"
+                ),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// One measured cell.
+#[derive(Clone, Copy, Default)]
+struct Cell {
+    ops_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: usize,
+}
+
+/// A system under test: how to write and read one key.
+trait Target: Sync {
+    fn write(&self, http: &Http, key: &str, value: &str) -> bool;
+    fn read(&self, http: &Http, key: &str) -> bool;
+}
+
+struct RaftKv {
+    leader: String,
+}
+
+impl Target for RaftKv {
+    fn write(&self, http: &Http, key: &str, value: &str) -> bool {
+        matches!(http.put(&self.leader, key, value), Outcome::Ok(()))
+    }
+    fn read(&self, http: &Http, key: &str) -> bool {
+        matches!(http.get(&self.leader, key, false), Outcome::Ok(_))
+    }
+}
+
+struct Etcd {
+    endpoint: String,
+}
+
+impl Target for Etcd {
+    fn write(&self, http: &Http, key: &str, value: &str) -> bool {
+        let body = format!(r#"{{"key":"{}","value":"{}"}}"#, base64(key), base64(value));
+        matches!(http.send("POST", &format!("{}/v3/kv/put", self.endpoint), Some(body.as_bytes())), Ok(a) if a.status == 200)
+    }
+    fn read(&self, http: &Http, key: &str) -> bool {
+        // Linearizable unless "serializable": true is asked for.
+        let body = format!(r#"{{"key":"{}"}}"#, base64(key));
+        matches!(http.send("POST", &format!("{}/v3/kv/range", self.endpoint), Some(body.as_bytes())), Ok(a) if a.status == 200)
+    }
+}
+
+pub fn run(root: &Path, opts: Options) -> Result<()> {
+    let dir = root.join("target").join("xtask").join("bench");
+    let value = "v".repeat(opts.value_bytes);
+    println!(
+        "bench: {} s per cell, {}-byte values, clients {:?}; each client is one thread with one keep-alive connection",
+        opts.duration.as_secs_f64(),
+        opts.value_bytes,
+        opts.clients
+    );
+
+    let ours = {
+        let mut c = LocalCluster::create(root, dir.join("raft-kv"), 3, 7300, "")?;
+        c.start_all()?;
+        let leader = c.wait_leader(&c.ids(), Duration::from_secs(20))?;
+        let target = RaftKv {
+            leader: c.endpoint(leader),
+        };
+        let cells = measure(&target, &opts, &value, "raft-kv");
+        c.stop_all()?;
+        cells
+    };
+
+    let etcd = match EtcdCluster::start(&dir.join("etcd")) {
+        Ok(mut e) => {
+            let cells = measure(
+                &Etcd {
+                    endpoint: e.endpoint(),
+                },
+                &opts,
+                &value,
+                "etcd",
+            );
+            e.stop();
+            Some(cells)
+        }
+        Err(e) => {
+            println!("bench: etcd not measured: {e:#}");
+            None
+        }
+    };
+
+    println!(
+        "\n| clients | op | raft-kv ops/s | p50 ms | p99 ms | etcd ops/s | p50 ms | p99 ms | ratio |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, clients) in opts.clients.iter().enumerate() {
+        for (j, op) in ["write", "read"].iter().enumerate() {
+            let o = ours[i][j];
+            let (e, ratio) = match &etcd {
+                Some(cells) => {
+                    let e = cells[i][j];
+                    (
+                        format!("{:.0} | {:.2} | {:.2}", e.ops_per_sec, e.p50_ms, e.p99_ms),
+                        format!("{:.2}", o.ops_per_sec / e.ops_per_sec.max(1e-9)),
+                    )
+                }
+                None => ("- | - | -".into(), "-".into()),
+            };
+            println!(
+                "| {clients} | {op} | {:.0} | {:.2} | {:.2} | {e} | {ratio} |",
+                o.ops_per_sec, o.p50_ms, o.p99_ms
+            );
+        }
+    }
+    let errors: usize = ours.iter().flatten().map(|c| c.errors).sum();
+    if errors > 0 {
+        println!("\nbench: {errors} raft-kv requests failed during the run");
+    }
+    Ok(())
+}
+
+/// `[write, read]` cells for each client count.
+fn measure(target: &dyn Target, opts: &Options, value: &str, name: &str) -> Vec<[Cell; 2]> {
+    opts.clients
+        .iter()
+        .map(|&clients| {
+            let w = run_cell(target, clients, opts.duration, |t, http, k| t.write(http, k, value));
+            let r = run_cell(target, clients, opts.duration, |t, http, k| t.read(http, k));
+            println!(
+                "bench: {name:<8} {clients:>4} clients: {:>8.0} writes/s (p99 {:.2} ms), {:>8.0} reads/s (p99 {:.2} ms)",
+                w.ops_per_sec, w.p99_ms, r.ops_per_sec, r.p99_ms
+            );
+            [w, r]
+        })
+        .collect()
+}
+
+fn run_cell(
+    target: &dyn Target,
+    clients: usize,
+    duration: Duration,
+    op: impl Fn(&dyn Target, &Http, &str) -> bool + Sync,
+) -> Cell {
+    let barrier = Barrier::new(clients);
+    let results: Vec<(Vec<u32>, usize)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|c| {
+                let (barrier, op) = (&barrier, &op);
+                s.spawn(move || {
+                    let http = Http::new(Duration::from_secs(10));
+                    let mut lat = Vec::new();
+                    let mut errors = 0;
+                    barrier.wait();
+                    let start = Instant::now();
+                    let mut i = 0u64;
+                    while start.elapsed() < duration {
+                        i += 1;
+                        let key = format!("bench-{c}-{}", i % 1000);
+                        let t = Instant::now();
+                        if op(target, &http, &key) {
+                            lat.push(t.elapsed().as_micros() as u32);
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                    (lat, errors)
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let errors = results.iter().map(|r| r.1).sum();
+    let mut all: Vec<u32> = results.into_iter().flat_map(|r| r.0).collect();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    Cell {
+        ops_per_sec: all.len() as f64 / duration.as_secs_f64(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        errors,
+    }
+}
+
+/// Three etcd members on 127.0.0.1 (client ports 23791-23793).
+struct EtcdCluster {
+    children: Vec<Child>,
+}
+
+impl EtcdCluster {
+    fn start(dir: &Path) -> Result<EtcdCluster> {
+        let etcd = crate::find_tool("etcd").context(
+            "etcd is not installed (Debian: apt-get install -y etcd-server; `cargo xtask doctor --install --bench` does it as root)",
+        )?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::create_dir_all(dir)?;
+        let peers: Vec<String> = (1..=3)
+            .map(|i| format!("e{i}=http://127.0.0.1:2380{i}"))
+            .collect();
+        let mut children = Vec::new();
+        for i in 1..=3 {
+            let log = crate::cluster::append_file(&dir.join(format!("e{i}.log")))?;
+            let child = Command::new(&etcd)
+                .args(["--name", &format!("e{i}")])
+                .arg("--data-dir")
+                .arg(dir.join(format!("e{i}")))
+                .args(["--listen-client-urls", &format!("http://127.0.0.1:2379{i}")])
+                .args([
+                    "--advertise-client-urls",
+                    &format!("http://127.0.0.1:2379{i}"),
+                ])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:2380{i}")])
+                .args([
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:2380{i}"),
+                ])
+                .args(["--initial-cluster", &peers.join(",")])
+                .args([
+                    "--initial-cluster-state",
+                    "new",
+                    "--initial-cluster-token",
+                    "xtask-bench",
+                ])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting etcd")?;
+            children.push(child);
+        }
+        let e = EtcdCluster { children };
+        let http = Http::new(Duration::from_secs(2));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = matches!(
+                http.send("POST", &format!("{}/v3/kv/put", e.endpoint()), Some(br#"{"key":"aw==","value":"dg=="}"#)),
+                Ok(a) if a.status == 200
+            );
+            if ok {
+                return Ok(e);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "etcd did not become ready in 30 s (logs in {})",
+                    dir.display()
+                );
+            }
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The first member; etcd forwards proposals to its leader internally.
+    fn endpoint(&self) -> String {
+        "http://127.0.0.1:23791".into()
+    }
+
+    fn stop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn base64(s: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
+    for chunk in b.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, byte)| n | (u32::from(*byte) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc_4648_vectors() {
+        for (plain, encoded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(super::base64(plain), encoded);
+        }
+    }
+}

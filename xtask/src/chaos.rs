@@ -1,0 +1,830 @@
+//! `cargo xtask chaos`: a Jepsen-style run against real `raft-kv` processes.
+//!
+//! Client threads issue writes, linearizable reads and compare-and-sets on a
+//! few keys (rotated every few seconds so each key's history stays small
+//! enough to check exactly) plus write-once keys, while a nemesis injects
+//! faults on a seeded schedule: `kill` (SIGKILL, then restart), `pause`
+//! (SIGSTOP longer than an election timeout, then SIGCONT) and `partition`
+//! (iptables rules inside a private network namespace: an isolated leader, a
+//! majority/minority split, or a one-way cut). Every operation is recorded
+//! as invoked and then ok, failed (surely not applied) or unknown. After the
+//! faults heal, each key is read once more and every acknowledged write-once
+//! key must be readable; the history is checked for linearizability per key.
+//! An HTML report (latency over time with the fault windows shaded, the op
+//! and fault tables, the verdict) is written next to the cluster's logs.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use raft_core::engine::rng::Rng;
+use raft_core::sim::linearizability::{self, OpKind, OpOutput, Operation};
+
+use crate::cluster::LocalCluster;
+use crate::http::{Http, Outcome};
+
+/// The faults a run may inject.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    Kill,
+    Pause,
+    Partition,
+}
+
+impl Fault {
+    fn parse(s: &str) -> Result<Fault> {
+        Ok(match s {
+            "kill" => Fault::Kill,
+            "pause" => Fault::Pause,
+            "partition" => Fault::Partition,
+            other => bail!("unknown fault `{other}` (kill, pause, partition)"),
+        })
+    }
+}
+
+pub struct Options {
+    pub nodes: u64,
+    pub duration: Duration,
+    pub faults: Vec<Fault>,
+    pub seed: u64,
+    pub clients: usize,
+    /// Reads with `?consistency=stale`: deliberately not linearizable, to
+    /// show that the checker catches what it should.
+    pub stale_reads: bool,
+}
+
+impl Options {
+    pub fn parse(args: &[String]) -> Result<Options> {
+        let mut o = Options {
+            nodes: 5,
+            duration: Duration::from_secs(60),
+            faults: vec![Fault::Kill, Fault::Pause, Fault::Partition],
+            seed: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(1),
+            clients: 8,
+            stale_reads: false,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+            match a.as_str() {
+                "--nodes" => o.nodes = value()?.parse().context("--nodes")?,
+                "--duration" => o.duration = parse_duration(value()?)?,
+                "--faults" => {
+                    o.faults = value()?
+                        .split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(Fault::parse)
+                        .collect::<Result<_>>()?
+                }
+                "--seed" => o.seed = value()?.parse().context("--seed")?,
+                "--clients" => o.clients = value()?.parse().context("--clients")?,
+                "--stale-reads" => o.stale_reads = true,
+                other => bail!(
+                    "unknown option `{other}`; usage: cargo xtask chaos [--nodes 5] [--duration 60s] \
+                     [--faults kill,pause,partition] [--seed S] [--clients 8] [--stale-reads]"
+                ),
+            }
+        }
+        if !(3..=9).contains(&o.nodes) {
+            bail!("--nodes must be 3..=9");
+        }
+        o.faults.sort();
+        o.faults.dedup();
+        Ok(o)
+    }
+
+    fn args(&self) -> Vec<String> {
+        let faults: Vec<&str> = self
+            .faults
+            .iter()
+            .map(|f| match f {
+                Fault::Kill => "kill",
+                Fault::Pause => "pause",
+                Fault::Partition => "partition",
+            })
+            .collect();
+        let mut args = vec![
+            "--nodes".into(),
+            self.nodes.to_string(),
+            "--duration".into(),
+            format!("{}ms", self.duration.as_millis()),
+            "--faults".into(),
+            faults.join(","),
+            "--seed".into(),
+            self.seed.to_string(),
+            "--clients".into(),
+            self.clients.to_string(),
+        ];
+        if self.stale_reads {
+            args.push("--stale-reads".into());
+        }
+        args
+    }
+}
+
+/// `60s`, `500ms`, `2m` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n.parse().with_context(|| format!("bad duration `{s}`"))?;
+    Ok(match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(60 * n),
+        _ => bail!("bad duration unit in `{s}` (ms, s, m)"),
+    })
+}
+
+const NETNS_ENV: &str = "RAFT_CHAOS_NETNS";
+
+/// Runs the chaos test; partitions need root, so without it they are
+/// skipped with an explanation, and with it the whole run moves into a
+/// private network namespace so the firewall rules touch nothing else.
+pub fn run(root: &Path, mut opts: Options) -> Result<()> {
+    if opts.faults.contains(&Fault::Partition) && std::env::var_os(NETNS_ENV).is_none() {
+        match partition_support() {
+            Ok(()) => {
+                let exe = std::env::current_exe()?;
+                let st = Command::new("unshare")
+                    .arg("--net")
+                    .arg("--")
+                    .arg(exe)
+                    .arg("chaos")
+                    .args(opts.args())
+                    .env(NETNS_ENV, "1")
+                    .current_dir(root)
+                    .status()
+                    .context("running unshare")?;
+                if !st.success() {
+                    bail!("chaos run failed ({st})");
+                }
+                return Ok(());
+            }
+            Err(why) => {
+                println!("chaos: skipping the partition fault: {why}");
+                opts.faults.retain(|f| *f != Fault::Partition);
+            }
+        }
+    }
+    if std::env::var_os(NETNS_ENV).is_some() {
+        let st = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()?;
+        if !st.success() {
+            bail!("bringing up lo in the chaos network namespace failed");
+        }
+    }
+    Chaos::new(root, opts)?.run()
+}
+
+/// Why partitions cannot be injected here, if they cannot.
+fn partition_support() -> Result<(), String> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false);
+    if !root {
+        return Err(
+            "network partitions need root (a private network namespace and iptables rules); \
+                    run as root to include them"
+                .into(),
+        );
+    }
+    if crate::find_tool("iptables").is_none() {
+        return Err("iptables is not installed (apt-get install -y iptables, or `cargo xtask doctor --install`)".into());
+    }
+    let probe = Command::new("unshare")
+        .args(["--net", "--", "true"])
+        .status();
+    if !matches!(probe, Ok(s) if s.success()) {
+        return Err("cannot create a network namespace here (unshare --net failed)".into());
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug)]
+struct Record {
+    key: String,
+    kind: OpKind,
+    /// Nanoseconds since the start of the run.
+    invoke: u64,
+    done: u64,
+    status: OpStatus,
+    /// Set when `status` is `Ok`.
+    output: Option<OpOutput>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum OpStatus {
+    Ok,
+    /// Surely not applied.
+    Fail,
+    /// Maybe applied.
+    Unknown,
+}
+
+struct Window {
+    start: f64,
+    end: f64,
+    label: String,
+}
+
+struct Verdict {
+    problems: Vec<String>,
+    durable_checked: usize,
+}
+
+struct Chaos {
+    opts: Options,
+    /// The nemesis kills and restarts nodes through it; clients only use
+    /// `endpoints`.
+    cluster: Mutex<LocalCluster>,
+    endpoints: Vec<String>,
+    start: Instant,
+    history: Mutex<Vec<Record>>,
+    /// Write-once keys acknowledged as written.
+    durable: Mutex<Vec<(String, String)>>,
+    windows: Mutex<Vec<Window>>,
+    stop: AtomicBool,
+}
+
+/// How long one generation of keys lives.
+const KEY_GENERATION: Duration = Duration::from_secs(3);
+const KEYS_PER_GENERATION: u64 = 3;
+/// Search states allowed per key by the linearizability checker.
+const CHECK_BUDGET: usize = 5_000_000;
+
+impl Chaos {
+    fn new(root: &Path, opts: Options) -> Result<Chaos> {
+        let dir = root.join("target").join("xtask").join("chaos");
+        let cluster = LocalCluster::create(root, dir, opts.nodes, 7200, "")?;
+        let endpoints = cluster
+            .ids()
+            .iter()
+            .map(|id| cluster.endpoint(*id))
+            .collect();
+        Ok(Chaos {
+            opts,
+            cluster: Mutex::new(cluster),
+            endpoints,
+            start: Instant::now(),
+            history: Mutex::new(Vec::new()),
+            durable: Mutex::new(Vec::new()),
+            windows: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    fn cluster(&self) -> std::sync::MutexGuard<'_, LocalCluster> {
+        self.cluster.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn run(mut self) -> Result<()> {
+        let o = &self.opts;
+        println!(
+            "chaos: {} nodes, {} clients, {:?}, faults {:?}, seed {} (replay: cargo xtask chaos {})",
+            o.nodes,
+            o.clients,
+            o.duration,
+            o.faults,
+            o.seed,
+            o.args().join(" ")
+        );
+        {
+            let mut c = self.cluster();
+            c.start_all()?;
+            c.wait_leader(&c.ids(), Duration::from_secs(20))?;
+        }
+        self.start = Instant::now();
+
+        let outcome = std::thread::scope(|s| -> Result<()> {
+            let me = &self;
+            let clients: Vec<_> = (0..me.opts.clients)
+                .map(|c| s.spawn(move || me.client(c)))
+                .collect();
+            let result = s
+                .spawn(move || me.nemesis())
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("nemesis panicked")));
+            me.stop.store(true, Ordering::SeqCst);
+            for c in clients {
+                let _ = c.join();
+            }
+            result
+        });
+        // Heal whatever the nemesis left (also after an error) before judging.
+        let healed = self.heal_all();
+        outcome?;
+        healed?;
+        {
+            let c = self.cluster();
+            c.wait_leader(&c.ids(), Duration::from_secs(30))
+                .context("no leader after the faults healed")?;
+        }
+        let verdict = self.check();
+        let report = self.report(&verdict)?;
+        self.cluster().stop_all()?;
+        println!("chaos: report: {}", report.display());
+        if verdict.problems.is_empty() {
+            println!(
+                "chaos: PASS: history linearizable, all {} acknowledged write-once keys readable",
+                verdict.durable_checked
+            );
+            Ok(())
+        } else {
+            bail!(
+                "chaos: FAIL (replay: cargo xtask chaos {}):\n  {}",
+                self.opts.args().join(" "),
+                verdict.problems.join("\n  ")
+            )
+        }
+    }
+
+    /// One client: random operations on random nodes until told to stop.
+    fn client(&self, id: usize) {
+        let http = Http::new(Duration::from_secs(2));
+        let mut rng =
+            Rng::new(self.opts.seed ^ (id as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut last_seen: BTreeMap<String, Option<String>> = BTreeMap::new();
+        let mut seq = 0u64;
+        while !self.stop.load(Ordering::SeqCst) {
+            seq += 1;
+            let ep = &self.endpoints[rng.range(0, self.endpoints.len() as u64) as usize];
+            let generation = self.start.elapsed().as_millis() / KEY_GENERATION.as_millis();
+            let key = format!("g{generation}-k{}", rng.range(0, KEYS_PER_GENERATION));
+            let value = format!("c{id}-{seq}");
+            match rng.range(0, 100) {
+                0..10 => {
+                    let key = format!("once-c{id}-{seq}");
+                    let out = self.op(&key, OpKind::Put(value.clone()), || {
+                        http.put(ep, &key, &value).map(|()| OpOutput::Put)
+                    });
+                    if out == OpStatus::Ok {
+                        self.durable.lock().expect("lock").push((key, value));
+                    }
+                }
+                10..45 => {
+                    self.op(&key, OpKind::Put(value.clone()), || {
+                        http.put(ep, &key, &value).map(|()| OpOutput::Put)
+                    });
+                }
+                45..80 => {
+                    let mut seen = None;
+                    self.op(&key, OpKind::Get, || {
+                        http.get(ep, &key, self.opts.stale_reads).map(|v| {
+                            seen = Some(v.clone());
+                            OpOutput::Get(v)
+                        })
+                    });
+                    if let Some(v) = seen {
+                        last_seen.insert(key, v);
+                    }
+                }
+                _ => {
+                    let expected = last_seen.get(&key).cloned().flatten();
+                    let kind = OpKind::Cas {
+                        expected: expected.clone(),
+                        new: Some(value.clone()),
+                    };
+                    self.op(&key, kind, || {
+                        http.cas(ep, &key, expected.as_deref(), Some(&value))
+                            .map(|(succeeded, current)| OpOutput::Cas { succeeded, current })
+                    });
+                }
+            }
+        }
+    }
+
+    /// Runs one operation and records it.
+    fn op(&self, key: &str, kind: OpKind, call: impl FnOnce() -> Outcome<OpOutput>) -> OpStatus {
+        let invoke = self.now();
+        let (status, output) = match call() {
+            Outcome::Ok(o) => (OpStatus::Ok, Some(o)),
+            Outcome::Fail(_) => (OpStatus::Fail, None),
+            Outcome::Unknown(_) => (OpStatus::Unknown, None),
+        };
+        self.history.lock().expect("lock").push(Record {
+            key: key.to_string(),
+            kind,
+            invoke,
+            done: self.now(),
+            status,
+            output,
+        });
+        status
+    }
+
+    /// Injects faults on a seeded schedule until the run's time is up.
+    fn nemesis(&self) -> Result<()> {
+        let mut rng = Rng::new(self.opts.seed);
+        let end = self.opts.duration;
+        loop {
+            let quiet = Duration::from_millis(rng.range(1000, 2500));
+            let hold = Duration::from_millis(rng.range(1000, 3500));
+            if self.opts.faults.is_empty() || self.start.elapsed() + quiet + hold > end {
+                sleep(end.saturating_sub(self.start.elapsed()));
+                return Ok(());
+            }
+            sleep(quiet);
+            let fault = self.opts.faults[rng.range(0, self.opts.faults.len() as u64) as usize];
+            let ids = self.cluster().ids();
+            let leader = self
+                .cluster()
+                .statuses()
+                .into_values()
+                .flatten()
+                .find(|s| s.role == "leader")
+                .map(|s| s.id);
+            let victim = match leader {
+                Some(l) if rng.chance(0.5) => l,
+                _ => ids[rng.range(0, ids.len() as u64) as usize],
+            };
+            let began = self.start.elapsed().as_secs_f64();
+            let label = match fault {
+                Fault::Kill => {
+                    self.cluster().kill(victim)?;
+                    sleep(hold);
+                    self.cluster().start(victim)?;
+                    format!("kill -9 node {victim}")
+                }
+                Fault::Pause => {
+                    self.cluster().pause(victim)?;
+                    sleep(hold);
+                    self.cluster().resume(victim)?;
+                    format!("pause node {victim}")
+                }
+                Fault::Partition => {
+                    let (label, cuts) = self.partition_plan(&mut rng, leader.unwrap_or(victim));
+                    for (from, to) in cuts {
+                        self.cut(from, to)?;
+                    }
+                    sleep(hold);
+                    firewall(&["-F", "OUTPUT"])?;
+                    label
+                }
+            };
+            println!(
+                "chaos: {began:>6.1}s  {label} for {:.1}s",
+                hold.as_secs_f64()
+            );
+            self.windows.lock().expect("lock").push(Window {
+                start: began,
+                end: self.start.elapsed().as_secs_f64(),
+                label,
+            });
+        }
+    }
+
+    /// Which directed links to cut: an isolated leader, a random
+    /// majority/minority split, or the leader deaf to everyone (one-way).
+    fn partition_plan(&self, rng: &mut Rng, leader: u64) -> (String, Vec<(u64, u64)>) {
+        let ids = self.cluster().ids();
+        let both = |a: &[u64], b: &[u64]| {
+            let mut cuts = Vec::new();
+            for x in a {
+                for y in b {
+                    cuts.push((*x, *y));
+                    cuts.push((*y, *x));
+                }
+            }
+            cuts
+        };
+        let others: Vec<u64> = ids.iter().copied().filter(|id| *id != leader).collect();
+        match rng.range(0, 3) {
+            0 => (format!("isolate leader {leader}"), both(&[leader], &others)),
+            1 => {
+                let mut shuffled = ids.clone();
+                for i in (1..shuffled.len()).rev() {
+                    shuffled.swap(i, rng.range(0, i as u64 + 1) as usize);
+                }
+                let (minority, majority) = shuffled.split_at((ids.len() - 1) / 2);
+                (
+                    format!("partition {minority:?} | {majority:?}"),
+                    both(minority, majority),
+                )
+            }
+            _ => (
+                format!("one-way: leader {leader} hears no one"),
+                others.iter().map(|o| (*o, leader)).collect(),
+            ),
+        }
+    }
+
+    /// Drops every QUIC packet from node `from` to node `to`.
+    fn cut(&self, from: u64, to: u64) -> Result<()> {
+        let (sport, dport) = {
+            let c = self.cluster();
+            (c.nodes[&from].raft_port, c.nodes[&to].raft_port)
+        };
+        firewall(&[
+            "-A",
+            "OUTPUT",
+            "-p",
+            "udp",
+            "--sport",
+            &sport.to_string(),
+            "--dport",
+            &dport.to_string(),
+            "-j",
+            "DROP",
+        ])
+    }
+
+    fn heal_all(&self) -> Result<()> {
+        if self.opts.faults.contains(&Fault::Partition) {
+            firewall(&["-F", "OUTPUT"])?;
+        }
+        let mut c = self.cluster();
+        for id in c.ids() {
+            if c.is_running(id) {
+                let _ = c.resume(id);
+            } else {
+                c.start(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Final reads, then the checks: linearizability per key and every
+    /// acknowledged write-once key present.
+    fn check(&self) -> Verdict {
+        let http = Http::new(Duration::from_secs(5));
+        let mut problems = Vec::new();
+        let keys: std::collections::BTreeSet<String> = self
+            .history
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|r| r.key.starts_with('g'))
+            .map(|r| r.key.clone())
+            .collect();
+        for key in &keys {
+            let ep = &self.endpoints[0];
+            let out = self.op(key, OpKind::Get, || {
+                retry(|| http.get(ep, key, false)).map(OpOutput::Get)
+            });
+            if out != OpStatus::Ok {
+                problems.push(format!("final read of {key} failed after healing"));
+            }
+        }
+        let durable = self.durable.lock().expect("lock").clone();
+        let mut lost = 0;
+        for (key, value) in &durable {
+            match retry(|| http.get(&self.endpoints[0], key, false)) {
+                Outcome::Ok(Some(v)) if v == *value => {}
+                other => {
+                    lost += 1;
+                    if lost <= 10 {
+                        problems.push(format!(
+                            "acknowledged write {key}={value} reads back as {other:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        if lost > 10 {
+            problems.push(format!("... {lost} acknowledged writes lost in all"));
+        }
+        let ops: Vec<Operation> = self
+            .history
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|r| r.status != OpStatus::Fail)
+            .map(|r| Operation {
+                key: r.key.clone(),
+                kind: r.kind.clone(),
+                invoke: r.invoke,
+                complete: r.output.clone().map(|o| (r.done, o)),
+            })
+            .collect();
+        if let Err(v) = linearizability::check(&ops, CHECK_BUDGET) {
+            problems.push(format!(
+                "not linearizable: key {} ({} ops): {}",
+                v.key, v.ops, v.detail
+            ));
+        }
+        Verdict {
+            problems,
+            durable_checked: durable.len(),
+        }
+    }
+
+    fn report(&self, verdict: &Verdict) -> Result<PathBuf> {
+        let history = self.history.lock().expect("lock");
+        let windows = self.windows.lock().expect("lock");
+        let path = self.cluster().dir.join("report.html");
+        std::fs::write(
+            &path,
+            render_report(&self.opts, &history, &windows, verdict),
+        )?;
+        let mut counts: BTreeMap<(&str, OpStatus), usize> = BTreeMap::new();
+        for r in history.iter() {
+            *counts.entry((kind_name(&r.kind), r.status)).or_default() += 1;
+        }
+        println!(
+            "chaos: {} operations, {} faults",
+            history.len(),
+            windows.len()
+        );
+        for kind in ["put", "get", "cas"] {
+            let n = |s| counts.get(&(kind, s)).copied().unwrap_or(0);
+            println!(
+                "chaos:   {kind:<4} ok {:>6}  fail {:>5}  unknown {:>4}",
+                n(OpStatus::Ok),
+                n(OpStatus::Fail),
+                n(OpStatus::Unknown)
+            );
+        }
+        Ok(path)
+    }
+}
+
+/// Retries a final read for a few seconds (a node may still be electing).
+fn retry<T>(mut f: impl FnMut() -> Outcome<T>) -> Outcome<T> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match f() {
+            Outcome::Ok(v) => return Outcome::Ok(v),
+            other if Instant::now() > deadline => return other,
+            _ => sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn firewall(args: &[&str]) -> Result<()> {
+    let iptables = crate::find_tool("iptables").context("iptables not found")?;
+    let out = Command::new(iptables).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "iptables {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn kind_name(k: &OpKind) -> &'static str {
+    match k {
+        OpKind::Put(_) | OpKind::Delete => "put",
+        OpKind::Get => "get",
+        OpKind::Cas { .. } => "cas",
+    }
+}
+
+/// The HTML report: verdict, latency over time with fault windows shaded
+/// (an inline SVG), and the op and fault tables.
+fn render_report(
+    opts: &Options,
+    history: &[Record],
+    windows: &[Window],
+    verdict: &Verdict,
+) -> String {
+    let (w, h, left, bottom) = (1000.0, 360.0, 60.0, 30.0);
+    let span = history
+        .iter()
+        .map(|r| r.done as f64 / 1e9)
+        .fold(opts.duration.as_secs_f64(), f64::max)
+        .max(1.0);
+    let x = |t: f64| left + t / span * (w - left - 10.0);
+    // Latency on a log scale from 0.1 ms to 10 s.
+    let y = |ms: f64| {
+        let l = ms.clamp(0.1, 10_000.0).log10(); // -1 ..= 4
+        10.0 + (4.0 - l) / 5.0 * (h - bottom - 10.0)
+    };
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
+    );
+    for win in windows {
+        let _ = write!(
+            svg,
+            r##"<rect x="{:.1}" y="10" width="{:.1}" height="{:.1}" fill="#f4b183" opacity="0.35"><title>{}</title></rect><text x="{:.1}" y="22" fill="#a04000">{}</text>"##,
+            x(win.start),
+            (x(win.end) - x(win.start)).max(1.0),
+            h - bottom - 10.0,
+            html(&win.label),
+            x(win.start) + 2.0,
+            html(&win.label)
+        );
+    }
+    for ms in [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0] {
+        let _ = write!(
+            svg,
+            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="4" y="{:.1}">{ms} ms</text>"##,
+            w - 10.0,
+            y(ms) + 4.0,
+            y = y(ms)
+        );
+    }
+    for t in (0..=span as u64).step_by(((span as u64) / 10).max(1) as usize) {
+        let _ = write!(
+            svg,
+            r#"<text x="{:.1}" y="{}">{t}s</text>"#,
+            x(t as f64) - 6.0,
+            h - 10.0
+        );
+    }
+    for r in history {
+        let color = match r.status {
+            OpStatus::Ok => match kind_name(&r.kind) {
+                "put" => "#1f77b4",
+                "get" => "#2ca02c",
+                _ => "#9467bd",
+            },
+            OpStatus::Fail => "#d62728",
+            OpStatus::Unknown => "#ff7f0e",
+        };
+        let t = r.invoke as f64 / 1e9;
+        let ms = (r.done.saturating_sub(r.invoke)) as f64 / 1e6;
+        let _ = write!(
+            svg,
+            r#"<circle cx="{:.1}" cy="{:.1}" r="1.2" fill="{color}"/>"#,
+            x(t),
+            y(ms)
+        );
+    }
+    svg.push_str("</svg>");
+
+    let mut counts: BTreeMap<(&str, OpStatus), usize> = BTreeMap::new();
+    for r in history {
+        *counts.entry((kind_name(&r.kind), r.status)).or_default() += 1;
+    }
+    let mut ops =
+        String::from("<table><tr><th>op</th><th>ok</th><th>fail</th><th>unknown</th></tr>");
+    for kind in ["put", "get", "cas"] {
+        let n = |s| counts.get(&(kind, s)).copied().unwrap_or(0);
+        let _ = write!(
+            ops,
+            "<tr><td>{kind}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            n(OpStatus::Ok),
+            n(OpStatus::Fail),
+            n(OpStatus::Unknown)
+        );
+    }
+    ops.push_str("</table>");
+    let mut faults = String::from("<table><tr><th>from</th><th>to</th><th>fault</th></tr>");
+    for win in windows {
+        let _ = write!(
+            faults,
+            "<tr><td>{:.1}s</td><td>{:.1}s</td><td>{}</td></tr>",
+            win.start,
+            win.end,
+            html(&win.label)
+        );
+    }
+    faults.push_str("</table>");
+    let verdict_html = if verdict.problems.is_empty() {
+        format!(
+            r#"<p class="pass">PASS: the history is linearizable and all {} acknowledged write-once keys are readable.</p>"#,
+            verdict.durable_checked
+        )
+    } else {
+        let items: String = verdict
+            .problems
+            .iter()
+            .map(|p| format!("<li>{}</li>", html(p)))
+            .collect();
+        format!(r#"<p class="fail">FAIL</p><ul>{items}</ul>"#)
+    };
+    format!(
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>raft-kv chaos report</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 10px;text-align:right}}.pass{{color:#1a7f37;font-weight:bold}}.fail{{color:#c00;font-weight:bold}}</style></head><body>
+<h1>raft-kv chaos run</h1>
+<p>{} nodes, {} clients, {:.0} s, faults {:?}, seed {}. Replay: <code>cargo xtask chaos {}</code></p>
+{verdict_html}
+<h2>Latency over time</h2><p>Each dot is one operation (blue put, green linearizable get, purple CAS, red failed, orange unknown); shaded: fault windows.</p>
+{svg}
+<h2>Operations</h2>{ops}
+<h2>Faults</h2>{faults}
+</body></html>
+"#,
+        opts.nodes,
+        opts.clients,
+        opts.duration.as_secs_f64(),
+        opts.faults,
+        opts.seed,
+        html(&opts.args().join(" "))
+    )
+}
+
+fn html(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}

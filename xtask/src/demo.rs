@@ -1,0 +1,200 @@
+//! `cargo xtask demo`: a 3-node cluster of real processes, writes and reads,
+//! the leader killed, a new election timed, every acknowledged write checked,
+//! the old leader restarted and caught up, then everything stopped.
+
+use std::io::Write;
+use std::path::Path;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cluster::LocalCluster;
+use crate::http::Outcome;
+
+const WRITES: usize = 500;
+const WRITES_WHILE_DOWN: usize = 200;
+
+pub fn run(root: &Path) -> Result<()> {
+    let began = Instant::now();
+    let dir = root.join("target").join("xtask").join("demo");
+    let mut c = LocalCluster::create(root, dir, 3, 7100, "")?;
+    println!("cluster file, certificates and data: {}", c.dir.display());
+    c.start_all()?;
+    let t = Instant::now();
+    let first = c.wait_leader(&c.ids(), Duration::from_secs(15))?;
+    let first_election = t.elapsed();
+    println!(
+        "3 nodes up; node {first} leads (elected in {})",
+        ms(first_election)
+    );
+
+    let mut rows: Vec<(String, String)> = vec![("first election".into(), ms(first_election))];
+    let mut acked = Vec::new();
+    let t = Instant::now();
+    write_keys(&c, first, 0..WRITES, &mut acked, "writing")?;
+    let rate = WRITES as f64 / t.elapsed().as_secs_f64();
+    rows.push((
+        format!("{WRITES} sequential writes"),
+        format!("{:.0} writes/s", rate),
+    ));
+    verify(&c, first, &acked, "reading back (linearizable)")?;
+
+    println!("\nkilling the leader, node {first}, with SIGKILL");
+    c.kill(first)?;
+    let killed = Instant::now();
+    let survivors: Vec<u64> = c.ids().into_iter().filter(|id| *id != first).collect();
+    let second = c.wait_leader(&survivors, Duration::from_secs(15))?;
+    let failover = killed.elapsed();
+    println!("node {second} leads after {}", ms(failover));
+    rows.push(("failover: kill to new leader".into(), ms(failover)));
+
+    verify(
+        &c,
+        second,
+        &acked,
+        "every acknowledged write after failover",
+    )?;
+    write_keys(
+        &c,
+        second,
+        WRITES..WRITES + WRITES_WHILE_DOWN,
+        &mut acked,
+        "writing while node down",
+    )?;
+
+    println!("\nrestarting node {first}");
+    c.start(first)?;
+    let restarted = Instant::now();
+    let target = c.http.status(&c.endpoint(second))?.commit_index;
+    loop {
+        if let Ok(s) = c.http.status(&c.endpoint(first))
+            && s.applied_index >= target
+        {
+            break;
+        }
+        if restarted.elapsed() > Duration::from_secs(30) {
+            bail!("node {first} did not catch up to index {target} in 30 s");
+        }
+        sleep(Duration::from_millis(10));
+    }
+    let catch_up = restarted.elapsed();
+    println!(
+        "node {first} caught up to index {target} in {}",
+        ms(catch_up)
+    );
+    rows.push((
+        format!("restart and catch-up of node {first}"),
+        ms(catch_up),
+    ));
+    let missing = acked
+        .iter()
+        .filter(|k| c.http.get(&c.endpoint(first), k, true) != Outcome::Ok(Some(value_of(k))))
+        .count();
+    if missing > 0 {
+        bail!("node {first} lacks {missing} acknowledged writes after catching up");
+    }
+    println!(
+        "node {first} serves all {} keys from its own state machine",
+        acked.len()
+    );
+
+    c.stop_all()?;
+    rows.push(("acknowledged writes".into(), acked.len().to_string()));
+    rows.push(("lost acknowledged writes".into(), "0".into()));
+    rows.push((
+        "demo wall time".into(),
+        format!("{:.1} s", began.elapsed().as_secs_f64()),
+    ));
+    println!("\nall nodes stopped. summary:\n");
+    let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    println!("  {:w$}  measured", "what");
+    println!("  {:-<w$}  {:-<16}", "", "");
+    for (k, v) in rows {
+        println!("  {k:w$}  {v}");
+    }
+    println!("\nlogs: {}", c.dir.join("logs").display());
+    Ok(())
+}
+
+fn value_of(key: &str) -> String {
+    format!("value-of-{key}")
+}
+
+/// Writes keys `range` through `leader` (following redirects), with a
+/// progress bar; records each acknowledged key.
+fn write_keys(
+    c: &LocalCluster,
+    leader: u64,
+    range: std::ops::Range<usize>,
+    acked: &mut Vec<String>,
+    what: &str,
+) -> Result<()> {
+    let total = range.len();
+    for (done, i) in range.enumerate() {
+        let key = format!("demo-{i:05}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match c.http.put(&c.endpoint(leader), &key, &value_of(&key)) {
+                Outcome::Ok(()) => break,
+                other if Instant::now() > deadline => bail!("writing {key}: {other:?}"),
+                _ => sleep(Duration::from_millis(20)),
+            }
+        }
+        acked.push(key);
+        progress(what, done + 1, total);
+    }
+    println!();
+    Ok(())
+}
+
+fn verify(c: &LocalCluster, via: u64, acked: &[String], what: &str) -> Result<()> {
+    for (n, key) in acked.iter().enumerate() {
+        match c.http.get(&c.endpoint(via), key, false) {
+            Outcome::Ok(Some(v)) if v == value_of(key) => {}
+            other => bail!("{key}: expected {:?}, read {other:?}", value_of(key)),
+        }
+        progress(what, n + 1, acked.len());
+    }
+    println!();
+    Ok(())
+}
+
+fn progress(what: &str, done: usize, total: usize) {
+    const WIDTH: usize = 30;
+    let filled = done * WIDTH / total.max(1);
+    // Redraw only when the bar grows, so a log of the run stays short.
+    if done != total && filled == (done - 1) * WIDTH / total.max(1) {
+        return;
+    }
+    print!(
+        "\r  {what:<40} [{}{}] {done}/{total}",
+        "#".repeat(filled),
+        " ".repeat(WIDTH - filled)
+    );
+    let _ = std::io::stdout().flush();
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{} ms", d.as_millis())
+}
+
+/// Builds the `raft-kv` binary (release).
+pub fn build(root: &Path) -> Result<()> {
+    let st = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "raft-kv-example",
+            "--bin",
+            "raft-kv",
+        ])
+        .status()
+        .context("running cargo build")?;
+    if !st.success() {
+        bail!("building raft-kv failed");
+    }
+    Ok(())
+}

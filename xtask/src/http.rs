@@ -1,0 +1,217 @@
+//! A blocking HTTP client for the `raft-kv` API (and etcd's JSON gateway in
+//! benchmarks). Redirects are followed by hand, so a chaos run knows exactly
+//! what happened to each request.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use serde_json::Value;
+
+/// What became of one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome<T> {
+    Ok(T),
+    /// Definitely did not take effect (refused, redirected nowhere, 503).
+    Fail(String),
+    /// May or may not have taken effect (timeout, connection lost, 504).
+    Unknown(String),
+}
+
+impl<T> Outcome<T> {
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Outcome<U> {
+        match self {
+            Outcome::Ok(v) => Outcome::Ok(f(v)),
+            Outcome::Fail(e) => Outcome::Fail(e),
+            Outcome::Unknown(e) => Outcome::Unknown(e),
+        }
+    }
+}
+
+/// `GET /v1/status`, the fields we use.
+#[derive(Clone, Debug)]
+pub struct Status {
+    pub id: u64,
+    pub role: String,
+    pub term: u64,
+    pub leader_id: Option<u64>,
+    pub commit_index: u64,
+    pub applied_index: u64,
+}
+
+#[derive(Clone)]
+pub struct Http {
+    agent: ureq::Agent,
+}
+
+/// A raw answer.
+pub struct Answer {
+    pub status: u16,
+    pub location: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl Http {
+    pub fn new(timeout: Duration) -> Http {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .max_idle_connections_per_host(64)
+            .build()
+            .into();
+        Http { agent }
+    }
+
+    /// One request, no redirects. `Err` carries whether the request surely
+    /// never reached the server.
+    pub fn send(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Answer, (bool, String)> {
+        let result = match (method, body) {
+            ("GET", _) => self.agent.get(url).call(),
+            ("DELETE", _) => self.agent.delete(url).call(),
+            ("PUT", b) => self.agent.put(url).send(b.unwrap_or_default()),
+            ("POST", b) => self
+                .agent
+                .post(url)
+                .header("content-type", "application/json")
+                .send(b.unwrap_or_default()),
+            _ => return Err((true, format!("unsupported method {method}"))),
+        };
+        match result {
+            Ok(mut resp) => {
+                let status = resp.status().as_u16();
+                let location = resp
+                    .headers()
+                    .get("location")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let body = resp
+                    .body_mut()
+                    .with_config()
+                    .limit(64 << 20)
+                    .read_to_vec()
+                    .map_err(|e| (false, e.to_string()))?;
+                Ok(Answer {
+                    status,
+                    location,
+                    body,
+                })
+            }
+            Err(e) => Err((never_sent(&e), e.to_string())),
+        }
+    }
+
+    /// Follows up to 5 redirects; classifies the final answer.
+    pub fn call(&self, method: &str, url: &str, body: Option<&[u8]>) -> Outcome<Answer> {
+        let mut url = url.to_string();
+        for _ in 0..5 {
+            match self.send(method, &url, body) {
+                Ok(a) if a.status == 307 => match a.location {
+                    Some(l) => url = l,
+                    None => return Outcome::Fail("307 without Location".into()),
+                },
+                Ok(a) if a.status == 503 => return Outcome::Fail(text(&a.body)),
+                Ok(a) if a.status == 504 => return Outcome::Unknown(text(&a.body)),
+                Ok(a) if a.status >= 500 => {
+                    return Outcome::Unknown(format!("{}: {}", a.status, text(&a.body)));
+                }
+                Ok(a) => return Outcome::Ok(a),
+                Err((true, e)) => return Outcome::Fail(e),
+                Err((false, e)) => return Outcome::Unknown(e),
+            }
+        }
+        Outcome::Fail("too many redirects".into())
+    }
+
+    pub fn status(&self, endpoint: &str) -> Result<Status> {
+        let a = match self.send("GET", &format!("{endpoint}/v1/status"), None) {
+            Ok(a) if a.status == 200 => a,
+            Ok(a) => bail!("status: HTTP {}", a.status),
+            Err((_, e)) => bail!("status: {e}"),
+        };
+        let v: Value = serde_json::from_slice(&a.body)?;
+        let n = |f: &str| v.get(f).and_then(Value::as_u64).unwrap_or(0);
+        Ok(Status {
+            id: n("id"),
+            role: v
+                .get("role")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            term: n("term"),
+            leader_id: v.get("leader_id").and_then(Value::as_u64),
+            commit_index: n("commit_index"),
+            applied_index: n("applied_index"),
+        })
+    }
+
+    /// `PUT /v1/kv/{key}`.
+    pub fn put(&self, endpoint: &str, key: &str, value: &str) -> Outcome<()> {
+        match self.call(
+            "PUT",
+            &format!("{endpoint}/v1/kv/{key}"),
+            Some(value.as_bytes()),
+        ) {
+            Outcome::Ok(a) if a.status == 200 => Outcome::Ok(()),
+            Outcome::Ok(a) => Outcome::Fail(format!("{}: {}", a.status, text(&a.body))),
+            Outcome::Fail(e) => Outcome::Fail(e),
+            Outcome::Unknown(e) => Outcome::Unknown(e),
+        }
+    }
+
+    /// `GET /v1/kv/{key}` (linearizable unless `stale`).
+    pub fn get(&self, endpoint: &str, key: &str, stale: bool) -> Outcome<Option<String>> {
+        let q = if stale { "?consistency=stale" } else { "" };
+        match self.call("GET", &format!("{endpoint}/v1/kv/{key}{q}"), None) {
+            Outcome::Ok(a) if a.status == 200 => Outcome::Ok(Some(text(&a.body))),
+            Outcome::Ok(a) if a.status == 404 => Outcome::Ok(None),
+            Outcome::Ok(a) => Outcome::Fail(format!("{}: {}", a.status, text(&a.body))),
+            // A read that did not answer has no effect either way.
+            Outcome::Fail(e) | Outcome::Unknown(e) => Outcome::Fail(e),
+        }
+    }
+
+    /// `POST /v1/cas/{key}`: `(succeeded, current)`.
+    pub fn cas(
+        &self,
+        endpoint: &str,
+        key: &str,
+        expected: Option<&str>,
+        new: Option<&str>,
+    ) -> Outcome<(bool, Option<String>)> {
+        let body = serde_json::json!({ "expected": expected, "new": new }).to_string();
+        match self.call(
+            "POST",
+            &format!("{endpoint}/v1/cas/{key}"),
+            Some(body.as_bytes()),
+        ) {
+            Outcome::Ok(a) if a.status == 200 => match serde_json::from_slice::<Value>(&a.body) {
+                Ok(v) => Outcome::Ok((
+                    v.get("succeeded").and_then(Value::as_bool).unwrap_or(false),
+                    v.get("current").and_then(Value::as_str).map(str::to_string),
+                )),
+                Err(e) => Outcome::Unknown(format!("bad CAS answer: {e}")),
+            },
+            Outcome::Ok(a) => Outcome::Fail(format!("{}: {}", a.status, text(&a.body))),
+            Outcome::Fail(e) => Outcome::Fail(e),
+            Outcome::Unknown(e) => Outcome::Unknown(e),
+        }
+    }
+}
+
+fn text(body: &[u8]) -> String {
+    String::from_utf8_lossy(body).into_owned()
+}
+
+/// Whether the request cannot have reached the server.
+fn never_sent(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound | ureq::Error::BadUri(_) => true,
+        ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
+        _ => false,
+    }
+}
