@@ -33,6 +33,9 @@ pub struct Config {
     pub purge_keep: u64,
     /// Bytes per InstallSnapshot chunk.
     pub snapshot_chunk_bytes: usize,
+    /// `Raft::add_learner` returns once the learner is at most this many
+    /// entries behind the leader.
+    pub learner_max_lag: u64,
 }
 
 impl Default for Config {
@@ -49,6 +52,7 @@ impl Default for Config {
             snapshot_every: 10_000,
             purge_keep: 1_000,
             snapshot_chunk_bytes: 1 << 20,
+            learner_max_lag: 100,
         }
     }
 }

@@ -69,3 +69,24 @@ pub struct NotLeader<N> {
     pub leader_id: Option<NodeId>,
     pub leader_node: Option<N>,
 }
+
+/// Why a membership change was refused. Nothing was proposed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum MembershipError {
+    /// Only one change at a time (§4.3 of the thesis): the configuration
+    /// at `index` is joint or not yet committed.
+    #[error("a membership change is in progress (configuration at index {index} is not final yet)")]
+    InProgress { index: LogIndex },
+    #[error("the new configuration has no voters")]
+    NoVoters,
+    /// Replacing every voter at once would hand the cluster to nodes that
+    /// never voted in it; change a few at a time.
+    #[error("the new configuration keeps none of the current voters")]
+    NoCurrentVoter,
+    #[error("node {0} is not a member; add it as a learner first")]
+    UnknownNode(NodeId),
+    #[error("node {0} is already a member")]
+    AlreadyMember(NodeId),
+    #[error("node {0} votes; remove it with change_membership")]
+    IsVoter(NodeId),
+}

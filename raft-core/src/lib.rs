@@ -26,7 +26,7 @@ pub mod types;
 
 pub use config::{Config, ConfigError};
 pub use engine::{Action, Engine, ReadId, RecoveredState, Role};
-pub use error::{InitializeError, NotLeader, RecoveryError, StepError};
+pub use error::{InitializeError, MembershipError, NotLeader, RecoveryError, StepError};
 pub use message::*;
 pub use network::{Network, NetworkError, NetworkFactory};
 pub use raft::{Raft, RaftError, RaftMetrics, StartError};

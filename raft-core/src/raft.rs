@@ -8,7 +8,7 @@
 //! channel and go into the next log append together: that is the batching.
 //! Network sends are handed to spawned RPC tasks and never block the loop.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::Config;
 use crate::engine::{Action, Engine, ProposeError, ReadId, RecoveredState, Role};
-use crate::error::{InitializeError, NotLeader, RecoveryError, StepError};
+use crate::error::{InitializeError, MembershipError, NotLeader, RecoveryError, StepError};
 use crate::message::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     Message, TimeoutNowRequest, VoteRequest, VoteResponse,
@@ -38,6 +38,16 @@ pub enum RaftError<N> {
     NotLeader(#[from] NotLeader<N>),
     #[error("a leadership transfer is in progress; retry shortly")]
     TransferInProgress,
+    /// A membership change was refused; nothing was proposed.
+    #[error("membership change refused: {0}")]
+    Membership(#[from] MembershipError),
+    /// The learner was added but did not catch up in time; it stays a
+    /// learner and keeps receiving the log.
+    #[error("learner {id} was added but is still {behind} entries behind")]
+    LearnerBehind { id: NodeId, behind: u64 },
+    /// The operation did not finish in time; it may still complete.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
     /// Another entry was committed at the proposal's index: the command was
     /// definitely not applied.
     #[error("proposal was superseded by another leader's entry; it was not applied")]
@@ -82,6 +92,9 @@ pub struct RaftMetrics<N> {
     pub last_log_index: LogIndex,
     pub snapshot: Option<LogId>,
     pub membership: Membership<N>,
+    /// The log entry that set `membership` (committed once `commit_index`
+    /// reaches it).
+    pub membership_log_id: LogId,
     /// Leader only: each peer's match index.
     pub replication: BTreeMap<NodeId, LogIndex>,
     /// Set when the node stopped after a storage error.
@@ -116,7 +129,17 @@ enum Input<C: TypeConfig> {
         to: NodeId,
         reply: Reply<(), C::Node>,
     },
+    Membership {
+        change: MembershipChange<C::Node>,
+        reply: WriteReply<C>,
+    },
     Shutdown,
+}
+
+enum MembershipChange<N> {
+    AddLearner(NodeId, N),
+    RemoveLearner(NodeId),
+    Voters(BTreeSet<NodeId>),
 }
 
 /// The handle to one running Raft node. Cheap to clone.
@@ -154,6 +177,7 @@ impl<C: TypeConfig> Clone for Raft<C> {
 
 struct Inner<C: TypeConfig> {
     id: NodeId,
+    learner_max_lag: u64,
     tx: mpsc::UnboundedSender<Input<C>>,
     metrics: watch::Receiver<RaftMetrics<C::Node>>,
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
@@ -176,6 +200,7 @@ impl<C: TypeConfig> Raft<C> {
         F: NetworkFactory<C>,
     {
         let config = config.validate()?;
+        let learner_max_lag = config.learner_max_lag;
         let hard_state = log_store.load_hard_state().await?;
         let log_state = log_store.log_state().await?;
         let entries = log_store
@@ -222,6 +247,7 @@ impl<C: TypeConfig> Raft<C> {
         Ok(Raft {
             inner: Arc::new(Inner {
                 id,
+                learner_max_lag,
                 tx,
                 metrics: metrics_rx,
                 task: std::sync::Mutex::new(Some(task)),
@@ -290,6 +316,96 @@ impl<C: TypeConfig> Raft<C> {
     /// was started; watch [`Raft::metrics`] for the new leader.
     pub async fn transfer_leader(&self, to: NodeId) -> Result<(), RaftError<C::Node>> {
         self.call(|reply| Input::Transfer { to, reply }).await
+    }
+
+    /// Adds `id` (reached at `node`) as a learner, then waits until it is
+    /// within `Config::learner_max_lag` entries of this leader's log. If it
+    /// is still further behind after `timeout`, returns `LearnerBehind`:
+    /// the learner stays added and keeps catching up.
+    pub async fn add_learner(
+        &self,
+        id: NodeId,
+        node: C::Node,
+        timeout: Duration,
+    ) -> Result<LogId, RaftError<C::Node>> {
+        let deadline = Instant::now() + timeout;
+        let change = MembershipChange::AddLearner(id, node);
+        let (log_id, _) = self
+            .call(|reply| Input::Membership { change, reply })
+            .await?;
+        let lag = self.inner.learner_max_lag;
+        let behind = |m: &RaftMetrics<C::Node>| {
+            let matched = m.replication.get(&id).copied().unwrap_or_default();
+            m.last_log_index.0.saturating_sub(matched.0)
+        };
+        let mut metrics = self.metrics();
+        let caught_up =
+            tokio::time::timeout_at(deadline, metrics.wait_for(|m| behind(m) <= lag)).await;
+        match caught_up {
+            Ok(Ok(_)) => Ok(log_id),
+            Ok(Err(_)) => Err(self.stopped_error()),
+            Err(_) => Err(RaftError::LearnerBehind {
+                id,
+                behind: behind(&self.metrics().borrow()),
+            }),
+        }
+    }
+
+    /// Removes learner `id` from the cluster; resolves once that is applied.
+    pub async fn remove_learner(&self, id: NodeId) -> Result<LogId, RaftError<C::Node>> {
+        let change = MembershipChange::RemoveLearner(id);
+        let (log_id, _) = self
+            .call(|reply| Input::Membership { change, reply })
+            .await?;
+        Ok(log_id)
+    }
+
+    /// Makes `voters` the voting members by joint consensus (see
+    /// [`Engine::change_membership`]): promotes learners, removes voters.
+    /// Resolves once the final configuration is committed. If this node
+    /// loses leadership meanwhile, the next leader finishes the change;
+    /// wrap the call in a timeout if the caller cannot wait.
+    pub async fn change_membership(
+        &self,
+        voters: BTreeSet<NodeId>,
+    ) -> Result<(), RaftError<C::Node>> {
+        let change = MembershipChange::Voters(voters.clone());
+        let (joint, _) = self
+            .call(|reply| Input::Membership { change, reply })
+            .await?;
+        let mut metrics = self.metrics();
+        let done = metrics
+            .wait_for(|m| {
+                let final_config =
+                    m.membership.configs.len() == 1 && m.membership.configs[0] == voters;
+                m.fatal.is_some()
+                    || final_config
+                        && m.membership_log_id.index > joint.index
+                        && m.commit_index >= m.membership_log_id.index
+            })
+            .await
+            .map_err(|_| self.stopped_error())?;
+        match &done.fatal {
+            Some(e) => Err(RaftError::Fatal(e.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Hands leadership to `to` and waits until this node sees it lead, or
+    /// `timeout` passes (the transfer is abandoned by the engine after an
+    /// election timeout; this returns `Timeout`).
+    pub async fn transfer_leader_and_wait(
+        &self,
+        to: NodeId,
+        timeout: Duration,
+    ) -> Result<(), RaftError<C::Node>> {
+        self.transfer_leader(to).await?;
+        let mut metrics = self.metrics();
+        match tokio::time::timeout(timeout, metrics.wait_for(|m| m.leader_id == Some(to))).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(self.stopped_error()),
+            Err(_) => Err(RaftError::Timeout("the leadership transfer")),
+        }
     }
 
     /// A watch of this node's metrics.
@@ -398,6 +514,7 @@ fn metrics_of<C: TypeConfig>(
         last_log_index: e.last_log_id().index,
         snapshot: e.snapshot_meta().map(|s| s.last_log_id),
         membership: e.membership().clone(),
+        membership_log_id: e.membership_log_id(),
         replication: e.matched(),
         fatal,
     }
@@ -497,19 +614,41 @@ where
         info!(node = %self.engine.id(), "raft node shut down");
     }
 
+    /// Answers `reply` when the proposed entry is applied (or at once if it
+    /// was refused).
+    fn await_entry(
+        &mut self,
+        proposed: Result<LogId, ProposeError<C::Node>>,
+        reply: WriteReply<C>,
+    ) {
+        match proposed {
+            Ok(log_id) => {
+                self.writes.insert(log_id.index, (log_id, reply));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(match e {
+                    ProposeError::NotLeader(nl) => RaftError::NotLeader(nl),
+                    ProposeError::TransferInProgress => RaftError::TransferInProgress,
+                    ProposeError::Membership(m) => RaftError::Membership(m),
+                }));
+            }
+        }
+    }
+
     fn handle(&mut self, input: Input<C>) {
         match input {
-            Input::Write { command, reply } => match self.engine.propose(command) {
-                Ok(log_id) => {
-                    self.writes.insert(log_id.index, (log_id, reply));
-                }
-                Err(ProposeError::NotLeader(nl)) => {
-                    let _ = reply.send(Err(RaftError::NotLeader(nl)));
-                }
-                Err(ProposeError::TransferInProgress) => {
-                    let _ = reply.send(Err(RaftError::TransferInProgress));
-                }
-            },
+            Input::Write { command, reply } => {
+                let proposed = self.engine.propose(command);
+                self.await_entry(proposed, reply);
+            }
+            Input::Membership { change, reply } => {
+                let proposed = match change {
+                    MembershipChange::AddLearner(id, node) => self.engine.add_learner(id, node),
+                    MembershipChange::RemoveLearner(id) => self.engine.remove_learner(id),
+                    MembershipChange::Voters(voters) => self.engine.change_membership(voters),
+                };
+                self.await_entry(proposed, reply);
+            }
             Input::Read { reply } => {
                 let id = self.next_read;
                 self.next_read += 1;

@@ -305,3 +305,65 @@ fn invalid_config_is_a_typed_error_at_start() {
         assert!(matches!(r, Err(raft_core::StartError::Config(_))));
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_added_as_learner_promoted_led_and_the_old_leader_removed() {
+    let mut c = Cluster::new(3, Config::default()).await;
+    for i in 0..50 {
+        c.write(&format!("k{i}"), "v").await;
+    }
+    // Node 4 starts empty and uninitialized: it only learns of the cluster
+    // when the leader adds it.
+    c.start(NodeId(4), MemLogStore::new(), MemStateMachine::new())
+        .await;
+    let leader = c.leader().await;
+    let raft = c.nodes[&leader].raft.clone();
+    raft.add_learner(NodeId(4), "node-4".into(), WAIT)
+        .await
+        .expect("learner catches up");
+    let m = c.nodes[&NodeId(4)].raft.metrics().borrow().clone();
+    assert_eq!(m.role, Role::Learner);
+    // "Caught up" means within `learner_max_lag`; it goes on to apply all.
+    let commit = raft.metrics().borrow().commit_index;
+    c.wait_applied(NodeId(4), commit).await;
+    assert_eq!(c.nodes[&NodeId(4)].sm.get("k49").as_deref(), Some("v"));
+
+    // A second change while none is running is fine; bad ones are refused.
+    let refused = raft.change_membership([NodeId(9)].into()).await;
+    assert!(
+        matches!(
+            refused,
+            Err(RaftError::Membership(
+                raft_core::MembershipError::UnknownNode(NodeId(9))
+            ))
+        ),
+        "{refused:?}"
+    );
+    raft.change_membership([1, 2, 3, 4].map(NodeId).into())
+        .await
+        .expect("promote 4");
+    assert_eq!(
+        c.nodes[&NodeId(4)].raft.metrics().borrow().role,
+        Role::Follower
+    );
+
+    raft.transfer_leader_and_wait(NodeId(4), WAIT)
+        .await
+        .expect("4 takes over");
+    let four = c.nodes[&NodeId(4)].raft.clone();
+    let remaining: std::collections::BTreeSet<NodeId> = [1, 2, 3, 4]
+        .map(NodeId)
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    four.change_membership(remaining.clone())
+        .await
+        .expect("remove the old leader");
+    let (idx, _) = c.write("after", "removal").await;
+    for id in &remaining {
+        c.wait_applied(*id, idx).await;
+        let m = c.nodes[id].raft.metrics().borrow().clone();
+        assert_eq!(m.membership.voter_ids(), remaining);
+    }
+    assert_ne!(c.leader().await, leader);
+}

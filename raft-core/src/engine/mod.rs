@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::error::{InitializeError, NotLeader, RecoveryError, StepError};
+use crate::error::{InitializeError, MembershipError, NotLeader, RecoveryError, StepError};
 use crate::message::{
     AppendEntriesRequest, AppendEntriesResponse, ConflictHint, InstallSnapshotRequest,
     InstallSnapshotResponse, Message, SnapshotMeta, TimeoutNowRequest, VoteRequest, VoteResponse,
@@ -177,6 +177,8 @@ pub enum ProposeError<N> {
     NotLeader(#[from] NotLeader<N>),
     #[error("a leadership transfer is in progress")]
     TransferInProgress,
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
 }
 
 /// One Raft node's consensus state. See the module docs for the contract.
@@ -587,6 +589,77 @@ impl<C: TypeConfig> Engine<C> {
             RoleState::Leader(_) => Ok(self.leader_append(payload)),
             _ => Err(ProposeError::NotLeader(self.not_leader())),
         }
+    }
+
+    /// Proposes adding `id`, reached at `node`, as a learner: it receives
+    /// the log and snapshots but neither votes nor counts toward commit.
+    /// Promote it with [`Engine::change_membership`] once it has caught up.
+    pub fn add_learner(
+        &mut self,
+        id: NodeId,
+        node: C::Node,
+    ) -> Result<LogId, ProposeError<C::Node>> {
+        let mut next = self.membership_change_base()?;
+        if next.nodes.contains_key(&id) || next.is_voter(id) {
+            return Err(MembershipError::AlreadyMember(id).into());
+        }
+        next.nodes.insert(id, node);
+        self.propose_payload(EntryPayload::Membership(next))
+    }
+
+    /// Proposes removing learner `id`.
+    pub fn remove_learner(&mut self, id: NodeId) -> Result<LogId, ProposeError<C::Node>> {
+        let mut next = self.membership_change_base()?;
+        if next.is_voter(id) {
+            return Err(MembershipError::IsVoter(id).into());
+        }
+        if next.nodes.remove(&id).is_none() {
+            return Err(MembershipError::UnknownNode(id).into());
+        }
+        self.propose_payload(EntryPayload::Membership(next))
+    }
+
+    /// Proposes `voters` as the new voting configuration by joint consensus
+    /// (§6 of the Raft paper): first C_old,new, in which elections and
+    /// commitment need majorities of both; once that commits, the leader
+    /// appends C_new by itself. Each takes effect when appended. Voters not
+    /// in `voters` leave the cluster; learners stay learners. Every new
+    /// voter must already be a member (add it as a learner first). The
+    /// returned id is the joint entry's.
+    pub fn change_membership(
+        &mut self,
+        voters: BTreeSet<NodeId>,
+    ) -> Result<LogId, ProposeError<C::Node>> {
+        let current = self.membership_change_base()?;
+        if voters.is_empty() {
+            return Err(MembershipError::NoVoters.into());
+        }
+        if let Some(unknown) = voters.iter().find(|v| !current.nodes.contains_key(v)) {
+            return Err(MembershipError::UnknownNode(*unknown).into());
+        }
+        let old = current.configs.first().cloned().unwrap_or_default();
+        if voters.is_disjoint(&old) {
+            return Err(MembershipError::NoCurrentVoter.into());
+        }
+        let joint = Membership {
+            configs: vec![voters, old],
+            nodes: current.nodes,
+        };
+        self.propose_payload(EntryPayload::Membership(joint))
+    }
+
+    /// The configuration a change starts from, if a change may start: this
+    /// node leads and the last configuration is final (not joint, and
+    /// committed).
+    fn membership_change_base(&self) -> Result<Membership<C::Node>, ProposeError<C::Node>> {
+        if !self.is_leader() {
+            return Err(self.not_leader().into());
+        }
+        let index = self.membership_log_id().index;
+        if self.membership().is_joint() || index > self.commit {
+            return Err(MembershipError::InProgress { index }.into());
+        }
+        Ok(self.membership().clone())
     }
 
     /// Starts a linearizable read (ReadIndex, thesis §6.4). When a quorum
@@ -1314,15 +1387,23 @@ impl<C: TypeConfig> Engine<C> {
             }
             if advanced {
                 self.maybe_commit();
+                if !self.is_leader() {
+                    // Committing our own removal made us step down.
+                    return Ok(());
+                }
                 if let Some((to, _)) = self.leader().transfer
                     && to == from
                 {
                     self.maybe_send_timeout_now(from);
                 }
             }
-        } else if resp.index > p.matched && !matches!(p.state, ProgressState::Snapshot { .. }) {
+        } else if resp.index >= p.matched && !matches!(p.state, ProgressState::Snapshot { .. }) {
             // A real rejection (not a reordered stale one): move back using
-            // the follower's hint, skipping a whole term at a time.
+            // the follower's hint, skipping a whole term at a time. A
+            // rejection at exactly `matched` is real too: messages overtook
+            // each other, the follower refused the one after `matched`
+            // before the one ending there arrived, and the entries it
+            // carried must go again now rather than when the window stalls.
             let next = match resp.conflict {
                 Some(ConflictHint {
                     term: Some(t),
@@ -1364,6 +1445,24 @@ impl<C: TypeConfig> Engine<C> {
         if index > self.commit && self.log.term_at(index) == Some(self.term) {
             self.commit = index;
             self.apply_committed();
+            // §6: once C_old,new is committed, the leader moves on to C_new
+            // (this also finishes a change a previous leader started).
+            if self.membership().is_joint() && self.membership_log_id().index <= index {
+                let joint = self.membership();
+                let new_voters = joint.configs[0].clone();
+                let learners = joint.learner_ids();
+                let nodes = joint
+                    .nodes
+                    .iter()
+                    .filter(|(id, _)| new_voters.contains(id) || learners.contains(id))
+                    .map(|(id, n)| (*id, n.clone()))
+                    .collect();
+                info!(node = %self.id, term = %self.term, voters = ?new_voters, "joint configuration committed; appending the new one");
+                self.leader_append(EntryPayload::Membership(Membership {
+                    configs: vec![new_voters],
+                    nodes,
+                }));
+            }
             // A leader that is not in the configuration it just committed
             // hands over by stepping down (§6).
             if self.membership_log_id().index <= index && !self.membership().is_voter(self.id) {

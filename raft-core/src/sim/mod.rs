@@ -25,7 +25,7 @@ pub mod linearizability;
 
 use std::cmp::Reverse;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use crate::config::Config;
@@ -33,7 +33,7 @@ use crate::engine::rng::Rng;
 use crate::engine::{Action, Engine, ProposeError, RecoveredState};
 use crate::memory::kv::{KvCommand, KvConfig, KvResponse, KvStore};
 use crate::message::{InstallSnapshotRequest, Message, SnapshotMeta};
-use crate::types::{Entry, HardState, LogId, LogIndex, Membership, NodeId, Term};
+use crate::types::{Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Term};
 
 use self::linearizability::{OpKind, OpOutput, Operation};
 
@@ -118,6 +118,16 @@ enum Input {
     Tick,
     Propose { op: usize, cmd: KvCommand },
     Read { op: usize },
+    Membership(MembershipChange),
+    Transfer(NodeId),
+}
+
+/// A membership change a test asks the leader for.
+#[derive(Clone, Debug)]
+pub enum MembershipChange {
+    AddLearner(NodeId),
+    RemoveLearner(NodeId),
+    Voters(BTreeSet<NodeId>),
 }
 
 struct Node {
@@ -220,6 +230,8 @@ pub struct Sim {
     clients: Vec<Client>,
     keys: Vec<String>,
     clients_running: bool,
+    /// The engine's answer to the last `Input::Membership`.
+    change_result: Option<Result<LogId, ProposeError<String>>>,
     pub stats: SimStats,
 }
 
@@ -227,13 +239,23 @@ impl Sim {
     /// A cluster of `opts.nodes` pristine nodes, all initialized with the
     /// same membership.
     pub fn new(opts: SimOptions) -> Sim {
+        let all: Vec<NodeId> = (1..=opts.nodes as u64).map(NodeId).collect();
+        Sim::with_voters(opts, &all)
+    }
+
+    /// A cluster of `opts.nodes` nodes of which only `voters` are
+    /// initialized (as the voters); the others are pristine and join when
+    /// added as learners.
+    pub fn with_voters(opts: SimOptions, voters: &[NodeId]) -> Sim {
         let mut sim = Sim::uninitialized(opts);
-        let members: BTreeMap<NodeId, String> = sim
-            .nodes
+        let members: BTreeMap<NodeId, String> = voters
             .iter()
-            .map(|n| (n.id, format!("node-{}", n.id)))
+            .map(|id| (*id, format!("node-{id}")))
             .collect();
         for i in 0..sim.nodes.len() {
+            if !members.contains_key(&sim.nodes[i].id) {
+                continue;
+            }
             let m = Membership::new_voters(members.clone());
             if let Some(e) = sim.nodes[i].engine.as_mut() {
                 e.initialize(m).expect("pristine node initializes");
@@ -244,7 +266,10 @@ impl Sim {
         // Bootstrap completes (as `Raft::initialize` does) once the first
         // configuration is durable everywhere.
         sim.run_until(1_000, |s| {
-            s.nodes.iter().all(|n| !n.disk.entries.is_empty())
+            s.nodes
+                .iter()
+                .filter(|n| members.contains_key(&n.id))
+                .all(|n| !n.disk.entries.is_empty())
         });
         sim
     }
@@ -300,6 +325,7 @@ impl Sim {
             clients: Vec::new(),
             keys: Vec::new(),
             clients_running: false,
+            change_result: None,
             stats: SimStats::default(),
             opts,
         };
@@ -549,6 +575,66 @@ impl Sim {
         self.nodes[i].inbox.push_back(Input::Propose { op, cmd });
         self.process(i);
         Some(op)
+    }
+
+    /// Asks the current leader for a membership change and returns the
+    /// engine's answer (the proposed entry, or why it was refused). The
+    /// change is only proposed: run the simulation for it to commit.
+    pub fn change(&mut self, change: MembershipChange) -> Result<LogId, ProposeError<String>> {
+        let no_leader = || {
+            ProposeError::NotLeader(crate::error::NotLeader {
+                leader_id: None,
+                leader_node: None,
+            })
+        };
+        let Some(l) = self.leader() else {
+            return Err(no_leader());
+        };
+        let i = self.idx(l);
+        self.change_result = None;
+        self.nodes[i].inbox.push_back(Input::Membership(change));
+        self.process(i);
+        self.run_until(1_000, |s| s.change_result.is_some());
+        self.change_result
+            .take()
+            .unwrap_or_else(|| Err(no_leader()))
+    }
+
+    /// Asks the current leader to hand leadership to `to`.
+    pub fn transfer_leader(&mut self, to: NodeId) {
+        if let Some(l) = self.leader() {
+            let i = self.idx(l);
+            self.nodes[i].inbox.push_back(Input::Transfer(to));
+            self.process(i);
+        }
+    }
+
+    /// Writes that occur more than once in the leader's log. Every put and
+    /// every CAS that sets a value carries a value unique to its client
+    /// operation, so a repeat is a duplicated write.
+    pub fn duplicated_commands(&self) -> Vec<KvCommand> {
+        let Some(e) = self.leader().and_then(|l| self.engine(l)) else {
+            return Vec::new();
+        };
+        let mut seen = HashSet::new();
+        e.log()
+            .range(e.log().first_index(), e.log().last_index())
+            .filter_map(|entry| match &entry.payload {
+                EntryPayload::Command(
+                    c @ (KvCommand::Put { .. } | KvCommand::Cas { new: Some(_), .. }),
+                ) => Some(c),
+                _ => None,
+            })
+            .filter(|c| !seen.insert(format!("{c:?}")))
+            .cloned()
+            .collect()
+    }
+
+    /// The leader's configuration, if it is final (not joint) and committed.
+    pub fn settled_voters(&self) -> Option<BTreeSet<NodeId>> {
+        let e = self.engine(self.leader()?)?;
+        let m = e.membership();
+        (!m.is_joint() && e.membership_log_id().index <= e.commit_index()).then(|| m.voter_ids())
     }
 
     /// Starts a linearizable read of `key` on node `id`; returns the op number.
@@ -813,7 +899,7 @@ impl Sim {
         s
     }
 
-    /// One leader for the highest term, and every live node's log, commit
+    /// One leader for the highest term, and every live member's log, commit
     /// and state machine caught up with it.
     pub fn converged(&self) -> bool {
         let Some(l) = self.leader() else { return false };
@@ -822,8 +908,10 @@ impl Sim {
         if le.commit_index() != last.index || le.log().term_at(last.index) != Some(le.term()) {
             return false;
         }
+        let members = &le.membership().nodes;
         self.nodes
             .iter()
+            .filter(|n| members.contains_key(&n.id))
             .filter_map(|n| n.engine.as_ref().map(|e| (n, e)))
             .all(|(n, e)| {
                 e.term() == le.term()
@@ -921,8 +1009,23 @@ impl Sim {
                     self.finish_op(op, OpState::Failed);
                     self.redirect(op, nl.leader_id);
                 }
-                Err(ProposeError::TransferInProgress) => self.finish_op(op, OpState::Failed),
+                Err(ProposeError::TransferInProgress | ProposeError::Membership(_)) => {
+                    self.finish_op(op, OpState::Failed)
+                }
             },
+            Input::Membership(change) => {
+                let r = match change {
+                    MembershipChange::AddLearner(id) => {
+                        engine.add_learner(id, format!("node-{id}"))
+                    }
+                    MembershipChange::RemoveLearner(id) => engine.remove_learner(id),
+                    MembershipChange::Voters(v) => engine.change_membership(v),
+                };
+                self.change_result = Some(r);
+            }
+            Input::Transfer(to) => {
+                let _ = engine.transfer_leader(to);
+            }
             Input::Read { op } => {
                 if let Err(nl) = engine.read_index(op as u64) {
                     self.finish_op(op, OpState::Failed);
