@@ -41,12 +41,17 @@ const RETRY_FOR: Duration = Duration::from_secs(5);
 
 impl Client {
     pub fn new(endpoint: &str) -> Result<Client, ClientError> {
+        Client::with_timeout(endpoint, Duration::from_secs(10))
+    }
+
+    /// A client whose requests may each take up to `timeout`.
+    pub fn with_timeout(endpoint: &str, timeout: Duration) -> Result<Client, ClientError> {
         let endpoint = endpoint.trim_end_matches('/').to_string();
         if !endpoint.starts_with("http://") {
             return Err(ClientError::Endpoint(endpoint));
         }
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
+            .timeout(timeout)
             .build()
             .map_err(|source| ClientError::Http {
                 url: endpoint.clone(),
@@ -152,6 +157,45 @@ impl Client {
             Some(body.into_bytes()),
         )
         .await
+    }
+
+    /// `POST /v1/members`: adds node `id` as a learner.
+    pub async fn add_member(
+        &self,
+        id: u64,
+        raft_addr: &str,
+        http_addr: &str,
+    ) -> Result<Value, ClientError> {
+        let body = serde_json::json!({ "id": id, "raft_addr": raft_addr, "http_addr": http_addr });
+        self.json(
+            Method::POST,
+            "/v1/members",
+            Some(body.to_string().into_bytes()),
+        )
+        .await
+    }
+
+    /// `POST /v1/members/{id}/promote`.
+    pub async fn promote_member(&self, id: u64) -> Result<Value, ClientError> {
+        self.json(
+            Method::POST,
+            &format!("/v1/members/{id}/promote"),
+            Some(Vec::new()),
+        )
+        .await
+    }
+
+    /// `DELETE /v1/members/{id}`.
+    pub async fn remove_member(&self, id: u64) -> Result<Value, ClientError> {
+        self.json(Method::DELETE, &format!("/v1/members/{id}"), None)
+            .await
+    }
+
+    /// `POST /v1/leader/transfer`.
+    pub async fn transfer_leader(&self, to: u64) -> Result<Value, ClientError> {
+        let body = serde_json::json!({ "to": to }).to_string().into_bytes();
+        self.json(Method::POST, "/v1/leader/transfer", Some(body))
+            .await
     }
 
     /// `GET /v1/status` of the endpoint itself (not redirected).

@@ -23,6 +23,7 @@
 //! max_key_bytes = 4096
 //! max_value_bytes = 1048576
 //! request_timeout_ms = 5000      # after this a proposal's outcome is unknown (504)
+//! membership_timeout_ms = 30000  # membership requests (a learner may need a snapshot)
 //! ```
 //!
 //! Relative paths are relative to the file. Any error names the file, the
@@ -82,6 +83,9 @@ pub struct Limits {
     /// How long a write or linearizable read may take before the node
     /// answers 504 (outcome unknown).
     pub request_timeout: Duration,
+    /// How long a membership request waits (a new learner may need a whole
+    /// snapshot) before answering 504.
+    pub membership_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -90,6 +94,7 @@ impl Default for Limits {
             max_key_bytes: 4096,
             max_value_bytes: 1 << 20,
             request_timeout: Duration::from_secs(5),
+            membership_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -173,6 +178,7 @@ struct RawLimits {
     max_key_bytes: Option<Spanned<u64>>,
     max_value_bytes: Option<Spanned<u64>>,
     request_timeout_ms: Option<Spanned<u64>>,
+    membership_timeout_ms: Option<Spanned<u64>>,
 }
 
 impl ClusterFile {
@@ -282,6 +288,10 @@ impl ClusterFile {
             }
             if let Some(v) = &l.request_timeout_ms {
                 limits.request_timeout = Duration::from_millis(positive(v, "request_timeout_ms")?);
+            }
+            if let Some(v) = &l.membership_timeout_ms {
+                limits.membership_timeout =
+                    Duration::from_millis(positive(v, "membership_timeout_ms")?);
             }
         }
 

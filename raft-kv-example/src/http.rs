@@ -8,6 +8,10 @@
 //! | `POST /v1/cas/{key}` `{"expected": s\|null, "new": s\|null}` | 200 `{"succeeded": bool, "current": s\|null}` |
 //! | `GET /v1/status` | the node's role, term, leader, indices and members |
 //! | `GET /metrics` | Prometheus text |
+//! | `POST /v1/members` `{"id", "raft_addr", "http_addr"}` | adds a learner; 200 `{"index"}` once caught up, 504 if it is still behind (it stays) |
+//! | `POST /v1/members/{id}/promote` | makes learner `id` a voter (joint consensus); 200 once final |
+//! | `DELETE /v1/members/{id}` | removes a voter (joint consensus) or a learner; 200 once final |
+//! | `POST /v1/leader/transfer` `{"to": id}` | 200 once `id` leads, 504 if it did not take over in time |
 //!
 //! A node that does not lead answers writes and linearizable reads with
 //! `307` and a `Location` on the leader's `http_addr`; with no known leader,
@@ -26,8 +30,8 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use raft_core::{LogIndex, NodeId, Raft, RaftError, Role};
+use axum::routing::{delete, get, post};
+use raft_core::{LogIndex, MembershipError, NodeId, Raft, RaftError, Role};
 use raft_storage_rocksdb::RocksReader;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -71,6 +75,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/cas/{*key}", post(cas))
         .route("/v1/status", get(status))
+        .route("/v1/members", post(add_member))
+        .route("/v1/members/{id}", delete(remove_member))
+        .route("/v1/members/{id}/promote", post(promote_member))
+        .route("/v1/leader/transfer", post(transfer_leader))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such path") })
         .method_not_allowed_fallback(|| async {
@@ -149,7 +157,30 @@ impl ApiError {
             RaftError::ProposalDropped => ApiError::unavailable(
                 "leadership changed before the write committed; it was not applied",
             ),
-            RaftError::OutcomeUnknown => ApiError::unknown_outcome(e.to_string()),
+            RaftError::OutcomeUnknown | RaftError::Timeout(_) => {
+                ApiError::unknown_outcome(e.to_string())
+            }
+            RaftError::LearnerBehind { .. } => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "learner_behind",
+                format!("{e}; it stays a learner and keeps catching up"),
+            ),
+            RaftError::Membership(m) => {
+                let (status, code) = match m {
+                    MembershipError::InProgress { .. } => {
+                        (StatusCode::CONFLICT, "change_in_progress")
+                    }
+                    MembershipError::AlreadyMember(_) => (StatusCode::CONFLICT, "already_member"),
+                    MembershipError::UnknownNode(_) => (StatusCode::NOT_FOUND, "unknown_member"),
+                    MembershipError::NoVoters
+                    | MembershipError::NoCurrentVoter
+                    | MembershipError::IsVoter(_) => (StatusCode::BAD_REQUEST, "invalid_change"),
+                };
+                ApiError {
+                    retry_after: status == StatusCode::CONFLICT,
+                    ..ApiError::new(status, code, m.to_string())
+                }
+            }
             RaftError::Refused(_) | RaftError::Initialize(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
             }
@@ -410,4 +441,159 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state.metrics.render(&m),
     )
         .into_response()
+}
+
+/// `POST /v1/members` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberRequest {
+    pub id: u64,
+    pub raft_addr: String,
+    pub http_addr: String,
+}
+
+/// Leader-only membership requests check leadership first, so a follower
+/// redirects instead of reporting a local view of the configuration.
+fn require_leader(state: &AppState, uri: &Uri) -> Result<(), ApiError> {
+    let m = state.raft.metrics().borrow().clone();
+    if m.role == Role::Leader {
+        return Ok(());
+    }
+    let leader_node = m
+        .leader_id
+        .and_then(|l| m.membership.nodes.get(&l).cloned());
+    Err(ApiError::from_raft(
+        RaftError::NotLeader(raft_core::NotLeader {
+            leader_id: m.leader_id,
+            leader_node,
+        }),
+        uri,
+    ))
+}
+
+fn member_id(raw: &str) -> Result<NodeId, ApiError> {
+    match raw.parse::<u64>() {
+        Ok(id) if id > 0 => Ok(NodeId(id)),
+        _ => Err(ApiError::bad_request(format!(
+            "`{raw}` is not a node id (a positive integer)"
+        ))),
+    }
+}
+
+async fn add_member(
+    State(state): State<AppState>,
+    uri: Uri,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_or_error(body, &state)?;
+    let req: MemberRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid member: {e}")))?;
+    let id = member_id(&req.id.to_string())?;
+    for (field, addr) in [("raft_addr", &req.raft_addr), ("http_addr", &req.http_addr)] {
+        addr.parse::<std::net::SocketAddr>()
+            .map_err(|e| ApiError::bad_request(format!("{field} `{addr}`: {e}")))?;
+    }
+    let node = NodeAddr {
+        raft_addr: req.raft_addr,
+        http_addr: req.http_addr,
+    };
+    let log_id = state
+        .raft
+        .add_learner(id, node, state.limits.membership_timeout)
+        .await
+        .map_err(|e| ApiError::from_raft(e, &uri))?;
+    Ok(axum::Json(json!({ "index": log_id.index.0 })).into_response())
+}
+
+async fn change_voters(
+    state: &AppState,
+    uri: &Uri,
+    voters: std::collections::BTreeSet<NodeId>,
+) -> Result<Response, ApiError> {
+    let change = state.raft.change_membership(voters);
+    match tokio::time::timeout(state.limits.membership_timeout, change).await {
+        Ok(Ok(())) => Ok(membership_answer(state)),
+        Ok(Err(e)) => Err(ApiError::from_raft(e, uri)),
+        Err(_) => Err(ApiError::unknown_outcome(
+            "the membership change did not finish in time; it may still",
+        )),
+    }
+}
+
+fn membership_answer(state: &AppState) -> Response {
+    let m = state.raft.metrics().borrow().clone();
+    let ids =
+        |s: std::collections::BTreeSet<NodeId>| s.into_iter().map(|id| id.0).collect::<Vec<_>>();
+    axum::Json(json!({
+        "voters": ids(m.membership.voter_ids()),
+        "learners": ids(m.membership.learner_ids()),
+    }))
+    .into_response()
+}
+
+async fn promote_member(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let id = member_id(&raw)?;
+    require_leader(&state, &uri)?;
+    let mut voters = state.raft.metrics().borrow().membership.voter_ids();
+    voters.insert(id);
+    change_voters(&state, &uri, voters).await
+}
+
+async fn remove_member(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let id = member_id(&raw)?;
+    require_leader(&state, &uri)?;
+    let m = state.raft.metrics().borrow().clone();
+    if m.membership.is_voter(id) {
+        let mut voters = m.membership.voter_ids();
+        voters.remove(&id);
+        return change_voters(&state, &uri, voters).await;
+    }
+    let removed = state.raft.remove_learner(id);
+    match tokio::time::timeout(state.limits.membership_timeout, removed).await {
+        Ok(Ok(_)) => Ok(membership_answer(&state)),
+        Ok(Err(e)) => Err(ApiError::from_raft(e, &uri)),
+        Err(_) => Err(ApiError::unknown_outcome(
+            "the removal did not finish in time; it may still",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferRequest {
+    to: u64,
+}
+
+async fn transfer_leader(
+    State(state): State<AppState>,
+    uri: Uri,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_or_error(body, &state)?;
+    let req: TransferRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid transfer: {e}")))?;
+    let to = member_id(&req.to.to_string())?;
+    require_leader(&state, &uri)?;
+    if !state.raft.metrics().borrow().membership.is_voter(to) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_member",
+            format!("node {to} is not a voter"),
+        ));
+    }
+    // The engine gives up after an election timeout; wait a little longer.
+    state
+        .raft
+        .transfer_leader_and_wait(to, state.limits.request_timeout)
+        .await
+        .map_err(|e| ApiError::from_raft(e, &uri))?;
+    Ok(axum::Json(json!({ "leader_id": to.0 })).into_response())
 }

@@ -30,6 +30,10 @@ enum Cmd {
         config: PathBuf,
         #[arg(long)]
         id: u64,
+        /// Join a running cluster through this member's HTTP endpoint
+        /// (instead of bootstrapping the file's members).
+        #[arg(long)]
+        join: Option<String>,
     },
     /// Write a development CA and one certificate per node of the file.
     Certs {
@@ -74,6 +78,17 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_ENDPOINT)]
         endpoint: String,
     },
+    /// Add, promote or remove cluster members.
+    Member {
+        #[command(subcommand)]
+        action: MemberCmd,
+    },
+    /// Hand leadership to node ID.
+    TransferLeader {
+        id: u64,
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: String,
+    },
     /// Print the node's status.
     Status {
         #[arg(long, default_value = DEFAULT_ENDPOINT)]
@@ -81,7 +96,34 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum MemberCmd {
+    /// Add node ID (reached at RAFT_ADDR / HTTP_ADDR) as a learner.
+    Add {
+        id: u64,
+        raft_addr: String,
+        http_addr: String,
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: String,
+    },
+    /// Make learner ID a voter.
+    Promote {
+        id: u64,
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: String,
+    },
+    /// Remove node ID (voter or learner) from the cluster.
+    Remove {
+        id: u64,
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: String,
+    },
+}
+
 const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:8001";
+
+/// Membership requests may wait for a learner to catch up.
+const MEMBERSHIP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -110,20 +152,37 @@ fn main() -> ExitCode {
 
 async fn run(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Serve { config, id } => {
+        Cmd::Serve { config, id, join } => {
             let file = ClusterFile::load(&config)?;
-            let node = Node::start(&file, NodeId(id)).await?;
+            let node = Node::start_with(&file, NodeId(id), join.as_deref()).await?;
             node.run_until(shutdown_signal()).await;
             Ok(())
         }
         Cmd::Certs { config, out } => {
             let file = ClusterFile::load(&config)?;
             let dir = out.unwrap_or_else(|| file.tls_dir.clone());
-            let certs = DevCerts::generate(file.nodes.keys().copied())?;
+            // Reuse the CA if there is one, so nodes added to the file later
+            // get certificates their peers trust.
+            let (certs, what) = if dir.join("ca.pem").exists() && dir.join("ca-key.pem").exists() {
+                let missing: Vec<NodeId> = file
+                    .nodes
+                    .keys()
+                    .copied()
+                    .filter(|id| !dir.join(format!("node-{id}.pem")).exists())
+                    .collect();
+                let mut certs = DevCerts::load_ca(&dir)?;
+                certs.issue(missing.iter().copied())?;
+                (certs, format!("the existing CA in {}", dir.display()))
+            } else {
+                (
+                    DevCerts::generate(file.nodes.keys().copied())?,
+                    "a new CA".to_string(),
+                )
+            };
             certs.write_to(&dir)?;
             println!(
-                "wrote ca.pem and certificates for {} nodes to {}",
-                file.nodes.len(),
+                "issued certificates for {} node(s) from {what} into {}",
+                certs.nodes.len(),
                 dir.display()
             );
             Ok(())
@@ -165,6 +224,36 @@ async fn run(cmd: Cmd) -> Result<()> {
                 .cas(&key, expected.as_deref(), new.as_deref())
                 .await?;
             println!("{r}");
+            Ok(())
+        }
+        Cmd::Member { action } => {
+            let r = match action {
+                MemberCmd::Add {
+                    id,
+                    raft_addr,
+                    http_addr,
+                    endpoint,
+                } => {
+                    Client::with_timeout(&endpoint, MEMBERSHIP_WAIT)?
+                        .add_member(id, &raft_addr, &http_addr)
+                        .await?
+                }
+                MemberCmd::Promote { id, endpoint } => {
+                    Client::with_timeout(&endpoint, MEMBERSHIP_WAIT)?
+                        .promote_member(id)
+                        .await?
+                }
+                MemberCmd::Remove { id, endpoint } => {
+                    Client::with_timeout(&endpoint, MEMBERSHIP_WAIT)?
+                        .remove_member(id)
+                        .await?
+                }
+            };
+            println!("{r}");
+            Ok(())
+        }
+        Cmd::TransferLeader { id, endpoint } => {
+            println!("{}", Client::new(&endpoint)?.transfer_leader(id).await?);
             Ok(())
         }
         Cmd::Status { endpoint } => {

@@ -12,6 +12,7 @@ use raft_transport_quic::{QuicConfig, QuicTransport, TransportError};
 use thiserror::Error;
 use tracing::{info, warn};
 
+use crate::client::{Client, ClientError};
 use crate::cluster_file::ClusterFile;
 use crate::http::{AppState, router};
 use crate::logic::KvLogic;
@@ -38,6 +39,8 @@ pub enum ServeError {
     Start(#[from] StartError),
     #[error("bootstrapping the cluster: {0}")]
     Bootstrap(RaftError<NodeAddr>),
+    #[error("joining through {url}: {reason}")]
+    Join { url: String, reason: String },
     #[error("HTTP on {addr}: {source}")]
     Http {
         addr: std::net::SocketAddr,
@@ -60,6 +63,18 @@ impl Node {
     /// Starts node `id` of `file`: recovers from its data dir, or on first
     /// start bootstraps the file's members as the initial voters.
     pub async fn start(file: &ClusterFile, id: NodeId) -> Result<Node, ServeError> {
+        Node::start_with(file, id, None).await
+    }
+
+    /// Like [`Node::start`]; with `join` (any member's HTTP endpoint) a new
+    /// node does not bootstrap but asks the cluster to add it as a learner,
+    /// and returns once it has caught up (or is added but still behind).
+    /// A node that already has state recovers and ignores `join`.
+    pub async fn start_with(
+        file: &ClusterFile,
+        id: NodeId,
+        join: Option<&str>,
+    ) -> Result<Node, ServeError> {
         let me = file.node(id).ok_or(ServeError::UnknownNode(id))?;
         let metrics = Arc::new(Metrics::default());
 
@@ -91,7 +106,7 @@ impl Node {
             let m = raft.metrics().borrow().clone();
             m.term.0 == 0 && m.last_log_index.0 == 0 && m.snapshot.is_none()
         };
-        if pristine {
+        if pristine && join.is_none() {
             match raft.initialize(file.members()).await {
                 Ok(()) => info!(node = %id, members = file.nodes.len(), "bootstrapped the cluster"),
                 // A peer reached us first: we are part of the cluster already.
@@ -127,6 +142,11 @@ impl Node {
                 .await
         });
         info!(node = %id, raft = %me.raft_addr, http = %http_addr, "serving");
+        match join {
+            Some(url) if pristine => join_cluster(url, me.addr(), id, file).await?,
+            Some(_) => info!(node = %id, "already a member (state on disk); not joining again"),
+            None => {}
+        }
         Ok(Node {
             raft,
             http_addr,
@@ -156,5 +176,43 @@ impl Node {
         self.raft.shutdown().await;
         self.transport.close().await;
         info!("stopped");
+    }
+}
+
+/// Asks the cluster at `url` to add this node as a learner, retrying while
+/// it has no leader or another change is under way.
+async fn join_cluster(
+    url: &str,
+    me: NodeAddr,
+    id: NodeId,
+    file: &ClusterFile,
+) -> Result<(), ServeError> {
+    let fail = |reason: String| ServeError::Join {
+        url: url.to_string(),
+        reason,
+    };
+    let client = Client::with_timeout(url, file.limits.membership_timeout + Duration::from_secs(5))
+        .map_err(|e| fail(e.to_string()))?;
+    let deadline = tokio::time::Instant::now() + file.limits.membership_timeout;
+    loop {
+        match client.add_member(id.0, &me.raft_addr, &me.http_addr).await {
+            Ok(_) => {
+                info!(node = %id, via = url, "joined the cluster as a learner");
+                return Ok(());
+            }
+            Err(ClientError::Api { code, .. }) if code == "learner_behind" => {
+                info!(node = %id, "added as a learner; still catching up");
+                return Ok(());
+            }
+            Err(ClientError::Api { code, .. }) if code == "already_member" => {
+                info!(node = %id, "already a member of the cluster");
+                return Ok(());
+            }
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                warn!(node = %id, error = %e, "join not accepted yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        }
     }
 }

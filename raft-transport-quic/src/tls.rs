@@ -56,37 +56,69 @@ pub fn node_id_of(cert: &CertificateDer<'_>) -> Option<NodeId> {
 /// A development CA and one certificate per node, as PEM.
 pub struct DevCerts {
     pub ca_pem: String,
+    /// The CA's private key: kept (in `ca-key.pem`) so that nodes added
+    /// later get certificates from the same CA.
+    pub ca_key_pem: String,
     /// Per node: certificate PEM and private key PEM.
     pub nodes: BTreeMap<NodeId, (String, String)>,
+}
+
+/// The development CA's parameters; the same every time, so a CA loaded
+/// back from its key issues certificates that chain to its certificate.
+fn ca_params() -> Result<CertificateParams, TlsError> {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "raft development cluster CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(ca_params)
 }
 
 impl DevCerts {
     /// Generates a fresh CA and a certificate for each of `ids`.
     pub fn generate(ids: impl IntoIterator<Item = NodeId>) -> Result<DevCerts, TlsError> {
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "raft development cluster CA");
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_key = KeyPair::generate()?;
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = Issuer::new(ca_params, ca_key);
-        let mut nodes = BTreeMap::new();
+        let ca_cert = ca_params()?.self_signed(&ca_key)?;
+        let mut certs = DevCerts {
+            ca_pem: ca_cert.pem(),
+            ca_key_pem: ca_key.serialize_pem(),
+            nodes: BTreeMap::new(),
+        };
+        certs.issue(ids)?;
+        Ok(certs)
+    }
+
+    /// Loads the CA that [`DevCerts::write_to`] left in `dir` (no node
+    /// certificates), to issue more with [`DevCerts::issue`].
+    pub fn load_ca(dir: &Path) -> Result<DevCerts, TlsError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|source| TlsError::Io { path, source })
+        };
+        Ok(DevCerts {
+            ca_pem: read("ca.pem")?,
+            ca_key_pem: read("ca-key.pem")?,
+            nodes: BTreeMap::new(),
+        })
+    }
+
+    /// Issues a certificate from this CA for each of `ids`.
+    pub fn issue(&mut self, ids: impl IntoIterator<Item = NodeId>) -> Result<(), TlsError> {
+        let ca_key = KeyPair::from_pem(&self.ca_key_pem)?;
+        let issuer = Issuer::new(ca_params()?, ca_key);
         for id in ids {
             let mut p = CertificateParams::new(vec![node_name(id)])?;
             p.distinguished_name.push(DnType::CommonName, node_name(id));
             let key = KeyPair::generate()?;
             let cert = p.signed_by(&key, &issuer)?;
-            nodes.insert(id, (cert.pem(), key.serialize_pem()));
+            self.nodes.insert(id, (cert.pem(), key.serialize_pem()));
         }
-        Ok(DevCerts {
-            ca_pem: ca_cert.pem(),
-            nodes,
-        })
+        Ok(())
     }
 
-    /// Writes `ca.pem`, `node-<id>.pem` and `node-<id>-key.pem` into `dir`.
+    /// Writes `ca.pem`, `ca-key.pem`, `node-<id>.pem` and `node-<id>-key.pem`
+    /// into `dir` (keys readable by the owner only).
     pub fn write_to(&self, dir: &Path) -> Result<(), TlsError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -95,11 +127,13 @@ impl DevCerts {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let ca = dir.join("ca.pem");
         std::fs::write(&ca, &self.ca_pem).map_err(io(&ca))?;
+        let ca_key = dir.join("ca-key.pem");
+        write_private(&ca_key, &self.ca_key_pem).map_err(io(&ca_key))?;
         for (id, (cert, key)) in &self.nodes {
             let c = dir.join(format!("node-{id}.pem"));
             std::fs::write(&c, cert).map_err(io(&c))?;
             let k = dir.join(format!("node-{id}-key.pem"));
-            std::fs::write(&k, key).map_err(io(&k))?;
+            write_private(&k, key).map_err(io(&k))?;
         }
         Ok(())
     }
@@ -118,6 +152,19 @@ impl DevCerts {
             Path::new("<generated>"),
         )
     }
+}
+
+/// Writes a private key readable by its owner only.
+fn write_private(path: &Path, pem: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(pem.as_bytes())
 }
 
 /// One node's CA, certificate and key.

@@ -1,0 +1,155 @@
+//! Membership over HTTP on real QUIC and RocksDB: a node joins with
+//! `--join`, is promoted, takes over leadership, the old leader is removed,
+//! and the new node restarts from its data dir without `--join`.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::time::Duration;
+
+use common::Cluster;
+use raft_core::NodeId;
+use raft_kv_example::client::{Client, ClientError};
+use raft_kv_example::{ClusterFile, Node};
+use raft_transport_quic::tls::DevCerts;
+use reqwest::StatusCode;
+use serde_json::json;
+
+fn free_addr() -> SocketAddr {
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let port = udp.local_addr().expect("addr").port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return SocketAddr::from(([127, 0, 0, 1], port));
+        }
+    }
+}
+
+fn api_code(e: ClientError) -> (StatusCode, String) {
+    match e {
+        ClientError::Api { status, code, .. } => (status, code),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_joins_is_promoted_takes_over_and_the_old_leader_is_removed() {
+    let mut cluster = Cluster::start(3, "").await;
+    let old_leader = cluster.leader().await;
+    let follower = cluster.follower().await;
+    let c =
+        Client::with_timeout(&cluster.endpoint(follower), Duration::from_secs(60)).expect("client");
+    for i in 0..50 {
+        c.put(&format!("k{i}"), b"v").await.expect("put");
+    }
+
+    // Node 4's own file (its addresses; same directory, so same certs/).
+    let (raft4, http4) = (free_addr(), free_addr());
+    let path = cluster.path().join("join.toml");
+    std::fs::write(
+        &path,
+        format!("[[node]]\nid = 4\nraft_addr = \"{raft4}\"\nhttp_addr = \"{http4}\"\n"),
+    )
+    .expect("write join file");
+    let join_file = ClusterFile::load(&path).expect("join file");
+    let mut ca = DevCerts::load_ca(&join_file.tls_dir).expect("the cluster's CA");
+    ca.issue([NodeId(4)]).expect("issue");
+    ca.write_to(&join_file.tls_dir).expect("write cert");
+
+    // Joining through a follower: the add is redirected to the leader.
+    let four = Node::start_with(&join_file, NodeId(4), Some(&cluster.endpoint(follower)))
+        .await
+        .expect("node 4 joins");
+    let status = c.status().await.expect("status");
+    assert_eq!(status.voters, vec![1, 2, 3]);
+    assert_eq!(status.learners, vec![4]);
+    let c4 = Client::new(&format!("http://{http4}")).expect("client");
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while c4
+        .get("k49", true)
+        .await
+        .expect("stale read on 4")
+        .is_none()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "learner never applied k49"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(c4.status().await.expect("status").role, "learner");
+
+    // Refusals are typed and leave the cluster as it was.
+    let (status, code) = api_code(c.promote_member(9).await.expect_err("unknown"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::NOT_FOUND, "unknown_member")
+    );
+    let (status, code) = api_code(
+        c.add_member(4, &raft4.to_string(), &http4.to_string())
+            .await
+            .expect_err("dup"),
+    );
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::CONFLICT, "already_member")
+    );
+    let (status, code) = api_code(
+        c.add_member(5, "nowhere", "127.0.0.1:1")
+            .await
+            .expect_err("bad addr"),
+    );
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_REQUEST, "bad_request")
+    );
+
+    let promoted = c.promote_member(4).await.expect("promote");
+    assert_eq!(promoted, json!({"voters": [1, 2, 3, 4], "learners": []}));
+    assert_eq!(c4.status().await.expect("status").role, "follower");
+
+    c.transfer_leader(4).await.expect("transfer to 4");
+    assert_eq!(c4.status().await.expect("status").role, "leader");
+
+    // Remove the old leader, through a node that is not the leader.
+    let removed = c
+        .remove_member(old_leader.0)
+        .await
+        .expect("remove old leader");
+    let remaining: Vec<u64> = [1, 2, 3, 4]
+        .into_iter()
+        .filter(|id| *id != old_leader.0)
+        .collect();
+    assert_eq!(removed["voters"], json!(remaining));
+    cluster.stop_node(old_leader).await;
+
+    c4.put("after", b"removal")
+        .await
+        .expect("put after removal");
+    assert_eq!(c4.get("k7", false).await.expect("get"), Some(b"v".to_vec()));
+
+    // Restarted without --join, node 4 recovers as a voter from its data dir.
+    four.stop().await;
+    let any = remaining
+        .iter()
+        .copied()
+        .find(|id| *id != 4)
+        .map(NodeId)
+        .expect("a survivor");
+    let cs = Client::new(&cluster.endpoint(any)).expect("client");
+    let four = Node::start_with(&join_file, NodeId(4), None)
+        .await
+        .expect("restart 4");
+    cs.put("while", b"restarted").await.expect("put");
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while c4.get("while", true).await.expect("stale read").is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "restarted node 4 never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(c4.status().await.expect("status").voters, remaining);
+    four.stop().await;
+    cluster.shutdown().await;
+}
