@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::Cluster;
 use raft_core::NodeId;
 use raft_kv_example::client::{Client, ClientError};
+use raft_kv_example::http::Status;
 use raft_kv_example::{ClusterFile, Node};
 use raft_transport_quic::tls::DevCerts;
 use reqwest::StatusCode;
@@ -29,6 +30,23 @@ fn api_code(e: ClientError) -> (StatusCode, String) {
     match e {
         ClientError::Api { status, code, .. } => (status, code),
         other => panic!("expected an API error, got {other}"),
+    }
+}
+
+/// Polls a node's status until `ok` holds (every view of the cluster
+/// trails the leader's by a round trip).
+async fn wait_status(c: &Client, what: &str, ok: impl Fn(&Status) -> bool) {
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    loop {
+        let s = c.status().await.expect("status");
+        if ok(&s) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never saw {what}; last status {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -60,9 +78,11 @@ async fn a_node_joins_is_promoted_takes_over_and_the_old_leader_is_removed() {
     let four = Node::start_with(&join_file, NodeId(4), Some(&cluster.endpoint(follower)))
         .await
         .expect("node 4 joins");
-    let status = c.status().await.expect("status");
-    assert_eq!(status.voters, vec![1, 2, 3]);
-    assert_eq!(status.learners, vec![4]);
+    // The follower sees the new configuration once it has appended it.
+    wait_status(&c, "node 4 listed as a learner", |s| {
+        s.voters == [1, 2, 3] && s.learners == [4]
+    })
+    .await;
     let c4 = Client::new(&format!("http://{http4}")).expect("client");
     let deadline = tokio::time::Instant::now() + common::WAIT;
     while c4
@@ -106,10 +126,12 @@ async fn a_node_joins_is_promoted_takes_over_and_the_old_leader_is_removed() {
 
     let promoted = c.promote_member(4).await.expect("promote");
     assert_eq!(promoted, json!({"voters": [1, 2, 3, 4], "learners": []}));
-    assert_eq!(c4.status().await.expect("status").role, "follower");
+    // Node 4 votes once it has appended the final configuration, which
+    // may be just after the leader committed it.
+    wait_status(&c4, "node 4 a follower", |s| s.role == "follower").await;
 
     c.transfer_leader(4).await.expect("transfer to 4");
-    assert_eq!(c4.status().await.expect("status").role, "leader");
+    wait_status(&c4, "node 4 leading", |s| s.role == "leader").await;
 
     // Remove the old leader, through a node that is not the leader.
     let removed = c
@@ -149,7 +171,10 @@ async fn a_node_joins_is_promoted_takes_over_and_the_old_leader_is_removed() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(c4.status().await.expect("status").voters, remaining);
+    wait_status(&c4, "node 4 recovered as a voter", |s| {
+        s.voters == remaining
+    })
+    .await;
     four.stop().await;
     cluster.shutdown().await;
 }
