@@ -6,7 +6,9 @@
 //! faults on a seeded schedule: `kill` (SIGKILL, then restart), `pause`
 //! (SIGSTOP longer than an election timeout, then SIGCONT) and `partition`
 //! (iptables rules inside a private network namespace: an isolated leader, a
-//! majority/minority split, or a one-way cut). Every operation is recorded
+//! majority/minority split, or a one-way cut) and `membership` (a new node
+//! joins with `--join` and is promoted, or a voter, sometimes the leader, is
+//! removed and its process stopped). Every operation is recorded
 //! as invoked and then ok, failed (surely not applied) or unknown. After the
 //! faults heal, each key is read once more and every acknowledged write-once
 //! key must be readable; the history is checked for linearizability per key.
@@ -35,6 +37,7 @@ pub enum Fault {
     Kill,
     Pause,
     Partition,
+    Membership,
 }
 
 impl Fault {
@@ -43,7 +46,8 @@ impl Fault {
             "kill" => Fault::Kill,
             "pause" => Fault::Pause,
             "partition" => Fault::Partition,
-            other => bail!("unknown fault `{other}` (kill, pause, partition)"),
+            "membership" => Fault::Membership,
+            other => bail!("unknown fault `{other}` (kill, pause, partition, membership)"),
         })
     }
 }
@@ -110,6 +114,7 @@ impl Options {
                 Fault::Kill => "kill",
                 Fault::Pause => "pause",
                 Fault::Partition => "partition",
+                Fault::Membership => "membership",
             })
             .collect();
         let mut args = vec![
@@ -248,7 +253,10 @@ struct Chaos {
     /// The nemesis kills and restarts nodes through it; clients only use
     /// `endpoints`.
     cluster: Mutex<LocalCluster>,
-    endpoints: Vec<String>,
+    /// The members' HTTP endpoints (changes with the membership fault).
+    endpoints: Mutex<Vec<String>>,
+    /// The id the next joining node gets.
+    next_id: std::sync::atomic::AtomicU64,
     start: Instant,
     history: Mutex<Vec<Record>>,
     /// Write-once keys acknowledged as written.
@@ -273,9 +281,10 @@ impl Chaos {
             .map(|id| cluster.endpoint(*id))
             .collect();
         Ok(Chaos {
+            next_id: std::sync::atomic::AtomicU64::new(opts.nodes + 1),
             opts,
             cluster: Mutex::new(cluster),
-            endpoints,
+            endpoints: Mutex::new(endpoints),
             start: Instant::now(),
             history: Mutex::new(Vec::new()),
             durable: Mutex::new(Vec::new()),
@@ -362,7 +371,7 @@ impl Chaos {
         let mut seq = 0u64;
         while !self.stop.load(Ordering::SeqCst) {
             seq += 1;
-            let ep = &self.endpoints[rng.range(0, self.endpoints.len() as u64) as usize];
+            let ep = &self.endpoint(&mut rng);
             let generation = self.start.elapsed().as_millis() / KEY_GENERATION.as_millis();
             let key = format!("g{generation}-k{}", rng.range(0, KEYS_PER_GENERATION));
             let value = format!("c{id}-{seq}");
@@ -406,6 +415,12 @@ impl Chaos {
                 }
             }
         }
+    }
+
+    /// A random member's endpoint.
+    fn endpoint(&self, rng: &mut Rng) -> String {
+        let eps = self.endpoints.lock().expect("lock");
+        eps[rng.range(0, eps.len() as u64) as usize].clone()
     }
 
     /// Runs one operation and records it.
@@ -466,6 +481,7 @@ impl Chaos {
                     self.cluster().resume(victim)?;
                     format!("pause node {victim}")
                 }
+                Fault::Membership => self.change_membership(&mut rng, victim)?,
                 Fault::Partition => {
                     let (label, cuts) = self.partition_plan(&mut rng, leader.unwrap_or(victim));
                     for (from, to) in cuts {
@@ -476,16 +492,81 @@ impl Chaos {
                     label
                 }
             };
-            println!(
-                "chaos: {began:>6.1}s  {label} for {:.1}s",
-                hold.as_secs_f64()
-            );
+            let took = self.start.elapsed().as_secs_f64() - began;
+            println!("chaos: {began:>6.1}s  {label} ({took:.1}s)");
             self.windows.lock().expect("lock").push(Window {
                 start: began,
                 end: self.start.elapsed().as_secs_f64(),
                 label,
             });
         }
+    }
+
+    /// Grows the voters by one new node (joined as a learner, then
+    /// promoted) or, above 3 voters, shrinks them by `victim` (removed,
+    /// then its process stopped). Outcomes that are not clean successes
+    /// are reported in the label; the cluster stays whatever it became.
+    fn change_membership(&self, rng: &mut Rng, victim: u64) -> Result<String> {
+        let http = Http::new(Duration::from_secs(40));
+        let ep = self.endpoint(rng);
+        let voters = self
+            .cluster()
+            .statuses()
+            .into_values()
+            .flatten()
+            .find(|s| s.role == "leader")
+            .map(|s| s.voters)
+            .unwrap_or_default();
+        let shrink =
+            voters.len() > self.opts.nodes as usize || (voters.len() > 3 && rng.chance(0.5));
+        if shrink && voters.contains(&victim) {
+            return Ok(
+                match http.call("DELETE", &format!("{ep}/v1/members/{victim}"), None) {
+                    Outcome::Ok(a) if a.status == 200 => {
+                        let gone = self.cluster().endpoint(victim);
+                        self.endpoints.lock().expect("lock").retain(|e| *e != gone);
+                        self.cluster().forget(victim)?;
+                        format!("remove node {victim}")
+                    }
+                    other => format!("remove node {victim}: not done ({})", describe(&other)),
+                },
+            );
+        }
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        {
+            let mut c = self.cluster();
+            c.add_spare(id)?;
+            c.start_joining(id, &ep)?;
+        }
+        let new_ep = self.cluster().endpoint(id);
+        // `serve --join` answers on HTTP once it has been added.
+        let added = retry_for(Duration::from_secs(30), || match http.status(&new_ep) {
+            Ok(s) if s.role == "learner" => Outcome::Ok(()),
+            Ok(s) => Outcome::Fail(s.role),
+            Err(e) => Outcome::Fail(e.to_string()),
+        });
+        if added != Outcome::Ok(()) {
+            // Never restart it without --join: it would bootstrap a cluster
+            // of its own file's members.
+            self.cluster().forget(id)?;
+            return Ok(format!("add node {id}: not joined ({added:?})"));
+        }
+        Ok(
+            match http.call(
+                "POST",
+                &format!("{ep}/v1/members/{id}/promote"),
+                Some(&[][..]),
+            ) {
+                Outcome::Ok(a) if a.status == 200 => {
+                    self.endpoints.lock().expect("lock").push(new_ep);
+                    format!("add node {id} (join, promote)")
+                }
+                other => format!(
+                    "add node {id}: joined, promotion not done ({})",
+                    describe(&other)
+                ),
+            },
+        )
     }
 
     /// Which directed links to cut: an isolated leader, a random
@@ -571,8 +652,8 @@ impl Chaos {
             .filter(|r| r.key.starts_with('g'))
             .map(|r| r.key.clone())
             .collect();
+        let ep = &self.endpoints.lock().expect("lock")[0].clone();
         for key in &keys {
-            let ep = &self.endpoints[0];
             let out = self.op(key, OpKind::Get, || {
                 retry(|| http.get(ep, key, false)).map(OpOutput::Get)
             });
@@ -583,7 +664,7 @@ impl Chaos {
         let durable = self.durable.lock().expect("lock").clone();
         let mut lost = 0;
         for (key, value) in &durable {
-            match retry(|| http.get(&self.endpoints[0], key, false)) {
+            match retry(|| http.get(ep, key, false)) {
                 Outcome::Ok(Some(v)) if v == *value => {}
                 other => {
                     lost += 1;
@@ -654,14 +735,26 @@ impl Chaos {
 }
 
 /// Retries a final read for a few seconds (a node may still be electing).
-fn retry<T>(mut f: impl FnMut() -> Outcome<T>) -> Outcome<T> {
-    let deadline = Instant::now() + Duration::from_secs(15);
+fn retry<T>(f: impl FnMut() -> Outcome<T>) -> Outcome<T> {
+    retry_for(Duration::from_secs(15), f)
+}
+
+fn retry_for<T>(limit: Duration, mut f: impl FnMut() -> Outcome<T>) -> Outcome<T> {
+    let deadline = Instant::now() + limit;
     loop {
         match f() {
             Outcome::Ok(v) => return Outcome::Ok(v),
             other if Instant::now() > deadline => return other,
             _ => sleep(Duration::from_millis(100)),
         }
+    }
+}
+
+fn describe(o: &Outcome<crate::http::Answer>) -> String {
+    match o {
+        Outcome::Ok(a) => format!("HTTP {}: {}", a.status, String::from_utf8_lossy(&a.body)),
+        Outcome::Fail(e) => format!("failed: {e}"),
+        Outcome::Unknown(e) => format!("unknown: {e}"),
     }
 }
 

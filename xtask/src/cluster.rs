@@ -16,13 +16,29 @@ use crate::http::{Http, Status};
 pub struct LocalNode {
     pub raft_port: u16,
     pub http_port: u16,
+    /// The node's own cluster file, for nodes added after the start (they
+    /// join instead of bootstrapping); `None` for the initial members.
+    config: Option<PathBuf>,
     child: Option<Child>,
+}
+
+impl LocalNode {
+    fn new(base: u16, id: u64) -> LocalNode {
+        LocalNode {
+            raft_port: base + id as u16,
+            http_port: base + 1000 + id as u16,
+            config: None,
+            child: None,
+        }
+    }
 }
 
 /// A cluster of `raft-kv` processes under one directory.
 pub struct LocalCluster {
     pub dir: PathBuf,
     bin: PathBuf,
+    /// Node `id` listens on raft port `base + id` and HTTP port `base + 1000 + id`.
+    base: u16,
     pub nodes: BTreeMap<u64, LocalNode>,
     pub http: Http,
     /// Children are killed when the cluster is dropped (not for `cluster up`).
@@ -60,11 +76,7 @@ impl LocalCluster {
         let mut text = String::from("# Written by cargo xtask.\n");
         let mut nodes = BTreeMap::new();
         for id in 1..=n {
-            let node = LocalNode {
-                raft_port: base + id as u16,
-                http_port: base + 1000 + id as u16,
-                child: None,
-            };
+            let node = LocalNode::new(base, id);
             text.push_str(&format!(
                 "[[node]]\nid = {id}\nraft_addr = \"127.0.0.1:{}\"\nhttp_addr = \"127.0.0.1:{}\"\n\n",
                 node.raft_port, node.http_port
@@ -73,7 +85,7 @@ impl LocalCluster {
         }
         text.push_str(extra);
         std::fs::write(dir.join("cluster.toml"), text)?;
-        let cluster = LocalCluster::open(root, dir, nodes)?;
+        let cluster = LocalCluster::open(root, dir, base, nodes)?;
         let out = Command::new(&cluster.bin)
             .args(["certs", "--config"])
             .arg(cluster.file())
@@ -88,7 +100,12 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    fn open(root: &Path, dir: PathBuf, nodes: BTreeMap<u64, LocalNode>) -> Result<LocalCluster> {
+    fn open(
+        root: &Path,
+        dir: PathBuf,
+        base: u16,
+        nodes: BTreeMap<u64, LocalNode>,
+    ) -> Result<LocalCluster> {
         let bin = binary(root);
         if !bin.exists() {
             bail!(
@@ -99,6 +116,7 @@ impl LocalCluster {
         Ok(LocalCluster {
             dir,
             bin,
+            base,
             nodes,
             http: Http::new(Duration::from_secs(3)),
             kill_on_drop: true,
@@ -122,6 +140,7 @@ impl LocalCluster {
                     LocalNode {
                         raft_port: 0,
                         http_port: 0,
+                        config: None,
                         child: None,
                     },
                 );
@@ -131,7 +150,12 @@ impl LocalCluster {
                 n.http_port = port(line).context("http_addr")?;
             }
         }
-        let mut c = LocalCluster::open(root, dir, nodes)?;
+        let base = nodes
+            .iter()
+            .next()
+            .map(|(id, n)| n.raft_port.saturating_sub(*id as u16))
+            .unwrap_or(0);
+        let mut c = LocalCluster::open(root, dir, base, nodes)?;
         c.kill_on_drop = false;
         Ok(c)
     }
@@ -171,14 +195,33 @@ impl LocalCluster {
 
     /// Starts node `id` (logs go to `logs/node-<id>.log`, appended).
     pub fn start(&mut self, id: u64) -> Result<()> {
+        self.spawn(id, None)
+    }
+
+    /// Starts node `id`, which has never run, asking the member at
+    /// `via` (an HTTP endpoint) to add it as a learner.
+    pub fn start_joining(&mut self, id: u64, via: &str) -> Result<()> {
+        self.spawn(id, Some(via))
+    }
+
+    fn spawn(&mut self, id: u64, join: Option<&str>) -> Result<()> {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("logs").join(format!("node-{id}.log")))?;
-        let child = Command::new(&self.bin)
-            .args(["serve", "--config"])
-            .arg(self.file())
-            .args(["--id", &id.to_string()])
+        let config = self
+            .nodes
+            .get(&id)
+            .and_then(|n| n.config.clone())
+            .unwrap_or_else(|| self.file());
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["serve", "--config"])
+            .arg(config)
+            .args(["--id", &id.to_string()]);
+        if let Some(via) = join {
+            cmd.args(["--join", via]);
+        }
+        let child = cmd
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -199,6 +242,45 @@ impl LocalCluster {
         for id in self.ids() {
             self.start(id)?;
         }
+        Ok(())
+    }
+
+    /// Prepares node `id` to join later: its own cluster file
+    /// (`join-<id>.toml`, next to the cluster's, so it shares `certs/`) and a
+    /// certificate from the cluster's CA.
+    pub fn add_spare(&mut self, id: u64) -> Result<()> {
+        let node = LocalNode {
+            config: Some(self.dir.join(format!("join-{id}.toml"))),
+            ..LocalNode::new(self.base, id)
+        };
+        let file = node.config.clone().context("spare has a file")?;
+        std::fs::write(
+            &file,
+            format!(
+                "# Written by cargo xtask: node {id} joins the cluster of cluster.toml.\n\
+                 [[node]]\nid = {id}\nraft_addr = \"127.0.0.1:{}\"\nhttp_addr = \"127.0.0.1:{}\"\n",
+                node.raft_port, node.http_port
+            ),
+        )?;
+        let out = Command::new(&self.bin)
+            .args(["certs", "--config"])
+            .arg(&file)
+            .output()
+            .with_context(|| format!("running {}", self.bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "raft-kv certs for node {id} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.nodes.insert(id, node);
+        Ok(())
+    }
+
+    /// Kills node `id` and drops it from this cluster (it was removed).
+    pub fn forget(&mut self, id: u64) -> Result<()> {
+        self.kill(id)?;
+        self.nodes.remove(&id);
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: a 3-node cluster of real processes, writes and reads,
 //! the leader killed, a new election timed, every acknowledged write checked,
-//! the old leader restarted and caught up, then everything stopped.
+//! the old leader restarted and caught up, a failed node replaced by a new
+//! one (join, promote, remove), then everything stopped.
 
 use std::io::Write;
 use std::path::Path;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::cluster::LocalCluster;
-use crate::http::Outcome;
+use crate::http::{Answer, Http, Outcome};
 
 const WRITES: usize = 500;
 const WRITES_WHILE_DOWN: usize = 200;
@@ -99,6 +100,72 @@ pub fn run(root: &Path) -> Result<()> {
         acked.len()
     );
 
+    println!(
+        "\nreplacing node {first}: it fails for good, node 4 joins, is promoted, node {first} is removed"
+    );
+    let slow = Http::new(Duration::from_secs(60));
+    c.kill(first)?;
+    c.add_spare(4)?;
+    let joined = Instant::now();
+    c.start_joining(4, &c.endpoint(second))?;
+    let target = c.http.status(&c.endpoint(second))?.commit_index;
+    loop {
+        if let Ok(s) = c.http.status(&c.endpoint(4))
+            && s.role == "learner"
+            && s.applied_index >= target
+        {
+            break;
+        }
+        if joined.elapsed() > Duration::from_secs(60) {
+            bail!("node 4 did not join and catch up in 60 s");
+        }
+        sleep(Duration::from_millis(10));
+    }
+    let join_time = joined.elapsed();
+    println!(
+        "node 4 joined as a learner and caught up in {}",
+        ms(join_time)
+    );
+    let t = Instant::now();
+    expect_ok(
+        slow.call(
+            "POST",
+            &format!("{}/v1/members/4/promote", c.endpoint(second)),
+            Some(&[][..]),
+        ),
+        "promoting node 4",
+    )?;
+    let promote_time = t.elapsed();
+    let t = Instant::now();
+    expect_ok(
+        slow.call(
+            "DELETE",
+            &format!("{}/v1/members/{first}", c.endpoint(second)),
+            None,
+        ),
+        "removing the failed node",
+    )?;
+    let remove_time = t.elapsed();
+    c.forget(first)?;
+    let voters = c.http.status(&c.endpoint(second))?.voters;
+    println!(
+        "voters now {voters:?} (promoted in {}, removed in {})",
+        ms(promote_time),
+        ms(remove_time)
+    );
+    let missing = acked
+        .iter()
+        .filter(|k| c.http.get(&c.endpoint(4), k, true) != Outcome::Ok(Some(value_of(k))))
+        .count();
+    if missing > 0 {
+        bail!("node 4 lacks {missing} acknowledged writes");
+    }
+    rows.push(("replace a node: join and catch-up".into(), ms(join_time)));
+    rows.push((
+        "replace a node: promote, remove old".into(),
+        format!("{} + {}", ms(promote_time), ms(remove_time)),
+    ));
+
     c.stop_all()?;
     rows.push(("acknowledged writes".into(), acked.len().to_string()));
     rows.push(("lost acknowledged writes".into(), "0".into()));
@@ -115,6 +182,18 @@ pub fn run(root: &Path) -> Result<()> {
     }
     println!("\nlogs: {}", c.dir.join("logs").display());
     Ok(())
+}
+
+fn expect_ok(o: Outcome<Answer>, what: &str) -> Result<()> {
+    match o {
+        Outcome::Ok(a) if a.status == 200 => Ok(()),
+        Outcome::Ok(a) => bail!(
+            "{what}: HTTP {}: {}",
+            a.status,
+            String::from_utf8_lossy(&a.body)
+        ),
+        Outcome::Fail(e) | Outcome::Unknown(e) => bail!("{what}: {e}"),
+    }
 }
 
 fn value_of(key: &str) -> String {

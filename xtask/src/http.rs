@@ -36,6 +36,8 @@ pub struct Status {
     pub leader_id: Option<u64>,
     pub commit_index: u64,
     pub applied_index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
 }
 
 #[derive(Clone)]
@@ -135,6 +137,12 @@ impl Http {
         };
         let v: Value = serde_json::from_slice(&a.body)?;
         let n = |f: &str| v.get(f).and_then(Value::as_u64).unwrap_or(0);
+        let ids = |f: &str| {
+            v.get(f)
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                .unwrap_or_default()
+        };
         Ok(Status {
             id: n("id"),
             role: v
@@ -146,6 +154,8 @@ impl Http {
             leader_id: v.get("leader_id").and_then(Value::as_u64),
             commit_index: n("commit_index"),
             applied_index: n("applied_index"),
+            voters: ids("voters"),
+            learners: ids("learners"),
         })
     }
 

@@ -123,7 +123,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         "--duration".into(),
         format!("{secs}s"),
         "--faults".into(),
-        "kill,pause,partition".into(),
+        "kill,pause,partition,membership".into(),
         "--seed".into(),
         env::var("CHAOS_SEED").unwrap_or_else(|_| "1".into()),
     ])?;
@@ -177,7 +177,8 @@ fn cluster(root: &Path, args: &[String]) -> Result<()> {
                 "{:<5} {:<28} {:<10} {:>6} {:>7} {:>8} {:>8}",
                 "node", "endpoint", "role", "term", "leader", "commit", "applied"
             );
-            for (id, s) in c.statuses() {
+            let statuses = c.statuses();
+            for (id, s) in statuses.clone() {
                 match s {
                     Some(s) => println!(
                         "{id:<5} {:<28} {:<10} {:>6} {:>7} {:>8} {:>8}",
@@ -190,6 +191,9 @@ fn cluster(root: &Path, args: &[String]) -> Result<()> {
                     ),
                     None => println!("{id:<5} {:<28} down", c.endpoint(id)),
                 }
+            }
+            if let Some(l) = statuses.values().flatten().find(|s| s.role == "leader") {
+                println!("voters {:?}, learners {:?}", l.voters, l.learners);
             }
             Ok(())
         }
