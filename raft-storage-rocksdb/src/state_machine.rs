@@ -4,8 +4,11 @@
 //! command and a view of the data, stage writes and return a response. This
 //! helper does the rest of the [`StateMachine`] contract:
 //! - each `apply` batch writes the data, the last applied log id and the
-//!   membership **in one atomic, synced batch**, so a restart resumes exactly
-//!   after the last applied entry: nothing replayed, nothing applied twice;
+//!   membership **in one atomic batch**, so a restart resumes exactly after
+//!   the last applied entry: nothing applied twice. The batch is not synced
+//!   on its own (the entries are already durable in the log, earlier in the
+//!   same WAL): after a power loss the state machine may resume from an
+//!   earlier batch and apply the rest again from the log;
 //! - snapshots are a consistent iteration of the group's data (a RocksDB
 //!   snapshot), written to a file, streamed in chunks from it, and
 //!   installed with one atomic batch: a crash mid-install leaves the old
@@ -289,7 +292,11 @@ where
             })
             .collect();
         ops.push(self.applied_op(last, &membership)?);
-        self.db.writer.write(ops).await?;
+        // Not synced: the entries are durable in the log (their appends were
+        // synced earlier in the same WAL), so a power loss can only take
+        // back whole apply batches, which are then applied again from the
+        // log. Data, applied id and membership stay one atomic batch.
+        self.db.writer.write_unsynced(ops).await?;
         self.applied = last;
         self.membership = membership;
         Ok(responses)

@@ -30,6 +30,8 @@ pub enum Op {
 
 struct Request {
     ops: Vec<Op>,
+    /// Whether the caller needs the write durable before the reply.
+    sync: bool,
     reply: oneshot::Sender<Result<(), RocksError>>,
 }
 
@@ -68,6 +70,18 @@ impl Writer {
 
     /// Applies `ops` atomically; durable (if sync is on) when it returns.
     pub async fn write(&self, ops: Vec<Op>) -> Result<(), RocksError> {
+        self.submit(ops, true).await
+    }
+
+    /// Applies `ops` atomically without waiting for the WAL to reach the
+    /// disk. The WAL is one ordered log, so the next synced write (from any
+    /// caller) makes these durable too; a power loss before then loses them
+    /// whole, never in part.
+    pub async fn write_unsynced(&self, ops: Vec<Op>) -> Result<(), RocksError> {
+        self.submit(ops, false).await
+    }
+
+    async fn submit(&self, ops: Vec<Op>, sync: bool) -> Result<(), RocksError> {
         let (reply, rx) = oneshot::channel();
         let gone = || RocksError::WriterGone {
             path: self.path.clone(),
@@ -76,7 +90,7 @@ impl Writer {
             let tx = self.inner.tx.lock().map_err(|_| gone())?;
             tx.as_ref()
                 .ok_or_else(gone)?
-                .send(Request { ops, reply })
+                .send(Request { ops, sync, reply })
                 .map_err(|_| gone())?;
         }
         rx.await.map_err(|_| gone())?
@@ -95,8 +109,6 @@ impl Drop for Inner {
 }
 
 fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Request>) {
-    let mut opts = WriteOptions::default();
-    opts.set_sync(shared.sync);
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -105,6 +117,9 @@ fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
+        // One sync covers the whole group; skip it when no one needs it.
+        let mut opts = WriteOptions::default();
+        opts.set_sync(shared.sync && group.iter().any(|r| r.sync));
         let mut batch = WriteBatch::default();
         let mut missing = None;
         for req in &group {
