@@ -51,7 +51,7 @@ impl Default for Config {
             max_bytes_per_message: 1 << 20,
             snapshot_every: 10_000,
             purge_keep: 1_000,
-            snapshot_chunk_bytes: 1 << 20,
+            snapshot_chunk_bytes: 256 << 10,
             learner_max_lag: 100,
         }
     }

@@ -83,6 +83,9 @@ pub struct InstallSnapshotRequest<C: TypeConfig> {
     pub leader_id: NodeId,
     pub meta: SnapshotMeta<C>,
     pub offset: u64,
+    /// Encoded as one byte string, not a sequence of bytes: a 1 MiB chunk
+    /// is a copy, not a million calls.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     pub done: bool,
 }

@@ -482,9 +482,11 @@ impl<C: TypeConfig> QuicNetwork<C> {
     }
 
     async fn call(&self, msg: Message<C>) -> Result<Option<Message<C>>, NetworkError> {
-        let timeout = match msg {
-            Message::InstallSnapshot(_) => self.config.snapshot_rpc_timeout,
-            _ => self.config.rpc_timeout,
+        let (timeout, priority) = match msg {
+            // Snapshot chunks yield the connection to everything else, so a
+            // heartbeat never waits behind a chunk's bytes.
+            Message::InstallSnapshot(_) => (self.config.snapshot_rpc_timeout, -1),
+            _ => (self.config.rpc_timeout, 0),
         };
         let target = self.target;
         let fut = async {
@@ -492,6 +494,7 @@ impl<C: TypeConfig> QuicNetwork<C> {
             let transport = |e: String| NetworkError::Unreachable(target, e);
             let (mut send, mut recv) =
                 conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
+            let _ = send.set_priority(priority);
             let bytes = raft_core::codec::encode(&WireRequest::<C> {
                 from: self.from,
                 msg,
