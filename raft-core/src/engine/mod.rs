@@ -1397,13 +1397,12 @@ impl<C: TypeConfig> Engine<C> {
                     self.maybe_send_timeout_now(from);
                 }
             }
-        } else if resp.index >= p.matched && !matches!(p.state, ProgressState::Snapshot { .. }) {
+        } else if resp.index > p.matched && !matches!(p.state, ProgressState::Snapshot { .. }) {
             // A real rejection (not a reordered stale one): move back using
-            // the follower's hint, skipping a whole term at a time. A
-            // rejection at exactly `matched` is real too: messages overtook
-            // each other, the follower refused the one after `matched`
-            // before the one ending there arrived, and the entries it
-            // carried must go again now rather than when the window stalls.
+            // the follower's hint, skipping a whole term at a time. (A
+            // rejection at exactly `matched` is left to the stall detector:
+            // treating it as real stalled replication under heavy load,
+            // see the closing note of the membership work.)
             let next = match resp.conflict {
                 Some(ConflictHint {
                     term: Some(t),
