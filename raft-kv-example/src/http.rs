@@ -40,6 +40,21 @@ use crate::cluster_file::Limits;
 use crate::metrics::{Metrics, role_name};
 use crate::types::{Command, Kv, NodeAddr, Response as KvResponse};
 
+/// Awaits a call to the Raft handle for at most `limit`: its error becomes
+/// the matching API error for the request at `uri`, running out of time
+/// becomes `on_timeout`.
+async fn bounded<T>(
+    limit: std::time::Duration,
+    call: impl std::future::Future<Output = Result<T, RaftError<NodeAddr>>>,
+    uri: &Uri,
+    on_timeout: impl FnOnce() -> ApiError,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => r.map_err(|e| ApiError::from_raft(e, uri)),
+        Err(_) => Err(on_timeout()),
+    }
+}
+
 /// The `{key}` of a path, percent-decoded; a key that is not valid UTF-8
 /// after decoding is a 400 like any other malformed input.
 struct Key(String);
@@ -235,39 +250,37 @@ impl AppState {
     /// the request timeout passes (the proposal may still commit).
     async fn write(&self, command: Command, uri: &Uri) -> Result<(LogIndex, KvResponse), ApiError> {
         self.metrics.proposals.fetch_add(1, Relaxed);
-        let result =
-            tokio::time::timeout(self.limits.request_timeout, self.raft.client_write(command))
-                .await;
-        let outcome = match result {
-            Ok(Ok((log_id, resp))) => Ok((log_id.index, resp)),
-            Ok(Err(e)) => Err(ApiError::from_raft(e, uri)),
-            Err(_) => Err(ApiError::unknown_outcome(
-                "timed out after proposing; the write may or may not be applied",
-            )),
-        };
+        let outcome = bounded(
+            self.limits.request_timeout,
+            self.raft.client_write(command),
+            uri,
+            || {
+                ApiError::unknown_outcome(
+                    "timed out after proposing; the write may or may not be applied",
+                )
+            },
+        )
+        .await;
         if outcome.is_err() {
             self.metrics.proposals_failed.fetch_add(1, Relaxed);
         }
-        outcome
+        outcome.map(|(log_id, resp)| (log_id.index, resp))
     }
 
     /// Waits until a read of the local state machine is linearizable.
     async fn linearize(&self, uri: &Uri) -> Result<(), ApiError> {
         self.metrics.reads.fetch_add(1, Relaxed);
-        let result =
-            tokio::time::timeout(self.limits.request_timeout, self.raft.ensure_linearizable())
-                .await;
-        let outcome = match result {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(ApiError::from_raft(e, uri)),
-            Err(_) => Err(ApiError::unavailable(
-                "could not confirm leadership in time",
-            )),
-        };
+        let outcome = bounded(
+            self.limits.request_timeout,
+            self.raft.ensure_linearizable(),
+            uri,
+            || ApiError::unavailable("could not confirm leadership in time"),
+        )
+        .await;
         if outcome.is_err() {
             self.metrics.reads_failed.fetch_add(1, Relaxed);
         }
-        outcome
+        outcome.map(|_| ())
     }
 
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, ApiError> {
@@ -511,13 +524,11 @@ async fn change_voters(
     voters: std::collections::BTreeSet<NodeId>,
 ) -> Result<Response, ApiError> {
     let change = state.raft.change_membership(voters);
-    match tokio::time::timeout(state.limits.membership_timeout, change).await {
-        Ok(Ok(())) => Ok(membership_answer(state)),
-        Ok(Err(e)) => Err(ApiError::from_raft(e, uri)),
-        Err(_) => Err(ApiError::unknown_outcome(
-            "the membership change did not finish in time; it may still",
-        )),
-    }
+    bounded(state.limits.membership_timeout, change, uri, || {
+        ApiError::unknown_outcome("the membership change did not finish in time; it may still")
+    })
+    .await?;
+    Ok(membership_answer(state))
 }
 
 fn membership_answer(state: &AppState) -> Response {
@@ -557,13 +568,11 @@ async fn remove_member(
         return change_voters(&state, &uri, voters).await;
     }
     let removed = state.raft.remove_learner(id);
-    match tokio::time::timeout(state.limits.membership_timeout, removed).await {
-        Ok(Ok(_)) => Ok(membership_answer(&state)),
-        Ok(Err(e)) => Err(ApiError::from_raft(e, &uri)),
-        Err(_) => Err(ApiError::unknown_outcome(
-            "the removal did not finish in time; it may still",
-        )),
-    }
+    bounded(state.limits.membership_timeout, removed, &uri, || {
+        ApiError::unknown_outcome("the removal did not finish in time; it may still")
+    })
+    .await?;
+    Ok(membership_answer(&state))
 }
 
 #[derive(Deserialize)]

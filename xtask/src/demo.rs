@@ -68,17 +68,7 @@ pub fn run(root: &Path) -> Result<()> {
     c.start(first)?;
     let restarted = Instant::now();
     let target = c.http.status(&c.endpoint(second))?.commit_index;
-    loop {
-        if let Ok(s) = c.http.status(&c.endpoint(first))
-            && s.applied_index >= target
-        {
-            break;
-        }
-        if restarted.elapsed() > Duration::from_secs(30) {
-            bail!("node {first} did not catch up to index {target} in 30 s");
-        }
-        sleep(Duration::from_millis(10));
-    }
+    wait_applied(&c, first, target, "follower")?;
     let catch_up = restarted.elapsed();
     println!(
         "node {first} caught up to index {target} in {}",
@@ -109,18 +99,7 @@ pub fn run(root: &Path) -> Result<()> {
     let joined = Instant::now();
     c.start_joining(4, &c.endpoint(second))?;
     let target = c.http.status(&c.endpoint(second))?.commit_index;
-    loop {
-        if let Ok(s) = c.http.status(&c.endpoint(4))
-            && s.role == "learner"
-            && s.applied_index >= target
-        {
-            break;
-        }
-        if joined.elapsed() > Duration::from_secs(60) {
-            bail!("node 4 did not join and catch up in 60 s");
-        }
-        sleep(Duration::from_millis(10));
-    }
+    wait_applied(&c, 4, target, "learner")?;
     let join_time = joined.elapsed();
     println!(
         "node 4 joined as a learner and caught up in {}",
@@ -182,6 +161,23 @@ pub fn run(root: &Path) -> Result<()> {
     }
     println!("\nlogs: {}", c.dir.join("logs").display());
     Ok(())
+}
+
+/// Waits (30 s at most) until node `id`, in `role`, has applied `target`.
+fn wait_applied(c: &LocalCluster, id: u64, target: u64, role: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = c.http.status(&c.endpoint(id))
+            && s.role == role
+            && s.applied_index >= target
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("node {id} did not reach index {target} as a {role} in 30 s");
+        }
+        sleep(Duration::from_millis(10));
+    }
 }
 
 fn expect_ok(o: Outcome<Answer>, what: &str) -> Result<()> {
