@@ -334,13 +334,20 @@ impl<C: TypeConfig> Raft<C> {
             .call(|reply| Input::Membership { change, reply })
             .await?;
         let lag = self.inner.learner_max_lag;
-        let behind = |m: &RaftMetrics<C::Node>| {
-            let matched = m.replication.get(&id).copied().unwrap_or_default();
-            m.last_log_index.0.saturating_sub(matched.0)
+        // Only a leader tracks the learner; elsewhere it is not known to
+        // have anything.
+        let behind = |m: &RaftMetrics<C::Node>| match m.replication.get(&id) {
+            Some(matched) if m.role == Role::Leader => m.last_log_index.0.saturating_sub(matched.0),
+            _ => m.last_log_index.0,
         };
         let mut metrics = self.metrics();
-        let caught_up =
-            tokio::time::timeout_at(deadline, metrics.wait_for(|m| behind(m) <= lag)).await;
+        let caught_up = tokio::time::timeout_at(
+            deadline,
+            metrics.wait_for(|m| {
+                m.role == Role::Leader && m.replication.contains_key(&id) && behind(m) <= lag
+            }),
+        )
+        .await;
         match caught_up {
             Ok(Ok(_)) => Ok(log_id),
             Ok(Err(_)) => Err(self.stopped_error()),
