@@ -305,6 +305,16 @@ fn body_or_error(body: Result<Bytes, BytesRejection>, state: &AppState) -> Resul
     Ok(body)
 }
 
+/// A JSON body of type `T` (size-checked like a value); malformed is 400.
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    state: &AppState,
+    what: &str,
+) -> Result<T, ApiError> {
+    let body = body_or_error(body, state)?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid {what}: {e}")))
+}
+
 async fn put_key(
     State(state): State<AppState>,
     Key(key): Key,
@@ -387,9 +397,7 @@ async fn cas(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     state.check_key(&key)?;
-    let body = body_or_error(body, &state)?;
-    let req: CasRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid CAS body: {e}")))?;
+    let req: CasRequest = json_body(body, &state, "CAS body")?;
     for v in [&req.expected, &req.new].into_iter().flatten() {
         state.check_value(v.len())?;
     }
@@ -484,12 +492,19 @@ fn require_leader(state: &AppState, uri: &Uri) -> Result<(), ApiError> {
     ))
 }
 
+/// A node id from a path segment.
 fn member_id(raw: &str) -> Result<NodeId, ApiError> {
-    match raw.parse::<u64>() {
-        Ok(id) if id > 0 => Ok(NodeId(id)),
-        _ => Err(ApiError::bad_request(format!(
-            "`{raw}` is not a node id (a positive integer)"
-        ))),
+    raw.parse::<u64>()
+        .map_err(|_| {
+            ApiError::bad_request(format!("`{raw}` is not a node id (a positive integer)"))
+        })
+        .and_then(positive_id)
+}
+
+fn positive_id(id: u64) -> Result<NodeId, ApiError> {
+    match id {
+        0 => Err(ApiError::bad_request("node ids start at 1")),
+        id => Ok(NodeId(id)),
     }
 }
 
@@ -498,10 +513,8 @@ async fn add_member(
     uri: Uri,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body_or_error(body, &state)?;
-    let req: MemberRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid member: {e}")))?;
-    let id = member_id(&req.id.to_string())?;
+    let req: MemberRequest = json_body(body, &state, "member")?;
+    let id = positive_id(req.id)?;
     for (field, addr) in [("raft_addr", &req.raft_addr), ("http_addr", &req.http_addr)] {
         addr.parse::<std::net::SocketAddr>()
             .map_err(|e| ApiError::bad_request(format!("{field} `{addr}`: {e}")))?;
@@ -586,10 +599,8 @@ async fn transfer_leader(
     uri: Uri,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body_or_error(body, &state)?;
-    let req: TransferRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid transfer: {e}")))?;
-    let to = member_id(&req.to.to_string())?;
+    let req: TransferRequest = json_body(body, &state, "transfer")?;
+    let to = positive_id(req.to)?;
     require_leader(&state, &uri)?;
     if !state.raft.metrics().borrow().membership.is_voter(to) {
         return Err(ApiError::new(
