@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::error::{InitializeError, MembershipError, NotLeader, RecoveryError, StepError};
+use crate::mutation::{Mutation, active as mutant};
 use crate::message::{
     AppendEntriesRequest, AppendEntriesResponse, ConflictHint, InstallSnapshotRequest,
     InstallSnapshotResponse, Message, SnapshotMeta, TimeoutNowRequest, VoteRequest, VoteResponse,
@@ -550,7 +551,10 @@ impl<C: TypeConfig> Engine<C> {
                     )
                     .then_some(from);
                     self.become_follower(term, leader);
-                } else if term < self.term {
+                } else if term < self.term
+                    && !(mutant(Mutation::StaleTermAppendAccepted)
+                        && matches!(msg, Message::AppendEntries(_)))
+                {
                     // Stale: answer requests so the sender learns our term.
                     self.reject_stale(from, &msg);
                     return Ok(());
@@ -671,7 +675,8 @@ impl<C: TypeConfig> Engine<C> {
         let RoleState::Leader(l) = &mut self.role else {
             return Err(self.not_leader());
         };
-        let index = (commit >= l.noop_index).then_some(commit);
+        let index = (commit >= l.noop_index || mutant(Mutation::ReadBeforeNoopCommits))
+            .then_some(commit);
         l.pending_reads.push(PendingRead {
             id,
             round: l.round + 1,
@@ -785,6 +790,11 @@ impl<C: TypeConfig> Engine<C> {
             CampaignKind::PreVote => {
                 debug!(node = %self.id, term = %next_term, "pre-vote campaign");
                 self.role = RoleState::PreCandidate(VoteTally::default());
+                if mutant(Mutation::PreVoteBumpsTerm) {
+                    self.term = next_term;
+                    self.voted_for = None;
+                    self.save_hard_state();
+                }
                 (next_term, true)
             }
             CampaignKind::Election | CampaignKind::Transfer => {
@@ -843,7 +853,11 @@ impl<C: TypeConfig> Engine<C> {
             respond(self, false, self.term);
             return Ok(());
         }
-        let up_to_date = req.last_log_id >= self.log.last_log_id();
+        let up_to_date = if mutant(Mutation::ElectionComparesIndexOnly) {
+            req.last_log_id.index >= self.log.last_log_id().index
+        } else {
+            req.last_log_id >= self.log.last_log_id()
+        };
         if req.pre_vote {
             // A pre-vote changes nothing here; grant if a real vote could be.
             let grant = req.term > self.term && up_to_date;
@@ -853,13 +867,16 @@ impl<C: TypeConfig> Engine<C> {
         if req.term > self.term {
             self.become_follower(req.term, None);
         }
-        let can_vote =
-            self.voted_for.is_none_or(|v| v == from) && self.leader_id.is_none_or(|l| l == from);
+        let can_vote = (self.voted_for.is_none_or(|v| v == from)
+            || mutant(Mutation::VoteGrantedTwiceInTerm))
+            && self.leader_id.is_none_or(|l| l == from);
         let grant = can_vote && up_to_date;
         if grant && self.voted_for.is_none() {
             // §5.2: at most one vote per term, durable before the reply.
             self.voted_for = Some(from);
-            self.save_hard_state();
+            if !mutant(Mutation::VoteNotPersisted) {
+                self.save_hard_state();
+            }
         }
         if grant {
             self.reset_election_timer();
@@ -880,14 +897,18 @@ impl<C: TypeConfig> Engine<C> {
             RoleState::Candidate(_) if !resp.pre_vote => Some(self.term),
             _ => None,
         };
-        if resp.granted && expected_term != Some(resp.term) {
+        if resp.granted && expected_term != Some(resp.term) && !mutant(Mutation::StaleVoteCounted)
+        {
             return; // an answer to an earlier campaign
         }
         self.record_vote(from, resp.granted);
     }
 
     fn record_vote(&mut self, from: NodeId, granted: bool) {
-        let configs = self.membership().configs.clone();
+        let mut configs = self.membership().configs.clone();
+        if mutant(Mutation::JointElectionNewMajorityOnly) {
+            configs.truncate(1);
+        }
         let tally = match &mut self.role {
             RoleState::PreCandidate(t) | RoleState::Candidate(t) => t,
             _ => return,
@@ -945,7 +966,9 @@ impl<C: TypeConfig> Engine<C> {
         if term > self.term {
             self.term = term;
             self.voted_for = None;
-            self.save_hard_state();
+            if !mutant(Mutation::TermNotPersisted) {
+                self.save_hard_state();
+            }
         }
         self.role = RoleState::Follower;
         self.leader_id = leader;
@@ -1255,7 +1278,12 @@ impl<C: TypeConfig> Engine<C> {
             req.prev_log_id = base;
         }
         let prev = req.prev_log_id;
-        if !self.log.matches(prev) {
+        let prev_matches = if mutant(Mutation::PrevLogTermUnchecked) {
+            prev.index <= self.log.last_index()
+        } else {
+            self.log.matches(prev)
+        };
+        if !prev_matches {
             // §5.3 consistency check failed; hint where to resume.
             let conflict = if prev.index > self.log.last_index() {
                 ConflictHint {
@@ -1282,7 +1310,9 @@ impl<C: TypeConfig> Engine<C> {
         let mut new_from = req.entries.len();
         for (i, e) in req.entries.iter().enumerate() {
             match self.log.term_at(e.log_id.index) {
-                Some(t) if t == e.log_id.term => continue,
+                Some(t) if t == e.log_id.term || mutant(Mutation::ConflictingEntriesKept) => {
+                    continue;
+                }
                 Some(_) => {
                     if e.log_id.index <= self.commit {
                         return Err(StepError::ConflictsWithCommitted {
@@ -1297,17 +1327,27 @@ impl<C: TypeConfig> Engine<C> {
             }
             break;
         }
+        let append_at = self.actions.len();
         if new_from < req.entries.len() {
             let entries: Vec<Entry<C>> = req.entries.drain(new_from..).collect();
             self.append_follower_entries(entries);
         }
         // Figure 2: commitIndex = min(leaderCommit, index of last new entry).
-        let new_commit = req.leader_commit.min(last_new);
+        let new_commit = if mutant(Mutation::FollowerCommitPastNewEntries) {
+            req.leader_commit.min(self.log.last_index())
+        } else {
+            req.leader_commit.min(last_new)
+        };
         if new_commit > self.commit {
             self.commit = new_commit;
             self.apply_committed();
         }
         respond(self, true, last_new, None);
+        if mutant(Mutation::AckBeforePersist)
+            && let Some(ack) = self.actions.pop()
+        {
+            self.actions.insert(append_at, ack);
+        }
         Ok(())
     }
 
@@ -1431,8 +1471,16 @@ impl<C: TypeConfig> Engine<C> {
     /// Advances the commit index to what a quorum holds, counting replicas
     /// only for an entry of the current term (§5.4.2, Figure 8).
     fn maybe_commit(&mut self) {
-        let configs = self.membership().configs.clone();
-        let (me, durable) = (self.id, self.durable);
+        let mut configs = self.membership().configs.clone();
+        if mutant(Mutation::JointCommitNewMajorityOnly) {
+            configs.truncate(1);
+        }
+        let me = self.id;
+        let durable = if mutant(Mutation::LeaderCountsUnpersistedSelf) {
+            self.log.last_index()
+        } else {
+            self.durable
+        };
         let l = self.leader();
         let index = quorum::committed_index(&configs, |id| {
             if id == me {
@@ -1441,7 +1489,10 @@ impl<C: TypeConfig> Engine<C> {
                 l.progress.get(&id).map(|p| p.matched).unwrap_or_default()
             }
         });
-        if index > self.commit && self.log.term_at(index) == Some(self.term) {
+        if index > self.commit
+            && (self.log.term_at(index) == Some(self.term)
+                || mutant(Mutation::CommitOldTermByCounting))
+        {
             self.commit = index;
             self.apply_committed();
             // §6: once C_old,new is committed, the leader moves on to C_new
@@ -1530,9 +1581,10 @@ impl<C: TypeConfig> Engine<C> {
         let progress = &l.progress;
         l.pending_reads.retain(|r| {
             let confirmed = r.index.is_some()
-                && quorum::has_quorum(&configs, |id| {
-                    id == me || progress.get(&id).is_some_and(|p| p.acked_round >= r.round)
-                });
+                && (mutant(Mutation::ReadWithoutQuorumRound)
+                    || quorum::has_quorum(&configs, |id| {
+                        id == me || progress.get(&id).is_some_and(|p| p.acked_round >= r.round)
+                    }));
             if confirmed {
                 ready.push((r.id, r.index.unwrap_or_default()));
             }
@@ -1591,7 +1643,7 @@ impl<C: TypeConfig> Engine<C> {
             });
             this.actions.push(Action::Respond { to: from, msg });
         };
-        if snap.index <= self.commit {
+        if snap.index <= self.commit && !mutant(Mutation::SnapshotInstalledBehindCommit) {
             // We already hold everything it covers (committed entries match
             // the leader's), unless it contradicts our committed log.
             if let Some(t) = self.log.term_at(snap.index)

@@ -22,6 +22,9 @@
 //! and checked for linearizability with [`linearizability::check`].
 
 pub mod linearizability;
+mod monitor;
+
+pub use monitor::{Coverage, Reach};
 
 use std::cmp::Reverse;
 use std::collections::hash_map::DefaultHasher;
@@ -120,6 +123,8 @@ enum Input {
     Read { op: usize },
     Membership(MembershipChange),
     Transfer(NodeId),
+    /// Start an election now, skipping pre-vote.
+    Campaign,
 }
 
 /// A membership change a test asks the leader for.
@@ -148,8 +153,14 @@ struct Node {
     applied_seen: LogIndex,
     term_seen: Term,
     was_leader: bool,
+    /// The configuration in force at the last check (the one a commit in
+    /// the next step is counted under).
+    membership_seen: Membership<String>,
     /// Stopped by a storage error; stays down until restarted.
     failed: bool,
+    /// Crash as soon as the current storage action completes, before the
+    /// actions after it (replies, sends) run.
+    crash_after_persist: bool,
 }
 
 #[derive(Debug)]
@@ -232,6 +243,10 @@ pub struct Sim {
     clients_running: bool,
     /// The engine's answer to the last `Input::Membership`.
     change_result: Option<Result<LogId, ProposeError<String>>>,
+    /// For each read a leader took: the highest index committed anywhere
+    /// when it did (thesis §6.4: the read must reflect at least that).
+    read_floor: HashMap<usize, LogIndex>,
+    coverage: Coverage,
     pub stats: SimStats,
 }
 
@@ -304,7 +319,9 @@ impl Sim {
                     applied_seen: LogIndex(0),
                     term_seen: Term(0),
                     was_leader: false,
+                    membership_seen: Membership::default(),
                     failed: false,
+                    crash_after_persist: false,
                 }
             })
             .collect();
@@ -326,6 +343,8 @@ impl Sim {
             keys: Vec::new(),
             clients_running: false,
             change_result: None,
+            read_floor: HashMap::new(),
+            coverage: Coverage::default(),
             stats: SimStats::default(),
             opts,
         };
@@ -460,7 +479,14 @@ impl Sim {
             return;
         }
         self.stats.crashes += 1;
+        if let Some(e) = &self.nodes[i].engine
+            && e.voted_for().is_some_and(|v| v != id)
+        {
+            self.coverage.hit(Reach::CrashAfterVoteGranted);
+        }
+        self.lose_in_flight_write(i);
         let n = &mut self.nodes[i];
+        n.crash_after_persist = false;
         n.engine = None;
         n.epoch += 1;
         n.inbox.clear();
@@ -484,6 +510,50 @@ impl Sim {
             if self.ops[op].state == OpState::Pending && self.ops[op].node == i {
                 self.finish_op(op, OpState::Unknown);
             }
+        }
+    }
+
+    /// A crash in the middle of a storage action: an append may leave any
+    /// prefix of its entries on disk and a truncation may or may not have
+    /// happened (neither was acknowledged, so either is allowed).
+    fn lose_in_flight_write(&mut self, i: usize) {
+        let n = &self.nodes[i];
+        if !n.busy {
+            return;
+        }
+        match n.actions.front() {
+            Some(Action::AppendLog { entries }) if entries.len() > 1 && self.rng.chance(0.5) => {
+                let keep = self.rng.range(1, entries.len() as u64) as usize;
+                let torn: Vec<Entry<C>> = entries[..keep].to_vec();
+                self.nodes[i].disk.entries.extend(torn);
+                self.coverage.hit(Reach::TornAppend);
+            }
+            Some(Action::TruncateLog { from }) if self.rng.chance(0.5) => {
+                let from = *from;
+                let d = &mut self.nodes[i].disk;
+                let keep = from.0.saturating_sub(d.base.index.0 + 1) as usize;
+                d.entries.truncate(keep);
+            }
+            _ => {}
+        }
+    }
+
+    /// Crashes `id` as soon as its current (or next) storage action
+    /// completes, before the replies that depend on it go out.
+    pub fn crash_after_persist(&mut self, id: NodeId) {
+        let i = self.idx(id);
+        if self.nodes[i].engine.is_some() {
+            self.nodes[i].crash_after_persist = true;
+        }
+    }
+
+    /// Makes `id` start an election at once (skipping pre-vote), as an
+    /// operator's or a transfer's forced campaign would.
+    pub fn force_election(&mut self, id: NodeId) {
+        let i = self.idx(id);
+        if self.nodes[i].engine.is_some() {
+            self.nodes[i].inbox.push_back(Input::Campaign);
+            self.process(i);
         }
     }
 
@@ -519,6 +589,7 @@ impl Sim {
         n.was_leader = false;
         let engine = Engine::new(id, self.opts.config.clone(), seed, self.now, state)
             .unwrap_or_else(|e| self.fail(format!("node {id} cannot recover its own disk: {e}")));
+        self.nodes[i].membership_seen = engine.membership().clone();
         self.nodes[i].engine = Some(engine);
         self.drain(i);
         self.process(i);
@@ -958,6 +1029,18 @@ impl Sim {
                     return;
                 }
                 self.complete_storage(node);
+                if self.nodes[node].crash_after_persist && self.nodes[node].engine.is_some() {
+                    let replies = self.nodes[node]
+                        .actions
+                        .iter()
+                        .any(|a| matches!(a, Action::Respond { .. } | Action::Send { .. }));
+                    if replies {
+                        self.coverage.hit(Reach::CrashBetweenPersistAndReply);
+                    }
+                    let id = self.nodes[node].id;
+                    self.crash(id);
+                    return;
+                }
                 self.process(node);
             }
         }
@@ -982,10 +1065,27 @@ impl Sim {
 
     fn feed(&mut self, i: usize, input: Input) {
         let now = self.now;
+        let before = self.monitor_input(i, &input);
+        // The term a message may move the receiver to: not a pre-vote's,
+        // which is only hypothetical.
+        let msg_term = match &input {
+            Input::Message { msg, .. } => match msg {
+                Message::Vote(v) if v.pre_vote => None,
+                Message::VoteResponse(v) if v.pre_vote && v.granted => None,
+                m => Some(m.term()),
+            },
+            _ => None,
+        };
+        if let Input::Read { op } = &input
+            && self.nodes[i].engine.as_ref().is_some_and(|e| e.is_leader())
+        {
+            self.read_floor.insert(*op, self.max_commit());
+        }
         let engine = self.nodes[i].engine.as_mut().expect("live node");
         engine.tick(now);
         match input {
             Input::Tick => {}
+            Input::Campaign => engine.campaign_now(),
             Input::Message { from, msg } => {
                 if let Message::AppendEntriesResponse(r) = &msg
                     && !r.success
@@ -1033,6 +1133,9 @@ impl Sim {
                 }
             }
         }
+        if self.nodes[i].engine.is_some() {
+            self.monitor_step(i, before, msg_term);
+        }
         self.drain(i);
     }
 
@@ -1058,8 +1161,12 @@ impl Sim {
     fn execute(&mut self, i: usize, action: Action<C>) {
         let id = self.nodes[i].id;
         match action {
-            Action::Send { to, msg } => self.send(id, to, msg),
+            Action::Send { to, msg } => {
+                self.monitor_send(i, to, &msg);
+                self.send(id, to, msg)
+            }
             Action::Respond { to, msg } => {
+                self.monitor_send(i, to, &msg);
                 if let Message::VoteResponse(v) = &msg
                     && v.granted
                     && !v.pre_vote
@@ -1075,6 +1182,14 @@ impl Sim {
             }
             Action::Apply { entries } => self.apply(i, entries),
             Action::ReadReady { ids, index } => {
+                for op in &ids {
+                    let floor = self.read_floor.remove(&(*op as usize)).unwrap_or_default();
+                    if index < floor {
+                        self.fail(format!(
+                            "node {id} served read {op} at index {index}, but {floor} was committed when the read arrived"
+                        ));
+                    }
+                }
                 for op in ids {
                     self.nodes[i].waiting_reads.push((index, op as usize));
                 }
@@ -1358,7 +1473,13 @@ impl Sim {
                 n.commit_seen
             ));
         }
-        // Committed entries never change.
+        // A leader's commit (also one that stepped down by committing its
+        // own removal) is checked against the protocol and becomes the
+        // ground truth; a follower may only commit what a leader did.
+        let leader_commit = is_leader || (n.was_leader && term == n.term_seen);
+        if commit > n.commit_seen && leader_commit {
+            self.monitor_leader_commit(i, commit, &n.membership_seen);
+        }
         let base = e.log().base().index;
         for idx in (n.commit_seen.0 + 1)..=commit.0 {
             let idx = LogIndex(idx);
@@ -1373,9 +1494,12 @@ impl Sim {
                     "node {id} committed {log_id} at {idx}, but {c} was committed there"
                 )),
                 Some(_) => {}
-                None => {
+                None if leader_commit => {
                     self.committed.insert(idx, log_id);
                 }
+                None => self.fail(format!(
+                    "follower {id} committed {log_id}, which no leader has committed"
+                )),
             }
         }
         if is_leader && !n.was_leader {
@@ -1394,8 +1518,18 @@ impl Sim {
                     ));
                 }
             }
+            self.monitor_election(i);
         }
+        if is_leader {
+            self.monitor_leader_state(i);
+        }
+        let e = self.nodes[i].engine.as_ref().expect("live node");
+        let membership = (e.membership() != &self.nodes[i].membership_seen)
+            .then(|| e.membership().clone());
         let n = &mut self.nodes[i];
+        if let Some(m) = membership {
+            n.membership_seen = m;
+        }
         n.term_seen = term;
         n.commit_seen = commit;
         n.was_leader = is_leader;
