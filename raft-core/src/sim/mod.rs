@@ -2,9 +2,11 @@
 //!
 //! N engines in one process on virtual time. The simulated network delays,
 //! drops, duplicates and reorders messages and can partition links (both
-//! ways or one way). Each node runs its engine exactly as the tokio driver
-//! does: one input at a time, its actions in order, storage actions taking
-//! (virtual) time during which the node does nothing else. A crash loses
+//! ways or one way). Each node runs its engine as a driver does: one input
+//! at a time, its actions in order, storage actions taking (virtual) time.
+//! Meanwhile the node either does nothing else (as today's single-loop
+//! driver) or, with [`SimOptions::pipelined`], keeps taking inputs whose
+//! actions queue behind the storage action in flight. A crash loses
 //! whatever storage action was in progress and all volatile state; a
 //! restart recovers from what was durable.
 //!
@@ -86,6 +88,10 @@ pub struct SimOptions {
     pub op_timeout_ms: u64,
     /// The test name to print in the replay command.
     pub test_name: String,
+    /// Whether a node keeps taking inputs while a storage action is in
+    /// flight (the actions they produce still wait behind it, in order), as
+    /// a pipelined driver does; otherwise it waits, as a single loop does.
+    pub pipelined: bool,
 }
 
 impl SimOptions {
@@ -103,6 +109,7 @@ impl SimOptions {
             tick_ms: 5,
             op_timeout_ms: 1_500,
             test_name: String::new(),
+            pipelined: false,
         }
     }
 }
@@ -125,6 +132,16 @@ enum Input {
     Transfer(NodeId),
     /// Start an election now, skipping pre-vote.
     Campaign,
+}
+
+/// A crash armed to fire at a chosen moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ArmedCrash {
+    /// When the current (or next) storage action completes, before the
+    /// actions after it run.
+    AfterPersist,
+    /// When the next append of several entries starts.
+    MidAppend,
 }
 
 /// A membership change a test asks the leader for.
@@ -158,9 +175,13 @@ struct Node {
     membership_seen: Membership<String>,
     /// Stopped by a storage error; stays down until restarted.
     failed: bool,
-    /// Crash as soon as the current storage action completes, before the
-    /// actions after it (replies, sends) run.
-    crash_after_persist: bool,
+    /// A crash armed to fire at a moment that matters.
+    armed_crash: Option<ArmedCrash>,
+    /// This node's own storage latency, overriding `opts.disk_latency_ms`.
+    disk_latency_ms: Option<(u64, u64)>,
+    /// Paused (a stopped process, a starved CPU) until this time: it takes
+    /// no input and fires no timer; messages queue up for it.
+    paused_until: u64,
 }
 
 #[derive(Debug)]
@@ -175,6 +196,8 @@ enum EventKind {
         node: usize,
         epoch: u64,
     },
+    /// A paused node resumes.
+    Resume { node: usize },
 }
 
 /// A client operation in the history, with its current outcome.
@@ -321,7 +344,9 @@ impl Sim {
                     was_leader: false,
                     membership_seen: Membership::default(),
                     failed: false,
-                    crash_after_persist: false,
+                    armed_crash: None,
+                    disk_latency_ms: None,
+                    paused_until: 0,
                 }
             })
             .collect();
@@ -486,7 +511,8 @@ impl Sim {
         }
         self.lose_in_flight_write(i);
         let n = &mut self.nodes[i];
-        n.crash_after_persist = false;
+        n.armed_crash = None;
+        n.paused_until = 0;
         n.engine = None;
         n.epoch += 1;
         n.inbox.clear();
@@ -521,8 +547,9 @@ impl Sim {
         if !n.busy {
             return;
         }
+        let tear = n.armed_crash == Some(ArmedCrash::MidAppend) || self.rng.chance(0.5);
         match n.actions.front() {
-            Some(Action::AppendLog { entries }) if entries.len() > 1 && self.rng.chance(0.5) => {
+            Some(Action::AppendLog { entries }) if entries.len() > 1 && tear => {
                 let keep = self.rng.range(1, entries.len() as u64) as usize;
                 let torn: Vec<Entry<C>> = entries[..keep].to_vec();
                 self.nodes[i].disk.entries.extend(torn);
@@ -541,10 +568,48 @@ impl Sim {
     /// Crashes `id` as soon as its current (or next) storage action
     /// completes, before the replies that depend on it go out.
     pub fn crash_after_persist(&mut self, id: NodeId) {
+        self.arm_crash(id, ArmedCrash::AfterPersist);
+    }
+
+    /// Crashes `id` in the middle of its next log append of several
+    /// entries, leaving a random prefix of them on disk.
+    pub fn crash_mid_append(&mut self, id: NodeId) {
+        self.arm_crash(id, ArmedCrash::MidAppend);
+    }
+
+    fn arm_crash(&mut self, id: NodeId, when: ArmedCrash) {
         let i = self.idx(id);
         if self.nodes[i].engine.is_some() {
-            self.nodes[i].crash_after_persist = true;
+            self.nodes[i].armed_crash = Some(when);
         }
+    }
+
+    /// Cancels every crash armed by [`Sim::crash_after_persist`] or
+    /// [`Sim::crash_mid_append`] that has
+    /// not fired yet.
+    pub fn disarm_crashes(&mut self) {
+        for n in &mut self.nodes {
+            n.armed_crash = None;
+        }
+    }
+
+    /// Gives node `id` its own storage latency (a slow disk), or back the
+    /// common one with `None`.
+    pub fn set_disk_latency(&mut self, id: NodeId, ms: Option<(u64, u64)>) {
+        let i = self.idx(id);
+        self.nodes[i].disk_latency_ms = ms;
+    }
+
+    /// Pauses node `id` for `ms` (SIGSTOP, a long GC pause, a starved CPU):
+    /// it handles nothing and fires no timer; what arrives meanwhile waits,
+    /// in order, for it to resume.
+    pub fn pause(&mut self, id: NodeId, ms: u64) {
+        let i = self.idx(id);
+        if self.nodes[i].engine.is_none() {
+            return;
+        }
+        self.nodes[i].paused_until = self.now + ms;
+        self.schedule(ms, EventKind::Resume { node: i });
     }
 
     /// Makes `id` start an election at once (skipping pre-vote), as an
@@ -1004,7 +1069,7 @@ impl Sim {
         match ev {
             EventKind::Tick => {
                 for i in 0..self.nodes.len() {
-                    if self.nodes[i].engine.is_some() {
+                    if self.nodes[i].engine.is_some() && self.nodes[i].paused_until <= self.now {
                         self.nodes[i].inbox.push_back(Input::Tick);
                         self.process(i);
                     }
@@ -1024,12 +1089,15 @@ impl Sim {
                     self.process(i);
                 }
             }
+            EventKind::Resume { node } => self.process(node),
             EventKind::StorageDone { node, epoch } => {
                 if self.nodes[node].epoch != epoch || self.nodes[node].engine.is_none() {
                     return;
                 }
                 self.complete_storage(node);
-                if self.nodes[node].crash_after_persist && self.nodes[node].engine.is_some() {
+                if self.nodes[node].armed_crash == Some(ArmedCrash::AfterPersist)
+                    && self.nodes[node].engine.is_some()
+                {
                     let replies = self.nodes[node]
                         .actions
                         .iter()
@@ -1049,12 +1117,17 @@ impl Sim {
     /// Runs node `i` until it waits on storage or has nothing to do.
     fn process(&mut self, i: usize) {
         loop {
-            if self.nodes[i].engine.is_none() || self.nodes[i].busy {
+            let n = &self.nodes[i];
+            if n.engine.is_none() || n.paused_until > self.now {
                 return;
             }
-            if let Some(action) = self.nodes[i].actions.pop_front() {
-                self.execute(i, action);
-                continue;
+            if !n.busy {
+                if let Some(action) = self.nodes[i].actions.pop_front() {
+                    self.execute(i, action);
+                    continue;
+                }
+            } else if !self.opts.pipelined {
+                return;
             }
             let Some(input) = self.nodes[i].inbox.pop_front() else {
                 return;
@@ -1153,8 +1226,10 @@ impl Sim {
         self.nodes[i].actions.extend(actions);
     }
 
-    fn disk_latency(&mut self) -> u64 {
-        let (lo, hi) = self.opts.disk_latency_ms;
+    fn disk_latency(&mut self, i: usize) -> u64 {
+        let (lo, hi) = self.nodes[i]
+            .disk_latency_ms
+            .unwrap_or(self.opts.disk_latency_ms);
         self.rng.range(lo, hi + 1)
     }
 
@@ -1245,9 +1320,15 @@ impl Sim {
             | Action::PurgeLog { .. }
             | Action::BuildSnapshot
             | Action::InstallSnapshot { .. }) => {
+                let tear = self.nodes[i].armed_crash == Some(ArmedCrash::MidAppend)
+                    && matches!(&a, Action::AppendLog { entries } if entries.len() > 1);
                 self.nodes[i].actions.push_front(a);
                 self.nodes[i].busy = true;
-                let lat = self.disk_latency();
+                if tear {
+                    self.crash(id);
+                    return;
+                }
+                let lat = self.disk_latency(i);
                 let epoch = self.nodes[i].epoch;
                 self.schedule(lat, EventKind::StorageDone { node: i, epoch });
             }

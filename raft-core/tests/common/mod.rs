@@ -68,6 +68,7 @@ pub fn heal_and_converge(sim: &mut Sim) {
     sim.heal();
     sim.set_net(NetOptions::default());
     sim.clear_links();
+    sim.disarm_crashes();
     for id in sim.ids() {
         sim.restart(id);
     }
