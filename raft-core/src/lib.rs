@@ -34,6 +34,6 @@ pub use state_machine::{SnapshotChunk, StateMachine};
 pub use storage::{LogState, LogStore, StorageError};
 pub use types::*;
 pub mod log_store_suite;
-pub mod mutation;
 pub mod memory;
+pub mod mutation;
 pub mod sim;

@@ -25,9 +25,9 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
+use raft_core::NodeId;
 use raft_core::engine::rng::Rng;
 use raft_core::sim::{MembershipChange, NetOptions, Reach, Sim};
-use raft_core::NodeId;
 
 /// One step of 3 -> 5 -> 3 voter churn on a 5-node cluster: add the next
 /// missing node as a learner, promote the learners once all are in, or
@@ -131,13 +131,19 @@ fn stale_leader_returns(sim: &mut Sim, r: &mut Rng) {
     minority.extend(rest.drain(..minority_size - 1));
     sim.partition(&[minority.clone(), rest.clone()]);
     for k in 0..r.range(2, 6) {
-        sim.propose_put_on(old, &format!("k{}", k % 2), &format!("stale-{}-{k}", sim.now()));
+        sim.propose_put_on(
+            old,
+            &format!("k{}", k % 2),
+            &format!("stale-{}-{k}", sim.now()),
+        );
     }
     let new_leader_committed = |s: &Sim| {
-        s.leader().filter(|l| !minority.contains(l)).is_some_and(|l| {
-            s.engine(l)
-                .is_some_and(|e| e.log().term_at(e.commit_index()) == Some(e.term()))
-        })
+        s.leader()
+            .filter(|l| !minority.contains(l))
+            .is_some_and(|l| {
+                s.engine(l)
+                    .is_some_and(|e| e.log().term_at(e.commit_index()) == Some(e.term()))
+            })
     };
     // Either the new leader dies and the stale log competes in the next
     // election, or it lives and must repair the stale suffix while it

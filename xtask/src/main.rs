@@ -10,6 +10,9 @@
 //! - `cargo xtask bench [--clients 1,16,256] [--duration 20s]`: raft-kv
 //!   against etcd on this machine; `cargo xtask bench core` runs the
 //!   in-process benchmarks of raft-core.
+//! - `cargo xtask mutants [--seeds 1000] [--only a,b] [--list]`: run the
+//!   randomized simulation suites against each catalogued Raft bug
+//!   (`raft_core::mutation`) and report which seed caught it.
 //! - `cargo xtask doctor [--install]`: check (and as root, install) what
 //!   the build, chaos partitions and the etcd comparison need.
 //!
@@ -21,6 +24,7 @@ mod chaos;
 mod cluster;
 mod demo;
 mod http;
+mod mutants;
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -41,7 +45,8 @@ fn main() -> ExitCode {
 
 const USAGE: &str = "usage: cargo xtask <demo | test | cluster up|status|down [--nodes N] | \
 chaos [--nodes 5] [--duration 60s] [--faults kill,pause,partition] [--seed S] | \
-bench [core | --clients 1,16,256 --duration 20s] | doctor [--install [--bench]]>";
+bench [core | --clients 1,16,256 --duration 20s] | mutants [--seeds N] [--only a,b] [--list] | \
+doctor [--install [--bench]]>";
 
 fn run() -> Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -75,6 +80,7 @@ fn run() -> Result<()> {
             demo::build(&root)?;
             bench::run(&root, opts)
         }
+        Some("mutants") => mutants::run(&root, mutants::Options::parse(rest)?),
         Some("doctor") => doctor(rest),
         _ => {
             eprintln!("{USAGE}");

@@ -31,11 +31,11 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::error::{InitializeError, MembershipError, NotLeader, RecoveryError, StepError};
-use crate::mutation::{Mutation, active as mutant};
 use crate::message::{
     AppendEntriesRequest, AppendEntriesResponse, ConflictHint, InstallSnapshotRequest,
     InstallSnapshotResponse, Message, SnapshotMeta, TimeoutNowRequest, VoteRequest, VoteResponse,
 };
+use crate::mutation::{Mutation, active as mutant};
 use crate::types::{
     Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Term, TypeConfig,
 };
@@ -675,8 +675,8 @@ impl<C: TypeConfig> Engine<C> {
         let RoleState::Leader(l) = &mut self.role else {
             return Err(self.not_leader());
         };
-        let index = (commit >= l.noop_index || mutant(Mutation::ReadBeforeNoopCommits))
-            .then_some(commit);
+        let index =
+            (commit >= l.noop_index || mutant(Mutation::ReadBeforeNoopCommits)).then_some(commit);
         l.pending_reads.push(PendingRead {
             id,
             round: l.round + 1,
@@ -897,8 +897,7 @@ impl<C: TypeConfig> Engine<C> {
             RoleState::Candidate(_) if !resp.pre_vote => Some(self.term),
             _ => None,
         };
-        if resp.granted && expected_term != Some(resp.term) && !mutant(Mutation::StaleVoteCounted)
-        {
+        if resp.granted && expected_term != Some(resp.term) && !mutant(Mutation::StaleVoteCounted) {
             return; // an answer to an earlier campaign
         }
         self.record_vote(from, resp.granted);

@@ -124,10 +124,18 @@ pub struct Disk {
 }
 
 enum Input {
-    Message { from: NodeId, msg: Message<C> },
+    Message {
+        from: NodeId,
+        msg: Message<C>,
+    },
     Tick,
-    Propose { op: usize, cmd: KvCommand },
-    Read { op: usize },
+    Propose {
+        op: usize,
+        cmd: KvCommand,
+    },
+    Read {
+        op: usize,
+    },
     Membership(MembershipChange),
     Transfer(NodeId),
     /// Start an election now, skipping pre-vote.
@@ -197,7 +205,9 @@ enum EventKind {
         epoch: u64,
     },
     /// A paused node resumes.
-    Resume { node: usize },
+    Resume {
+        node: usize,
+    },
 }
 
 /// A client operation in the history, with its current outcome.
@@ -1605,8 +1615,8 @@ impl Sim {
             self.monitor_leader_state(i);
         }
         let e = self.nodes[i].engine.as_ref().expect("live node");
-        let membership = (e.membership() != &self.nodes[i].membership_seen)
-            .then(|| e.membership().clone());
+        let membership =
+            (e.membership() != &self.nodes[i].membership_seen).then(|| e.membership().clone());
         let n = &mut self.nodes[i];
         if let Some(m) = membership {
             n.membership_seen = m;

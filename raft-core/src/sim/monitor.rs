@@ -235,8 +235,9 @@ impl Sim {
                             hits.push(Reach::StaleSuffixHearsCommit);
                         }
                         if req.entries.iter().any(|x| {
-                            log.term_at(x.log_id.index)
-                                .is_some_and(|t| t != x.log_id.term && x.log_id.index > log.base().index)
+                            log.term_at(x.log_id.index).is_some_and(|t| {
+                                t != x.log_id.term && x.log_id.index > log.base().index
+                            })
                         }) {
                             hits.push(Reach::ConflictingEntriesTruncated);
                         }
@@ -253,7 +254,12 @@ impl Sim {
                 if behind && !noop_committed {
                     hits.push(Reach::ReadBeforeNoopCommits);
                 }
-                if self.leaders.keys().next_back().is_some_and(|t| *t > e.term()) {
+                if self
+                    .leaders
+                    .keys()
+                    .next_back()
+                    .is_some_and(|t| *t > e.term())
+                {
                     hits.push(Reach::ReadAtDeposedLeader);
                 }
             }
