@@ -262,3 +262,37 @@ fn vote_survives_a_crash_so_a_node_never_votes_twice_in_a_term() {
         "S3 voted twice in term 1: its vote was not durable before it replied"
     );
 }
+
+#[test]
+fn late_vote_rejections_from_an_earlier_campaign_do_not_end_the_current_one() {
+    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
+    let mut s = Script::new(3);
+    // S1 campaigns in term 1; both refusals are held back in the network.
+    s.engines.get_mut(&s1).unwrap().campaign_now();
+    s.flush(s1);
+    s.queue.clear();
+    let refusal = |term: u64, pre_vote: bool| {
+        Message::VoteResponse(raft_core::VoteResponse {
+            term: raft_core::Term(term),
+            granted: false,
+            pre_vote,
+        })
+    };
+    // S1 campaigns again, in term 2.
+    s.engines.get_mut(&s1).unwrap().campaign_now();
+    s.flush(s1);
+    assert_eq!(s.engines[&s1].term().0, 2);
+    // The refusals of term 1 (and a stray pre-vote refusal) arrive now.
+    let e = s.engines.get_mut(&s1).unwrap();
+    e.step(s2, refusal(1, false)).unwrap();
+    e.step(s3, refusal(1, false)).unwrap();
+    e.step(s3, refusal(1, true)).unwrap();
+    assert_eq!(
+        e.role(),
+        raft_core::Role::Candidate,
+        "answers to an earlier campaign ended the current one"
+    );
+    // The current campaign's answers still decide it.
+    s.deliver(|_, _, _| false);
+    assert!(s.engines[&s1].is_leader());
+}

@@ -892,13 +892,21 @@ impl<C: TypeConfig> Engine<C> {
             self.become_follower(resp.term, None);
             return;
         }
-        let expected_term = match &self.role {
-            RoleState::PreCandidate(_) if resp.pre_vote => self.term.next(),
-            RoleState::Candidate(_) if !resp.pre_vote => Some(self.term),
-            _ => None,
+        // Only answers to the campaign under way count. A grant names the
+        // term it was asked for; a refusal of a real vote carries our term
+        // (the voter adopted it before refusing), so one of an earlier term,
+        // or a pre-vote answer reaching a candidate, is late. (A pre-vote
+        // refusal carries the voter's own term and cannot be told apart
+        // from one of an earlier pre-vote round at the same term.)
+        let current = match &self.role {
+            RoleState::PreCandidate(_) => {
+                resp.pre_vote && (!resp.granted || self.term.next() == Some(resp.term))
+            }
+            RoleState::Candidate(_) => !resp.pre_vote && resp.term == self.term,
+            _ => false,
         };
-        if resp.granted && expected_term != Some(resp.term) && !mutant(Mutation::StaleVoteCounted) {
-            return; // an answer to an earlier campaign
+        if !current && !mutant(Mutation::StaleVoteCounted) {
+            return;
         }
         self.record_vote(from, resp.granted);
     }
