@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use raft_core::memory::{KvCommand, KvConfig, KvResponse, MemLogStore, MemRouter, MemStateMachine};
-use raft_core::{Config, LogIndex, NodeId, Raft, RaftError, Role};
+use raft_core::{Config, LogIndex, NodeId, Raft, RaftError, RaftMetrics, Role};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -96,6 +96,16 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Waits until node `id`'s own metrics satisfy `what` (another node's
+    /// answer says nothing about when `id` hears of it).
+    async fn wait_view(&self, id: NodeId, what: &str, f: impl Fn(&RaftMetrics<String>) -> bool) {
+        let mut m = self.nodes[&id].raft.metrics();
+        tokio::time::timeout(WAIT, m.wait_for(|m| f(m)))
+            .await
+            .unwrap_or_else(|_| panic!("node {id} never saw {what}"))
+            .expect("metrics");
     }
 
     async fn wait_applied(&self, id: NodeId, index: LogIndex) {
@@ -342,15 +352,21 @@ async fn a_node_is_added_as_learner_promoted_led_and_the_old_leader_removed() {
     raft.change_membership([1, 2, 3, 4].map(NodeId).into())
         .await
         .expect("promote 4");
-    assert_eq!(
-        c.nodes[&NodeId(4)].raft.metrics().borrow().role,
-        Role::Follower
-    );
+    c.wait_view(NodeId(4), "itself promoted to voter", |m| {
+        m.role == Role::Follower && m.membership.voter_ids().contains(&NodeId(4))
+    })
+    .await;
 
     raft.transfer_leader_and_wait(NodeId(4), WAIT)
         .await
         .expect("4 takes over");
     let four = c.nodes[&NodeId(4)].raft.clone();
+    // A new leader knows its configuration is committed only once its
+    // first entry commits; until then a change is refused as in progress.
+    c.wait_view(NodeId(4), "its configuration committed as leader", |m| {
+        m.role == Role::Leader && m.commit_index >= m.membership_log_id.index
+    })
+    .await;
     let remaining: std::collections::BTreeSet<NodeId> = [1, 2, 3, 4]
         .map(NodeId)
         .into_iter()
