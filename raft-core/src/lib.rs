@@ -17,6 +17,7 @@ pub mod codec;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod executor;
 pub mod message;
 pub mod network;
 pub mod raft;

@@ -25,6 +25,7 @@
 
 pub mod linearizability;
 mod monitor;
+mod node;
 
 pub use monitor::{Coverage, Reach};
 
@@ -35,14 +36,25 @@ use std::hash::{Hash, Hasher};
 
 use crate::config::Config;
 use crate::engine::rng::Rng;
-use crate::engine::{Action, Engine, ProposeError, RecoveredState};
-use crate::memory::kv::{KvCommand, KvConfig, KvResponse, KvStore};
-use crate::message::{InstallSnapshotRequest, Message, SnapshotMeta};
+use crate::engine::{Engine, ProposeError, RecoveredState};
+use crate::executor::{Callers, Executor, LogOp, Mode, SmOp};
+use crate::memory::kv::{KvCommand, KvConfig, KvStore};
+use crate::message::{Message, SnapshotMeta};
 use crate::types::{Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Term};
 
 use self::linearizability::{OpKind, OpOutput, Operation};
 
 type C = KvConfig;
+
+/// The simulator's callers: client operations by number; requests are
+/// answered with messages, never through a handle.
+pub(crate) enum SimCallers {}
+
+impl Callers for SimCallers {
+    type Write = usize;
+    type Read = usize;
+    type Rpc = std::convert::Infallible;
+}
 
 /// How the simulated network behaves on every link.
 #[derive(Clone, Debug)]
@@ -78,6 +90,9 @@ pub struct SimOptions {
     pub net: NetOptions,
     /// Virtual time one storage action takes, uniformly in `[min, max]`.
     pub disk_latency_ms: (u64, u64),
+    /// Virtual time one apply batch (or snapshot chunk read or write) takes
+    /// on the state machine, uniformly in `[min, max]`.
+    pub apply_latency_ms: (u64, u64),
     /// Probability that a storage action fails; the node then stops
     /// (fail-stop) as a real driver does on a storage error.
     pub storage_error_rate: f64,
@@ -105,6 +120,7 @@ impl SimOptions {
             },
             net: NetOptions::default(),
             disk_latency_ms: (0, 1),
+            apply_latency_ms: (0, 0),
             storage_error_rate: 0.0,
             tick_ms: 5,
             op_timeout_ms: 1_500,
@@ -162,18 +178,20 @@ pub enum MembershipChange {
 
 struct Node {
     id: NodeId,
-    engine: Option<Engine<C>>,
+    /// The node's executor (and engine); `None` while it is down.
+    x: Option<Executor<C, SimCallers>>,
     /// Bumped on every crash so completions of lost storage actions are ignored.
     epoch: u64,
     disk: Disk,
     sm: KvStore,
     staging: Vec<u8>,
     inbox: VecDeque<Input>,
-    actions: VecDeque<Action<C>>,
-    /// A storage action is in progress; the node waits for it.
-    busy: bool,
-    pending_writes: BTreeMap<LogIndex, (LogId, usize)>,
-    waiting_reads: Vec<(LogIndex, usize)>,
+    /// Log operations handed out, in order; the first runs when `log_busy`.
+    log_worker: VecDeque<LogOp<C>>,
+    log_busy: bool,
+    /// State-machine operations handed out, in order; likewise.
+    sm_worker: VecDeque<SmOp<C>>,
+    sm_busy: bool,
     commit_seen: LogIndex,
     applied_seen: LogIndex,
     term_seen: Term,
@@ -192,6 +210,12 @@ struct Node {
     paused_until: u64,
 }
 
+impl Node {
+    fn engine(&self) -> Option<&Engine<C>> {
+        self.x.as_ref().map(Executor::engine)
+    }
+}
+
 #[derive(Debug)]
 enum EventKind {
     Deliver {
@@ -200,7 +224,13 @@ enum EventKind {
         msg: Message<C>,
     },
     Tick,
-    StorageDone {
+    /// The log operation at the head of a node's log worker is done.
+    LogDone {
+        node: usize,
+        epoch: u64,
+    },
+    /// Likewise for its state-machine worker.
+    SmDone {
         node: usize,
         epoch: u64,
     },
@@ -283,6 +313,16 @@ pub struct Sim {
     pub stats: SimStats,
 }
 
+/// Pipelined nodes run the executor's lanes side by side; the others one
+/// operation at a time, as a single-loop driver does.
+fn mode_of(opts: &SimOptions) -> Mode {
+    if opts.pipelined {
+        Mode::Pipelined
+    } else {
+        Mode::Serial
+    }
+}
+
 impl Sim {
     /// A cluster of `opts.nodes` pristine nodes, all initialized with the
     /// same membership.
@@ -305,10 +345,11 @@ impl Sim {
                 continue;
             }
             let m = Membership::new_voters(members.clone());
-            if let Some(e) = sim.nodes[i].engine.as_mut() {
-                e.initialize(m).expect("pristine node initializes");
+            if let Some(x) = sim.nodes[i].x.as_mut() {
+                x.engine_mut()
+                    .initialize(m)
+                    .expect("pristine node initializes");
             }
-            sim.drain(i);
             sim.process(i);
         }
         // Bootstrap completes (as `Raft::initialize` does) once the first
@@ -338,16 +379,16 @@ impl Sim {
                 .expect("empty state recovers");
                 Node {
                     id,
-                    engine: Some(engine),
+                    x: Some(Executor::new(engine, LogIndex(0), mode_of(&opts))),
                     epoch: 0,
                     disk: Disk::default(),
                     sm: KvStore::default(),
                     staging: Vec::new(),
                     inbox: VecDeque::new(),
-                    actions: VecDeque::new(),
-                    busy: false,
-                    pending_writes: BTreeMap::new(),
-                    waiting_reads: Vec::new(),
+                    log_worker: VecDeque::new(),
+                    log_busy: false,
+                    sm_worker: VecDeque::new(),
+                    sm_busy: false,
                     commit_seen: LogIndex(0),
                     applied_seen: LogIndex(0),
                     term_seen: Term(0),
@@ -397,10 +438,10 @@ impl Sim {
         self.nodes.iter().map(|n| n.id).collect()
     }
     pub fn engine(&self, id: NodeId) -> Option<&Engine<C>> {
-        self.nodes[self.idx(id)].engine.as_ref()
+        self.nodes[self.idx(id)].engine()
     }
     pub fn is_up(&self, id: NodeId) -> bool {
-        self.nodes[self.idx(id)].engine.is_some()
+        self.nodes[self.idx(id)].x.is_some()
     }
     pub fn disk(&self, id: NodeId) -> &Disk {
         &self.nodes[self.idx(id)].disk
@@ -413,8 +454,7 @@ impl Sim {
         self.nodes
             .iter()
             .filter_map(|n| {
-                n.engine
-                    .as_ref()
+                n.engine()
                     .filter(|e| e.is_leader())
                     .map(|e| (n.id, e.term()))
             })
@@ -510,68 +550,31 @@ impl Sim {
     /// Crashes a node: in-progress storage actions and volatile state are lost.
     pub fn crash(&mut self, id: NodeId) {
         let i = self.idx(id);
-        if self.nodes[i].engine.is_none() {
+        let Some(e) = self.nodes[i].engine() else {
             return;
-        }
+        };
         self.stats.crashes += 1;
-        if let Some(e) = &self.nodes[i].engine
-            && e.voted_for().is_some_and(|v| v != id)
-        {
+        if e.voted_for().is_some_and(|v| v != id) {
             self.coverage.hit(Reach::CrashAfterVoteGranted);
         }
         self.lose_in_flight_write(i);
         let n = &mut self.nodes[i];
         n.armed_crash = None;
         n.paused_until = 0;
-        n.engine = None;
+        n.x = None;
         n.epoch += 1;
         n.inbox.clear();
-        n.actions.clear();
-        n.busy = false;
+        n.log_worker.clear();
+        n.log_busy = false;
+        n.sm_worker.clear();
+        n.sm_busy = false;
         n.staging.clear();
         n.sm = KvStore::default();
-        let lost: Vec<usize> = n
-            .pending_writes
-            .values()
-            .map(|(_, op)| *op)
-            .chain(n.waiting_reads.iter().map(|(_, op)| *op))
-            .collect();
-        n.pending_writes.clear();
-        n.waiting_reads.clear();
-        for op in lost {
-            self.finish_op(op, OpState::Unknown);
-        }
-        // Reads and proposals still inside the engine are gone as well.
+        // Writes and reads the node was working on: their outcome is unknown.
         for op in 0..self.ops.len() {
             if self.ops[op].state == OpState::Pending && self.ops[op].node == i {
                 self.finish_op(op, OpState::Unknown);
             }
-        }
-    }
-
-    /// A crash in the middle of a storage action: an append may leave any
-    /// prefix of its entries on disk and a truncation may or may not have
-    /// happened (neither was acknowledged, so either is allowed).
-    fn lose_in_flight_write(&mut self, i: usize) {
-        let n = &self.nodes[i];
-        if !n.busy {
-            return;
-        }
-        let tear = n.armed_crash == Some(ArmedCrash::MidAppend) || self.rng.chance(0.5);
-        match n.actions.front() {
-            Some(Action::AppendLog { entries }) if entries.len() > 1 && tear => {
-                let keep = self.rng.range(1, entries.len() as u64) as usize;
-                let torn: Vec<Entry<C>> = entries[..keep].to_vec();
-                self.nodes[i].disk.entries.extend(torn);
-                self.coverage.hit(Reach::TornAppend);
-            }
-            Some(Action::TruncateLog { from }) if self.rng.chance(0.5) => {
-                let from = *from;
-                let d = &mut self.nodes[i].disk;
-                let keep = from.0.saturating_sub(d.base.index.0 + 1) as usize;
-                d.entries.truncate(keep);
-            }
-            _ => {}
         }
     }
 
@@ -589,7 +592,7 @@ impl Sim {
 
     fn arm_crash(&mut self, id: NodeId, when: ArmedCrash) {
         let i = self.idx(id);
-        if self.nodes[i].engine.is_some() {
+        if self.nodes[i].x.is_some() {
             self.nodes[i].armed_crash = Some(when);
         }
     }
@@ -615,7 +618,7 @@ impl Sim {
     /// in order, for it to resume.
     pub fn pause(&mut self, id: NodeId, ms: u64) {
         let i = self.idx(id);
-        if self.nodes[i].engine.is_none() {
+        if self.nodes[i].x.is_none() {
             return;
         }
         self.nodes[i].paused_until = self.now + ms;
@@ -626,7 +629,7 @@ impl Sim {
     /// operator's or a transfer's forced campaign would.
     pub fn force_election(&mut self, id: NodeId) {
         let i = self.idx(id);
-        if self.nodes[i].engine.is_some() {
+        if self.nodes[i].x.is_some() {
             self.nodes[i].inbox.push_back(Input::Campaign);
             self.process(i);
         }
@@ -635,7 +638,7 @@ impl Sim {
     /// Restarts a crashed node from its disk.
     pub fn restart(&mut self, id: NodeId) {
         let i = self.idx(id);
-        if self.nodes[i].engine.is_some() {
+        if self.nodes[i].x.is_some() {
             return;
         }
         let seed = self.rng.next_u64();
@@ -662,11 +665,11 @@ impl Sim {
         n.commit_seen = n.sm.last_applied.index;
         n.applied_seen = n.sm.last_applied.index;
         n.was_leader = false;
+        let applied = n.sm.last_applied.index;
         let engine = Engine::new(id, self.opts.config.clone(), seed, self.now, state)
             .unwrap_or_else(|e| self.fail(format!("node {id} cannot recover its own disk: {e}")));
         self.nodes[i].membership_seen = engine.membership().clone();
-        self.nodes[i].engine = Some(engine);
-        self.drain(i);
+        self.nodes[i].x = Some(Executor::new(engine, applied, mode_of(&self.opts)));
         self.process(i);
     }
 
@@ -707,7 +710,7 @@ impl Sim {
     /// Proposes a put on node `id` (which may or may not lead).
     pub fn propose_put_on(&mut self, id: NodeId, key: &str, value: &str) -> Option<usize> {
         let i = self.idx(id);
-        self.nodes[i].engine.as_ref()?;
+        self.nodes[i].engine()?;
         let op = self.new_op(
             usize::MAX,
             i,
@@ -786,7 +789,7 @@ impl Sim {
     /// Starts a linearizable read of `key` on node `id`; returns the op number.
     pub fn read_on(&mut self, id: NodeId, key: &str) -> Option<usize> {
         let i = self.idx(id);
-        self.nodes[i].engine.as_ref()?;
+        self.nodes[i].engine()?;
         let op = self.new_op(usize::MAX, i, key.to_string(), OpKind::Get);
         self.nodes[i].inbox.push_back(Input::Read { op });
         self.process(i);
@@ -909,7 +912,7 @@ impl Sim {
                 Some(cmd) => Input::Propose { op, cmd },
                 None => Input::Read { op },
             };
-            if self.nodes[target].engine.is_none() {
+            if self.nodes[target].x.is_none() {
                 self.finish_op(op, OpState::Failed);
                 self.clients[c].target = self.rng.range(0, self.nodes.len() as u64) as usize;
                 continue;
@@ -1023,9 +1026,9 @@ impl Sim {
     pub fn describe(&self) -> String {
         let mut s = String::new();
         for n in &self.nodes {
-            match &n.engine {
+            match n.engine() {
                 Some(e) => s.push_str(&format!(
-                    "\n  node {}: {:?} term {} leader {:?} last {} base {} commit {} applied {} actions {} inbox {} busy {} matched {:?}",
+                    "\n  node {}: {:?} term {} leader {:?} last {} base {} commit {} applied {} log ops {} sm ops {} inbox {} matched {:?}",
                     n.id,
                     e.role(),
                     e.term(),
@@ -1034,9 +1037,9 @@ impl Sim {
                     e.log().base(),
                     e.commit_index(),
                     n.sm.last_applied,
-                    n.actions.len(),
+                    n.log_worker.len(),
+                    n.sm_worker.len(),
                     n.inbox.len(),
-                    n.busy,
                     e.matched(),
                 )),
                 None => s.push_str(&format!("\n  node {}: down", n.id)),
@@ -1058,405 +1061,14 @@ impl Sim {
         self.nodes
             .iter()
             .filter(|n| members.contains_key(&n.id))
-            .filter_map(|n| n.engine.as_ref().map(|e| (n, e)))
+            .filter_map(|n| n.engine().map(|e| (n, e)))
             .all(|(n, e)| {
                 e.term() == le.term()
                     && e.last_log_id() == last
                     && e.commit_index() == last.index
                     && n.sm.last_applied.index == last.index
-                    && n.actions.is_empty()
+                    && n.x.as_ref().is_some_and(|x| x.idle())
             })
-    }
-
-    fn step_event(&mut self) {
-        let Some(Reverse((at, seq))) = self.queue.pop() else {
-            return;
-        };
-        self.now = at;
-        let Some(ev) = self.events.remove(&seq) else {
-            return;
-        };
-        match ev {
-            EventKind::Tick => {
-                for i in 0..self.nodes.len() {
-                    if self.nodes[i].engine.is_some() && self.nodes[i].paused_until <= self.now {
-                        self.nodes[i].inbox.push_back(Input::Tick);
-                        self.process(i);
-                    }
-                }
-                self.drive_clients();
-                let t = self.opts.tick_ms;
-                self.schedule(t, EventKind::Tick);
-            }
-            EventKind::Deliver { from, to, msg } => {
-                if self.blocked.contains(&(from, to)) {
-                    self.stats.messages_dropped += 1;
-                    return;
-                }
-                let i = self.idx(to);
-                if self.nodes[i].engine.is_some() {
-                    self.nodes[i].inbox.push_back(Input::Message { from, msg });
-                    self.process(i);
-                }
-            }
-            EventKind::Resume { node } => self.process(node),
-            EventKind::StorageDone { node, epoch } => {
-                if self.nodes[node].epoch != epoch || self.nodes[node].engine.is_none() {
-                    return;
-                }
-                self.complete_storage(node);
-                if self.nodes[node].armed_crash == Some(ArmedCrash::AfterPersist)
-                    && self.nodes[node].engine.is_some()
-                {
-                    let replies = self.nodes[node]
-                        .actions
-                        .iter()
-                        .any(|a| matches!(a, Action::Respond { .. } | Action::Send { .. }));
-                    if replies {
-                        self.coverage.hit(Reach::CrashBetweenPersistAndReply);
-                    }
-                    let id = self.nodes[node].id;
-                    self.crash(id);
-                    return;
-                }
-                self.process(node);
-            }
-        }
-    }
-
-    /// Runs node `i` until it waits on storage or has nothing to do.
-    fn process(&mut self, i: usize) {
-        loop {
-            let n = &self.nodes[i];
-            if n.engine.is_none() || n.paused_until > self.now {
-                return;
-            }
-            if !n.busy {
-                if let Some(action) = self.nodes[i].actions.pop_front() {
-                    self.execute(i, action);
-                    continue;
-                }
-            } else if !self.opts.pipelined {
-                return;
-            }
-            let Some(input) = self.nodes[i].inbox.pop_front() else {
-                return;
-            };
-            self.feed(i, input);
-        }
-    }
-
-    fn feed(&mut self, i: usize, input: Input) {
-        let now = self.now;
-        let before = self.monitor_input(i, &input);
-        // The term a message may move the receiver to: not a pre-vote's,
-        // which is only hypothetical.
-        let msg_term = match &input {
-            Input::Message { msg, .. } => match msg {
-                Message::Vote(v) if v.pre_vote => None,
-                Message::VoteResponse(v) if v.pre_vote && v.granted => None,
-                m => Some(m.term()),
-            },
-            _ => None,
-        };
-        if let Input::Read { op } = &input
-            && self.nodes[i].engine.as_ref().is_some_and(|e| e.is_leader())
-        {
-            self.read_floor.insert(*op, self.max_commit());
-        }
-        let engine = self.nodes[i].engine.as_mut().expect("live node");
-        engine.tick(now);
-        match input {
-            Input::Tick => {}
-            Input::Campaign => engine.campaign_now(),
-            Input::Message { from, msg } => {
-                if let Message::AppendEntriesResponse(r) = &msg
-                    && !r.success
-                {
-                    self.stats.append_rejections += 1;
-                }
-                if let Err(e) = engine.step(from, msg) {
-                    let id = self.nodes[i].id;
-                    self.fail(format!(
-                        "node {id} refused a message from an honest peer: {e}"
-                    ));
-                }
-            }
-            Input::Propose { op, cmd } => match engine.propose(cmd) {
-                Ok(log_id) => {
-                    self.nodes[i]
-                        .pending_writes
-                        .insert(log_id.index, (log_id, op));
-                }
-                Err(ProposeError::NotLeader(nl)) => {
-                    self.finish_op(op, OpState::Failed);
-                    self.redirect(op, nl.leader_id);
-                }
-                Err(ProposeError::TransferInProgress | ProposeError::Membership(_)) => {
-                    self.finish_op(op, OpState::Failed)
-                }
-            },
-            Input::Membership(change) => {
-                let r = match change {
-                    MembershipChange::AddLearner(id) => {
-                        engine.add_learner(id, format!("node-{id}"))
-                    }
-                    MembershipChange::RemoveLearner(id) => engine.remove_learner(id),
-                    MembershipChange::Voters(v) => engine.change_membership(v),
-                };
-                self.change_result = Some(r);
-            }
-            Input::Transfer(to) => {
-                let _ = engine.transfer_leader(to);
-            }
-            Input::Read { op } => {
-                if let Err(nl) = engine.read_index(op as u64) {
-                    self.finish_op(op, OpState::Failed);
-                    self.redirect(op, nl.leader_id);
-                }
-            }
-        }
-        if self.nodes[i].engine.is_some() {
-            self.monitor_step(i, before, msg_term);
-        }
-        self.drain(i);
-    }
-
-    /// Takes the engine's actions into the node's queue, checking safety
-    /// properties on the way.
-    fn drain(&mut self, i: usize) {
-        let engine = self.nodes[i].engine.as_mut().expect("live node");
-        let actions = engine.take_actions();
-        self.check_node(i);
-        for a in &actions {
-            if let Action::AppendLog { entries } = a {
-                self.check_entries(i, entries);
-            }
-        }
-        self.nodes[i].actions.extend(actions);
-    }
-
-    fn disk_latency(&mut self, i: usize) -> u64 {
-        let (lo, hi) = self.nodes[i]
-            .disk_latency_ms
-            .unwrap_or(self.opts.disk_latency_ms);
-        self.rng.range(lo, hi + 1)
-    }
-
-    fn execute(&mut self, i: usize, action: Action<C>) {
-        let id = self.nodes[i].id;
-        match action {
-            Action::Send { to, msg } => {
-                self.monitor_send(i, to, &msg);
-                self.send(id, to, msg)
-            }
-            Action::Respond { to, msg } => {
-                self.monitor_send(i, to, &msg);
-                if let Message::VoteResponse(v) = &msg
-                    && v.granted
-                    && !v.pre_vote
-                    && let Some(prev) = self.votes.insert((id, v.term), to)
-                    && prev != to
-                {
-                    self.fail(format!(
-                        "node {id} voted for both {prev} and {to} in term {}",
-                        v.term
-                    ));
-                }
-                self.send(id, to, msg)
-            }
-            Action::Apply { entries } => self.apply(i, entries),
-            Action::ReadReady { ids, index } => {
-                for op in &ids {
-                    let floor = self.read_floor.remove(&(*op as usize)).unwrap_or_default();
-                    if index < floor {
-                        self.fail(format!(
-                            "node {id} served read {op} at index {index}, but {floor} was committed when the read arrived"
-                        ));
-                    }
-                }
-                for op in ids {
-                    self.nodes[i].waiting_reads.push((index, op as usize));
-                }
-                self.serve_reads(i);
-            }
-            Action::ReadFailed { ids, leader_id } => {
-                for op in ids {
-                    self.finish_op(op as usize, OpState::Failed);
-                    self.redirect(op as usize, leader_id);
-                }
-            }
-            Action::SendSnapshotChunk {
-                to,
-                term,
-                meta,
-                offset,
-            } => {
-                let chunk = self.opts.config.snapshot_chunk_bytes as u64;
-                if let Some((m, data)) = &self.nodes[i].disk.snapshot
-                    && m.id == meta.id
-                {
-                    let len = data.len() as u64;
-                    let start = offset.min(len);
-                    let end = (start + chunk).min(len);
-                    let req = InstallSnapshotRequest {
-                        term,
-                        leader_id: id,
-                        meta,
-                        offset: start,
-                        data: data[start as usize..end as usize].to_vec(),
-                        done: end == len,
-                    };
-                    self.send(id, to, Message::InstallSnapshot(req));
-                }
-            }
-            Action::WriteSnapshotChunk { offset, data, .. } => {
-                let st = &mut self.nodes[i].staging;
-                if offset == 0 {
-                    st.clear();
-                }
-                if offset as usize != st.len() {
-                    let have = st.len();
-                    self.fail(format!(
-                        "node {id} asked to write snapshot chunk at {offset} after {have}"
-                    ));
-                }
-                st.extend_from_slice(&data);
-            }
-            // Storage: takes time; the node waits.
-            a @ (Action::SaveHardState(_)
-            | Action::AppendLog { .. }
-            | Action::TruncateLog { .. }
-            | Action::PurgeLog { .. }
-            | Action::BuildSnapshot
-            | Action::InstallSnapshot { .. }) => {
-                let tear = self.nodes[i].armed_crash == Some(ArmedCrash::MidAppend)
-                    && matches!(&a, Action::AppendLog { entries } if entries.len() > 1);
-                self.nodes[i].actions.push_front(a);
-                self.nodes[i].busy = true;
-                if tear {
-                    self.crash(id);
-                    return;
-                }
-                let lat = self.disk_latency(i);
-                let epoch = self.nodes[i].epoch;
-                self.schedule(lat, EventKind::StorageDone { node: i, epoch });
-            }
-        }
-    }
-
-    /// Finishes the storage action at the head of node `i`'s queue.
-    fn complete_storage(&mut self, i: usize) {
-        let id = self.nodes[i].id;
-        self.nodes[i].busy = false;
-        let Some(action) = self.nodes[i].actions.pop_front() else {
-            return;
-        };
-        if self.opts.storage_error_rate > 0.0 && self.rng.chance(self.opts.storage_error_rate) {
-            // The driver stops the node on a storage error (fail-stop).
-            self.crash(id);
-            self.nodes[i].failed = true;
-            return;
-        }
-        let n = &mut self.nodes[i];
-        match action {
-            Action::SaveHardState(hs) => {
-                let old = n.disk.hard_state;
-                if hs.term < old.term
-                    || (hs.term == old.term
-                        && old.voted_for.is_some()
-                        && hs.voted_for != old.voted_for)
-                {
-                    self.fail(format!(
-                        "node {id} overwrote hard state {old:?} with {hs:?}"
-                    ));
-                }
-                n.disk.hard_state = hs;
-            }
-            Action::AppendLog { entries } => {
-                let Some(last) = entries.last().map(|e| e.log_id) else {
-                    return;
-                };
-                let expect = n
-                    .disk
-                    .entries
-                    .last()
-                    .map(|e| e.log_id.index)
-                    .unwrap_or(n.disk.base.index)
-                    .next();
-                if entries[0].log_id.index != expect {
-                    self.fail(format!(
-                        "node {id} appends at {} but its disk log continues at {expect}",
-                        entries[0].log_id.index
-                    ));
-                }
-                n.disk.entries.extend(entries);
-                if let Some(e) = n.engine.as_mut() {
-                    e.log_persisted(last);
-                }
-                self.drain(i);
-            }
-            Action::TruncateLog { from } => {
-                let keep = from.0.saturating_sub(n.disk.base.index.0 + 1) as usize;
-                n.disk.entries.truncate(keep);
-            }
-            Action::PurgeLog { upto } => {
-                let drop = (upto.index.0.saturating_sub(n.disk.base.index.0) as usize)
-                    .min(n.disk.entries.len());
-                n.disk.entries.drain(..drop);
-                if upto.index > n.disk.base.index {
-                    n.disk.base = upto;
-                }
-            }
-            Action::BuildSnapshot => {
-                let data = n.sm.encode().expect("kv store encodes");
-                self.seq += 1;
-                let meta = SnapshotMeta {
-                    last_log_id: n.sm.last_applied,
-                    membership: n.sm.membership.clone(),
-                    id: self.seq,
-                };
-                n.disk.snapshot = Some((meta.clone(), data));
-                if let Some(e) = n.engine.as_mut() {
-                    e.snapshot_built(meta);
-                }
-                self.drain(i);
-            }
-            Action::InstallSnapshot { meta } => {
-                let data = std::mem::take(&mut n.staging);
-                let sm = KvStore::decode(&data).unwrap_or_else(|e| {
-                    panic!("node {id}: received snapshot does not decode: {e}")
-                });
-                if sm.last_applied != meta.last_log_id {
-                    self.fail(format!(
-                        "node {id}: snapshot data is at {} but meta says {}",
-                        sm.last_applied, meta.last_log_id
-                    ));
-                }
-                if sm.last_applied.index < self.nodes[i].applied_seen {
-                    self.fail(format!(
-                        "node {id}: installing a snapshot moved applied backwards"
-                    ));
-                }
-                let n = &mut self.nodes[i];
-                n.sm = sm;
-                n.disk.snapshot = Some((meta.clone(), data));
-                n.applied_seen = meta.last_log_id.index;
-                let lost: Vec<usize> = n
-                    .pending_writes
-                    .range(..=meta.last_log_id.index)
-                    .map(|(_, (_, op))| *op)
-                    .collect();
-                n.pending_writes
-                    .retain(|idx, _| *idx > meta.last_log_id.index);
-                self.stats.snapshots_installed += 1;
-                for op in lost {
-                    self.finish_op(op, OpState::Unknown);
-                }
-                self.serve_reads(i);
-            }
-            other => self.fail(format!("not a storage action: {other:?}")),
-        }
     }
 
     fn send(&mut self, from: NodeId, to: NodeId, msg: Message<C>) {
@@ -1493,63 +1105,11 @@ impl Sim {
         }
     }
 
-    fn apply(&mut self, i: usize, entries: Vec<Entry<C>>) {
-        let id = self.nodes[i].id;
-        for e in entries {
-            let idx = e.log_id.index;
-            let prev = self.nodes[i].sm.last_applied.index;
-            if idx != prev.next() {
-                self.fail(format!("node {id} applies {idx} after {prev}"));
-            }
-            match self.committed.get(&idx) {
-                Some(c) if *c != e.log_id => self.fail(format!(
-                    "node {id} applies {} at index {idx} where {c} was committed",
-                    e.log_id
-                )),
-                Some(_) => {}
-                None => {
-                    self.committed.insert(idx, e.log_id);
-                }
-            }
-            let resp = self.nodes[i].sm.apply(&e);
-            self.nodes[i].applied_seen = idx;
-            if let Some((log_id, op)) = self.nodes[i].pending_writes.remove(&idx) {
-                if log_id == e.log_id {
-                    let out = match resp {
-                        KvResponse::Put => OpOutput::Put,
-                        KvResponse::Deleted(d) => OpOutput::Deleted(d),
-                        KvResponse::Cas { succeeded, current } => {
-                            OpOutput::Cas { succeeded, current }
-                        }
-                        KvResponse::None => OpOutput::Put,
-                    };
-                    self.finish_op(op, OpState::Ok(self.now, out));
-                } else {
-                    // Another entry was committed at its index: ours never will be.
-                    self.finish_op(op, OpState::Failed);
-                }
-            }
-        }
-        self.serve_reads(i);
-    }
-
-    fn serve_reads(&mut self, i: usize) {
-        let applied = self.nodes[i].sm.last_applied.index;
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.nodes[i].waiting_reads)
-            .into_iter()
-            .partition(|(idx, _)| *idx <= applied);
-        self.nodes[i].waiting_reads = waiting;
-        for (_, op) in ready {
-            let v = self.nodes[i].sm.get(&self.ops[op].key).cloned();
-            self.finish_op(op, OpState::Ok(self.now, OpOutput::Get(v)));
-        }
-    }
-
     // -------------------------------------------------------------- safety
 
     fn check_node(&mut self, i: usize) {
         let id = self.nodes[i].id;
-        let e = self.nodes[i].engine.as_ref().expect("live node");
+        let e = self.nodes[i].engine().expect("live node");
         let (term, commit, is_leader) = (e.term(), e.commit_index(), e.is_leader());
         let n = &self.nodes[i];
         if term < n.term_seen {
@@ -1614,7 +1174,7 @@ impl Sim {
         if is_leader {
             self.monitor_leader_state(i);
         }
-        let e = self.nodes[i].engine.as_ref().expect("live node");
+        let e = self.nodes[i].engine().expect("live node");
         let membership =
             (e.membership() != &self.nodes[i].membership_seen).then(|| e.membership().clone());
         let n = &mut self.nodes[i];
@@ -1629,12 +1189,16 @@ impl Sim {
     /// Log Matching: every entry id determines its predecessor's term and its
     /// payload, so equal ids mean equal prefixes.
     fn check_entries(&mut self, i: usize, entries: &[Entry<C>]) {
-        let e = self.nodes[i].engine.as_ref().expect("live node");
+        // Checked as the entries reach the disk: the predecessor is what the
+        // disk holds before them.
+        let disk = &self.nodes[i].disk;
+        let mut prev_term = disk
+            .entries
+            .last()
+            .map(|e| e.log_id)
+            .unwrap_or(disk.base)
+            .term;
         for entry in entries {
-            let prev_term = e
-                .log()
-                .term_at(entry.log_id.index.prev())
-                .unwrap_or_default();
             let mut h = DefaultHasher::new();
             format!("{:?}", entry.payload).hash(&mut h);
             let fp = (prev_term, h.finish());
@@ -1643,6 +1207,7 @@ impl Sim {
             {
                 self.fail(format!("two different entries share id {}", entry.log_id));
             }
+            prev_term = entry.log_id.term;
         }
     }
 
@@ -1653,7 +1218,7 @@ impl Sim {
         // State Machine Safety, end to end: nodes that applied up to the
         // same entry hold the same data.
         let mut seen: BTreeMap<LogId, &BTreeMap<String, String>> = BTreeMap::new();
-        for n in self.nodes.iter().filter(|n| n.engine.is_some()) {
+        for n in self.nodes.iter().filter(|n| n.x.is_some()) {
             if let Some(other) = seen.insert(n.sm.last_applied, &n.sm.data)
                 && other != &n.sm.data
             {

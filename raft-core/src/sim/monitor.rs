@@ -184,7 +184,7 @@ impl Sim {
     /// Before node `i` takes `input`: counts the dangerous states the input
     /// brings about and remembers what the step's checks need.
     pub(super) fn monitor_input(&mut self, i: usize, input: &Input) -> Before {
-        let e = self.nodes[i].engine.as_ref().expect("live node");
+        let e = self.nodes[i].engine().expect("live node");
         let before = Before { term: e.term() };
         let mut hits = Vec::new();
         match input {
@@ -274,7 +274,7 @@ impl Sim {
     /// After node `i` took an input: its term moved only as Raft allows.
     pub(super) fn monitor_step(&self, i: usize, before: Before, msg_term: Option<Term>) {
         let n = &self.nodes[i];
-        let e = n.engine.as_ref().expect("live node");
+        let e = n.engine().expect("live node");
         let term = e.term();
         if term == before.term || Some(term) == msg_term {
             return;
@@ -332,7 +332,7 @@ impl Sim {
     /// of every configuration in force.
     pub(super) fn monitor_election(&mut self, i: usize) {
         let n = &self.nodes[i];
-        let e = n.engine.as_ref().expect("live node");
+        let e = n.engine().expect("live node");
         let (id, term) = (n.id, e.term());
         let m = e.membership();
         let voted = |v: NodeId| {
@@ -353,7 +353,7 @@ impl Sim {
         }
         let mine = e.last_log_id();
         let over_longer = self.nodes.iter().any(|o| {
-            o.engine.as_ref().is_some_and(|oe| {
+            o.engine().is_some_and(|oe| {
                 let l = oe.last_log_id();
                 l.index > mine.index && l.term < mine.term
             })
@@ -376,7 +376,7 @@ impl Sim {
         membership: &Membership<String>,
     ) {
         let n = &self.nodes[i];
-        let e = n.engine.as_ref().expect("live node");
+        let e = n.engine().expect("live node");
         let Some(id) = e.log().log_id_at(to) else {
             return; // behind the purge point: committed before
         };
@@ -400,7 +400,7 @@ impl Sim {
     /// Counts the leader-side dangerous states of leader `i`.
     pub(super) fn monitor_leader_state(&mut self, i: usize) {
         let n = &self.nodes[i];
-        let e = n.engine.as_ref().expect("live node");
+        let e = n.engine().expect("live node");
         let m = e.membership();
         let matched = e.matched();
         let mut hits = Vec::new();

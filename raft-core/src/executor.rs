@@ -1,0 +1,602 @@
+//! The executor: the one piece of code that carries out the engine's
+//! actions, sans IO.
+//!
+//! It owns the [`Engine`] and everything around it that a runtime would
+//! otherwise repeat: which action may start when, the writes and reads
+//! callers are waiting for, what the state machine has applied, the writes a
+//! snapshot covered, and who gets which answer. A runtime (the simulator;
+//! the tokio driver next) feeds it inputs, carries out the [`Io`] it hands
+//! out, and reports each one done; callers' answers come back as [`Done`].
+//!
+//! # Lanes
+//! Actions go to three FIFO lanes: **log** (hard state, append, truncate,
+//! purge: the `LogStore`), **state machine** (apply, snapshots: the
+//! `StateMachine`) and **net** (sends and replies). Within a lane, order is
+//! kept and a runtime runs the lane's operations one after another. Across
+//! lanes an operation waits only for what it depends on:
+//! - a reply waits for every earlier log operation (a vote or an
+//!   acknowledgement is durable before it leaves, Figure 2);
+//! - a request waits for earlier hard-state saves and truncations (a
+//!   candidate's term and vote are durable before it asks), but not for the
+//!   leader's own appends, which may sync while followers receive the same
+//!   entries (thesis §10.2.1; the engine counts itself only once
+//!   [`Engine::log_persisted`] says so);
+//! - an apply waits for every earlier log operation (nothing is applied that
+//!   a restart would not find in the log);
+//! - a log operation waits for an earlier snapshot install (the log is never
+//!   purged past what the state machine holds).
+//!
+//! In [`Mode::Serial`] every operation waits for every earlier log and
+//! state-machine operation instead: the engine's original contract, one
+//! action at a time.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use crate::engine::{Action, Engine, ProposeError, ReadId};
+use crate::error::{MembershipError, NotLeader, StepError};
+use crate::message::{Message, SnapshotMeta};
+use crate::types::{Entry, HardState, LogId, LogIndex, NodeId, Term, TypeConfig};
+
+/// The handles a runtime uses to answer its callers.
+pub trait Callers {
+    /// Answers a client write.
+    type Write;
+    /// Answers a linearizable read.
+    type Read;
+    /// Answers a peer's request.
+    type Rpc;
+}
+
+/// How operations of different lanes may overlap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One operation at a time across the log and state machine.
+    Serial,
+    /// The log, the state machine and the network proceed side by side,
+    /// each in order, waiting only for what they depend on.
+    Pipelined,
+}
+
+/// Why a write did not (or may not have) happened.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError<N> {
+    #[error(transparent)]
+    NotLeader(#[from] NotLeader<N>),
+    #[error("a leadership transfer is in progress; retry shortly")]
+    TransferInProgress,
+    #[error("membership change refused: {0}")]
+    Membership(#[from] MembershipError),
+    /// Another entry was committed at the proposal's index (or a newer
+    /// proposal took its index): it was definitely not applied.
+    #[error("proposal was superseded by another leader's entry; it was not applied")]
+    Dropped,
+    /// It may or may not have been applied (a snapshot covered it).
+    #[error("outcome of the proposal is unknown")]
+    Unknown,
+}
+
+impl<N> From<ProposeError<N>> for WriteError<N> {
+    fn from(e: ProposeError<N>) -> Self {
+        match e {
+            ProposeError::NotLeader(nl) => WriteError::NotLeader(nl),
+            ProposeError::TransferInProgress => WriteError::TransferInProgress,
+            ProposeError::Membership(m) => WriteError::Membership(m),
+        }
+    }
+}
+
+/// An answer for a caller.
+pub enum Done<C: TypeConfig, K: Callers> {
+    Write(K::Write, Result<(LogId, C::Response), WriteError<C::Node>>),
+    /// The read may be served: the state machine has applied its index.
+    Read(K::Read, Result<LogIndex, NotLeader<C::Node>>),
+    Reply(K::Rpc, Message<C>),
+}
+
+/// An operation on the `LogStore`, in the engine's order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LogOp<C: TypeConfig> {
+    SaveHardState(HardState),
+    Append(Vec<Entry<C>>),
+    Truncate { from: LogIndex },
+    Purge { upto: LogId },
+}
+
+/// An operation on the `StateMachine`, in the engine's order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SmOp<C: TypeConfig> {
+    /// Report the responses, one per entry, with [`Executor::applied`].
+    Apply(Vec<Entry<C>>),
+    /// Report with [`Executor::snapshot_built`].
+    BuildSnapshot,
+    /// Read `max_len` bytes at `offset` of snapshot `meta.id`; report with
+    /// [`Executor::snapshot_chunk_read`].
+    ReadSnapshotChunk {
+        to: NodeId,
+        term: Term,
+        meta: SnapshotMeta<C>,
+        offset: u64,
+    },
+    WriteSnapshotChunk {
+        meta: SnapshotMeta<C>,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    InstallSnapshot {
+        meta: SnapshotMeta<C>,
+    },
+}
+
+/// Work for the runtime. Log and state-machine operations are handed out in
+/// order and must be carried out in that order, each reported done with
+/// [`Executor::log_done`] or the state-machine reports; sends may go out at
+/// once and need no report.
+pub enum Io<C: TypeConfig, K: Callers> {
+    Log(LogOp<C>),
+    Sm(SmOp<C>),
+    Send {
+        to: NodeId,
+        msg: Message<C>,
+    },
+    /// The reply to a request that came with a handle (see
+    /// [`Executor::step`]); requests stepped without one are answered with
+    /// a plain `Send`.
+    Reply {
+        to: K::Rpc,
+        msg: Message<C>,
+    },
+}
+
+enum Lane {
+    Log,
+    Sm,
+    Net,
+}
+
+/// An action waiting for its turn, with what it waits for: the number of
+/// completed log operations and state-machine operations it needs.
+struct Queued<C: TypeConfig, K: Callers> {
+    action: Action<C>,
+    reply: Option<K::Rpc>,
+    needs_log: u64,
+    needs_sm: u64,
+}
+
+/// Counts of operations handed to a lane and completed by it.
+#[derive(Default)]
+struct Counter {
+    issued: u64,
+    done: u64,
+}
+
+/// Carries out one [`Engine`]'s actions; see the module docs.
+pub struct Executor<C: TypeConfig, K: Callers> {
+    engine: Engine<C>,
+    mode: Mode,
+    log_q: VecDeque<Queued<C, K>>,
+    sm_q: VecDeque<Queued<C, K>>,
+    net_q: VecDeque<Queued<C, K>>,
+    /// Operations queued so far per lane (also counting those not issued).
+    log_seq: u64,
+    sm_seq: u64,
+    /// Position (in `log_seq`) of the last hard-state save or truncation.
+    last_hard_log: u64,
+    /// Position (in `sm_seq`) of the last snapshot install.
+    last_install_sm: u64,
+    log: Counter,
+    sm: Counter,
+    /// Applies handed out and not yet reported: their entry ids.
+    applying: VecDeque<Vec<LogId>>,
+    /// Appends handed out and not yet reported: the last id of each.
+    appending: VecDeque<Option<LogId>>,
+    /// What the state machine has applied (reported, not just handed out).
+    applied: LogIndex,
+    writes: BTreeMap<LogIndex, (LogId, K::Write)>,
+    reads: HashMap<ReadId, K::Read>,
+    next_read: ReadId,
+    waiting_reads: Vec<(LogIndex, K::Read)>,
+    io: Vec<Io<C, K>>,
+    done: Vec<Done<C, K>>,
+}
+
+impl<C: TypeConfig, K: Callers> Executor<C, K> {
+    /// Wraps `engine`, whose state machine has applied up to `applied`.
+    pub fn new(engine: Engine<C>, applied: LogIndex, mode: Mode) -> Self {
+        let mut x = Executor {
+            engine,
+            mode,
+            log_q: VecDeque::new(),
+            sm_q: VecDeque::new(),
+            net_q: VecDeque::new(),
+            log_seq: 0,
+            sm_seq: 0,
+            last_hard_log: 0,
+            last_install_sm: 0,
+            log: Counter::default(),
+            sm: Counter::default(),
+            applying: VecDeque::new(),
+            appending: VecDeque::new(),
+            applied,
+            writes: BTreeMap::new(),
+            reads: HashMap::new(),
+            next_read: 0,
+            waiting_reads: Vec::new(),
+            io: Vec::new(),
+            done: Vec::new(),
+        };
+        // Repair actions from recovery.
+        x.collect();
+        x
+    }
+
+    pub fn engine(&self) -> &Engine<C> {
+        &self.engine
+    }
+
+    /// The engine, for inputs the executor does not wrap (membership
+    /// proposals, transfers, initialization); call [`Executor::collect`]
+    /// after.
+    pub fn engine_mut(&mut self) -> &mut Engine<C> {
+        &mut self.engine
+    }
+
+    /// What the state machine has applied.
+    pub fn applied(&self) -> LogIndex {
+        self.applied
+    }
+
+    /// Whether nothing is queued or in flight.
+    pub fn idle(&self) -> bool {
+        self.log_q.is_empty()
+            && self.sm_q.is_empty()
+            && self.net_q.is_empty()
+            && self.log.issued == self.log.done
+            && self.sm.issued == self.sm.done
+    }
+
+    /// Sends and replies waiting for their turn.
+    pub fn net_queued(&self) -> usize {
+        self.net_q.len()
+    }
+
+    /// Whether a log or state-machine operation is in flight.
+    pub fn storage_busy(&self) -> bool {
+        self.log.issued > self.log.done || self.sm.issued > self.sm.done
+    }
+
+    // ------------------------------------------------------------- inputs
+
+    pub fn tick(&mut self, now: u64) {
+        self.engine.tick(now);
+    }
+
+    /// Proposes a command; `reply` is answered once it is applied (or
+    /// cannot be).
+    pub fn propose(&mut self, command: C::Command, reply: K::Write) {
+        let proposed = self.engine.propose(command);
+        self.await_entry(proposed, reply);
+    }
+
+    /// Waits for the entry `proposed` (from the engine's membership or
+    /// propose calls) to be applied, answering `reply`.
+    pub fn await_entry(&mut self, proposed: Result<LogId, ProposeError<C::Node>>, reply: K::Write) {
+        match proposed {
+            Ok(log_id) => {
+                // A proposal that took the index of an earlier one (a new
+                // term reused it) means the earlier entry was truncated.
+                if let Some((_, old)) = self.writes.insert(log_id.index, (log_id, reply)) {
+                    self.done.push(Done::Write(old, Err(WriteError::Dropped)));
+                }
+            }
+            Err(e) => self.done.push(Done::Write(reply, Err(e.into()))),
+        }
+    }
+
+    /// Starts a linearizable read; `reply` is answered once the state
+    /// machine may serve it.
+    pub fn read(&mut self, reply: K::Read) {
+        let id = self.next_read;
+        self.next_read += 1;
+        match self.engine.read_index(id) {
+            Ok(()) => {
+                self.reads.insert(id, reply);
+            }
+            Err(nl) => self.done.push(Done::Read(reply, Err(nl))),
+        }
+    }
+
+    /// Steps a peer's message. A request's answer goes to `reply` if given
+    /// (else it is sent back as a message). A refused message gives the
+    /// handle back with the reason.
+    #[allow(clippy::type_complexity)]
+    pub fn step(
+        &mut self,
+        from: NodeId,
+        msg: Message<C>,
+        reply: Option<K::Rpc>,
+    ) -> Result<(), (StepError, Option<K::Rpc>)> {
+        let request = msg.is_request();
+        if let Err(e) = self.engine.step(from, msg) {
+            return Err((e, reply));
+        }
+        if request {
+            // Exactly one Respond comes of it: tie the handle to it now.
+            self.collect_with_reply(reply);
+        }
+        Ok(())
+    }
+
+    // --------------------------------------------------------- completions
+
+    /// The oldest log operation handed out is done (durable).
+    pub fn log_done(&mut self) {
+        self.log.done += 1;
+        if let Some(Some(last)) = self.appending.pop_front() {
+            self.engine.log_persisted(last);
+        }
+    }
+
+    /// The oldest apply handed out is done, with one response per entry.
+    /// Returns an error if the count is off (the state machine broke its
+    /// contract).
+    pub fn applied_batch(&mut self, responses: Vec<C::Response>) -> Result<(), (usize, usize)> {
+        self.sm.done += 1;
+        let ids = self.applying.pop_front().unwrap_or_default();
+        if ids.len() != responses.len() {
+            return Err((responses.len(), ids.len()));
+        }
+        for (id, resp) in ids.into_iter().zip(responses) {
+            self.applied = id.index;
+            if let Some((proposed, reply)) = self.writes.remove(&id.index) {
+                let r = if proposed == id {
+                    Ok((id, resp))
+                } else {
+                    Err(WriteError::Dropped)
+                };
+                self.done.push(Done::Write(reply, r));
+            }
+        }
+        self.serve_reads();
+        Ok(())
+    }
+
+    /// The oldest state-machine operation handed out, a snapshot build, is
+    /// done.
+    pub fn snapshot_built(&mut self, meta: SnapshotMeta<C>) {
+        self.sm.done += 1;
+        self.engine.snapshot_built(meta);
+    }
+
+    /// The oldest state-machine operation handed out, a chunk read, is done:
+    /// `chunk` is the request to send, or `None` if that snapshot is gone.
+    pub fn snapshot_chunk_read(&mut self, to: NodeId, chunk: Option<Message<C>>) {
+        self.sm.done += 1;
+        if let Some(msg) = chunk {
+            self.io.push(Io::Send { to, msg });
+        }
+    }
+
+    /// The oldest state-machine operation handed out, a chunk write, is done.
+    pub fn snapshot_chunk_written(&mut self) {
+        self.sm.done += 1;
+    }
+
+    /// The oldest state-machine operation handed out, an install, is done.
+    pub fn snapshot_installed(&mut self, meta: &SnapshotMeta<C>) {
+        self.sm.done += 1;
+        self.applied = self.applied.max(meta.last_log_id.index);
+        // Proposals the snapshot covers: whether they made it is unknown.
+        let rest = self.writes.split_off(&self.applied.next());
+        for (_, (_, reply)) in std::mem::replace(&mut self.writes, rest) {
+            self.done.push(Done::Write(reply, Err(WriteError::Unknown)));
+        }
+        self.serve_reads();
+    }
+
+    // ------------------------------------------------------------ outputs
+
+    /// Takes the engine's new actions into the lanes. Call after any input
+    /// made through [`Executor::engine_mut`]; the other inputs and reports
+    /// do it themselves when their results are taken.
+    pub fn collect(&mut self) {
+        self.collect_with_reply(None);
+    }
+
+    fn collect_with_reply(&mut self, mut reply: Option<K::Rpc>) {
+        for action in self.engine.take_actions() {
+            let lane = match &action {
+                Action::SaveHardState(_)
+                | Action::AppendLog { .. }
+                | Action::TruncateLog { .. }
+                | Action::PurgeLog { .. } => Lane::Log,
+                Action::Apply { .. }
+                | Action::BuildSnapshot
+                | Action::SendSnapshotChunk { .. }
+                | Action::WriteSnapshotChunk { .. }
+                | Action::InstallSnapshot { .. } => Lane::Sm,
+                Action::Send { .. } | Action::Respond { .. } => Lane::Net,
+                Action::ReadReady { ids, index } => {
+                    for id in ids {
+                        if let Some(r) = self.reads.remove(id) {
+                            self.waiting_reads.push((*index, r));
+                        }
+                    }
+                    self.serve_reads();
+                    continue;
+                }
+                Action::ReadFailed { ids, leader_id } => {
+                    let nl = NotLeader {
+                        leader_id: *leader_id,
+                        leader_node: leader_id
+                            .and_then(|l| self.engine.membership().nodes.get(&l).cloned()),
+                    };
+                    for id in ids {
+                        if let Some(r) = self.reads.remove(id) {
+                            self.done.push(Done::Read(r, Err(nl.clone())));
+                        }
+                    }
+                    continue;
+                }
+            };
+            let serial = self.mode == Mode::Serial;
+            let (needs_log, needs_sm) = match (&lane, &action) {
+                _ if serial => (self.log_seq, self.sm_seq),
+                (Lane::Log, _) => (0, self.last_install_sm),
+                (Lane::Sm, _) => (self.log_seq, 0),
+                (Lane::Net, Action::Respond { .. }) => (self.log_seq, self.last_install_sm),
+                (Lane::Net, _) => (self.last_hard_log, 0),
+            };
+            let reply = match &action {
+                Action::Respond { .. } => reply.take(),
+                _ => None,
+            };
+            let q = Queued {
+                action,
+                reply,
+                needs_log,
+                needs_sm,
+            };
+            match lane {
+                Lane::Log => {
+                    self.log_seq += 1;
+                    if matches!(
+                        q.action,
+                        Action::SaveHardState(_) | Action::TruncateLog { .. }
+                    ) {
+                        self.last_hard_log = self.log_seq;
+                    }
+                    self.log_q.push_back(q);
+                }
+                Lane::Sm => {
+                    self.sm_seq += 1;
+                    if matches!(q.action, Action::InstallSnapshot { .. }) {
+                        self.last_install_sm = self.sm_seq;
+                    }
+                    self.sm_q.push_back(q);
+                }
+                Lane::Net => self.net_q.push_back(q),
+            }
+        }
+    }
+
+    /// Hands out every operation whose turn has come. Runtimes call this
+    /// after feeding inputs or reporting completions.
+    pub fn poll_io(&mut self) -> Vec<Io<C, K>> {
+        self.collect();
+        loop {
+            let mut progressed = false;
+            // In serial mode an operation also waits for those of its own
+            // lane; pipelined lanes hand out in order without waiting.
+            let serial = self.mode == Mode::Serial;
+            while let Some(q) = self.log_q.front()
+                && self.ready(q)
+                && (!serial || self.log.issued == self.log.done)
+            {
+                let q = self.log_q.pop_front().expect("front exists");
+                self.log.issued += 1;
+                let op = match q.action {
+                    Action::SaveHardState(hs) => LogOp::SaveHardState(hs),
+                    Action::AppendLog { entries } => {
+                        self.appending.push_back(entries.last().map(|e| e.log_id));
+                        LogOp::Append(entries)
+                    }
+                    Action::TruncateLog { from } => LogOp::Truncate { from },
+                    Action::PurgeLog { upto } => LogOp::Purge { upto },
+                    _ => unreachable!("log lane holds log actions"),
+                };
+                if !matches!(op, LogOp::Append(_)) {
+                    self.appending.push_back(None);
+                }
+                self.io.push(Io::Log(op));
+                progressed = true;
+            }
+            while let Some(q) = self.sm_q.front()
+                && self.ready(q)
+                && (!serial || self.sm.issued == self.sm.done)
+            {
+                let q = self.sm_q.pop_front().expect("front exists");
+                self.sm.issued += 1;
+                let op = match q.action {
+                    Action::Apply { entries } => {
+                        self.applying
+                            .push_back(entries.iter().map(|e| e.log_id).collect());
+                        SmOp::Apply(entries)
+                    }
+                    Action::BuildSnapshot => SmOp::BuildSnapshot,
+                    Action::SendSnapshotChunk {
+                        to,
+                        term,
+                        meta,
+                        offset,
+                    } => SmOp::ReadSnapshotChunk {
+                        to,
+                        term,
+                        meta,
+                        offset,
+                    },
+                    Action::WriteSnapshotChunk { meta, offset, data } => {
+                        SmOp::WriteSnapshotChunk { meta, offset, data }
+                    }
+                    Action::InstallSnapshot { meta } => SmOp::InstallSnapshot { meta },
+                    _ => unreachable!("state-machine lane holds state-machine actions"),
+                };
+                self.io.push(Io::Sm(op));
+                progressed = true;
+            }
+            while let Some(q) = self.net_q.front()
+                && self.ready(q)
+            {
+                let q = self.net_q.pop_front().expect("front exists");
+                let io = match (q.action, q.reply) {
+                    (Action::Respond { msg, .. }, Some(to)) => Io::Reply { to, msg },
+                    (Action::Respond { to, msg } | Action::Send { to, msg }, _) => {
+                        Io::Send { to, msg }
+                    }
+                    _ => unreachable!("net lane holds sends"),
+                };
+                self.io.push(io);
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+        std::mem::take(&mut self.io)
+    }
+
+    /// Answers for callers produced so far.
+    pub fn take_done(&mut self) -> Vec<Done<C, K>> {
+        std::mem::take(&mut self.done)
+    }
+
+    fn ready(&self, q: &Queued<C, K>) -> bool {
+        self.log.done >= q.needs_log && self.sm.done >= q.needs_sm
+    }
+
+    fn serve_reads(&mut self) {
+        let applied = self.applied;
+        let waiting = std::mem::take(&mut self.waiting_reads);
+        for (index, reply) in waiting {
+            if index <= applied {
+                self.done.push(Done::Read(reply, Ok(index)));
+            } else {
+                self.waiting_reads.push((index, reply));
+            }
+        }
+    }
+
+    /// Fails every caller still waiting (the node is stopping).
+    pub fn fail_all(&mut self) -> (Vec<K::Write>, Vec<K::Read>) {
+        let writes = std::mem::take(&mut self.writes)
+            .into_values()
+            .map(|(_, w)| w)
+            .collect();
+        let reads = self
+            .reads
+            .drain()
+            .map(|(_, r)| r)
+            .chain(self.waiting_reads.drain(..).map(|(_, r)| r))
+            .collect();
+        (writes, reads)
+    }
+}
