@@ -254,6 +254,12 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
             && self.sm.issued == self.sm.done
     }
 
+    /// Whether every log operation handed out so far is durable and none is
+    /// waiting.
+    pub fn log_idle(&self) -> bool {
+        self.log_q.is_empty() && self.log.issued == self.log.done
+    }
+
     /// Sends and replies waiting for their turn.
     pub fn net_queued(&self) -> usize {
         self.net_q.len()

@@ -1,12 +1,15 @@
-//! The tokio driver: one task owns one [`Engine`], carries out its actions
-//! against the [`LogStore`], [`StateMachine`] and [`Network`], and serves
-//! the [`Raft`] handle.
+//! The tokio driver: one task owns one [`Engine`] inside the shared
+//! [`Executor`] and serves the [`Raft`] handle; two workers carry out what
+//! the executor hands out, each in order: the log worker against the
+//! [`LogStore`] (merging appends that queued up into one call: group
+//! commit), the state-machine worker against the [`StateMachine`]. Network
+//! sends go out at once on their own tasks.
 //!
-//! The loop is deliberately sequential: take a batch of inputs, feed them to
-//! the engine, carry out the resulting actions in order (awaiting storage),
-//! repeat. While a storage action is awaited, new proposals queue in the
-//! channel and go into the next log append together: that is the batching.
-//! Network sends are handed to spawned RPC tasks and never block the loop.
+//! The loop never awaits storage: while the log syncs and the state machine
+//! applies, it keeps taking messages, proposals and reads, and the executor
+//! decides what waits for what (a reply for the writes it depends on, an
+//! apply for the entries' durability). Storage reports are read before new
+//! inputs, and queued inputs before timers fire.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -19,11 +22,12 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::Config;
-use crate::engine::{Action, Engine, ProposeError, ReadId, RecoveredState, Role};
+use crate::engine::{Engine, RecoveredState, Role};
 use crate::error::{InitializeError, MembershipError, NotLeader, RecoveryError, StepError};
+use crate::executor::{Callers, Done, Executor, Io, LogOp, Mode, SmOp, WriteError};
 use crate::message::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    Message, TimeoutNowRequest, VoteRequest, VoteResponse,
+    Message, SnapshotMeta, TimeoutNowRequest, VoteRequest, VoteResponse,
 };
 use crate::network::{Network, NetworkError, NetworkFactory};
 use crate::state_machine::StateMachine;
@@ -66,6 +70,18 @@ pub enum RaftError<N> {
     Fatal(String),
     #[error("raft node is shut down")]
     Shutdown,
+}
+
+impl<N> From<WriteError<N>> for RaftError<N> {
+    fn from(e: WriteError<N>) -> Self {
+        match e {
+            WriteError::NotLeader(nl) => RaftError::NotLeader(nl),
+            WriteError::TransferInProgress => RaftError::TransferInProgress,
+            WriteError::Membership(m) => RaftError::Membership(m),
+            WriteError::Dropped => RaftError::ProposalDropped,
+            WriteError::Unknown => RaftError::OutcomeUnknown,
+        }
+    }
 }
 
 /// Why a node could not start.
@@ -225,21 +241,31 @@ impl<C: TypeConfig> Raft<C> {
         info!(node = %id, term = %engine.term(), last_log = %engine.last_log_id(), applied = %applied, "raft node recovered");
         let (tx, rx) = mpsc::unbounded_channel();
         let (metrics_tx, metrics_rx) = watch::channel(metrics_of(&engine, applied.index, None));
+        let (report_tx, reports) = mpsc::unbounded_channel();
+        let (log_tx, log_rx) = mpsc::unbounded_channel();
+        let (sm_tx, sm_rx) = mpsc::unbounded_channel();
+        let chunk_bytes = engine.config().snapshot_chunk_bytes;
+        let workers = vec![
+            tokio::spawn(
+                log_worker(log_store, log_rx, report_tx.clone())
+                    .instrument(info_span!("raft_log", node = %id)),
+            ),
+            tokio::spawn(
+                sm_worker(id, chunk_bytes, state_machine, sm_rx, report_tx)
+                    .instrument(info_span!("raft_sm", node = %id)),
+            ),
+        ];
         let driver = Driver {
-            engine,
-            log_store,
-            state_machine,
+            x: Executor::new(engine, applied.index, Mode::Pipelined),
             network,
             peers: HashMap::new(),
             tx: tx.downgrade(),
             rx,
+            reports,
+            log_tx,
+            sm_tx,
+            workers,
             start,
-            applied: applied.index,
-            writes: BTreeMap::new(),
-            reads: HashMap::new(),
-            waiting_reads: Vec::new(),
-            next_read: 0,
-            rpc_reply: None,
             initialize_reply: None,
             metrics: metrics_tx,
         };
@@ -527,36 +553,47 @@ fn metrics_of<C: TypeConfig>(
     }
 }
 
-struct Driver<C: TypeConfig, L, S, F: NetworkFactory<C>> {
-    engine: Engine<C>,
-    log_store: L,
-    state_machine: S,
+/// The driver's callers: one-shot reply channels.
+struct DriverCallers<C>(std::marker::PhantomData<C>);
+
+impl<C: TypeConfig> Callers for DriverCallers<C> {
+    type Write = WriteReply<C>;
+    type Read = Reply<LogIndex, C::Node>;
+    type Rpc = Reply<Message<C>, C::Node>;
+}
+
+/// What the storage workers report back to the driver's loop.
+enum Report<C: TypeConfig> {
+    /// This many log operations, the oldest in flight, are durable.
+    LogDone(usize),
+    Applied(Vec<C::Response>),
+    SnapshotBuilt(SnapshotMeta<C>),
+    ChunkRead(NodeId, Option<Message<C>>),
+    ChunkWritten,
+    Installed(SnapshotMeta<C>),
+    Failed(StorageError),
+}
+
+struct Driver<C: TypeConfig, F: NetworkFactory<C>> {
+    x: Executor<C, DriverCallers<C>>,
     network: F,
     peers: HashMap<NodeId, (C::Node, Arc<F::Network>)>,
-    /// For RPC tasks to hand responses back; weak so the loop ends when every
-    /// handle is dropped.
     tx: mpsc::WeakUnboundedSender<Input<C>>,
     rx: mpsc::UnboundedReceiver<Input<C>>,
+    reports: mpsc::UnboundedReceiver<Report<C>>,
+    log_tx: mpsc::UnboundedSender<LogOp<C>>,
+    sm_tx: mpsc::UnboundedSender<SmOp<C>>,
+    workers: Vec<JoinHandle<()>>,
     start: Instant,
-    applied: LogIndex,
-    writes: BTreeMap<LogIndex, (LogId, WriteReply<C>)>,
-    reads: HashMap<ReadId, Reply<LogIndex, C::Node>>,
-    waiting_reads: Vec<(LogIndex, Reply<LogIndex, C::Node>)>,
-    next_read: ReadId,
-    /// The reply for the RPC being handled; its `Respond` action fills it.
-    rpc_reply: Option<Reply<Message<C>, C::Node>>,
     initialize_reply: Option<Reply<(), C::Node>>,
     metrics: watch::Sender<RaftMetrics<C::Node>>,
 }
 
-/// Most inputs folded into one engine round (and so one log append).
 const BATCH: usize = 1024;
 
-impl<C, L, S, F> Driver<C, L, S, F>
+impl<C, F> Driver<C, F>
 where
     C: TypeConfig,
-    L: LogStore<C>,
-    S: StateMachine<C>,
     F: NetworkFactory<C>,
 {
     fn now_ms(&self) -> u64 {
@@ -565,127 +602,112 @@ where
 
     async fn run(mut self) {
         loop {
-            let deadline = self.start + Duration::from_millis(self.engine.next_deadline());
+            let deadline = self.start + Duration::from_millis(self.x.engine().next_deadline());
+            // Storage reports first: they unblock replies and commits.
             let first = tokio::select! {
+                biased;
+                report = self.reports.recv() => match report {
+                    Some(r) => Some(Err(r)),
+                    None => break,
+                },
                 input = self.rx.recv() => match input {
-                    Some(i) => Some(i),
+                    Some(i) => Some(Ok(i)),
                     None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => None,
             };
+            // Time moves first, timers fire last: what queued up while this
+            // task waited (a pause, a busy runtime) counts before a timer
+            // judges its absence.
             let now = self.now_ms();
-            self.engine.tick(now);
+            self.x.engine_mut().advance_clock(now);
             let mut stop = false;
-            let mut result = Ok(());
-            if let Some(input) = first {
-                // Each input runs its actions before the next, so an RPC's
-                // response (and only it) fills `rpc_reply`; client writes
-                // and reads are folded into one round.
-                let mut next = Some(input);
-                let mut n = 0;
-                while let Some(input) = next.take() {
-                    n += 1;
-                    match input {
-                        Input::Shutdown => {
-                            stop = true;
-                            break;
-                        }
-                        input @ (Input::Rpc { .. } | Input::Initialize { .. }) => {
-                            result = self.flush().await;
-                            if result.is_err() {
-                                break;
-                            }
-                            self.handle(input);
-                            result = self.flush().await;
-                        }
-                        input => self.handle(input),
-                    }
-                    if result.is_err() || n >= BATCH {
+            let mut next = first;
+            let mut n = 0;
+            while let Some(item) = next.take() {
+                n += 1;
+                match item {
+                    Ok(Input::Shutdown) => {
+                        stop = true;
                         break;
                     }
-                    next = self.rx.try_recv().ok();
+                    Ok(input) => self.handle(input),
+                    Err(report) => {
+                        if let Err(e) = self.report(report) {
+                            self.fail_stop(e);
+                            return self.stop_workers().await;
+                        }
+                    }
                 }
+                if n >= BATCH {
+                    break;
+                }
+                next = match self.reports.try_recv() {
+                    Ok(r) => Some(Err(r)),
+                    Err(_) => self.rx.try_recv().ok().map(Ok),
+                };
             }
-            if !stop && result.is_ok() {
-                result = self.flush().await;
-            }
-            if let Err(e) = result {
-                self.fail_stop(e);
-                return;
-            }
+            self.x.tick(now);
+            self.pump();
             self.publish(None);
             if stop {
                 break;
             }
         }
-        info!(node = %self.engine.id(), "raft node shut down");
+        let id = self.x.engine().id();
+        self.stop_workers().await;
+        info!(node = %id, "raft node shut down");
     }
 
-    /// Answers `reply` when the proposed entry is applied (or at once if it
-    /// was refused).
-    fn await_entry(
-        &mut self,
-        proposed: Result<LogId, ProposeError<C::Node>>,
-        reply: WriteReply<C>,
-    ) {
-        match proposed {
-            Ok(log_id) => {
-                self.writes.insert(log_id.index, (log_id, reply));
-            }
-            Err(e) => {
-                let _ = reply.send(Err(match e {
-                    ProposeError::NotLeader(nl) => RaftError::NotLeader(nl),
-                    ProposeError::TransferInProgress => RaftError::TransferInProgress,
-                    ProposeError::Membership(m) => RaftError::Membership(m),
-                }));
-            }
+    /// Closes the workers' queues and waits for them to finish what they
+    /// were handed, so a restart on the same storage never races them.
+    async fn stop_workers(self) {
+        let Driver {
+            log_tx,
+            sm_tx,
+            workers,
+            ..
+        } = self;
+        drop((log_tx, sm_tx));
+        for w in workers {
+            let _ = w.await;
         }
     }
 
     fn handle(&mut self, input: Input<C>) {
         match input {
-            Input::Write { command, reply } => {
-                let proposed = self.engine.propose(command);
-                self.await_entry(proposed, reply);
-            }
+            Input::Write { command, reply } => self.x.propose(command, reply),
             Input::Membership { change, reply } => {
+                let e = self.x.engine_mut();
                 let proposed = match change {
-                    MembershipChange::AddLearner(id, node) => self.engine.add_learner(id, node),
-                    MembershipChange::RemoveLearner(id) => self.engine.remove_learner(id),
-                    MembershipChange::Voters(voters) => self.engine.change_membership(voters),
+                    MembershipChange::AddLearner(id, node) => e.add_learner(id, node),
+                    MembershipChange::RemoveLearner(id) => e.remove_learner(id),
+                    MembershipChange::Voters(voters) => e.change_membership(voters),
                 };
-                self.await_entry(proposed, reply);
+                self.x.await_entry(proposed, reply);
             }
-            Input::Read { reply } => {
-                let id = self.next_read;
-                self.next_read += 1;
-                match self.engine.read_index(id) {
-                    Ok(()) => {
-                        self.reads.insert(id, reply);
-                    }
-                    Err(nl) => {
-                        let _ = reply.send(Err(RaftError::NotLeader(nl)));
-                    }
-                }
-            }
+            Input::Read { reply } => self.x.read(reply),
             Input::Rpc { from, msg, reply } => {
                 let kind = msg.kind();
-                match self.engine.step(from, msg) {
-                    Ok(()) => self.rpc_reply = Some(reply),
-                    Err(e) => {
-                        warn!(peer = %from, kind, error = %e, "refused message");
+                if let Err((e, reply)) = self.x.step(from, msg, Some(reply)) {
+                    warn!(peer = %from, kind, error = %e, "refused message");
+                    if let Some(reply) = reply {
                         let _ = reply.send(Err(RaftError::Refused(e)));
                     }
                 }
             }
             Input::Peer { from, msg } => {
                 let kind = msg.kind();
-                if let Err(e) = self.engine.step(from, msg) {
+                if let Err((e, _)) = self.x.step(from, msg, None) {
                     warn!(peer = %from, kind, error = %e, "refused response");
                 }
             }
             Input::Initialize { members, reply } => {
-                match self.engine.initialize(Membership::new_voters(members)) {
+                match self
+                    .x
+                    .engine_mut()
+                    .initialize(Membership::new_voters(members))
+                {
                     Ok(()) => self.initialize_reply = Some(reply),
                     Err(e) => {
                         let _ = reply.send(Err(RaftError::Initialize(e)));
@@ -694,7 +716,8 @@ where
             }
             Input::Transfer { to, reply } => {
                 let r = self
-                    .engine
+                    .x
+                    .engine_mut()
                     .transfer_leader(to)
                     .map_err(RaftError::NotLeader);
                 let _ = reply.send(r);
@@ -703,154 +726,65 @@ where
         }
     }
 
-    /// Carries out the engine's actions in order until it has none left.
-    async fn flush(&mut self) -> Result<(), StorageError> {
-        loop {
-            let actions = self.engine.take_actions();
-            if actions.is_empty() {
-                break;
+    /// Hands a storage worker's report to the executor.
+    fn report(&mut self, report: Report<C>) -> Result<(), StorageError> {
+        match report {
+            Report::LogDone(n) => (0..n).for_each(|_| self.x.log_done()),
+            Report::Applied(responses) => {
+                if let Err((got, want)) = self.x.applied_batch(responses) {
+                    return Err(StorageError::Corrupt {
+                        location: "state machine".into(),
+                        detail: format!("{got} responses for {want} entries"),
+                    });
+                }
             }
-            for action in actions {
-                self.execute(action).await?;
-            }
-        }
-        if let Some(reply) = self.initialize_reply.take() {
-            let _ = reply.send(Ok(()));
+            Report::SnapshotBuilt(meta) => self.x.snapshot_built(meta),
+            Report::ChunkRead(to, msg) => self.x.snapshot_chunk_read(to, msg),
+            Report::ChunkWritten => self.x.snapshot_chunk_written(),
+            Report::Installed(meta) => self.x.snapshot_installed(&meta),
+            Report::Failed(e) => return Err(e),
         }
         Ok(())
     }
 
-    async fn execute(&mut self, action: Action<C>) -> Result<(), StorageError> {
-        match action {
-            Action::SaveHardState(hs) => self.log_store.save_hard_state(hs).await?,
-            Action::AppendLog { entries } => {
-                let Some(last) = entries.last().map(|e| e.log_id) else {
-                    return Ok(());
-                };
-                self.log_store.append(entries).await?;
-                self.engine.log_persisted(last);
+    /// Hands out what the executor has ready and answers callers.
+    fn pump(&mut self) {
+        for io in self.x.poll_io() {
+            match io {
+                Io::Log(op) => {
+                    let _ = self.log_tx.send(op);
+                }
+                Io::Sm(op) => {
+                    let _ = self.sm_tx.send(op);
+                }
+                Io::Send { to, msg } => self.send(to, msg),
+                Io::Reply { to, msg } => {
+                    let _ = to.send(Ok(msg));
+                }
             }
-            Action::TruncateLog { from } => self.log_store.truncate(from).await?,
-            Action::PurgeLog { upto } => self.log_store.purge(upto).await?,
-            Action::Send { to, msg } => self.send(to, msg),
-            Action::Respond { msg, .. } => {
-                if let Some(reply) = self.rpc_reply.take() {
+        }
+        for done in self.x.take_done() {
+            match done {
+                Done::Write(reply, r) => {
+                    let _ = reply.send(r.map_err(RaftError::from));
+                }
+                Done::Read(reply, r) => {
+                    let _ = reply.send(r.map_err(RaftError::NotLeader));
+                }
+                Done::Reply(reply, msg) => {
                     let _ = reply.send(Ok(msg));
                 }
             }
-            Action::Apply { entries } => self.apply(entries).await?,
-            Action::BuildSnapshot => {
-                let span = info_span!("build_snapshot", applied = %self.applied);
-                let meta = self.state_machine.build_snapshot().instrument(span).await?;
-                self.engine.snapshot_built(meta);
-            }
-            Action::SendSnapshotChunk {
-                to,
-                term,
-                meta,
-                offset,
-            } => {
-                let max = self.engine.config().snapshot_chunk_bytes;
-                if let Some(chunk) = self
-                    .state_machine
-                    .read_snapshot_chunk(meta.id, offset, max)
-                    .await?
-                {
-                    let req = InstallSnapshotRequest {
-                        term,
-                        leader_id: self.engine.id(),
-                        meta,
-                        offset,
-                        data: chunk.data,
-                        done: chunk.done,
-                    };
-                    self.send(to, Message::InstallSnapshot(req));
-                }
-            }
-            Action::WriteSnapshotChunk { meta, offset, data } => {
-                self.state_machine
-                    .write_snapshot_chunk(&meta, offset, data)
-                    .await?
-            }
-            Action::InstallSnapshot { meta } => {
-                let span = info_span!("install_snapshot", snapshot = %meta.last_log_id);
-                self.state_machine
-                    .install_snapshot(&meta)
-                    .instrument(span)
-                    .await?;
-                self.applied = meta.last_log_id.index;
-                // Proposals covered by the snapshot: we cannot tell whether
-                // they made it.
-                let rest = self.writes.split_off(&self.applied.next());
-                for (_, (_, reply)) in std::mem::replace(&mut self.writes, rest) {
-                    let _ = reply.send(Err(RaftError::OutcomeUnknown));
-                }
-                self.serve_reads();
-            }
-            Action::ReadReady { ids, index } => {
-                for id in ids {
-                    if let Some(reply) = self.reads.remove(&id) {
-                        self.waiting_reads.push((index, reply));
-                    }
-                }
-                self.serve_reads();
-            }
-            Action::ReadFailed { ids, leader_id } => {
-                let nl = NotLeader {
-                    leader_id,
-                    leader_node: leader_id
-                        .and_then(|l| self.engine.membership().nodes.get(&l).cloned()),
-                };
-                for id in ids {
-                    if let Some(reply) = self.reads.remove(&id) {
-                        let _ = reply.send(Err(RaftError::NotLeader(nl.clone())));
-                    }
-                }
-            }
         }
-        Ok(())
-    }
-
-    async fn apply(&mut self, entries: Vec<crate::types::Entry<C>>) -> Result<(), StorageError> {
-        let ids: Vec<LogId> = entries.iter().map(|e| e.log_id).collect();
-        let responses = self.state_machine.apply(entries).await?;
-        if responses.len() != ids.len() {
-            return Err(StorageError::Corrupt {
-                location: "state machine".into(),
-                detail: format!("{} responses for {} entries", responses.len(), ids.len()),
-            });
-        }
-        for (id, resp) in ids.into_iter().zip(responses) {
-            self.applied = id.index;
-            if let Some((proposed, reply)) = self.writes.remove(&id.index) {
-                let r = if proposed == id {
-                    Ok((id, resp))
-                } else {
-                    Err(RaftError::ProposalDropped)
-                };
-                let _ = reply.send(r);
-            }
-        }
-        self.serve_reads();
-        Ok(())
-    }
-
-    fn serve_reads(&mut self) {
-        let applied = self.applied;
-        let waiting = std::mem::take(&mut self.waiting_reads);
-        for (index, reply) in waiting {
-            if index <= applied {
-                let _ = reply.send(Ok(index));
-            } else {
-                self.waiting_reads.push((index, reply));
+        if self.initialize_reply.is_some() && self.x.log_idle() {
+            if let Some(reply) = self.initialize_reply.take() {
+                let _ = reply.send(Ok(()));
             }
         }
     }
 
-    /// Hands a message to a spawned RPC task; the response comes back
-    /// through the input channel.
     fn send(&mut self, to: NodeId, msg: Message<C>) {
-        let Some(node) = self.engine.membership().nodes.get(&to).cloned() else {
+        let Some(node) = self.x.engine().membership().nodes.get(&to).cloned() else {
             debug!(peer = %to, "no address for peer; dropping message");
             return;
         };
@@ -863,10 +797,10 @@ where
             }
         };
         let Some(tx) = self.tx.upgrade() else { return };
-        let timeout = Duration::from_millis(match msg {
-            Message::InstallSnapshot(_) => self.engine.config().election_timeout_max_ms * 20,
-            _ => self.engine.config().election_timeout_min_ms,
-        });
+        // A late answer is still an answer (the engine drops stale ones by
+        // term and round): the bound only reclaims calls to a peer that
+        // never answers.
+        let timeout = Duration::from_millis(self.x.engine().config().election_timeout_max_ms * 20);
         tokio::spawn(async move {
             let kind = msg.kind();
             let result = tokio::time::timeout(timeout, call_peer(&*client, msg)).await;
@@ -886,24 +820,19 @@ where
 
     fn fail_stop(&mut self, e: StorageError) {
         let msg = e.to_string();
-        error!(node = %self.engine.id(), error = %msg, "storage error; stopping this node");
-        for (_, (_, reply)) in std::mem::take(&mut self.writes) {
+        error!(node = %self.x.engine().id(), error = %msg, "storage error; stopping this node");
+        let (writes, reads) = self.x.fail_all();
+        for reply in writes {
             let _ = reply.send(Err(RaftError::Fatal(msg.clone())));
         }
-        for (_, reply) in self.reads.drain() {
-            let _ = reply.send(Err(RaftError::Fatal(msg.clone())));
-        }
-        for (_, reply) in self.waiting_reads.drain(..) {
-            let _ = reply.send(Err(RaftError::Fatal(msg.clone())));
-        }
-        if let Some(reply) = self.rpc_reply.take() {
+        for reply in reads {
             let _ = reply.send(Err(RaftError::Fatal(msg.clone())));
         }
         self.publish(Some(msg));
     }
 
     fn publish(&mut self, fatal: Option<String>) {
-        let m = metrics_of(&self.engine, self.applied, fatal);
+        let m = metrics_of(self.x.engine(), self.x.applied(), fatal);
         self.metrics.send_if_modified(|old| {
             if *old != m {
                 if old.role != m.role || old.leader_id != m.leader_id {
@@ -916,6 +845,128 @@ where
             }
         });
     }
+}
+
+/// The log worker: carries out log operations in order, merging runs of
+/// appends that queued up meanwhile into one `append` (group commit).
+async fn log_worker<C: TypeConfig, L: LogStore<C>>(
+    mut store: L,
+    mut ops: mpsc::UnboundedReceiver<LogOp<C>>,
+    reports: mpsc::UnboundedSender<Report<C>>,
+) {
+    let mut batch = Vec::new();
+    while let Some(op) = ops.recv().await {
+        batch.push(op);
+        while batch.len() < BATCH
+            && let Ok(op) = ops.try_recv()
+        {
+            batch.push(op);
+        }
+        let n = batch.len();
+        let result = run_log_ops(&mut store, batch.drain(..)).await;
+        let report = match result {
+            Ok(()) => Report::LogDone(n),
+            Err(e) => Report::Failed(e),
+        };
+        let failed = matches!(report, Report::Failed(_));
+        if reports.send(report).is_err() || failed {
+            return;
+        }
+    }
+}
+
+async fn run_log_ops<C: TypeConfig, L: LogStore<C>>(
+    store: &mut L,
+    ops: impl Iterator<Item = LogOp<C>>,
+) -> Result<(), StorageError> {
+    let mut appends: Vec<crate::types::Entry<C>> = Vec::new();
+    for op in ops {
+        if let LogOp::Append(entries) = op {
+            appends.extend(entries);
+            continue;
+        }
+        if !appends.is_empty() {
+            store.append(std::mem::take(&mut appends)).await?;
+        }
+        match op {
+            LogOp::SaveHardState(hs) => store.save_hard_state(hs).await?,
+            LogOp::Truncate { from } => store.truncate(from).await?,
+            LogOp::Purge { upto } => store.purge(upto).await?,
+            LogOp::Append(_) => unreachable!("appends are merged above"),
+        }
+    }
+    if !appends.is_empty() {
+        store.append(appends).await?;
+    }
+    Ok(())
+}
+
+/// The state-machine worker: carries out state-machine operations in order.
+async fn sm_worker<C: TypeConfig, S: StateMachine<C>>(
+    id: NodeId,
+    chunk_bytes: usize,
+    mut sm: S,
+    mut ops: mpsc::UnboundedReceiver<SmOp<C>>,
+    reports: mpsc::UnboundedSender<Report<C>>,
+) {
+    while let Some(op) = ops.recv().await {
+        let report = match run_sm_op(id, chunk_bytes, &mut sm, op).await {
+            Ok(r) => r,
+            Err(e) => Report::Failed(e),
+        };
+        let failed = matches!(report, Report::Failed(_));
+        if reports.send(report).is_err() || failed {
+            return;
+        }
+    }
+}
+
+async fn run_sm_op<C: TypeConfig, S: StateMachine<C>>(
+    id: NodeId,
+    chunk_bytes: usize,
+    sm: &mut S,
+    op: SmOp<C>,
+) -> Result<Report<C>, StorageError> {
+    Ok(match op {
+        SmOp::Apply(entries) => Report::Applied(sm.apply(entries).await?),
+        SmOp::BuildSnapshot => {
+            let meta = sm
+                .build_snapshot()
+                .instrument(info_span!("build_snapshot"))
+                .await?;
+            Report::SnapshotBuilt(meta)
+        }
+        SmOp::ReadSnapshotChunk {
+            to,
+            term,
+            meta,
+            offset,
+        } => {
+            let msg = sm
+                .read_snapshot_chunk(meta.id, offset, chunk_bytes)
+                .await?
+                .map(|chunk| {
+                    Message::InstallSnapshot(InstallSnapshotRequest {
+                        term,
+                        leader_id: id,
+                        meta,
+                        offset,
+                        data: chunk.data,
+                        done: chunk.done,
+                    })
+                });
+            Report::ChunkRead(to, msg)
+        }
+        SmOp::WriteSnapshotChunk { meta, offset, data } => {
+            sm.write_snapshot_chunk(&meta, offset, data).await?;
+            Report::ChunkWritten
+        }
+        SmOp::InstallSnapshot { meta } => {
+            let span = info_span!("install_snapshot", snapshot = %meta.last_log_id);
+            sm.install_snapshot(&meta).instrument(span).await?;
+            Report::Installed(meta)
+        }
+    })
 }
 
 async fn call_peer<C: TypeConfig, N: Network<C>>(

@@ -452,6 +452,14 @@ impl<C: TypeConfig> Engine<C> {
 
     // ----------------------------------------------------------------- inputs
 
+    /// Advances time to `now` (milliseconds) without firing timers. A
+    /// driver that wakes after a pause calls this, steps what arrived
+    /// meanwhile, and only then [`Engine::tick`]s, so replies that were
+    /// waiting count before a timer judges their absence.
+    pub fn advance_clock(&mut self, now: u64) {
+        self.now = self.now.max(now);
+    }
+
     /// Advances time to `now` (milliseconds) and fires due timers: elections
     /// on followers and candidates; heartbeats, check-quorum and
     /// retransmission on leaders.
