@@ -776,10 +776,10 @@ where
                 }
             }
         }
-        if self.initialize_reply.is_some() && self.x.log_idle() {
-            if let Some(reply) = self.initialize_reply.take() {
-                let _ = reply.send(Ok(()));
-            }
+        if self.x.log_idle()
+            && let Some(reply) = self.initialize_reply.take()
+        {
+            let _ = reply.send(Ok(()));
         }
     }
 
