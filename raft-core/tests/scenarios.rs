@@ -750,3 +750,48 @@ fn deposed_leader_in_a_minority_never_serves_a_stale_read() {
         },
     );
 }
+
+// ------------------------------------------------------------ slow storage
+
+/// Thesis §10.2.1 and the pipelined executor: with every fsync taking
+/// 20 ms and clients writing without pause, a 3-node cluster keeps one
+/// leader for ten minutes of simulated time. Run one operation at a time,
+/// as the old single-loop driver did (`SIM_SERIAL=1`), the same load costs
+/// the leader its term within the first minute: heartbeats and
+/// acknowledgements wait behind each fsync.
+#[test]
+fn slow_disk_under_sustained_load_keeps_one_leader_for_ten_minutes() {
+    for seed in seeds(2) {
+        let mut o = opts(
+            3,
+            seed,
+            "slow_disk_under_sustained_load_keeps_one_leader_for_ten_minutes",
+        );
+        o.disk_latency_ms = (20, 20);
+        o.pipelined = std::env::var("SIM_SERIAL").is_err();
+        let mut sim = Sim::new(o);
+        let leader = wait_leader(&mut sim);
+        let term = term_of(&sim, leader);
+        sim.start_clients(32, 8);
+        let minute = 60_000;
+        for m in 0..10 {
+            sim.run_for(minute);
+            sim.expect(
+                sim.leader() == Some(leader) && term_of(&sim, leader) == term,
+                || {
+                    format!(
+                        "leader {leader} of term {term} lost its term in minute {m}:{}",
+                        sim.describe()
+                    )
+                },
+            );
+        }
+        let acked = sim.acknowledged();
+        sim.expect(acked > 10_000, || {
+            format!("only {acked} operations acknowledged in ten minutes")
+        });
+        heal_and_converge(&mut sim);
+        sim.check_acknowledged_writes_present();
+        sim.final_check();
+    }
+}
