@@ -2,9 +2,14 @@
 //! (in-memory storage and network), next to a 1-node cluster measured in the
 //! same run as the baseline: the ratio is the cost of replication itself.
 //!
-//! `cargo bench -p raft-core` (BENCH_SECS=N per cell, default 2).
+//! `cargo bench -p raft-core` (BENCH_SECS=N per cell, default 2;
+//! BENCH_PAYLOADS=64,4096 and BENCH_WRITERS=1,64,256,1024 pick cells). A
+//! cell in which no write completes for 10 s prints every node's view and
+//! exits with status 2.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use raft_core::memory::{KvCommand, KvConfig, MemLogStore, MemRouter, MemStateMachine};
@@ -50,8 +55,38 @@ async fn cluster(n: u64) -> (Vec<Raft<KvConfig>>, Raft<KvConfig>) {
     }
 }
 
+/// Fails the run loudly if no write completes for `STALL` while writers
+/// are running: a benchmark that hangs is a liveness bug, and what each
+/// node believed at that moment is the first clue.
+const STALL: Duration = Duration::from_secs(10);
+
+fn watchdog(nodes: Vec<Raft<KvConfig>>, done: Arc<AtomicU64>, until: Instant) {
+    tokio::spawn(async move {
+        let mut last = (done.load(Ordering::Relaxed), Instant::now());
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = done.load(Ordering::Relaxed);
+            if now != last.0 {
+                last = (now, Instant::now());
+            } else if last.1.elapsed() > STALL {
+                eprintln!("no write completed for {STALL:?} ({now} so far); each node's view:");
+                for r in &nodes {
+                    eprintln!("  {:?}", *r.metrics().borrow());
+                }
+                std::process::exit(2);
+            }
+        }
+    });
+}
+
 async fn run(nodes: u64, writers: usize, payload: usize, secs: f64) -> Result {
     let (all, leader) = cluster(nodes).await;
+    let completed = Arc::new(AtomicU64::new(0));
+    watchdog(
+        all.clone(),
+        completed.clone(),
+        Instant::now() + Duration::from_secs_f64(secs) + STALL,
+    );
     let value = "x".repeat(payload);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
@@ -59,6 +94,7 @@ async fn run(nodes: u64, writers: usize, payload: usize, secs: f64) -> Result {
         let nodes = all.clone();
         let mut leader = leader.clone();
         let value = value.clone();
+        let completed = completed.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0u64;
@@ -69,7 +105,9 @@ async fn run(nodes: u64, writers: usize, payload: usize, secs: f64) -> Result {
                     value: value.clone(),
                 };
                 let t = Instant::now();
-                match leader.client_write(cmd).await {
+                let r = leader.client_write(cmd).await;
+                completed.fetch_add(1, Ordering::Relaxed);
+                match r {
                     Ok(_) => lat.push(t.elapsed().as_micros() as u64),
                     // Leadership moved under load: follow it. Counted, so a
                     // run with failovers is visible in the table.
@@ -142,8 +180,15 @@ fn main() {
         "p99 us",
         "ratio"
     );
-    for payload in [64usize, 4096] {
-        for writers in [1usize, 64, 256, 1024] {
+    // BENCH_PAYLOADS / BENCH_WRITERS (comma lists) pick cells.
+    let list = |var: &str, default: &[usize]| -> Vec<usize> {
+        std::env::var(var)
+            .ok()
+            .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+            .unwrap_or_else(|| default.to_vec())
+    };
+    for payload in list("BENCH_PAYLOADS", &[64, 4096]) {
+        for writers in list("BENCH_WRITERS", &[1, 64, 256, 1024]) {
             let three = rt.block_on(run(3, writers, payload, secs));
             let one = rt.block_on(run(1, writers, payload, secs));
             println!(
