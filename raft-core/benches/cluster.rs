@@ -60,10 +60,11 @@ async fn cluster(n: u64) -> (Vec<Raft<KvConfig>>, Raft<KvConfig>) {
 /// node believed at that moment is the first clue.
 const STALL: Duration = Duration::from_secs(10);
 
-fn watchdog(nodes: Vec<Raft<KvConfig>>, done: Arc<AtomicU64>, until: Instant) {
+/// Runs until aborted, which `run` does once its writers have finished.
+fn watchdog(nodes: Vec<Raft<KvConfig>>, done: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last = (done.load(Ordering::Relaxed), Instant::now());
-        while Instant::now() < until {
+        loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let now = done.load(Ordering::Relaxed);
             if now != last.0 {
@@ -82,11 +83,7 @@ fn watchdog(nodes: Vec<Raft<KvConfig>>, done: Arc<AtomicU64>, until: Instant) {
 async fn run(nodes: u64, writers: usize, payload: usize, secs: f64) -> Result {
     let (all, leader) = cluster(nodes).await;
     let completed = Arc::new(AtomicU64::new(0));
-    watchdog(
-        all.clone(),
-        completed.clone(),
-        Instant::now() + Duration::from_secs_f64(secs) + STALL,
-    );
+    let dog = watchdog(all.clone(), completed.clone());
     let value = "x".repeat(payload);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
@@ -136,6 +133,7 @@ async fn run(nodes: u64, writers: usize, payload: usize, secs: f64) -> Result {
         errors += e;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    dog.abort();
     lat.sort_unstable();
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))

@@ -36,6 +36,22 @@ pub struct Config {
     /// `Raft::add_learner` returns once the learner is at most this many
     /// entries behind the leader.
     pub learner_max_lag: u64,
+    /// Most client writes one node holds at once (handed to it and not yet
+    /// answered). Past it, `Raft::client_write` does what `when_full` says,
+    /// so a flood of writers cannot grow a node's queues without bound.
+    pub max_pending_writes: usize,
+    /// What a write does when `max_pending_writes` are pending.
+    pub when_full: WhenFull,
+}
+
+/// What `Raft::client_write` does while the node holds
+/// [`Config::max_pending_writes`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Wait until one of them is answered.
+    Wait,
+    /// Fail at once with `RaftError::Overloaded`.
+    FailFast,
 }
 
 impl Default for Config {
@@ -53,6 +69,8 @@ impl Default for Config {
             purge_keep: 1_000,
             snapshot_chunk_bytes: 256 << 10,
             learner_max_lag: 100,
+            max_pending_writes: 4096,
+            when_full: WhenFull::Wait,
         }
     }
 }
@@ -98,6 +116,7 @@ impl Config {
             ("max_entries_per_message", self.max_entries_per_message),
             ("max_bytes_per_message", self.max_bytes_per_message),
             ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
+            ("max_pending_writes", self.max_pending_writes),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero { field });

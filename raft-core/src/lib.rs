@@ -25,7 +25,7 @@ pub mod state_machine;
 pub mod storage;
 pub mod types;
 
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, WhenFull};
 pub use engine::{Action, Engine, ReadId, RecoveredState, Role};
 pub use error::{InitializeError, MembershipError, NotLeader, RecoveryError, StepError};
 pub use message::*;

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::config::Config;
+use crate::config::{Config, WhenFull};
 use crate::engine::{Engine, RecoveredState, Role};
 use crate::error::{InitializeError, MembershipError, NotLeader, RecoveryError, StepError};
 use crate::executor::{Callers, Done, Executor, Io, LogOp, Mode, SmOp, WriteError};
@@ -42,6 +42,10 @@ pub enum RaftError<N> {
     NotLeader(#[from] NotLeader<N>),
     #[error("a leadership transfer is in progress; retry shortly")]
     TransferInProgress,
+    /// The node already holds `Config::max_pending_writes` writes and is
+    /// configured to fail fast (`WhenFull::FailFast`); nothing was proposed.
+    #[error("{pending} writes are already pending on this node; retry shortly")]
+    Overloaded { pending: usize },
     /// A membership change was refused; nothing was proposed.
     #[error("membership change refused: {0}")]
     Membership(#[from] MembershipError),
@@ -194,6 +198,10 @@ impl<C: TypeConfig> Clone for Raft<C> {
 struct Inner<C: TypeConfig> {
     id: NodeId,
     learner_max_lag: u64,
+    /// One permit per write the node may hold (back-pressure).
+    write_permits: Arc<tokio::sync::Semaphore>,
+    max_pending_writes: usize,
+    when_full: WhenFull,
     tx: mpsc::UnboundedSender<Input<C>>,
     metrics: watch::Receiver<RaftMetrics<C::Node>>,
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
@@ -217,6 +225,7 @@ impl<C: TypeConfig> Raft<C> {
     {
         let config = config.validate()?;
         let learner_max_lag = config.learner_max_lag;
+        let (max_pending_writes, when_full) = (config.max_pending_writes, config.when_full);
         let hard_state = log_store.load_hard_state().await?;
         let log_state = log_store.log_state().await?;
         let entries = log_store
@@ -274,6 +283,9 @@ impl<C: TypeConfig> Raft<C> {
             inner: Arc::new(Inner {
                 id,
                 learner_max_lag,
+                write_permits: Arc::new(tokio::sync::Semaphore::new(max_pending_writes)),
+                max_pending_writes,
+                when_full,
                 tx,
                 metrics: metrics_rx,
                 task: std::sync::Mutex::new(Some(task)),
@@ -323,10 +335,21 @@ impl<C: TypeConfig> Raft<C> {
     /// it, `ProposalDropped` if another entry took its place. Wrap it in a
     /// timeout if the caller cannot wait that long (the outcome is then
     /// unknown).
+    ///
+    /// At most `Config::max_pending_writes` writes are held at once; past
+    /// that this waits for room, or with `WhenFull::FailFast` returns
+    /// `Overloaded` without proposing anything.
     pub async fn client_write(
         &self,
         command: C::Command,
     ) -> Result<(LogId, C::Response), RaftError<C::Node>> {
+        let permits = &self.inner.write_permits;
+        let _permit = match self.inner.when_full {
+            WhenFull::Wait => permits.acquire().await.map_err(|_| self.stopped_error())?,
+            WhenFull::FailFast => permits.try_acquire().map_err(|_| RaftError::Overloaded {
+                pending: self.inner.max_pending_writes,
+            })?,
+        };
         self.call(|reply| Input::Write { command, reply }).await
     }
 

@@ -383,3 +383,61 @@ async fn a_node_is_added_as_learner_promoted_led_and_the_old_leader_removed() {
     }
     assert_ne!(c.leader().await, leader);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_past_max_pending_fail_fast_when_configured_and_room_comes_back() {
+    let config = Config {
+        max_pending_writes: 1,
+        when_full: raft_core::WhenFull::FailFast,
+        check_quorum: false,
+        ..Config::default()
+    };
+    let mut c = Cluster::new(3, config).await;
+    let leader = c.leader().await;
+    let raft = c.nodes[&leader].raft.clone();
+    // Without a quorum the first write stays pending, holding the only slot.
+    let followers: Vec<NodeId> = c.nodes.keys().copied().filter(|id| *id != leader).collect();
+    let mut stopped = Vec::new();
+    for id in &followers {
+        stopped.push((*id, c.stop(*id).await));
+    }
+    let before = raft.metrics().borrow().last_log_index;
+    let first = tokio::spawn({
+        let raft = raft.clone();
+        async move {
+            raft.client_write(KvCommand::Put {
+                key: "a".into(),
+                value: "1".into(),
+            })
+            .await
+        }
+    });
+    c.wait_view(leader, "the first write in its log", |m| {
+        m.last_log_index > before
+    })
+    .await;
+    let second = tokio::time::timeout(
+        WAIT,
+        raft.client_write(KvCommand::Put {
+            key: "b".into(),
+            value: "2".into(),
+        }),
+    )
+    .await
+    .expect("a write past the limit must fail fast, not wait");
+    assert!(
+        matches!(second, Err(RaftError::Overloaded { pending: 1 })),
+        "{second:?}"
+    );
+    // The quorum returns: the first write completes and frees its slot.
+    for (id, node) in stopped {
+        c.start(id, node.log, node.sm).await;
+    }
+    first.await.expect("task").expect("first write commits");
+    raft.client_write(KvCommand::Put {
+        key: "b".into(),
+        value: "2".into(),
+    })
+    .await
+    .expect("room again");
+}

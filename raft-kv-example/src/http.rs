@@ -168,6 +168,7 @@ impl ApiError {
             RaftError::TransferInProgress => {
                 ApiError::unavailable("leadership is being transferred; retry shortly")
             }
+            RaftError::Overloaded { .. } => ApiError::unavailable(e.to_string()),
             // Definitely not applied: safe to retry.
             RaftError::ProposalDropped => ApiError::unavailable(
                 "leadership changed before the write committed; it was not applied",
