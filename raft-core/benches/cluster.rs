@@ -77,7 +77,7 @@ fn watchdog(nodes: Vec<Raft<KvConfig>>, done: Arc<AtomicU64>) -> tokio::task::Jo
                 std::process::exit(2);
             }
         }
-    });
+    })
 }
 
 async fn run(nodes: u64, writers: usize, payload: usize, secs: f64) -> Result {
