@@ -102,15 +102,19 @@ pub enum LogOp<C: TypeConfig> {
     Purge { upto: LogId },
 }
 
-/// An operation on the `StateMachine`, in the engine's order.
+/// An operation on the `StateMachine`, in the engine's order. (The
+/// state-machine actions of [`Action`], as their own type so a worker's
+/// match is exhaustive.)
 #[derive(Clone, Debug, PartialEq)]
 pub enum SmOp<C: TypeConfig> {
-    /// Report the responses, one per entry, with [`Executor::applied`].
+    /// Report the responses, one per entry, with
+    /// [`Executor::applied_batch`].
     Apply(Vec<Entry<C>>),
     /// Report with [`Executor::snapshot_built`].
     BuildSnapshot,
-    /// Read `max_len` bytes at `offset` of snapshot `meta.id`; report with
-    /// [`Executor::snapshot_chunk_read`].
+    /// Read up to `Config::snapshot_chunk_bytes` at `offset` of snapshot
+    /// `meta.id` and make it an InstallSnapshot request to `to` in `term`;
+    /// report with [`Executor::snapshot_chunk_read`].
     ReadSnapshotChunk {
         to: NodeId,
         term: Term,

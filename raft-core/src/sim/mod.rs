@@ -2,13 +2,16 @@
 //!
 //! N engines in one process on virtual time. The simulated network delays,
 //! drops, duplicates and reorders messages and can partition links (both
-//! ways or one way). Each node runs its engine as a driver does: one input
-//! at a time, its actions in order, storage actions taking (virtual) time.
-//! Meanwhile the node either does nothing else (as today's single-loop
-//! driver) or, with [`SimOptions::pipelined`], keeps taking inputs whose
-//! actions queue behind the storage action in flight. A crash loses
-//! whatever storage action was in progress and all volatile state; a
-//! restart recovers from what was durable.
+//! ways or one way). Each node runs its engine through the same
+//! [`Executor`](crate::executor::Executor) as the tokio driver: one input at
+//! a time, the log and state-machine operations it hands out on two workers
+//! that take (virtual) time, each in order. By default
+//! ([`SimOptions::pipelined`]) the lanes proceed side by side and the node
+//! keeps taking inputs meanwhile, as the driver does; otherwise one
+//! operation runs at a time and inputs wait, as the old single-loop driver
+//! did. A crash loses whatever storage operation was in progress (an append
+//! may leave a prefix) and all volatile state; a restart recovers from what
+//! was durable.
 //!
 //! A run is a function of its seed. After every step the simulator checks
 //! Raft's safety properties and panics, naming the seed, if one breaks:
@@ -103,9 +106,10 @@ pub struct SimOptions {
     pub op_timeout_ms: u64,
     /// The test name to print in the replay command.
     pub test_name: String,
-    /// Whether a node keeps taking inputs while a storage action is in
-    /// flight (the actions they produce still wait behind it, in order), as
-    /// a pipelined driver does; otherwise it waits, as a single loop does.
+    /// Whether a node keeps taking inputs while storage operations are in
+    /// flight and runs its log and state-machine lanes side by side, as the
+    /// driver does (the default); otherwise one operation at a time, inputs
+    /// waiting, as a single loop does.
     pub pipelined: bool,
 }
 
@@ -125,7 +129,7 @@ impl SimOptions {
             tick_ms: 5,
             op_timeout_ms: 1_500,
             test_name: String::new(),
-            pipelined: false,
+            pipelined: true,
         }
     }
 }
