@@ -90,7 +90,6 @@ pub enum Done<C: TypeConfig, K: Callers> {
     Write(K::Write, Result<(LogId, C::Response), WriteError<C::Node>>),
     /// The read may be served: the state machine has applied its index.
     Read(K::Read, Result<LogIndex, NotLeader<C::Node>>),
-    Reply(K::Rpc, Message<C>),
 }
 
 /// An operation on the `LogStore`, in the engine's order.

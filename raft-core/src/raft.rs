@@ -794,9 +794,6 @@ where
                 Done::Read(reply, r) => {
                     let _ = reply.send(r.map_err(RaftError::NotLeader));
                 }
-                Done::Reply(reply, msg) => {
-                    let _ = reply.send(Ok(msg));
-                }
             }
         }
         if self.x.log_idle()

@@ -234,7 +234,6 @@ impl Sim {
                 self.finish_op(op, OpState::Failed);
                 self.redirect(op, nl.leader_id);
             }
-            Done::Reply(never, _) => match never {},
         }
     }
 
