@@ -6,6 +6,10 @@
 //! BENCH_PAYLOADS=64,4096 and BENCH_WRITERS=1,64,256,1024 pick cells). A
 //! cell in which no write completes for 10 s prints every node's view and
 //! exits with status 2.
+//!
+//! With `--features openraft-baseline` (what `cargo xtask bench core` runs)
+//! each cell also runs the same client loop against a 3-node openraft
+//! cluster (`baseline.rs`) and prints our 3-node rate over theirs.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,14 +19,76 @@ use std::time::{Duration, Instant};
 use raft_core::memory::{KvCommand, KvConfig, MemLogStore, MemRouter, MemStateMachine};
 use raft_core::{Config, NodeId, Raft, Role};
 
-struct Result {
+#[cfg(feature = "openraft-baseline")]
+mod baseline;
+
+struct Measured {
     writes_per_sec: f64,
     p50_us: u64,
     p99_us: u64,
     errors: u64,
 }
 
-async fn cluster(n: u64) -> (Vec<Raft<KvConfig>>, Raft<KvConfig>) {
+/// One client's handle on a cluster under test: ours or, with the
+/// `openraft-baseline` feature, openraft's.
+pub trait Writer: Clone + Send + Sync + 'static {
+    /// Writes `key = value` through the node this client believes leads;
+    /// on failure, looks for the new leader before answering.
+    fn write(
+        &mut self,
+        key: String,
+        value: String,
+    ) -> impl Future<Output = Result<(), WriteFailed>> + Send;
+    /// What each node believes, printed when the cluster stalls.
+    fn views(&self) -> Vec<String>;
+    fn shutdown(self) -> impl Future<Output = ()> + Send;
+}
+
+/// A write that did not commit (leadership moved under load).
+pub struct WriteFailed;
+
+#[derive(Clone)]
+struct OurWriter {
+    nodes: Vec<Raft<KvConfig>>,
+    leader: Raft<KvConfig>,
+}
+
+impl Writer for OurWriter {
+    async fn write(&mut self, key: String, value: String) -> Result<(), WriteFailed> {
+        match self
+            .leader
+            .client_write(KvCommand::Put { key, value })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                if let Some(l) = self
+                    .nodes
+                    .iter()
+                    .find(|r| r.metrics().borrow().role == Role::Leader)
+                {
+                    self.leader = l.clone();
+                }
+                Err(WriteFailed)
+            }
+        }
+    }
+
+    fn views(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|r| format!("{:?}", *r.metrics().borrow()))
+            .collect()
+    }
+
+    async fn shutdown(self) {
+        for r in self.nodes {
+            r.shutdown().await;
+        }
+    }
+}
+
+async fn cluster(n: u64) -> OurWriter {
     let router = MemRouter::<KvConfig>::new();
     let members: BTreeMap<NodeId, String> =
         (1..=n).map(|i| (NodeId(i), format!("node-{i}"))).collect();
@@ -48,8 +114,8 @@ async fn cluster(n: u64) -> (Vec<Raft<KvConfig>>, Raft<KvConfig>) {
             .iter()
             .find(|r| r.metrics().borrow().role == Role::Leader)
         {
-            let l = l.clone();
-            return (nodes, l);
+            let leader = l.clone();
+            return OurWriter { nodes, leader };
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -61,7 +127,7 @@ async fn cluster(n: u64) -> (Vec<Raft<KvConfig>>, Raft<KvConfig>) {
 const STALL: Duration = Duration::from_secs(10);
 
 /// Runs until aborted, which `run` does once its writers have finished.
-fn watchdog(nodes: Vec<Raft<KvConfig>>, done: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+fn watchdog<W: Writer>(client: W, done: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last = (done.load(Ordering::Relaxed), Instant::now());
         loop {
@@ -71,8 +137,8 @@ fn watchdog(nodes: Vec<Raft<KvConfig>>, done: Arc<AtomicU64>) -> tokio::task::Jo
                 last = (now, Instant::now());
             } else if last.1.elapsed() > STALL {
                 eprintln!("no write completed for {STALL:?} ({now} so far); each node's view:");
-                for r in &nodes {
-                    eprintln!("  {:?}", *r.metrics().borrow());
+                for v in client.views() {
+                    eprintln!("  {v}");
                 }
                 std::process::exit(2);
             }
@@ -80,16 +146,16 @@ fn watchdog(nodes: Vec<Raft<KvConfig>>, done: Arc<AtomicU64>) -> tokio::task::Jo
     })
 }
 
-async fn run(nodes: u64, writers: usize, payload: usize, secs: f64) -> Result {
-    let (all, leader) = cluster(nodes).await;
+/// The client loop, the same for every cluster: `writers` tasks, each
+/// writing its own 64 keys in turn for `secs`.
+async fn run<W: Writer>(client: W, writers: usize, payload: usize, secs: f64) -> Measured {
     let completed = Arc::new(AtomicU64::new(0));
-    let dog = watchdog(all.clone(), completed.clone());
+    let dog = watchdog(client.clone(), completed.clone());
     let value = "x".repeat(payload);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
     for w in 0..writers {
-        let nodes = all.clone();
-        let mut leader = leader.clone();
+        let mut client = client.clone();
         let value = value.clone();
         let completed = completed.clone();
         tasks.push(tokio::spawn(async move {
@@ -97,25 +163,15 @@ async fn run(nodes: u64, writers: usize, payload: usize, secs: f64) -> Result {
             let mut errors = 0u64;
             let mut i = 0u64;
             while Instant::now() < deadline {
-                let cmd = KvCommand::Put {
-                    key: format!("w{w}-{}", i % 64),
-                    value: value.clone(),
-                };
+                let key = format!("w{w}-{}", i % 64);
                 let t = Instant::now();
-                let r = leader.client_write(cmd).await;
+                let r = client.write(key, value.clone()).await;
                 completed.fetch_add(1, Ordering::Relaxed);
                 match r {
-                    Ok(_) => lat.push(t.elapsed().as_micros() as u64),
-                    // Leadership moved under load: follow it. Counted, so a
-                    // run with failovers is visible in the table.
-                    Err(_) => {
+                    Ok(()) => lat.push(t.elapsed().as_micros() as u64),
+                    // Counted, so a run with failovers is visible in the table.
+                    Err(WriteFailed) => {
                         errors += 1;
-                        if let Some(l) = nodes
-                            .iter()
-                            .find(|r| r.metrics().borrow().role == Role::Leader)
-                        {
-                            leader = l.clone();
-                        }
                         tokio::task::yield_now().await;
                     }
                 }
@@ -140,10 +196,8 @@ async fn run(nodes: u64, writers: usize, payload: usize, secs: f64) -> Result {
             .copied()
             .unwrap_or(0)
     };
-    for r in all {
-        r.shutdown().await;
-    }
-    Result {
+    client.shutdown().await;
+    Measured {
         writes_per_sec: lat.len() as f64 / elapsed,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
@@ -166,18 +220,30 @@ fn main() {
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    println!(
-        "{:>8} {:>8} | {:>12} {:>9} {:>9} | {:>12} {:>9} {:>9} | {:>6}",
+    let openraft = cfg!(feature = "openraft-baseline");
+    if !openraft {
+        println!("(openraft side by side: cargo xtask bench core)");
+    }
+    print!(
+        "{:>8} {:>8} | {:>10} {:>7} {:>7} {:>5} | {:>10} {:>7} {:>7} | {:>5}",
         "payload",
         "writers",
         "3-node w/s",
         "p50 us",
         "p99 us",
+        "fail",
         "1-node w/s",
         "p50 us",
         "p99 us",
-        "ratio"
+        "repl"
     );
+    if openraft {
+        print!(
+            " | {:>10} {:>7} {:>7} {:>5} | {:>6}",
+            "openraft", "p50 us", "p99 us", "fail", "ratio"
+        );
+    }
+    println!();
     // BENCH_PAYLOADS / BENCH_WRITERS (comma lists) pick cells.
     let list = |var: &str, default: &[usize]| -> Vec<usize> {
         std::env::var(var)
@@ -187,21 +253,37 @@ fn main() {
     };
     for payload in list("BENCH_PAYLOADS", &[64, 4096]) {
         for writers in list("BENCH_WRITERS", &[1, 64, 256, 1024]) {
-            let three = rt.block_on(run(3, writers, payload, secs));
-            let one = rt.block_on(run(1, writers, payload, secs));
-            println!(
-                "{:>8} {:>8} | {:>12.0} {:>9} {:>9} {:>6} | {:>12.0} {:>9} {:>9} | {:>6.2}",
+            let three = rt.block_on(async { run(cluster(3).await, writers, payload, secs).await });
+            let one = rt.block_on(async { run(cluster(1).await, writers, payload, secs).await });
+            print!(
+                "{:>8} {:>8} | {:>10.0} {:>7} {:>7} {:>5} | {:>10.0} {:>7} {:>7} | {:>5.2}",
                 payload,
                 writers,
                 three.writes_per_sec,
                 three.p50_us,
                 three.p99_us,
-                three.errors + one.errors,
+                three.errors,
                 one.writes_per_sec,
                 one.p50_us,
                 one.p99_us,
                 three.writes_per_sec / one.writes_per_sec
             );
+            #[cfg(feature = "openraft-baseline")]
+            {
+                let theirs = rt.block_on(async {
+                    let client = baseline::OpenraftWriter::new(baseline::cluster(3).await);
+                    run(client, writers, payload, secs).await
+                });
+                print!(
+                    " | {:>10.0} {:>7} {:>7} {:>5} | {:>5.2}x",
+                    theirs.writes_per_sec,
+                    theirs.p50_us,
+                    theirs.p99_us,
+                    theirs.errors,
+                    three.writes_per_sec / theirs.writes_per_sec
+                );
+            }
+            println!();
         }
     }
 }
