@@ -9,7 +9,7 @@
 //! - `cargo xtask chaos [--nodes 5] [--duration 60s] [--faults kill,pause,partition] [--seed S]`.
 //! - `cargo xtask bench [--clients 1,16,256] [--duration 20s]`: raft-kv
 //!   against etcd on this machine; `cargo xtask bench core` runs the
-//!   in-process benchmarks of raft-core.
+//!   in-process benchmark of raft-core with openraft side by side.
 //! - `cargo xtask mutants [--seeds 1000] [--only a,b] [--list]`: run the
 //!   randomized simulation suites against each catalogued Raft bug
 //!   (`raft_core::mutation`) and report which seed caught it.
@@ -71,7 +71,18 @@ fn run() -> Result<()> {
         Some("bench") if rest.first().map(String::as_str) == Some("core") => {
             doctor(&[])?;
             let mut c = cargo();
-            c.args(["bench", "-p", "raft-core"]).args(&rest[1..]);
+            // The openraft column needs the baseline feature; it is part of
+            // what this command promises (issue 15: the ratio in one run).
+            c.args([
+                "bench",
+                "-p",
+                "raft-core",
+                "--bench",
+                "cluster",
+                "--features",
+                "openraft-baseline",
+            ])
+            .args(&rest[1..]);
             status(c)
         }
         Some("bench") => {

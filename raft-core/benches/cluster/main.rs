@@ -210,10 +210,21 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2.0);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // The nodes run on one runtime and the writers on another, as in
+    // openraft's own benchmark (`--server-workers 2 --client-workers 1`):
+    // 1,024 writer tasks sharing the nodes' workers would measure the
+    // scheduler's fairness to them more than the Raft implementation.
+    let workers = |n: usize, name: &str| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let server = workers(2, "bench-server");
+    let client = workers(1, "bench-client");
+    let measure = |c, writers, payload| client.block_on(run(c, writers, payload, secs));
     println!(
         "raft-core in-process cluster, {secs}s per cell, {} cores",
         std::thread::available_parallelism()
@@ -253,8 +264,8 @@ fn main() {
     };
     for payload in list("BENCH_PAYLOADS", &[64, 4096]) {
         for writers in list("BENCH_WRITERS", &[1, 64, 256, 1024]) {
-            let three = rt.block_on(async { run(cluster(3).await, writers, payload, secs).await });
-            let one = rt.block_on(async { run(cluster(1).await, writers, payload, secs).await });
+            let three = measure(server.block_on(cluster(3)), writers, payload);
+            let one = measure(server.block_on(cluster(1)), writers, payload);
             print!(
                 "{:>8} {:>8} | {:>10.0} {:>7} {:>7} {:>5} | {:>10.0} {:>7} {:>7} | {:>5.2}",
                 payload,
@@ -270,10 +281,13 @@ fn main() {
             );
             #[cfg(feature = "openraft-baseline")]
             {
-                let theirs = rt.block_on(async {
-                    let client = baseline::OpenraftWriter::new(baseline::cluster(3).await);
-                    run(client, writers, payload, secs).await
-                });
+                let nodes = server.block_on(baseline::cluster(3));
+                let theirs = client.block_on(run(
+                    baseline::OpenraftWriter::new(nodes),
+                    writers,
+                    payload,
+                    secs,
+                ));
                 print!(
                     " | {:>10.0} {:>7} {:>7} {:>5} | {:>5.2}x",
                     theirs.writes_per_sec,
