@@ -1,6 +1,8 @@
 //! Shared helpers for the simulation tests.
 #![allow(dead_code)]
 
+pub mod script;
+
 use raft_core::sim::{NetOptions, Sim, SimOptions};
 use raft_core::{Config, NodeId};
 

@@ -1,0 +1,156 @@
+//! A hand-cranked cluster of bare engines: instant, durable storage and a
+//! network that delivers only when told. For cases where the exact
+//! interleaving of messages is the point.
+
+use std::collections::BTreeMap;
+
+use raft_core::memory::kv::KvConfig;
+use raft_core::{
+    Action, Config, Engine, Entry, HardState, LogId, LogIndex, Membership, Message, NodeId,
+    RecoveredState,
+};
+
+pub type C = KvConfig;
+
+/// Five engines with instant, durable storage and a hand-cranked network.
+pub struct Script {
+    pub engines: BTreeMap<NodeId, Engine<C>>,
+    pub disks: BTreeMap<NodeId, (HardState, Vec<Entry<C>>)>,
+    pub queue: Vec<(NodeId, NodeId, Message<C>)>,
+    /// Every (index -> entry id) any node ever reported committed.
+    pub committed: BTreeMap<LogIndex, LogId>,
+    pub clock: u64,
+}
+
+pub fn config() -> Config {
+    Config {
+        pre_vote: false,
+        check_quorum: false,
+        max_entries_per_message: 1,
+        max_inflight: 1,
+        ..Config::default()
+    }
+}
+
+impl Script {
+    pub fn new(n: u64) -> Script {
+        let members: BTreeMap<NodeId, String> =
+            (1..=n).map(|i| (NodeId(i), format!("n{i}"))).collect();
+        let mut s = Script {
+            engines: BTreeMap::new(),
+            disks: BTreeMap::new(),
+            queue: Vec::new(),
+            committed: BTreeMap::new(),
+            clock: 0,
+        };
+        for i in 1..=n {
+            let id = NodeId(i);
+            let mut e = Engine::new(id, config(), i, 0, RecoveredState::default()).unwrap();
+            e.initialize(Membership::new_voters(members.clone()))
+                .unwrap();
+            s.disks.insert(id, (HardState::default(), Vec::new()));
+            s.engines.insert(id, e);
+            s.flush(id);
+        }
+        s
+    }
+
+    /// Carries out a node's actions at once (storage is instant here).
+    pub fn flush(&mut self, id: NodeId) {
+        loop {
+            let Some(e) = self.engines.get_mut(&id) else {
+                return;
+            };
+            let actions = e.take_actions();
+            if actions.is_empty() {
+                break;
+            }
+            for a in actions {
+                let disk = self.disks.get_mut(&id).unwrap();
+                match a {
+                    Action::SaveHardState(hs) => disk.0 = hs,
+                    Action::AppendLog { entries } => {
+                        let last = entries.last().unwrap().log_id;
+                        disk.1.extend(entries);
+                        self.engines.get_mut(&id).unwrap().log_persisted(last);
+                    }
+                    Action::TruncateLog { from } => disk.1.retain(|e| e.log_id.index < from),
+                    Action::Send { to, msg } | Action::Respond { to, msg } => {
+                        self.queue.push((id, to, msg))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.record_commit(id);
+    }
+
+    pub fn record_commit(&mut self, id: NodeId) {
+        let e = &self.engines[&id];
+        for i in 1..=e.commit_index().0 {
+            let idx = LogIndex(i);
+            let log_id = e.log().log_id_at(idx).unwrap();
+            let prev = *self.committed.entry(idx).or_insert(log_id);
+            assert_eq!(
+                prev, log_id,
+                "committed entry at {idx} changed: {prev} then {log_id} (node {id})"
+            );
+        }
+    }
+
+    /// Delivers queued messages (and what they cause) until none is left,
+    /// dropping those `drop` picks.
+    pub fn deliver(&mut self, drop: impl Fn(NodeId, NodeId, &Message<C>) -> bool) {
+        while !self.queue.is_empty() {
+            let batch = std::mem::take(&mut self.queue);
+            for (from, to, msg) in batch {
+                if drop(from, to, &msg) || !self.engines.contains_key(&to) {
+                    continue;
+                }
+                self.engines.get_mut(&to).unwrap().step(from, msg).unwrap();
+                self.flush(to);
+            }
+        }
+    }
+
+    pub fn crash(&mut self, id: NodeId) {
+        self.engines.remove(&id);
+        self.queue.retain(|(from, _, _)| *from != id);
+    }
+
+    pub fn restart(&mut self, id: NodeId) {
+        let (hs, entries) = self.disks[&id].clone();
+        let state = RecoveredState {
+            hard_state: hs,
+            entries,
+            ..RecoveredState::default()
+        };
+        self.engines
+            .insert(id, Engine::new(id, config(), id.0 + 100, 0, state).unwrap());
+    }
+
+    /// Lets a heartbeat interval pass on `id` only, and delivers the result.
+    pub fn heartbeat(
+        &mut self,
+        id: NodeId,
+        drop: impl Fn(NodeId, NodeId, &Message<C>) -> bool + Copy,
+    ) {
+        self.clock += config().heartbeat_interval_ms;
+        self.engines.get_mut(&id).unwrap().tick(self.clock);
+        self.flush(id);
+        self.deliver(drop);
+    }
+
+    /// Makes `id` campaign until it leads (or `tries` elections fail).
+    pub fn elect(&mut self, id: NodeId, drop: impl Fn(NodeId, NodeId, &Message<C>) -> bool + Copy) {
+        for _ in 0..5 {
+            self.engines.get_mut(&id).unwrap().campaign_now();
+            self.flush(id);
+            self.deliver(drop);
+            if self.engines[&id].is_leader() {
+                return;
+            }
+        }
+        panic!("node {id} could not be elected");
+    }
+}

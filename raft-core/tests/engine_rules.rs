@@ -1,0 +1,217 @@
+//! One case per engine rule that `cargo mutants` (over `raft-core/src/engine`)
+//! showed no other test pinned down: each test here fails on a mutant
+//! that survived the unit tests, the scripted cases and the swarm sweep.
+//! Bare engines, driven by hand ([`common::script::Script`]).
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::script::{C, Script, config};
+use raft_core::memory::kv::KvCommand;
+use raft_core::{
+    Config, Engine, HardState, InitializeError, Membership, NodeId, RecoveredState, Role,
+    SnapshotMeta, Term,
+};
+
+fn members(ids: &[u64]) -> BTreeMap<NodeId, String> {
+    ids.iter().map(|i| (NodeId(*i), format!("n{i}"))).collect()
+}
+
+fn pristine(id: u64) -> Engine<C> {
+    Engine::new(NodeId(id), config(), id, 0, RecoveredState::default()).unwrap()
+}
+
+fn put(v: &str) -> KvCommand {
+    KvCommand::Put {
+        key: "k".into(),
+        value: v.into(),
+    }
+}
+
+#[test]
+fn initialize_is_refused_once_the_node_has_a_log_or_a_term() {
+    let mut e = pristine(1);
+    e.initialize(Membership::new_voters(members(&[1, 2, 3])))
+        .unwrap();
+    assert!(
+        matches!(
+            e.initialize(Membership::new_voters(members(&[1, 2, 3]))),
+            Err(InitializeError::NotPristine { .. })
+        ),
+        "a second initialize must be refused: the node has entry 1"
+    );
+
+    let voted = RecoveredState {
+        hard_state: HardState {
+            term: Term(3),
+            voted_for: None,
+        },
+        ..RecoveredState::default()
+    };
+    let mut e = Engine::<C>::new(NodeId(1), config(), 1, 0, voted).unwrap();
+    assert!(
+        matches!(
+            e.initialize(Membership::new_voters(members(&[1]))),
+            Err(InitializeError::NotPristine { .. })
+        ),
+        "a node that has seen term 3 is not pristine even with an empty log"
+    );
+}
+
+#[test]
+fn a_lone_voter_campaigns_at_its_first_tick_and_a_cluster_member_waits() {
+    let mut lone = pristine(1);
+    lone.initialize(Membership::new_voters(members(&[1])))
+        .unwrap();
+    lone.take_actions();
+    lone.tick(0);
+    assert_ne!(
+        lone.role(),
+        Role::Follower,
+        "a one-voter cluster must not wait an election timeout for itself"
+    );
+
+    let mut member = pristine(1);
+    member
+        .initialize(Membership::new_voters(members(&[1, 2, 3])))
+        .unwrap();
+    member.take_actions();
+    member.tick(0);
+    assert_eq!(member.role(), Role::Follower);
+    assert!(
+        member.next_deadline() >= config().election_timeout_min_ms,
+        "a member of a 3-voter cluster campaigns only after an election timeout"
+    );
+}
+
+#[test]
+fn the_engine_reports_its_own_view() {
+    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
+    let mut s = Script::new(3);
+    s.elect(s2, |_, _, _| false);
+    for id in [s1, s2, s3] {
+        let e = &s.engines[&id];
+        assert_eq!(e.id(), id);
+        assert_eq!(e.leader_id(), Some(s2), "node {id}");
+        assert_eq!(
+            e.role(),
+            if id == s2 {
+                Role::Leader
+            } else {
+                Role::Follower
+            }
+        );
+        // The script's config, not the default one.
+        assert_eq!(e.config().max_entries_per_message, 1);
+    }
+    assert_ne!(
+        Config::default().max_entries_per_message,
+        1,
+        "the check above needs a non-default value"
+    );
+}
+
+#[test]
+fn a_node_outside_every_voter_set_is_a_learner() {
+    let mut m = Membership::new_voters(members(&[1, 2, 3]));
+    m.nodes.insert(NodeId(4), "n4".into());
+    let mut learner = pristine(4);
+    learner.initialize(m.clone()).unwrap();
+    assert_eq!(learner.role(), Role::Learner);
+    let mut voter = pristine(3);
+    voter.initialize(m).unwrap();
+    assert_eq!(voter.role(), Role::Follower);
+}
+
+#[test]
+fn committed_entries_are_handed_to_the_state_machine_and_counted_as_applied() {
+    let s1 = NodeId(1);
+    let mut s = Script::new(3);
+    s.elect(s1, |_, _, _| false);
+    let leader = s.engines.get_mut(&s1).unwrap();
+    let id = leader.propose(put("v")).unwrap();
+    s.flush(s1);
+    s.deliver(|_, _, _| false);
+    let leader = s.engines.get_mut(&s1).unwrap();
+    assert_eq!(leader.commit_index(), id.index);
+    // `flush` took the Apply action; the engine counts the entry handed out.
+    assert_eq!(leader.applied_index(), id.index);
+}
+
+#[test]
+fn a_built_snapshot_becomes_the_engines_snapshot() {
+    let s1 = NodeId(1);
+    let mut s = Script::new(3);
+    s.elect(s1, |_, _, _| false);
+    let leader = s.engines.get_mut(&s1).unwrap();
+    assert!(leader.snapshot_meta().is_none());
+    let meta = SnapshotMeta {
+        last_log_id: leader.last_log_id(),
+        membership: leader.membership().clone(),
+        id: 7,
+    };
+    leader.snapshot_built(meta.clone());
+    assert_eq!(leader.snapshot_meta(), Some(&meta));
+}
+
+#[test]
+fn a_leaders_next_deadline_is_its_next_heartbeat() {
+    let [s1, s2] = [1, 2].map(NodeId);
+    let mut s = Script::new(3);
+    s.elect(s1, |_, _, _| false);
+    // A new leader's first heartbeat is due at once; after it, the next.
+    s.heartbeat(s1, |_, _, _| false);
+    let hb = config().heartbeat_interval_ms;
+    let leader = &s.engines[&s1];
+    assert!(
+        leader.next_deadline() > s.clock && leader.next_deadline() <= s.clock + hb,
+        "leader's next deadline {} is not its heartbeat (now {}, interval {hb})",
+        leader.next_deadline(),
+        s.clock
+    );
+    // Only the leader's clock moved in this script; a follower's is at 0.
+    let follower = &s.engines[&s2];
+    assert!(follower.next_deadline() >= config().election_timeout_min_ms);
+}
+
+#[test]
+fn advancing_the_clock_fires_no_timer_but_the_next_tick_sees_the_time() {
+    let mut e = pristine(1);
+    e.initialize(Membership::new_voters(members(&[1, 2, 3])))
+        .unwrap();
+    e.take_actions();
+    let late = config().election_timeout_max_ms * 10;
+    e.advance_clock(late);
+    assert!(e.take_actions().is_empty());
+    assert_eq!(e.role(), Role::Follower);
+    // The driver ticks with its own reading of the clock, which may be
+    // older than what it advanced to: time never runs backwards.
+    e.tick(0);
+    assert_ne!(
+        e.role(),
+        Role::Follower,
+        "the election timeout had passed at the advanced clock"
+    );
+}
+
+#[test]
+fn a_leadership_transfer_that_does_not_happen_ends_after_an_election_timeout() {
+    let [s1, s2] = [1, 2].map(NodeId);
+    let mut s = Script::new(3);
+    s.elect(s1, |_, _, _| false);
+    let leader = s.engines.get_mut(&s1).unwrap();
+    leader.transfer_leader(s2).unwrap();
+    assert!(leader.propose(put("paused")).is_err());
+    // s2 never hears of it.
+    s.flush(s1);
+    s.queue.retain(|(_, to, _)| *to != s2);
+    s.clock += config().election_timeout_min_ms;
+    let leader = s.engines.get_mut(&s1).unwrap();
+    leader.tick(s.clock);
+    assert!(leader.is_leader());
+    assert!(
+        leader.propose(put("resumed")).is_ok(),
+        "proposals must resume once the transfer has timed out"
+    );
+}
