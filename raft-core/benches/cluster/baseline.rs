@@ -8,7 +8,7 @@
 //! config is the one that benchmark uses. The state machine does the same
 //! work as ours (a put into a map) and answers each write.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::ops::RangeBounds;
@@ -141,7 +141,8 @@ impl RaftLogStorage<Bench> for Arc<LogStore> {
     }
 }
 
-/// A map of key to value, like `raft_core::memory::MemStateMachine`.
+/// A map of key to value: the same `BTreeMap` and the same put as
+/// `raft_core::memory::MemStateMachine`.
 #[derive(Default)]
 pub struct StateMachine {
     inner: Mutex<SmInner>,
@@ -151,12 +152,12 @@ pub struct StateMachine {
 struct SmInner {
     applied: Option<LogIdOf<Bench>>,
     membership: StoredMembershipOf<Bench>,
-    data: HashMap<String, String>,
+    data: BTreeMap<String, String>,
     snapshot: Option<(SnapshotMetaOf<Bench>, SnapshotData)>,
 }
 
 /// Snapshots move between in-process nodes as the map itself.
-type SnapshotData = Arc<HashMap<String, String>>;
+type SnapshotData = Arc<BTreeMap<String, String>>;
 
 impl RaftSnapshotBuilder<Bench> for Arc<StateMachine> {
     type SnapshotData = SnapshotData;

@@ -70,7 +70,7 @@ impl StateMachine<KvConfig> for MemStateMachine {
         entries: Vec<Entry<KvConfig>>,
     ) -> Result<Vec<KvResponse>, StorageError> {
         let mut g = self.lock()?;
-        Ok(entries.iter().map(|e| g.store.apply(e)).collect())
+        Ok(entries.into_iter().map(|e| g.store.apply(e)).collect())
     }
 
     async fn build_snapshot(&mut self) -> Result<SnapshotMeta<KvConfig>, StorageError> {

@@ -514,7 +514,7 @@ impl Sim {
                     e.log_id
                 )),
             }
-            out.push(self.nodes[i].sm.apply(&e));
+            out.push(self.nodes[i].sm.apply(e));
             self.nodes[i].applied_seen = idx;
         }
         out
