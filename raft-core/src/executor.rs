@@ -6,7 +6,9 @@
 //! callers are waiting for, what the state machine has applied, the writes a
 //! snapshot covered, and who gets which answer. A runtime (the simulator;
 //! the tokio driver next) feeds it inputs, carries out the [`Io`] it hands
-//! out, and reports each one done; callers' answers come back as [`Done`].
+//! out, and reports each one done; callers' answers come back as [`Done`],
+//! except a successful write's, which the state-machine worker gives as it
+//! applies the entry ([`SmOp::Apply`]).
 //!
 //! # Lanes
 //! Actions go to three FIFO lanes: **log** (hard state, append, truncate,
@@ -87,7 +89,9 @@ impl<N> From<ProposeError<N>> for WriteError<N> {
 
 /// An answer for a caller.
 pub enum Done<C: TypeConfig, K: Callers> {
-    Write(K::Write, Result<(LogId, C::Response), WriteError<C::Node>>),
+    /// The write failed (or its outcome is unknown). Writes that succeed
+    /// are answered by the state-machine worker ([`SmOp::Apply`]).
+    Write(K::Write, WriteError<C::Node>),
     /// The read may be served: the state machine has applied its index.
     Read(K::Read, Result<LogIndex, NotLeader<C::Node>>),
 }
@@ -103,12 +107,20 @@ pub enum LogOp<C: TypeConfig> {
 
 /// An operation on the `StateMachine`, in the engine's order. (The
 /// state-machine actions of [`Action`], as their own type so a worker's
-/// match is exhaustive.)
+/// match is exhaustive.) `W` is the runtime's write handle
+/// ([`Callers::Write`]).
 #[derive(Clone, Debug, PartialEq)]
-pub enum SmOp<C: TypeConfig> {
-    /// Report the responses, one per entry, with
-    /// [`Executor::applied_batch`].
-    Apply(Vec<Entry<C>>),
+pub enum SmOp<C: TypeConfig, W> {
+    /// Apply `entries` in order; then answer each write in `writes` (at the
+    /// position of its entry) with `Ok((entry.log_id, response))`, and
+    /// report how many responses the state machine gave with
+    /// [`Executor::applied_batch`]. The worker answers the writes itself,
+    /// so a client hears of its write one task hand-off sooner; if the
+    /// state machine gave the wrong number of responses it answers none.
+    Apply {
+        entries: Vec<Entry<C>>,
+        writes: Vec<Option<W>>,
+    },
     /// Report with [`Executor::snapshot_built`].
     BuildSnapshot,
     /// Read up to `Config::snapshot_chunk_bytes` at `offset` of snapshot
@@ -136,7 +148,7 @@ pub enum SmOp<C: TypeConfig> {
 /// once and need no report.
 pub enum Io<C: TypeConfig, K: Callers> {
     Log(LogOp<C>),
-    Sm(SmOp<C>),
+    Sm(SmOp<C, K::Write>),
     Send {
         to: NodeId,
         msg: Message<C>,
@@ -188,8 +200,9 @@ pub struct Executor<C: TypeConfig, K: Callers> {
     last_install_sm: u64,
     log: Counter,
     sm: Counter,
-    /// Applies handed out and not yet reported: their entry ids.
-    applying: VecDeque<Vec<LogId>>,
+    /// Applies handed out and not yet reported: how many entries, and the
+    /// index of the last.
+    applying: VecDeque<(usize, LogIndex)>,
     /// Appends handed out and not yet reported: the last id of each.
     appending: VecDeque<Option<LogId>>,
     /// What the state machine has applied (reported, not just handed out).
@@ -294,10 +307,10 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
                 // A proposal that took the index of an earlier one (a new
                 // term reused it) means the earlier entry was truncated.
                 if let Some((_, old)) = self.writes.insert(log_id.index, (log_id, reply)) {
-                    self.done.push(Done::Write(old, Err(WriteError::Dropped)));
+                    self.done.push(Done::Write(old, WriteError::Dropped));
                 }
             }
-            Err(e) => self.done.push(Done::Write(reply, Err(e.into()))),
+            Err(e) => self.done.push(Done::Write(reply, e.into())),
         }
     }
 
@@ -345,28 +358,32 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
         }
     }
 
-    /// The oldest apply handed out is done, with one response per entry.
+    /// The oldest apply handed out is done: the state machine gave
+    /// `responses` responses (and the worker answered the op's writes).
     /// Returns an error if the count is off (the state machine broke its
     /// contract).
-    pub fn applied_batch(&mut self, responses: Vec<C::Response>) -> Result<(), (usize, usize)> {
+    pub fn applied_batch(&mut self, responses: usize) -> Result<(), (usize, usize)> {
         self.sm.done += 1;
-        let ids = self.applying.pop_front().unwrap_or_default();
-        if ids.len() != responses.len() {
-            return Err((responses.len(), ids.len()));
+        let (count, last) = self.applying.pop_front().unwrap_or_default();
+        if count != responses {
+            return Err((responses, count));
         }
-        for (id, resp) in ids.into_iter().zip(responses) {
-            self.applied = id.index;
-            if let Some((proposed, reply)) = self.writes.remove(&id.index) {
-                let r = if proposed == id {
-                    Ok((id, resp))
-                } else {
-                    Err(WriteError::Dropped)
-                };
-                self.done.push(Done::Write(reply, r));
-            }
-        }
+        self.applied = self.applied.max(last);
         self.serve_reads();
         Ok(())
+    }
+
+    /// The write waiting for the entry `id`, for the apply that carries it.
+    /// A write proposed at that index in another term lost its entry: it
+    /// was definitely not applied, and is answered so now.
+    fn take_write(&mut self, id: LogId) -> Option<K::Write> {
+        let (proposed, reply) = self.writes.remove(&id.index)?;
+        if proposed == id {
+            Some(reply)
+        } else {
+            self.done.push(Done::Write(reply, WriteError::Dropped));
+            None
+        }
     }
 
     /// The oldest state-machine operation handed out, a snapshot build, is
@@ -397,7 +414,7 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
         // Proposals the snapshot covers: whether they made it is unknown.
         let rest = self.writes.split_off(&self.applied.next());
         for (_, (_, reply)) in std::mem::replace(&mut self.writes, rest) {
-            self.done.push(Done::Write(reply, Err(WriteError::Unknown)));
+            self.done.push(Done::Write(reply, WriteError::Unknown));
         }
         self.serve_reads();
     }
@@ -527,9 +544,10 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
                 self.sm.issued += 1;
                 let op = match q.action {
                     Action::Apply { entries } => {
-                        self.applying
-                            .push_back(entries.iter().map(|e| e.log_id).collect());
-                        SmOp::Apply(entries)
+                        let last = entries.last().map_or(self.applied, |e| e.log_id.index);
+                        self.applying.push_back((entries.len(), last));
+                        let writes = entries.iter().map(|e| self.take_write(e.log_id)).collect();
+                        SmOp::Apply { entries, writes }
                     }
                     Action::BuildSnapshot => SmOp::BuildSnapshot,
                     Action::SendSnapshotChunk {

@@ -32,7 +32,7 @@ use crate::message::{
 use crate::network::{Network, NetworkError, NetworkFactory};
 use crate::state_machine::StateMachine;
 use crate::storage::{LogStore, StorageError};
-use crate::types::{LogId, LogIndex, Membership, NodeId, Term, TypeConfig};
+use crate::types::{Entry, LogId, LogIndex, Membership, NodeId, Term, TypeConfig};
 
 /// Errors from the [`Raft`] handle.
 #[derive(Debug, Error, Clone)]
@@ -589,7 +589,9 @@ impl<C: TypeConfig> Callers for DriverCallers<C> {
 enum Report<C: TypeConfig> {
     /// This many log operations, the oldest in flight, are durable.
     LogDone(usize),
-    Applied(Vec<C::Response>),
+    /// The oldest applies in flight are done: the number of entries of
+    /// each (their writes are answered).
+    Applied(Vec<usize>),
     SnapshotBuilt(SnapshotMeta<C>),
     ChunkRead(NodeId, Option<Message<C>>),
     ChunkWritten,
@@ -605,7 +607,7 @@ struct Driver<C: TypeConfig, F: NetworkFactory<C>> {
     rx: mpsc::UnboundedReceiver<Input<C>>,
     reports: mpsc::UnboundedReceiver<Report<C>>,
     log_tx: mpsc::UnboundedSender<LogOp<C>>,
-    sm_tx: mpsc::UnboundedSender<SmOp<C>>,
+    sm_tx: mpsc::UnboundedSender<SmOpOf<C>>,
     workers: Vec<JoinHandle<()>>,
     start: Instant,
     initialize_reply: Option<Reply<(), C::Node>>,
@@ -753,12 +755,14 @@ where
     fn report(&mut self, report: Report<C>) -> Result<(), StorageError> {
         match report {
             Report::LogDone(n) => (0..n).for_each(|_| self.x.log_done()),
-            Report::Applied(responses) => {
-                if let Err((got, want)) = self.x.applied_batch(responses) {
-                    return Err(StorageError::Corrupt {
-                        location: "state machine".into(),
-                        detail: format!("{got} responses for {want} entries"),
-                    });
+            Report::Applied(counts) => {
+                for n in counts {
+                    if let Err((got, want)) = self.x.applied_batch(n) {
+                        return Err(StorageError::Corrupt {
+                            location: "state machine".into(),
+                            detail: format!("{got} responses for {want} entries"),
+                        });
+                    }
                 }
             }
             Report::SnapshotBuilt(meta) => self.x.snapshot_built(meta),
@@ -788,8 +792,8 @@ where
         }
         for done in self.x.take_done() {
             match done {
-                Done::Write(reply, r) => {
-                    let _ = reply.send(r.map_err(RaftError::from));
+                Done::Write(reply, e) => {
+                    let _ = reply.send(Err(RaftError::from(e)));
                 }
                 Done::Read(reply, r) => {
                     let _ = reply.send(r.map_err(RaftError::NotLeader));
@@ -921,16 +925,57 @@ async fn run_log_ops<C: TypeConfig, L: LogStore<C>>(
     Ok(())
 }
 
-/// The state-machine worker: carries out state-machine operations in order.
+type SmOpOf<C> = SmOp<C, WriteReply<C>>;
+
+/// The state-machine worker: carries out state-machine operations in order,
+/// merging runs of applies that queued up meanwhile into one `apply`, and
+/// answering each applied write itself.
 async fn sm_worker<C: TypeConfig, S: StateMachine<C>>(
     id: NodeId,
     chunk_bytes: usize,
     mut sm: S,
-    mut ops: mpsc::UnboundedReceiver<SmOp<C>>,
+    mut ops: mpsc::UnboundedReceiver<SmOpOf<C>>,
     reports: mpsc::UnboundedSender<Report<C>>,
 ) {
-    while let Some(op) = ops.recv().await {
-        let report = match run_sm_op(id, chunk_bytes, &mut sm, op).await {
+    let mut held = None;
+    loop {
+        let op = match held.take() {
+            Some(op) => op,
+            None => match ops.recv().await {
+                Some(op) => op,
+                None => return,
+            },
+        };
+        let result = match op {
+            SmOp::Apply {
+                mut entries,
+                mut writes,
+            } => {
+                let mut counts = vec![entries.len()];
+                while counts.len() < BATCH {
+                    match ops.try_recv() {
+                        Ok(SmOp::Apply {
+                            entries: more,
+                            writes: w,
+                        }) => {
+                            counts.push(more.len());
+                            entries.extend(more);
+                            writes.extend(w);
+                        }
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                apply_and_answer(&mut sm, entries, writes)
+                    .await
+                    .map(|()| Report::Applied(counts))
+            }
+            op => run_sm_op(id, chunk_bytes, &mut sm, op).await,
+        };
+        let report = match result {
             Ok(r) => r,
             Err(e) => Report::Failed(e),
         };
@@ -941,14 +986,42 @@ async fn sm_worker<C: TypeConfig, S: StateMachine<C>>(
     }
 }
 
+/// Applies `entries` and answers each write at its entry's position. A state
+/// machine that gives the wrong number of responses has broken its
+/// contract: nobody is answered and the node stops.
+async fn apply_and_answer<C: TypeConfig, S: StateMachine<C>>(
+    sm: &mut S,
+    entries: Vec<Entry<C>>,
+    writes: Vec<Option<WriteReply<C>>>,
+) -> Result<(), StorageError> {
+    let ids: Vec<LogId> = entries.iter().map(|e| e.log_id).collect();
+    let responses = sm.apply(entries).await?;
+    if responses.len() != ids.len() {
+        return Err(StorageError::Corrupt {
+            location: "state machine".into(),
+            detail: format!("{} responses for {} entries", responses.len(), ids.len()),
+        });
+    }
+    for ((id, response), write) in ids.into_iter().zip(responses).zip(writes) {
+        if let Some(write) = write {
+            let _ = write.send(Ok((id, response)));
+        }
+    }
+    Ok(())
+}
+
 async fn run_sm_op<C: TypeConfig, S: StateMachine<C>>(
     id: NodeId,
     chunk_bytes: usize,
     sm: &mut S,
-    op: SmOp<C>,
+    op: SmOpOf<C>,
 ) -> Result<Report<C>, StorageError> {
     Ok(match op {
-        SmOp::Apply(entries) => Report::Applied(sm.apply(entries).await?),
+        SmOp::Apply { entries, writes } => {
+            let n = entries.len();
+            apply_and_answer(sm, entries, writes).await?;
+            Report::Applied(vec![n])
+        }
         SmOp::BuildSnapshot => {
             let meta = sm
                 .build_snapshot()

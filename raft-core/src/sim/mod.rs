@@ -194,7 +194,7 @@ struct Node {
     log_worker: VecDeque<LogOp<C>>,
     log_busy: bool,
     /// State-machine operations handed out, in order; likewise.
-    sm_worker: VecDeque<SmOp<C>>,
+    sm_worker: VecDeque<SmOp<C, usize>>,
     sm_busy: bool,
     commit_seen: LogIndex,
     applied_seen: LogIndex,

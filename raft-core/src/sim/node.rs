@@ -203,22 +203,25 @@ impl Sim {
         }
     }
 
+    /// A write applied by node `i`'s state-machine worker, answered as the
+    /// driver's worker answers it.
+    fn answer_write(&mut self, op: usize, resp: KvResponse) {
+        let out = match resp {
+            KvResponse::Put | KvResponse::None => OpOutput::Put,
+            KvResponse::Deleted(d) => OpOutput::Deleted(d),
+            KvResponse::Cas { succeeded, current } => OpOutput::Cas { succeeded, current },
+        };
+        self.finish_op(op, OpState::Ok(self.now, out));
+    }
+
     fn answer(&mut self, i: usize, done: Done<C, super::SimCallers>) {
         match done {
-            Done::Write(op, Ok((_, resp))) => {
-                let out = match resp {
-                    KvResponse::Put | KvResponse::None => OpOutput::Put,
-                    KvResponse::Deleted(d) => OpOutput::Deleted(d),
-                    KvResponse::Cas { succeeded, current } => OpOutput::Cas { succeeded, current },
-                };
-                self.finish_op(op, OpState::Ok(self.now, out));
-            }
-            Done::Write(op, Err(WriteError::NotLeader(nl))) => {
+            Done::Write(op, WriteError::NotLeader(nl)) => {
                 self.finish_op(op, OpState::Failed);
                 self.redirect(op, nl.leader_id);
             }
-            Done::Write(op, Err(WriteError::Unknown)) => self.finish_op(op, OpState::Unknown),
-            Done::Write(op, Err(_)) => self.finish_op(op, OpState::Failed),
+            Done::Write(op, WriteError::Unknown) => self.finish_op(op, OpState::Unknown),
+            Done::Write(op, _) => self.finish_op(op, OpState::Failed),
             Done::Read(op, Ok(index)) => {
                 let floor = self.read_floor.remove(&op).unwrap_or_default();
                 if index < floor {
@@ -397,10 +400,15 @@ impl Sim {
             return;
         };
         match op {
-            SmOp::Apply(entries) => {
+            SmOp::Apply { entries, writes } => {
                 let responses = self.apply(i, entries);
-                if let Some(Err((got, want))) =
-                    self.nodes[i].x.as_mut().map(|x| x.applied_batch(responses))
+                let n = responses.len();
+                for (resp, op) in responses.into_iter().zip(writes) {
+                    if let Some(op) = op {
+                        self.answer_write(op, resp);
+                    }
+                }
+                if let Some(Err((got, want))) = self.nodes[i].x.as_mut().map(|x| x.applied_batch(n))
                 {
                     self.fail(format!("node {id}: {got} responses for {want} entries"));
                 }
