@@ -160,6 +160,15 @@ pub enum Io<C: TypeConfig, K: Callers> {
         to: K::Rpc,
         msg: Message<C>,
     },
+    /// A reply that may leave once every log operation handed out before it
+    /// is durable (pipelined mode only). The runtime queues it behind them
+    /// on its log lane and sends it when they are done, without waiting for
+    /// the executor to hear of it: a follower's acknowledgement leaves one
+    /// task hand-off sooner. Carrying it out is no report of its own.
+    ReplyAfterLog {
+        to: K::Rpc,
+        msg: Message<C>,
+    },
 }
 
 enum Lane {
@@ -570,11 +579,22 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
                 self.io.push(Io::Sm(op));
                 progressed = true;
             }
-            while let Some(q) = self.net_q.front()
-                && self.ready(q)
-            {
+            while let Some(q) = self.net_q.front() {
+                // A reply waiting only for log operations already handed out
+                // can ride the log lane behind them.
+                let after_log = !self.ready(q)
+                    && !serial
+                    && q.reply.is_some()
+                    && self.sm.done >= q.needs_sm
+                    && self.log.issued >= q.needs_log;
+                if !self.ready(q) && !after_log {
+                    break;
+                }
                 let q = self.net_q.pop_front().expect("front exists");
                 let io = match (q.action, q.reply) {
+                    (Action::Respond { msg, .. }, Some(to)) if after_log => {
+                        Io::ReplyAfterLog { to, msg }
+                    }
                     (Action::Respond { msg, .. }, Some(to)) => Io::Reply { to, msg },
                     (Action::Respond { to, msg } | Action::Send { to, msg }, _) => {
                         Io::Send { to, msg }

@@ -582,8 +582,17 @@ struct DriverCallers<C>(std::marker::PhantomData<C>);
 impl<C: TypeConfig> Callers for DriverCallers<C> {
     type Write = WriteReply<C>;
     type Read = Reply<LogIndex, C::Node>;
-    type Rpc = Reply<Message<C>, C::Node>;
+    type Rpc = RpcReply<C>;
 }
+
+/// What the log worker is handed, in order: operations on the `LogStore`,
+/// and replies to send once the operations before them are durable.
+enum LogItem<C: TypeConfig> {
+    Op(LogOp<C>),
+    Reply(RpcReply<C>, Message<C>),
+}
+
+type RpcReply<C> = Reply<Message<C>, <C as TypeConfig>::Node>;
 
 /// What the storage workers report back to the driver's loop.
 enum Report<C: TypeConfig> {
@@ -606,7 +615,7 @@ struct Driver<C: TypeConfig, F: NetworkFactory<C>> {
     tx: mpsc::WeakUnboundedSender<Input<C>>,
     rx: mpsc::UnboundedReceiver<Input<C>>,
     reports: mpsc::UnboundedReceiver<Report<C>>,
-    log_tx: mpsc::UnboundedSender<LogOp<C>>,
+    log_tx: mpsc::UnboundedSender<LogItem<C>>,
     sm_tx: mpsc::UnboundedSender<SmOpOf<C>>,
     workers: Vec<JoinHandle<()>>,
     start: Instant,
@@ -779,7 +788,7 @@ where
         for io in self.x.poll_io() {
             match io {
                 Io::Log(op) => {
-                    let _ = self.log_tx.send(op);
+                    let _ = self.log_tx.send(LogItem::Op(op));
                 }
                 Io::Sm(op) => {
                     let _ = self.sm_tx.send(op);
@@ -787,6 +796,9 @@ where
                 Io::Send { to, msg } => self.send(to, msg),
                 Io::Reply { to, msg } => {
                     let _ = to.send(Ok(msg));
+                }
+                Io::ReplyAfterLog { to, msg } => {
+                    let _ = self.log_tx.send(LogItem::Reply(to, msg));
                 }
             }
         }
@@ -875,25 +887,34 @@ where
 /// appends that queued up meanwhile into one `append` (group commit).
 async fn log_worker<C: TypeConfig, L: LogStore<C>>(
     mut store: L,
-    mut ops: mpsc::UnboundedReceiver<LogOp<C>>,
+    mut items: mpsc::UnboundedReceiver<LogItem<C>>,
     reports: mpsc::UnboundedSender<Report<C>>,
 ) {
     let mut batch = Vec::new();
-    while let Some(op) = ops.recv().await {
-        batch.push(op);
-        while batch.len() < BATCH
-            && let Ok(op) = ops.try_recv()
-        {
-            batch.push(op);
+    let mut replies = Vec::new();
+    while let Some(item) = items.recv().await {
+        let mut next = Some(item);
+        while let Some(item) = next.take() {
+            match item {
+                LogItem::Op(op) => batch.push(op),
+                LogItem::Reply(to, msg) => replies.push((to, msg)),
+            }
+            if batch.len() < BATCH {
+                next = items.try_recv().ok();
+            }
         }
+        // A reply queued here waits for the operations before it; sending
+        // every reply of the batch after all of its operations keeps the
+        // group commit (later is always allowed).
         let n = batch.len();
-        let result = run_log_ops(&mut store, batch.drain(..)).await;
-        let report = match result {
-            Ok(()) => Report::LogDone(n),
-            Err(e) => Report::Failed(e),
-        };
-        let failed = matches!(report, Report::Failed(_));
-        if reports.send(report).is_err() || failed {
+        if let Err(e) = run_log_ops(&mut store, batch.drain(..)).await {
+            let _ = reports.send(Report::Failed(e));
+            return;
+        }
+        for (to, msg) in replies.drain(..) {
+            let _ = to.send(Ok(msg));
+        }
+        if n > 0 && reports.send(Report::LogDone(n)).is_err() {
             return;
         }
     }

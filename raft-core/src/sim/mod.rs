@@ -56,7 +56,8 @@ pub(crate) enum SimCallers {}
 impl Callers for SimCallers {
     type Write = usize;
     type Read = usize;
-    type Rpc = std::convert::Infallible;
+    /// The node that sent the request.
+    type Rpc = NodeId;
 }
 
 /// How the simulated network behaves on every link.
@@ -193,6 +194,12 @@ struct Node {
     /// Log operations handed out, in order; the first runs when `log_busy`.
     log_worker: VecDeque<LogOp<C>>,
     log_busy: bool,
+    /// Log operations handed out and completed since the last restart.
+    log_handed: u64,
+    log_done_count: u64,
+    /// Replies waiting on the log lane: (log operations that must be done
+    /// first, to, message).
+    log_replies: VecDeque<(u64, NodeId, Message<C>)>,
     /// State-machine operations handed out, in order; likewise.
     sm_worker: VecDeque<SmOp<C, usize>>,
     sm_busy: bool,
@@ -390,6 +397,9 @@ impl Sim {
                     staging: Vec::new(),
                     inbox: VecDeque::new(),
                     log_worker: VecDeque::new(),
+                    log_handed: 0,
+                    log_done_count: 0,
+                    log_replies: VecDeque::new(),
                     log_busy: false,
                     sm_worker: VecDeque::new(),
                     sm_busy: false,
@@ -570,6 +580,9 @@ impl Sim {
         n.inbox.clear();
         n.log_worker.clear();
         n.log_busy = false;
+        n.log_handed = 0;
+        n.log_done_count = 0;
+        n.log_replies.clear();
         n.sm_worker.clear();
         n.sm_busy = false;
         n.staging.clear();

@@ -9,7 +9,7 @@ use std::cmp::Reverse;
 use crate::executor::{Done, Io, LogOp, SmOp, WriteError};
 use crate::memory::kv::{KvResponse, KvStore};
 use crate::message::{InstallSnapshotRequest, Message, SnapshotMeta};
-use crate::types::Entry;
+use crate::types::{Entry, NodeId};
 
 use super::linearizability::OpOutput;
 use super::monitor::Reach;
@@ -130,7 +130,9 @@ impl Sim {
                 {
                     self.stats.append_rejections += 1;
                 }
-                if let Err((e, _)) = x.step(from, msg, None) {
+                // Requests carry their sender as the reply handle, as the
+                // driver's carry a channel back to the caller.
+                if let Err((e, _)) = x.step(from, msg, Some(from)) {
                     let id = self.nodes[i].id;
                     self.fail(format!(
                         "node {id} refused a message from an honest peer: {e}"
@@ -160,7 +162,6 @@ impl Sim {
     /// workers, sends to the network, answers to the clients; then checks
     /// the node's state.
     fn pump(&mut self, i: usize) {
-        let id = self.nodes[i].id;
         let Some(x) = self.nodes[i].x.as_mut() else {
             return;
         };
@@ -171,28 +172,22 @@ impl Sim {
             match io {
                 Io::Log(op) => {
                     self.nodes[i].log_worker.push_back(op);
+                    self.nodes[i].log_handed += 1;
                     self.start_log_op(i);
+                }
+                Io::ReplyAfterLog { to, msg } => {
+                    let n = &mut self.nodes[i];
+                    if n.log_done_count >= n.log_handed {
+                        self.emit(i, to, msg);
+                    } else {
+                        n.log_replies.push_back((n.log_handed, to, msg));
+                    }
                 }
                 Io::Sm(op) => {
                     self.nodes[i].sm_worker.push_back(op);
                     self.start_sm_op(i);
                 }
-                Io::Send { to, msg } => {
-                    self.monitor_send(i, to, &msg);
-                    if let Message::VoteResponse(v) = &msg
-                        && v.granted
-                        && !v.pre_vote
-                        && let Some(prev) = self.votes.insert((id, v.term), to)
-                        && prev != to
-                    {
-                        self.fail(format!(
-                            "node {id} voted for both {prev} and {to} in term {}",
-                            v.term
-                        ));
-                    }
-                    self.send(id, to, msg);
-                }
-                Io::Reply { to, .. } => match to {},
+                Io::Send { to, msg } | Io::Reply { to, msg } => self.emit(i, to, msg),
             }
             if self.nodes[i].x.is_none() {
                 return; // crashed mid-append
@@ -201,6 +196,24 @@ impl Sim {
         for d in done {
             self.answer(i, d);
         }
+    }
+
+    /// Puts a message of node `i` on the network, checked first.
+    fn emit(&mut self, i: usize, to: NodeId, msg: Message<C>) {
+        let id = self.nodes[i].id;
+        self.monitor_send(i, to, &msg);
+        if let Message::VoteResponse(v) = &msg
+            && v.granted
+            && !v.pre_vote
+            && let Some(prev) = self.votes.insert((id, v.term), to)
+            && prev != to
+        {
+            self.fail(format!(
+                "node {id} voted for both {prev} and {to} in term {}",
+                v.term
+            ));
+        }
+        self.send(id, to, msg);
     }
 
     /// A write applied by node `i`'s state-machine worker, answered as the
@@ -381,6 +394,17 @@ impl Sim {
                     n.disk.base = upto;
                 }
             }
+        }
+        // Replies queued behind this operation leave now, before the
+        // executor hears of it, as the driver's log worker sends them.
+        let n = &mut self.nodes[i];
+        n.log_done_count += 1;
+        let done = n.log_done_count;
+        while let Some((after, ..)) = self.nodes[i].log_replies.front()
+            && *after <= done
+        {
+            let (_, to, msg) = self.nodes[i].log_replies.pop_front().expect("front exists");
+            self.emit(i, to, msg);
         }
         if let Some(x) = self.nodes[i].x.as_mut() {
             x.log_done();
