@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use common::script::{C, Script, config};
 use raft_core::memory::kv::KvCommand;
 use raft_core::{
-    Config, Engine, HardState, InitializeError, Membership, NodeId, RecoveredState, Role,
-    SnapshotMeta, Term,
+    Config, Engine, HardState, InitializeError, Membership, MembershipError, NodeId,
+    RecoveredState, Role, SnapshotMeta, Term,
 };
 
 fn members(ids: &[u64]) -> BTreeMap<NodeId, String> {
@@ -214,4 +214,78 @@ fn a_leadership_transfer_that_does_not_happen_ends_after_an_election_timeout() {
         leader.propose(put("resumed")).is_ok(),
         "proposals must resume once the transfer has timed out"
     );
+}
+
+fn membership_error<N: std::fmt::Debug>(
+    r: Result<raft_core::LogId, raft_core::engine::ProposeError<N>>,
+) -> MembershipError {
+    match r {
+        Err(raft_core::engine::ProposeError::Membership(e)) => e,
+        Err(other) => panic!("expected a membership error, got {other:?}"),
+        Ok(id) => panic!("expected a membership error, the change was proposed at {id}"),
+    }
+}
+
+#[test]
+fn a_member_cannot_be_added_twice_not_even_as_a_learner() {
+    let s1 = NodeId(1);
+    let mut s = Script::new(3);
+    s.elect(s1, |_, _, _| false);
+    let leader = s.engines.get_mut(&s1).unwrap();
+    leader.add_learner(NodeId(4), "n4".into()).unwrap();
+    s.flush(s1);
+    s.deliver(|_, _, _| false);
+    let leader = s.engines.get_mut(&s1).unwrap();
+    assert!(leader.membership().learner_ids().contains(&NodeId(4)));
+    assert_eq!(
+        membership_error(leader.add_learner(NodeId(4), "elsewhere".into())),
+        MembershipError::AlreadyMember(NodeId(4))
+    );
+    assert_eq!(
+        membership_error(leader.add_learner(NodeId(2), "n2".into())),
+        MembershipError::AlreadyMember(NodeId(2))
+    );
+}
+
+#[test]
+fn a_learner_is_removed_by_a_configuration_without_it() {
+    let s1 = NodeId(1);
+    let mut s = Script::new(3);
+    s.elect(s1, |_, _, _| false);
+    s.engines
+        .get_mut(&s1)
+        .unwrap()
+        .add_learner(NodeId(4), "n4".into())
+        .unwrap();
+    s.flush(s1);
+    s.deliver(|_, _, _| false);
+    let leader = s.engines.get_mut(&s1).unwrap();
+    let id = leader.remove_learner(NodeId(4)).unwrap();
+    assert_eq!(leader.membership_log_id(), id);
+    assert!(!leader.membership().nodes.contains_key(&NodeId(4)));
+    assert_eq!(leader.membership().voter_ids().len(), 3);
+    assert_eq!(
+        membership_error(leader.remove_learner(NodeId(2))),
+        MembershipError::InProgress { index: id.index },
+        "the removal is not committed yet"
+    );
+}
+
+#[test]
+fn one_membership_change_at_a_time_even_between_learners() {
+    let s1 = NodeId(1);
+    let mut s = Script::new(3);
+    s.elect(s1, |_, _, _| false);
+    let leader = s.engines.get_mut(&s1).unwrap();
+    let first = leader.add_learner(NodeId(4), "n4".into()).unwrap();
+    // Not committed yet (nothing delivered): a second change must wait.
+    assert_eq!(
+        membership_error(leader.add_learner(NodeId(5), "n5".into())),
+        MembershipError::InProgress { index: first.index }
+    );
+    s.flush(s1);
+    s.deliver(|_, _, _| false);
+    let leader = s.engines.get_mut(&s1).unwrap();
+    assert!(leader.commit_index() >= first.index);
+    leader.add_learner(NodeId(5), "n5".into()).unwrap();
 }
