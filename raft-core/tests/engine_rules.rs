@@ -13,6 +13,7 @@ use raft_core::{
     Config, Engine, HardState, InitializeError, Membership, MembershipError, NodeId,
     RecoveredState, Role, SnapshotMeta, Term,
 };
+use raft_core::{LogId, LogIndex};
 
 fn members(ids: &[u64]) -> BTreeMap<NodeId, String> {
     ids.iter().map(|i| (NodeId(*i), format!("n{i}"))).collect()
@@ -288,4 +289,42 @@ fn one_membership_change_at_a_time_even_between_learners() {
     let leader = s.engines.get_mut(&s1).unwrap();
     assert!(leader.commit_index() >= first.index);
     leader.add_learner(NodeId(5), "n5".into()).unwrap();
+}
+
+#[test]
+fn a_snapshot_older_than_the_current_one_or_of_another_history_is_ignored() {
+    let s1 = NodeId(1);
+    let mut s = Script::new(3);
+    s.elect(s1, |_, _, _| false);
+    for v in ["a", "b"] {
+        s.engines.get_mut(&s1).unwrap().propose(put(v)).unwrap();
+        s.flush(s1);
+        s.deliver(|_, _, _| false);
+    }
+    let leader = s.engines.get_mut(&s1).unwrap();
+    let last = leader.last_log_id();
+    let meta = |id: LogId, n: u64, e: &Engine<C>| SnapshotMeta {
+        last_log_id: id,
+        membership: e.membership().clone(),
+        id: n,
+    };
+    let newest = meta(last, 1, leader);
+    leader.snapshot_built(newest.clone());
+    let older = meta(leader.log().log_id_at(LogIndex(2)).unwrap(), 2, leader);
+    leader.snapshot_built(older);
+    assert_eq!(
+        leader.snapshot_meta(),
+        Some(&newest),
+        "an older snapshot replaced a newer one"
+    );
+
+    // A state machine reporting an entry this log does not hold (another
+    // term at an index above the log's base) built from another history.
+    let foreign = LogId::new(last.term.0 + 5, last.index.0 + 1);
+    leader.snapshot_built(meta(foreign, 3, leader));
+    assert_eq!(
+        leader.snapshot_meta(),
+        Some(&newest),
+        "a foreign snapshot was taken"
+    );
 }
