@@ -328,3 +328,55 @@ fn a_snapshot_older_than_the_current_one_or_of_another_history_is_ignored() {
         "a foreign snapshot was taken"
     );
 }
+
+#[test]
+fn an_unanswered_snapshot_chunk_is_resent_after_an_election_timeout_not_before() {
+    let cfg = Config {
+        purge_keep: 0,
+        ..config()
+    };
+    let [s1, s3] = [1, 3].map(NodeId);
+    let mut s = Script::with_config(3, cfg.clone());
+    s.elect(s1, |_, _, _| false);
+    s.crash(s3);
+    for v in ["a", "b", "c"] {
+        s.engines.get_mut(&s1).unwrap().propose(put(v)).unwrap();
+        s.flush(s1);
+        s.deliver(|_, _, _| false);
+    }
+    let leader = s.engines.get_mut(&s1).unwrap();
+    let meta = SnapshotMeta {
+        last_log_id: leader.last_log_id(),
+        membership: leader.membership().clone(),
+        id: 1,
+    };
+    leader.snapshot_built(meta);
+    s.flush(s1);
+    // s3 returns behind the purged log: it can only catch up by snapshot.
+    s.restart(s3);
+    let to_s3 = |s: &Script| s.snapshot_sends.iter().filter(|x| x.1 == s3).count();
+    let chunk_lost = |_: NodeId, _: NodeId, _: &raft_core::Message<C>| false;
+    s.heartbeat(s1, chunk_lost);
+    s.heartbeat(s1, chunk_lost);
+    assert_eq!(
+        to_s3(&s),
+        1,
+        "the snapshot's first chunk: {:?}",
+        s.snapshot_sends
+    );
+    let first_sent = s.snapshot_sends[0].3;
+    // The chunk is never answered (the script does not carry it out).
+    while s.clock + cfg.heartbeat_interval_ms < first_sent + cfg.election_timeout_min_ms {
+        s.heartbeat(s1, chunk_lost);
+        assert_eq!(
+            to_s3(&s),
+            1,
+            "chunk resent at {} though sent at {first_sent}",
+            s.clock
+        );
+    }
+    for _ in 0..2 {
+        s.heartbeat(s1, chunk_lost);
+    }
+    assert_eq!(to_s3(&s), 2, "the lost chunk was never resent");
+}

@@ -20,6 +20,11 @@ pub struct Script {
     /// Every (index -> entry id) any node ever reported committed.
     pub committed: BTreeMap<LogIndex, LogId>,
     pub clock: u64,
+    /// Every engine's configuration.
+    pub cfg: Config,
+    /// Snapshot chunks the engines asked to send: (from, to, offset, clock).
+    /// Not carried out: these scripts test when they are asked for.
+    pub snapshot_sends: Vec<(NodeId, NodeId, u64, u64)>,
 }
 
 pub fn config() -> Config {
@@ -34,6 +39,10 @@ pub fn config() -> Config {
 
 impl Script {
     pub fn new(n: u64) -> Script {
+        Script::with_config(n, config())
+    }
+
+    pub fn with_config(n: u64, cfg: Config) -> Script {
         let members: BTreeMap<NodeId, String> =
             (1..=n).map(|i| (NodeId(i), format!("n{i}"))).collect();
         let mut s = Script {
@@ -42,10 +51,12 @@ impl Script {
             queue: Vec::new(),
             committed: BTreeMap::new(),
             clock: 0,
+            cfg: cfg.clone(),
+            snapshot_sends: Vec::new(),
         };
         for i in 1..=n {
             let id = NodeId(i);
-            let mut e = Engine::new(id, config(), i, 0, RecoveredState::default()).unwrap();
+            let mut e = Engine::new(id, cfg.clone(), i, 0, RecoveredState::default()).unwrap();
             e.initialize(Membership::new_voters(members.clone()))
                 .unwrap();
             s.disks.insert(id, (HardState::default(), Vec::new()));
@@ -78,6 +89,9 @@ impl Script {
                     Action::Send { to, msg } | Action::Respond { to, msg } => {
                         self.queue.push((id, to, msg))
                     }
+                    Action::SendSnapshotChunk { to, offset, .. } => {
+                        self.snapshot_sends.push((id, to, offset, self.clock))
+                    }
                     _ => {}
                 }
             }
@@ -89,7 +103,10 @@ impl Script {
         let e = &self.engines[&id];
         for i in 1..=e.commit_index().0 {
             let idx = LogIndex(i);
-            let log_id = e.log().log_id_at(idx).unwrap();
+            // Purged behind a snapshot: checked when it was committed.
+            let Some(log_id) = e.log().log_id_at(idx) else {
+                continue;
+            };
             let prev = *self.committed.entry(idx).or_insert(log_id);
             assert_eq!(
                 prev, log_id,
@@ -125,8 +142,10 @@ impl Script {
             entries,
             ..RecoveredState::default()
         };
-        self.engines
-            .insert(id, Engine::new(id, config(), id.0 + 100, 0, state).unwrap());
+        self.engines.insert(
+            id,
+            Engine::new(id, self.cfg.clone(), id.0 + 100, 0, state).unwrap(),
+        );
     }
 
     /// Lets a heartbeat interval pass on `id` only, and delivers the result.
@@ -135,7 +154,7 @@ impl Script {
         id: NodeId,
         drop: impl Fn(NodeId, NodeId, &Message<C>) -> bool + Copy,
     ) {
-        self.clock += config().heartbeat_interval_ms;
+        self.clock += self.cfg.heartbeat_interval_ms;
         self.engines.get_mut(&id).unwrap().tick(self.clock);
         self.flush(id);
         self.deliver(drop);
