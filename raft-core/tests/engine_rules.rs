@@ -201,6 +201,8 @@ fn a_leadership_transfer_that_does_not_happen_ends_after_an_election_timeout() {
     let [s1, s2] = [1, 2].map(NodeId);
     let mut s = Script::new(3);
     s.elect(s1, |_, _, _| false);
+    // Not at time 0: the deadline is counted from now.
+    s.heartbeat(s1, |_, _, _| false);
     let leader = s.engines.get_mut(&s1).unwrap();
     leader.transfer_leader(s2).unwrap();
     assert!(leader.propose(put("paused")).is_err());
@@ -379,4 +381,26 @@ fn an_unanswered_snapshot_chunk_is_resent_after_an_election_timeout_not_before()
         s.heartbeat(s1, chunk_lost);
     }
     assert_eq!(to_s3(&s), 2, "the lost chunk was never resent");
+}
+
+#[test]
+fn a_transfer_to_itself_or_to_a_learner_changes_nothing() {
+    let s1 = NodeId(1);
+    let mut s = Script::new(3);
+    s.elect(s1, |_, _, _| false);
+    s.engines
+        .get_mut(&s1)
+        .unwrap()
+        .add_learner(NodeId(4), "n4".into())
+        .unwrap();
+    s.flush(s1);
+    s.deliver(|_, _, _| false);
+    let leader = s.engines.get_mut(&s1).unwrap();
+    for to in [s1, NodeId(4)] {
+        leader.transfer_leader(to).unwrap();
+        assert!(
+            leader.propose(put("still leading")).is_ok(),
+            "a transfer to {to} paused proposals"
+        );
+    }
 }

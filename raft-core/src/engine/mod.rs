@@ -733,11 +733,6 @@ impl<C: TypeConfig> Engine<C> {
         }
     }
 
-    /// Reports that building a snapshot failed; the engine will ask again later.
-    pub fn snapshot_failed(&mut self) {
-        self.building_snapshot = false;
-    }
-
     /// Asks the leader to hand leadership to `to` (thesis §3.10): proposals
     /// pause, `to` is brought up to date and told to campaign at once. If it
     /// has not taken over within an election timeout, this node resumes.
