@@ -404,3 +404,55 @@ fn a_transfer_to_itself_or_to_a_learner_changes_nothing() {
         );
     }
 }
+
+/// The stale-report guard of `log_persisted`: a write that completes for
+/// entries the log no longer holds (a new leader replaced them meanwhile)
+/// says nothing about what is durable now. Counting it would let a leader
+/// count itself for entries that are not on its disk.
+#[test]
+fn a_completed_write_of_replaced_entries_does_not_count_as_durable() {
+    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
+    let cfg = Config {
+        max_entries_per_message: 64,
+        max_inflight: 8,
+        ..config()
+    };
+    let mut s = Script::with_config(3, cfg);
+    s.elect(s1, |_, _, _| false);
+    // s1 appends three entries of term 1; they reach s2 only, and neither
+    // disk has finished writing them. s2's acknowledgements are lost.
+    s.holding.extend([s1, s2]);
+    for v in ["a", "b", "c"] {
+        s.engines.get_mut(&s1).unwrap().propose(put(v)).unwrap();
+    }
+    s.flush(s1);
+    s.deliver(|from, to, _| to == s3 || (from == s2 && to == s1));
+    assert_eq!(s.engines[&s2].last_log_id(), LogId::new(1, 5));
+    // s1 loses power (its writes were never durable) and comes back.
+    s.crash(s1);
+    s.holding.remove(&s1);
+    s.restart(s1);
+    // s3 wins term 2 with s1's vote; its no-op replaces s2's index 3.
+    s.elect(s3, |_, _, _| false);
+    assert_eq!(
+        s.engines[&s2].log().log_id_at(LogIndex(3)),
+        Some(LogId::new(2, 3))
+    );
+    // s2's first write (entries 1-3..1-5) completes only now.
+    s.release(s2, 1);
+    // s3 fails; s2 wins term 3 with s1's vote and appends its no-op (4),
+    // which s1 acknowledges. s2's disk holds none of 2-3 and 3-4 yet.
+    s.crash(s3);
+    s.elect(s2, |_, _, _| false);
+    assert_eq!(s.engines[&s2].last_log_id(), LogId::new(3, 4));
+    assert!(
+        s.engines[&s2].commit_index() < LogIndex(4),
+        "s2 committed 3-4 counting itself, but its disk ends at {:?}",
+        s.disks[&s2].1.last().map(|e| e.log_id)
+    );
+    // Once its writes complete, it commits.
+    s.holding.remove(&s2);
+    s.release(s2, usize::MAX);
+    s.heartbeat(s2, |_, _, _| false);
+    assert_eq!(s.engines[&s2].commit_index(), LogIndex(4));
+}

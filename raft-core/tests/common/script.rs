@@ -2,7 +2,7 @@
 //! network that delivers only when told. For cases where the exact
 //! interleaving of messages is the point.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use raft_core::memory::kv::KvConfig;
 use raft_core::{
@@ -25,6 +25,10 @@ pub struct Script {
     /// Snapshot chunks the engines asked to send: (from, to, offset, clock).
     /// Not carried out: these scripts test when they are asked for.
     pub snapshot_sends: Vec<(NodeId, NodeId, u64, u64)>,
+    /// Nodes whose log writes wait in `held` until [`Script::release`]:
+    /// a slow disk, one write at a time.
+    pub holding: BTreeSet<NodeId>,
+    pub held: BTreeMap<NodeId, VecDeque<Action<C>>>,
 }
 
 pub fn config() -> Config {
@@ -53,6 +57,8 @@ impl Script {
             clock: 0,
             cfg: cfg.clone(),
             snapshot_sends: Vec::new(),
+            holding: BTreeSet::new(),
+            held: BTreeMap::new(),
         };
         for i in 1..=n {
             let id = NodeId(i);
@@ -80,6 +86,11 @@ impl Script {
                 let disk = self.disks.get_mut(&id).unwrap();
                 match a {
                     Action::SaveHardState(hs) => disk.0 = hs,
+                    Action::AppendLog { .. } | Action::TruncateLog { .. }
+                        if self.holding.contains(&id) =>
+                    {
+                        self.held.entry(id).or_default().push_back(a);
+                    }
                     Action::AppendLog { entries } => {
                         let last = entries.last().unwrap().log_id;
                         disk.1.extend(entries);
@@ -115,6 +126,28 @@ impl Script {
         }
     }
 
+    /// Completes the oldest `n` log writes held for `id`, in order.
+    pub fn release(&mut self, id: NodeId, n: usize) {
+        for _ in 0..n {
+            let Some(a) = self.held.get_mut(&id).and_then(|q| q.pop_front()) else {
+                return;
+            };
+            let disk = self.disks.get_mut(&id).unwrap();
+            match a {
+                Action::AppendLog { entries } => {
+                    let last = entries.last().unwrap().log_id;
+                    disk.1.extend(entries);
+                    if let Some(e) = self.engines.get_mut(&id) {
+                        e.log_persisted(last);
+                    }
+                }
+                Action::TruncateLog { from } => disk.1.retain(|e| e.log_id.index < from),
+                _ => unreachable!("only log writes are held"),
+            }
+        }
+        self.flush(id);
+    }
+
     /// Delivers queued messages (and what they cause) until none is left,
     /// dropping those `drop` picks.
     pub fn deliver(&mut self, drop: impl Fn(NodeId, NodeId, &Message<C>) -> bool) {
@@ -132,6 +165,8 @@ impl Script {
 
     pub fn crash(&mut self, id: NodeId) {
         self.engines.remove(&id);
+        // Writes still held were never durable.
+        self.held.remove(&id);
         self.queue.retain(|(from, _, _)| *from != id);
     }
 
