@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 
 use common::script::{C, Script, config};
 use raft_core::memory::kv::KvCommand;
+use raft_core::{Action, LogId, LogIndex, Message, VoteRequest};
 use raft_core::{
     Config, Engine, HardState, InitializeError, Membership, MembershipError, NodeId,
     RecoveredState, Role, SnapshotMeta, Term,
 };
-use raft_core::{LogId, LogIndex};
 
 fn members(ids: &[u64]) -> BTreeMap<NodeId, String> {
     ids.iter().map(|i| (NodeId(*i), format!("n{i}"))).collect()
@@ -455,4 +455,104 @@ fn a_completed_write_of_replaced_entries_does_not_count_as_durable() {
     s.release(s2, usize::MAX);
     s.heartbeat(s2, |_, _, _| false);
     assert_eq!(s.engines[&s2].commit_index(), LogIndex(4));
+}
+
+fn vote_request(
+    e: &Engine<C>,
+    from: NodeId,
+    term: u64,
+    pre_vote: bool,
+    transfer: bool,
+) -> Message<C> {
+    Message::Vote(VoteRequest {
+        term: Term(term),
+        candidate_id: from,
+        last_log_id: e.last_log_id(),
+        pre_vote,
+        transfer,
+    })
+}
+
+/// Steps `msg` into `id` and returns whether it granted the vote it answered.
+fn granted(s: &mut Script, id: NodeId, from: NodeId, msg: Message<C>) -> bool {
+    let e = s.engines.get_mut(&id).unwrap();
+    e.step(from, msg).unwrap();
+    e.take_actions()
+        .iter()
+        .any(|a| matches!(a, Action::Respond { msg: Message::VoteResponse(v), .. } if v.granted))
+}
+
+#[test]
+fn a_follower_that_hears_from_its_leader_refuses_campaigns_but_not_transfers() {
+    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
+    let cfg = Config {
+        check_quorum: true,
+        ..config()
+    };
+    let mut s = Script::with_config(3, cfg);
+    s.elect(s1, |_, _, _| false);
+    s.heartbeat(s1, |_, _, _| false);
+    let term = s.engines[&s2].term().0;
+    // A disruptive candidate (it was partitioned, or removed) asks s2, which
+    // heard from s1 within the election timeout (thesis §4.2.3).
+    let req = vote_request(&s.engines[&s2], s3, term + 1, false, false);
+    assert!(
+        !granted(&mut s, s2, s3, req),
+        "vote granted against a live leader"
+    );
+    assert_eq!(
+        s.engines[&s2].term().0,
+        term,
+        "a refused campaign moved the term"
+    );
+    let req = vote_request(&s.engines[&s2], s3, term, true, false);
+    assert!(
+        !granted(&mut s, s2, s3, req),
+        "pre-vote granted against a live leader"
+    );
+    // A campaign that follows a leadership transfer is the leader's wish.
+    let req = vote_request(&s.engines[&s2], s3, term + 1, false, true);
+    assert!(granted(&mut s, s2, s3, req), "transfer vote refused");
+}
+
+#[test]
+fn leadership_transfer_succeeds_at_once_while_followers_hold_a_lease() {
+    let [s1, s2] = [1, 2].map(NodeId);
+    let cfg = Config {
+        check_quorum: true,
+        ..config()
+    };
+    let mut s = Script::with_config(3, cfg);
+    s.elect(s1, |_, _, _| false);
+    s.heartbeat(s1, |_, _, _| false);
+    s.engines.get_mut(&s1).unwrap().transfer_leader(s2).unwrap();
+    s.flush(s1);
+    s.deliver(|_, _, _| false);
+    assert!(
+        s.engines[&s2].is_leader(),
+        "the transfer target did not win"
+    );
+}
+
+#[test]
+fn a_pre_vote_is_granted_only_for_a_higher_term_and_an_up_to_date_log() {
+    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
+    let mut s = Script::new(3);
+    s.elect(s1, |_, _, _| false);
+    let term = s.engines[&s2].term().0;
+    let mut stale = vote_request(&s.engines[&s2], s3, term + 1, true, false);
+    if let Message::Vote(r) = &mut stale {
+        r.last_log_id = LogId::new(0, 1);
+    }
+    assert!(
+        !granted(&mut s, s2, s3, stale),
+        "pre-vote granted to a stale log"
+    );
+    let same_term = vote_request(&s.engines[&s2], s3, term, true, false);
+    assert!(
+        !granted(&mut s, s2, s3, same_term),
+        "pre-vote granted without a higher term"
+    );
+    let good = vote_request(&s.engines[&s2], s3, term + 1, true, false);
+    assert!(granted(&mut s, s2, s3, good));
 }
