@@ -556,3 +556,57 @@ fn a_pre_vote_is_granted_only_for_a_higher_term_and_an_up_to_date_log() {
     let good = vote_request(&s.engines[&s2], s3, term + 1, true, false);
     assert!(granted(&mut s, s2, s3, good));
 }
+
+#[test]
+fn a_refused_vote_leaves_the_node_free_to_vote_in_that_term() {
+    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
+    let mut s = Script::new(3);
+    s.elect(s1, |_, _, _| false);
+    let term = s.engines[&s2].term().0 + 1;
+    let mut stale = vote_request(&s.engines[&s2], s3, term, false, false);
+    if let Message::Vote(r) = &mut stale {
+        r.last_log_id = LogId::new(0, 1);
+    }
+    assert!(!granted(&mut s, s2, s3, stale));
+    assert_eq!(
+        s.engines[&s2].voted_for(),
+        None,
+        "a refusal recorded a vote"
+    );
+    let good = vote_request(&s.engines[&s2], s1, term, false, false);
+    assert!(granted(&mut s, s2, s1, good));
+}
+
+#[test]
+fn a_follower_with_a_leader_in_this_term_votes_for_no_one_else() {
+    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
+    let mut s = Script::new(3);
+    // s1 wins with s2's vote; s3 never sees the campaign, only the leader.
+    s.elect(s1, |from, to, msg| {
+        from == s1 && to == s3 && matches!(msg, Message::Vote(_))
+    });
+    assert_eq!(s.engines[&s3].leader_id(), Some(s1));
+    assert_eq!(s.engines[&s3].voted_for(), None);
+    let term = s.engines[&s3].term().0;
+    let req = vote_request(&s.engines[&s3], s2, term, false, false);
+    assert!(
+        !granted(&mut s, s3, s2, req),
+        "voted against the leader it follows"
+    );
+}
+
+#[test]
+fn a_candidate_asked_for_its_own_term_stays_a_candidate() {
+    let [s1, s2] = [1, 2].map(NodeId);
+    let mut s = Script::new(3);
+    s.engines.get_mut(&s1).unwrap().campaign_now();
+    s.engines.get_mut(&s2).unwrap().campaign_now();
+    let term = s.engines[&s1].term().0;
+    assert_eq!(s.engines[&s2].term().0, term);
+    let req = vote_request(&s.engines[&s1], s2, term, false, false);
+    assert!(
+        !granted(&mut s, s1, s2, req),
+        "a candidate voted for a rival"
+    );
+    assert_eq!(s.engines[&s1].role(), Role::Candidate);
+}
