@@ -610,3 +610,68 @@ fn a_candidate_asked_for_its_own_term_stays_a_candidate() {
     );
     assert_eq!(s.engines[&s1].role(), Role::Candidate);
 }
+
+fn vote_response(term: u64, granted: bool, pre_vote: bool) -> Message<C> {
+    Message::VoteResponse(raft_core::VoteResponse {
+        term: Term(term),
+        granted,
+        pre_vote,
+    })
+}
+
+/// A 3-node script with pre-vote on, in which s1 has just become a
+/// pre-candidate (its pre-vote requests are dropped).
+fn pre_candidate() -> (Script, u64) {
+    let cfg = Config {
+        pre_vote: true,
+        ..config()
+    };
+    let mut s = Script::with_config(3, cfg.clone());
+    let s1 = NodeId(1);
+    s.engines
+        .get_mut(&s1)
+        .unwrap()
+        .tick(cfg.election_timeout_max_ms * 2);
+    s.flush(s1);
+    s.queue.clear();
+    assert_eq!(s.engines[&s1].role(), Role::PreCandidate);
+    let term = s.engines[&s1].term().0;
+    (s, term)
+}
+
+#[test]
+fn a_pre_candidate_refused_by_a_majority_gives_up() {
+    let (mut s, term) = pre_candidate();
+    let e = s.engines.get_mut(&NodeId(1)).unwrap();
+    e.step(NodeId(2), vote_response(term, false, true)).unwrap();
+    e.step(NodeId(3), vote_response(term, false, true)).unwrap();
+    assert_eq!(e.role(), Role::Follower);
+    assert_eq!(e.term().0, term, "a pre-vote round moved the term");
+}
+
+#[test]
+fn a_pre_candidate_refused_at_a_higher_term_adopts_it() {
+    let (mut s, term) = pre_candidate();
+    let e = s.engines.get_mut(&NodeId(1)).unwrap();
+    e.step(NodeId(2), vote_response(term + 3, false, true))
+        .unwrap();
+    assert_eq!(e.role(), Role::Follower);
+    assert_eq!(e.term().0, term + 3);
+}
+
+#[test]
+fn a_pre_candidate_counts_no_real_vote() {
+    let (mut s, term) = pre_candidate();
+    let e = s.engines.get_mut(&NodeId(1)).unwrap();
+    // Refusals of a real vote in this term (from an election this node ran
+    // in it before) are not answers to its pre-vote.
+    e.step(NodeId(2), vote_response(term, false, false))
+        .unwrap();
+    e.step(NodeId(3), vote_response(term, false, false))
+        .unwrap();
+    assert_eq!(
+        e.role(),
+        Role::PreCandidate,
+        "real-vote refusals counted against a pre-vote"
+    );
+}
