@@ -675,3 +675,25 @@ fn a_pre_candidate_counts_no_real_vote() {
         "real-vote refusals counted against a pre-vote"
     );
 }
+
+#[test]
+fn a_vote_request_of_an_earlier_term_is_refused_and_records_nothing() {
+    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
+    let mut s = Script::new(3);
+    // s2 moves to a later term without voting in it (the candidate's log
+    // is stale) and without a leader.
+    s.elect(s1, |_, _, _| false);
+    let later = s.engines[&s2].term().0 + 2;
+    let mut stale_log = vote_request(&s.engines[&s2], s3, later, false, false);
+    if let Message::Vote(r) = &mut stale_log {
+        r.last_log_id = LogId::new(0, 1);
+    }
+    assert!(!granted(&mut s, s2, s3, stale_log));
+    // A candidate of an earlier term, with a good log, asks now.
+    let old = vote_request(&s.engines[&s2], s1, later - 1, false, false);
+    assert!(
+        !granted(&mut s, s2, s1, old),
+        "vote granted to an earlier term"
+    );
+    assert_eq!(s.engines[&s2].voted_for(), None);
+}
