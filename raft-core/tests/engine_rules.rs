@@ -697,3 +697,26 @@ fn a_vote_request_of_an_earlier_term_is_refused_and_records_nothing() {
     );
     assert_eq!(s.engines[&s2].voted_for(), None);
 }
+
+#[test]
+fn only_the_leader_can_tell_a_node_to_campaign() {
+    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
+    let mut s = Script::new(3);
+    s.elect(s1, |_, _, _| false);
+    let term = s.engines[&s2].term();
+    let e = s.engines.get_mut(&s2).unwrap();
+    e.step(
+        s3,
+        Message::TimeoutNow(raft_core::TimeoutNowRequest {
+            term,
+            leader_id: s3,
+        }),
+    )
+    .unwrap();
+    assert_eq!(
+        e.role(),
+        Role::Follower,
+        "campaigned on a non-leader's word"
+    );
+    assert_eq!(e.term(), term);
+}
