@@ -40,12 +40,17 @@ pub struct Config {
     /// answered). Past it, `Raft::client_write` does what `when_full` says,
     /// so a flood of writers cannot grow a node's queues without bound.
     pub max_pending_writes: usize,
-    /// What a write does when `max_pending_writes` are pending.
+    /// Most linearizable reads one node holds at once (waiting for their
+    /// quorum round or for the state machine). Past it,
+    /// `Raft::ensure_linearizable` does what `when_full` says.
+    pub max_pending_reads: usize,
+    /// What a write or a read does when the node holds as many as it may.
     pub when_full: WhenFull,
 }
 
-/// What `Raft::client_write` does while the node holds
-/// [`Config::max_pending_writes`] writes.
+/// What `Raft::client_write` (`Raft::ensure_linearizable`) does while the
+/// node holds [`Config::max_pending_writes`] writes
+/// ([`Config::max_pending_reads`] reads).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WhenFull {
     /// Wait until one of them is answered.
@@ -70,6 +75,7 @@ impl Default for Config {
             snapshot_chunk_bytes: 256 << 10,
             learner_max_lag: 100,
             max_pending_writes: 4096,
+            max_pending_reads: 16384,
             when_full: WhenFull::Wait,
         }
     }
@@ -117,6 +123,7 @@ impl Config {
             ("max_bytes_per_message", self.max_bytes_per_message),
             ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
             ("max_pending_writes", self.max_pending_writes),
+            ("max_pending_reads", self.max_pending_reads),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero { field });

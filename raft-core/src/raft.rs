@@ -42,8 +42,9 @@ pub enum RaftError<N> {
     NotLeader(#[from] NotLeader<N>),
     #[error("a leadership transfer is in progress; retry shortly")]
     TransferInProgress,
-    /// The node already holds `Config::max_pending_writes` writes and is
-    /// configured to fail fast (`WhenFull::FailFast`); nothing was proposed.
+    /// The node already holds `Config::max_pending_writes` writes (or
+    /// `Config::max_pending_reads` reads) and is configured to fail fast
+    /// (`WhenFull::FailFast`); nothing was started.
     #[error("{pending} writes are already pending on this node; retry shortly")]
     Overloaded { pending: usize },
     /// A membership change was refused; nothing was proposed.
@@ -201,6 +202,9 @@ struct Inner<C: TypeConfig> {
     /// One permit per write the node may hold (back-pressure).
     write_permits: Arc<tokio::sync::Semaphore>,
     max_pending_writes: usize,
+    /// One permit per linearizable read the node may hold.
+    read_permits: Arc<tokio::sync::Semaphore>,
+    max_pending_reads: usize,
     when_full: WhenFull,
     tx: mpsc::UnboundedSender<Input<C>>,
     metrics: watch::Receiver<RaftMetrics<C::Node>>,
@@ -225,7 +229,11 @@ impl<C: TypeConfig> Raft<C> {
     {
         let config = config.validate()?;
         let learner_max_lag = config.learner_max_lag;
-        let (max_pending_writes, when_full) = (config.max_pending_writes, config.when_full);
+        let (max_pending_writes, max_pending_reads, when_full) = (
+            config.max_pending_writes,
+            config.max_pending_reads,
+            config.when_full,
+        );
         let hard_state = log_store.load_hard_state().await?;
         let log_state = log_store.log_state().await?;
         let entries = log_store
@@ -285,6 +293,8 @@ impl<C: TypeConfig> Raft<C> {
                 learner_max_lag,
                 write_permits: Arc::new(tokio::sync::Semaphore::new(max_pending_writes)),
                 max_pending_writes,
+                read_permits: Arc::new(tokio::sync::Semaphore::new(max_pending_reads)),
+                max_pending_reads,
                 when_full,
                 tx,
                 metrics: metrics_rx,
@@ -343,21 +353,38 @@ impl<C: TypeConfig> Raft<C> {
         &self,
         command: C::Command,
     ) -> Result<(LogId, C::Response), RaftError<C::Node>> {
-        let permits = &self.inner.write_permits;
-        let _permit = match self.inner.when_full {
-            WhenFull::Wait => permits.acquire().await.map_err(|_| self.stopped_error())?,
-            WhenFull::FailFast => permits.try_acquire().map_err(|_| RaftError::Overloaded {
-                pending: self.inner.max_pending_writes,
-            })?,
-        };
+        let _permit = self
+            .permit(&self.inner.write_permits, self.inner.max_pending_writes)
+            .await?;
         self.call(|reply| Input::Write { command, reply }).await
+    }
+
+    /// Room for one more write or read, as `Config::when_full` says.
+    async fn permit<'a>(
+        &self,
+        permits: &'a tokio::sync::Semaphore,
+        limit: usize,
+    ) -> Result<tokio::sync::SemaphorePermit<'a>, RaftError<C::Node>> {
+        match self.inner.when_full {
+            WhenFull::Wait => permits.acquire().await.map_err(|_| self.stopped_error()),
+            WhenFull::FailFast => permits
+                .try_acquire()
+                .map_err(|_| RaftError::Overloaded { pending: limit }),
+        }
     }
 
     /// ReadIndex (thesis §6.4): confirms with a quorum that this node still
     /// leads, then waits until the state machine has applied everything
     /// committed when the read began. Reading the state machine after this
     /// returns is linearizable. Concurrent calls share one quorum round.
+    ///
+    /// At most `Config::max_pending_reads` reads are held at once; past
+    /// that this waits for room, or with `WhenFull::FailFast` returns
+    /// `Overloaded`.
     pub async fn ensure_linearizable(&self) -> Result<LogIndex, RaftError<C::Node>> {
+        let _permit = self
+            .permit(&self.inner.read_permits, self.inner.max_pending_reads)
+            .await?;
         self.call(|reply| Input::Read { reply }).await
     }
 

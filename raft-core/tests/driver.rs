@@ -441,3 +441,46 @@ async fn writes_past_max_pending_fail_fast_when_configured_and_room_comes_back()
     .await
     .expect("room again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_past_max_pending_fail_fast_when_configured_and_room_comes_back() {
+    let config = Config {
+        max_pending_reads: 1,
+        when_full: raft_core::WhenFull::FailFast,
+        check_quorum: false,
+        ..Config::default()
+    };
+    let mut c = Cluster::new(3, config).await;
+    let leader = c.leader().await;
+    let raft = c.nodes[&leader].raft.clone();
+    // Without a quorum the first read's round never completes: it holds
+    // the only slot.
+    let followers: Vec<NodeId> = c.nodes.keys().copied().filter(|id| *id != leader).collect();
+    let mut stopped = Vec::new();
+    for id in &followers {
+        stopped.push((*id, c.stop(*id).await));
+    }
+    let first = raft.ensure_linearizable();
+    tokio::pin!(first);
+    // Poll it once: it takes its slot and hands the read to the node.
+    tokio::select! {
+        biased;
+        r = &mut first => panic!("a read completed without a quorum: {r:?}"),
+        _ = std::future::ready(()) => {}
+    }
+    let second = tokio::time::timeout(WAIT, raft.ensure_linearizable())
+        .await
+        .expect("a read past the limit must fail fast, not wait");
+    assert!(
+        matches!(second, Err(RaftError::Overloaded { pending: 1 })),
+        "{second:?}"
+    );
+    for (id, node) in stopped {
+        c.start(id, node.log, node.sm).await;
+    }
+    tokio::time::timeout(WAIT, first)
+        .await
+        .expect("the first read completes once the quorum is back")
+        .expect("first read");
+    raft.ensure_linearizable().await.expect("room again");
+}
