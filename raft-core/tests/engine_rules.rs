@@ -510,9 +510,38 @@ fn a_follower_that_hears_from_its_leader_refuses_campaigns_but_not_transfers() {
         !granted(&mut s, s2, s3, req),
         "pre-vote granted against a live leader"
     );
+    // The leader itself holds the lease too, however long since it last
+    // heard from anyone (check-quorum, not the lease, decides that).
+    s.engines.get_mut(&s1).unwrap().advance_clock(10_000);
+    let req = vote_request(&s.engines[&s1], s3, term + 1, false, false);
+    assert!(
+        !granted(&mut s, s1, s3, req),
+        "the leader voted against itself"
+    );
+    assert!(s.engines[&s1].is_leader());
     // A campaign that follows a leadership transfer is the leader's wish.
     let req = vote_request(&s.engines[&s2], s3, term + 1, false, true);
     assert!(granted(&mut s, s2, s3, req), "transfer vote refused");
+}
+
+#[test]
+fn the_lease_ends_an_election_timeout_after_the_leader_was_last_heard() {
+    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
+    let cfg = Config {
+        check_quorum: true,
+        ..config()
+    };
+    let mut s = Script::with_config(3, cfg.clone());
+    s.elect(s1, |_, _, _| false);
+    // s2's clock was at 0 when it last heard from s1.
+    let e = s.engines.get_mut(&s2).unwrap();
+    e.advance_clock(cfg.election_timeout_min_ms);
+    let term = e.term().0;
+    let req = vote_request(&s.engines[&s2], s3, term + 1, false, false);
+    assert!(
+        granted(&mut s, s2, s3, req),
+        "still refusing votes a full election timeout after the leader was heard"
+    );
 }
 
 #[test]
