@@ -749,3 +749,27 @@ fn only_the_leader_can_tell_a_node_to_campaign() {
     );
     assert_eq!(e.term(), term);
 }
+
+#[test]
+fn reads_pending_at_a_leader_that_steps_down_fail_at_once() {
+    let [s1, s2] = [1, 2].map(NodeId);
+    let mut s = Script::new(3);
+    s.elect(s1, |_, _, _| false);
+    let e = s.engines.get_mut(&s1).unwrap();
+    e.read_index(7).unwrap();
+    let term = e.term().0;
+    // A higher term arrives before the read's quorum round completes.
+    let req = vote_request(&s.engines[&s1], s2, term + 1, false, false);
+    let e = s.engines.get_mut(&s1).unwrap();
+    e.step(s2, req).unwrap();
+    assert!(!e.is_leader());
+    let failed: Vec<_> = e
+        .take_actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::ReadFailed { ids, .. } => Some(ids),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed, vec![vec![7]], "the pending read was not failed");
+}
