@@ -59,6 +59,25 @@ impl Cluster {
         self.nodes.insert(id, Node { raft, log, sm });
     }
 
+    /// A 3-node cluster whose followers are stopped, its leader's id, and
+    /// the stopped nodes (for `restart_all`).
+    async fn without_quorum(config: Config) -> (Cluster, NodeId, Vec<(NodeId, Node)>) {
+        let mut c = Cluster::new(3, config).await;
+        let leader = c.leader().await;
+        let followers: Vec<NodeId> = c.nodes.keys().copied().filter(|id| *id != leader).collect();
+        let mut stopped = Vec::new();
+        for id in followers {
+            stopped.push((id, c.stop(id).await));
+        }
+        (c, leader, stopped)
+    }
+
+    async fn restart_all(&mut self, stopped: Vec<(NodeId, Node)>) {
+        for (id, node) in stopped {
+            self.start(id, node.log, node.sm).await;
+        }
+    }
+
     async fn stop(&mut self, id: NodeId) -> Node {
         self.router.unregister(id);
         let node = self.nodes.remove(&id).expect("running");
@@ -392,15 +411,9 @@ async fn writes_past_max_pending_fail_fast_when_configured_and_room_comes_back()
         check_quorum: false,
         ..Config::default()
     };
-    let mut c = Cluster::new(3, config).await;
-    let leader = c.leader().await;
-    let raft = c.nodes[&leader].raft.clone();
     // Without a quorum the first write stays pending, holding the only slot.
-    let followers: Vec<NodeId> = c.nodes.keys().copied().filter(|id| *id != leader).collect();
-    let mut stopped = Vec::new();
-    for id in &followers {
-        stopped.push((*id, c.stop(*id).await));
-    }
+    let (mut c, leader, stopped) = Cluster::without_quorum(config).await;
+    let raft = c.nodes[&leader].raft.clone();
     let before = raft.metrics().borrow().last_log_index;
     let first = tokio::spawn({
         let raft = raft.clone();
@@ -430,9 +443,7 @@ async fn writes_past_max_pending_fail_fast_when_configured_and_room_comes_back()
         "{second:?}"
     );
     // The quorum returns: the first write completes and frees its slot.
-    for (id, node) in stopped {
-        c.start(id, node.log, node.sm).await;
-    }
+    c.restart_all(stopped).await;
     first.await.expect("task").expect("first write commits");
     raft.client_write(KvCommand::Put {
         key: "b".into(),
@@ -450,16 +461,10 @@ async fn reads_past_max_pending_fail_fast_when_configured_and_room_comes_back() 
         check_quorum: false,
         ..Config::default()
     };
-    let mut c = Cluster::new(3, config).await;
-    let leader = c.leader().await;
-    let raft = c.nodes[&leader].raft.clone();
     // Without a quorum the first read's round never completes: it holds
     // the only slot.
-    let followers: Vec<NodeId> = c.nodes.keys().copied().filter(|id| *id != leader).collect();
-    let mut stopped = Vec::new();
-    for id in &followers {
-        stopped.push((*id, c.stop(*id).await));
-    }
+    let (mut c, leader, stopped) = Cluster::without_quorum(config).await;
+    let raft = c.nodes[&leader].raft.clone();
     let first = raft.ensure_linearizable();
     tokio::pin!(first);
     // Poll it once: it takes its slot and hands the read to the node.
@@ -475,9 +480,7 @@ async fn reads_past_max_pending_fail_fast_when_configured_and_room_comes_back() 
         matches!(second, Err(RaftError::Overloaded { pending: 1 })),
         "{second:?}"
     );
-    for (id, node) in stopped {
-        c.start(id, node.log, node.sm).await;
-    }
+    c.restart_all(stopped).await;
     tokio::time::timeout(WAIT, first)
         .await
         .expect("the first read completes once the quorum is back")

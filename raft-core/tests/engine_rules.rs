@@ -30,6 +30,34 @@ fn put(v: &str) -> KvCommand {
     }
 }
 
+/// A 3-node script (with `cfg`) in which s1 leads.
+fn led_by_s1(cfg: Config) -> Script {
+    let mut s = Script::with_config(3, cfg);
+    s.elect(NodeId(1), |_, _, _| false);
+    s
+}
+
+/// Proposes `cmd` at `leader` and delivers everything that follows.
+fn commit(s: &mut Script, leader: NodeId, cmd: KvCommand) {
+    s.engines.get_mut(&leader).unwrap().propose(cmd).unwrap();
+    s.flush(leader);
+    s.deliver(|_, _, _| false);
+}
+
+/// `led_by_s1`, and node 4 (not running) added as a learner, committed.
+fn with_learner_4() -> Script {
+    let s1 = NodeId(1);
+    let mut s = led_by_s1(config());
+    s.engines
+        .get_mut(&s1)
+        .unwrap()
+        .add_learner(NodeId(4), "n4".into())
+        .unwrap();
+    s.flush(s1);
+    s.deliver(|_, _, _| false);
+    s
+}
+
 #[test]
 fn initialize_is_refused_once_the_node_has_a_log_or_a_term() {
     let mut e = pristine(1);
@@ -128,8 +156,7 @@ fn a_node_outside_every_voter_set_is_a_learner() {
 #[test]
 fn committed_entries_are_handed_to_the_state_machine_and_counted_as_applied() {
     let s1 = NodeId(1);
-    let mut s = Script::new(3);
-    s.elect(s1, |_, _, _| false);
+    let mut s = led_by_s1(config());
     let leader = s.engines.get_mut(&s1).unwrap();
     let id = leader.propose(put("v")).unwrap();
     s.flush(s1);
@@ -143,8 +170,7 @@ fn committed_entries_are_handed_to_the_state_machine_and_counted_as_applied() {
 #[test]
 fn a_built_snapshot_becomes_the_engines_snapshot() {
     let s1 = NodeId(1);
-    let mut s = Script::new(3);
-    s.elect(s1, |_, _, _| false);
+    let mut s = led_by_s1(config());
     let leader = s.engines.get_mut(&s1).unwrap();
     assert!(leader.snapshot_meta().is_none());
     let meta = SnapshotMeta {
@@ -159,8 +185,7 @@ fn a_built_snapshot_becomes_the_engines_snapshot() {
 #[test]
 fn a_leaders_next_deadline_is_its_next_heartbeat() {
     let [s1, s2] = [1, 2].map(NodeId);
-    let mut s = Script::new(3);
-    s.elect(s1, |_, _, _| false);
+    let mut s = led_by_s1(config());
     // A new leader's first heartbeat is due at once; after it, the next.
     s.heartbeat(s1, |_, _, _| false);
     let hb = config().heartbeat_interval_ms;
@@ -199,8 +224,7 @@ fn advancing_the_clock_fires_no_timer_but_the_next_tick_sees_the_time() {
 #[test]
 fn a_leadership_transfer_that_does_not_happen_ends_after_an_election_timeout() {
     let [s1, s2] = [1, 2].map(NodeId);
-    let mut s = Script::new(3);
-    s.elect(s1, |_, _, _| false);
+    let mut s = led_by_s1(config());
     // Not at time 0: the deadline is counted from now.
     s.heartbeat(s1, |_, _, _| false);
     let leader = s.engines.get_mut(&s1).unwrap();
@@ -232,8 +256,7 @@ fn membership_error<N: std::fmt::Debug>(
 #[test]
 fn a_member_cannot_be_added_twice_not_even_as_a_learner() {
     let s1 = NodeId(1);
-    let mut s = Script::new(3);
-    s.elect(s1, |_, _, _| false);
+    let mut s = led_by_s1(config());
     let leader = s.engines.get_mut(&s1).unwrap();
     leader.add_learner(NodeId(4), "n4".into()).unwrap();
     s.flush(s1);
@@ -253,15 +276,7 @@ fn a_member_cannot_be_added_twice_not_even_as_a_learner() {
 #[test]
 fn a_learner_is_removed_by_a_configuration_without_it() {
     let s1 = NodeId(1);
-    let mut s = Script::new(3);
-    s.elect(s1, |_, _, _| false);
-    s.engines
-        .get_mut(&s1)
-        .unwrap()
-        .add_learner(NodeId(4), "n4".into())
-        .unwrap();
-    s.flush(s1);
-    s.deliver(|_, _, _| false);
+    let mut s = with_learner_4();
     let leader = s.engines.get_mut(&s1).unwrap();
     let id = leader.remove_learner(NodeId(4)).unwrap();
     assert_eq!(leader.membership_log_id(), id);
@@ -277,8 +292,7 @@ fn a_learner_is_removed_by_a_configuration_without_it() {
 #[test]
 fn one_membership_change_at_a_time_even_between_learners() {
     let s1 = NodeId(1);
-    let mut s = Script::new(3);
-    s.elect(s1, |_, _, _| false);
+    let mut s = led_by_s1(config());
     let leader = s.engines.get_mut(&s1).unwrap();
     let first = leader.add_learner(NodeId(4), "n4".into()).unwrap();
     // Not committed yet (nothing delivered): a second change must wait.
@@ -296,12 +310,9 @@ fn one_membership_change_at_a_time_even_between_learners() {
 #[test]
 fn a_snapshot_older_than_the_current_one_or_of_another_history_is_ignored() {
     let s1 = NodeId(1);
-    let mut s = Script::new(3);
-    s.elect(s1, |_, _, _| false);
+    let mut s = led_by_s1(config());
     for v in ["a", "b"] {
-        s.engines.get_mut(&s1).unwrap().propose(put(v)).unwrap();
-        s.flush(s1);
-        s.deliver(|_, _, _| false);
+        commit(&mut s, s1, put(v));
     }
     let leader = s.engines.get_mut(&s1).unwrap();
     let last = leader.last_log_id();
@@ -338,13 +349,10 @@ fn an_unanswered_snapshot_chunk_is_resent_after_an_election_timeout_not_before()
         ..config()
     };
     let [s1, s3] = [1, 3].map(NodeId);
-    let mut s = Script::with_config(3, cfg.clone());
-    s.elect(s1, |_, _, _| false);
+    let mut s = led_by_s1(cfg.clone());
     s.crash(s3);
     for v in ["a", "b", "c"] {
-        s.engines.get_mut(&s1).unwrap().propose(put(v)).unwrap();
-        s.flush(s1);
-        s.deliver(|_, _, _| false);
+        commit(&mut s, s1, put(v));
     }
     let leader = s.engines.get_mut(&s1).unwrap();
     let meta = SnapshotMeta {
@@ -386,15 +394,7 @@ fn an_unanswered_snapshot_chunk_is_resent_after_an_election_timeout_not_before()
 #[test]
 fn a_transfer_to_itself_or_to_a_learner_changes_nothing() {
     let s1 = NodeId(1);
-    let mut s = Script::new(3);
-    s.elect(s1, |_, _, _| false);
-    s.engines
-        .get_mut(&s1)
-        .unwrap()
-        .add_learner(NodeId(4), "n4".into())
-        .unwrap();
-    s.flush(s1);
-    s.deliver(|_, _, _| false);
+    let mut s = with_learner_4();
     let leader = s.engines.get_mut(&s1).unwrap();
     for to in [s1, NodeId(4)] {
         leader.transfer_leader(to).unwrap();
@@ -417,8 +417,7 @@ fn a_completed_write_of_replaced_entries_does_not_count_as_durable() {
         max_inflight: 8,
         ..config()
     };
-    let mut s = Script::with_config(3, cfg);
-    s.elect(s1, |_, _, _| false);
+    let mut s = led_by_s1(cfg);
     // s1 appends three entries of term 1; they reach s2 only, and neither
     // disk has finished writing them. s2's acknowledgements are lost.
     s.holding.extend([s1, s2]);
@@ -489,8 +488,7 @@ fn a_follower_that_hears_from_its_leader_refuses_campaigns_but_not_transfers() {
         check_quorum: true,
         ..config()
     };
-    let mut s = Script::with_config(3, cfg);
-    s.elect(s1, |_, _, _| false);
+    let mut s = led_by_s1(cfg);
     s.heartbeat(s1, |_, _, _| false);
     let term = s.engines[&s2].term().0;
     // A disruptive candidate (it was partitioned, or removed) asks s2, which
@@ -526,13 +524,12 @@ fn a_follower_that_hears_from_its_leader_refuses_campaigns_but_not_transfers() {
 
 #[test]
 fn the_lease_ends_an_election_timeout_after_the_leader_was_last_heard() {
-    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
+    let [s2, s3] = [2, 3].map(NodeId);
     let cfg = Config {
         check_quorum: true,
         ..config()
     };
-    let mut s = Script::with_config(3, cfg.clone());
-    s.elect(s1, |_, _, _| false);
+    let mut s = led_by_s1(cfg.clone());
     // s2's clock was at 0 when it last heard from s1.
     let e = s.engines.get_mut(&s2).unwrap();
     e.advance_clock(cfg.election_timeout_min_ms);
@@ -551,8 +548,7 @@ fn leadership_transfer_succeeds_at_once_while_followers_hold_a_lease() {
         check_quorum: true,
         ..config()
     };
-    let mut s = Script::with_config(3, cfg);
-    s.elect(s1, |_, _, _| false);
+    let mut s = led_by_s1(cfg);
     s.heartbeat(s1, |_, _, _| false);
     s.engines.get_mut(&s1).unwrap().transfer_leader(s2).unwrap();
     s.flush(s1);
@@ -565,9 +561,8 @@ fn leadership_transfer_succeeds_at_once_while_followers_hold_a_lease() {
 
 #[test]
 fn a_pre_vote_is_granted_only_for_a_higher_term_and_an_up_to_date_log() {
-    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
-    let mut s = Script::new(3);
-    s.elect(s1, |_, _, _| false);
+    let [s2, s3] = [2, 3].map(NodeId);
+    let mut s = led_by_s1(config());
     let term = s.engines[&s2].term().0;
     let mut stale = vote_request(&s.engines[&s2], s3, term + 1, true, false);
     if let Message::Vote(r) = &mut stale {
@@ -589,8 +584,7 @@ fn a_pre_vote_is_granted_only_for_a_higher_term_and_an_up_to_date_log() {
 #[test]
 fn a_refused_vote_leaves_the_node_free_to_vote_in_that_term() {
     let [s1, s2, s3] = [1, 2, 3].map(NodeId);
-    let mut s = Script::new(3);
-    s.elect(s1, |_, _, _| false);
+    let mut s = led_by_s1(config());
     let term = s.engines[&s2].term().0 + 1;
     let mut stale = vote_request(&s.engines[&s2], s3, term, false, false);
     if let Message::Vote(r) = &mut stale {
@@ -729,9 +723,8 @@ fn a_vote_request_of_an_earlier_term_is_refused_and_records_nothing() {
 
 #[test]
 fn only_the_leader_can_tell_a_node_to_campaign() {
-    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
-    let mut s = Script::new(3);
-    s.elect(s1, |_, _, _| false);
+    let [s2, s3] = [2, 3].map(NodeId);
+    let mut s = led_by_s1(config());
     let term = s.engines[&s2].term();
     let e = s.engines.get_mut(&s2).unwrap();
     e.step(
@@ -753,8 +746,7 @@ fn only_the_leader_can_tell_a_node_to_campaign() {
 #[test]
 fn reads_pending_at_a_leader_that_steps_down_fail_at_once() {
     let [s1, s2] = [1, 2].map(NodeId);
-    let mut s = Script::new(3);
-    s.elect(s1, |_, _, _| false);
+    let mut s = led_by_s1(config());
     let e = s.engines.get_mut(&s1).unwrap();
     e.read_index(7).unwrap();
     let term = e.term().0;
