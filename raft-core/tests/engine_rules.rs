@@ -765,3 +765,146 @@ fn reads_pending_at_a_leader_that_steps_down_fail_at_once() {
         .collect();
     assert_eq!(failed, vec![vec![7]], "the pending read was not failed");
 }
+
+fn entry(term: u64, index: u64, payload: raft_core::EntryPayload<C>) -> raft_core::Entry<C> {
+    raft_core::Entry {
+        log_id: LogId::new(term, index),
+        payload,
+    }
+}
+
+fn put_entry(term: u64, index: u64) -> raft_core::Entry<C> {
+    entry(term, index, raft_core::EntryPayload::Command(put("v")))
+}
+
+fn append(term: u64, prev: LogId, entries: Vec<raft_core::Entry<C>>) -> Message<C> {
+    Message::AppendEntries(raft_core::AppendEntriesRequest {
+        term: Term(term),
+        leader_id: NodeId(1),
+        prev_log_id: prev,
+        entries,
+        leader_commit: LogIndex(0),
+        round: 0,
+    })
+}
+
+fn append_response(e: &mut Engine<C>) -> raft_core::AppendEntriesResponse {
+    e.take_actions()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::Respond {
+                msg: Message::AppendEntriesResponse(r),
+                ..
+            } => Some(r),
+            _ => None,
+        })
+        .expect("an AppendEntries response")
+}
+
+#[test]
+fn append_entries_carry_as_many_entries_as_the_byte_limit_allows() {
+    let s1 = NodeId(1);
+    let size = put_entry(1, 1).size_hint();
+    let cfg = Config {
+        max_entries_per_message: 64,
+        max_inflight: 8,
+        max_bytes_per_message: 2 * size,
+        ..config()
+    };
+    let mut s = led_by_s1(cfg);
+    for _ in 0..5 {
+        s.engines.get_mut(&s1).unwrap().propose(put("v")).unwrap();
+    }
+    s.flush(s1);
+    let sizes: Vec<usize> = s
+        .queue
+        .iter()
+        .filter_map(|(_, _, m)| match m {
+            Message::AppendEntries(r) if !r.entries.is_empty() => Some(r.entries.len()),
+            _ => None,
+        })
+        .collect();
+    assert!(!sizes.is_empty());
+    assert!(
+        sizes.iter().all(|n| *n <= 2),
+        "over the byte limit: {sizes:?}"
+    );
+    assert!(sizes.contains(&2), "two entries fit the limit: {sizes:?}");
+}
+
+/// A follower restored from a snapshot at 1-5, in a 3-node cluster.
+fn follower_from_snapshot() -> Engine<C> {
+    let membership = Membership::new_voters(members(&[1, 2, 3]));
+    let snap = SnapshotMeta {
+        last_log_id: LogId::new(1, 5),
+        membership,
+        id: 1,
+    };
+    let state = RecoveredState {
+        hard_state: HardState {
+            term: Term(1),
+            voted_for: None,
+        },
+        log_base: snap.last_log_id,
+        entries: Vec::new(),
+        snapshot: Some(snap),
+        applied: LogId::new(1, 5),
+    };
+    Engine::new(NodeId(2), config(), 2, 0, state).unwrap()
+}
+
+#[test]
+fn a_follower_skips_what_its_snapshot_covers_and_appends_the_rest() {
+    let mut e = follower_from_snapshot();
+    let entries = (4..=7).map(|i| put_entry(1, i)).collect();
+    e.step(NodeId(1), append(1, LogId::new(1, 3), entries))
+        .unwrap();
+    assert_eq!(e.last_log_id(), LogId::new(1, 7));
+    let r = append_response(&mut e);
+    assert!(r.success);
+    assert_eq!(r.index, LogIndex(7));
+}
+
+#[test]
+fn entries_that_contradict_a_followers_snapshot_are_refused() {
+    let mut e = follower_from_snapshot();
+    // Index 5 is committed as 1-5; a leader claiming 2-5 there is lying.
+    let entries = vec![put_entry(1, 4), put_entry(2, 5), put_entry(2, 6)];
+    let r = e.step(NodeId(1), append(2, LogId::new(1, 3), entries));
+    assert!(
+        matches!(r, Err(raft_core::StepError::ConflictsWithCommitted { .. })),
+        "{r:?}"
+    );
+    assert_eq!(e.last_log_id(), LogId::new(1, 5));
+}
+
+#[test]
+fn a_rejection_at_the_last_index_hints_the_first_index_of_its_term() {
+    let membership = Membership::new_voters(members(&[1, 2, 3]));
+    let state = RecoveredState {
+        hard_state: HardState {
+            term: Term(1),
+            voted_for: None,
+        },
+        entries: vec![
+            entry(0, 1, raft_core::EntryPayload::Membership(membership)),
+            put_entry(1, 2),
+            put_entry(1, 3),
+            put_entry(1, 4),
+        ],
+        ..RecoveredState::default()
+    };
+    let mut e = Engine::<C>::new(NodeId(2), config(), 2, 0, state).unwrap();
+    e.step(NodeId(1), append(2, LogId::new(2, 4), Vec::new()))
+        .unwrap();
+    let r = append_response(&mut e);
+    assert!(!r.success);
+    assert_eq!(
+        r.conflict,
+        Some(raft_core::ConflictHint {
+            term: Some(Term(1)),
+            index: LogIndex(2),
+        }),
+        "the leader should skip the whole of term 1 in one round trip"
+    );
+}
