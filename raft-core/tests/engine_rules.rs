@@ -908,3 +908,60 @@ fn a_rejection_at_the_last_index_hints_the_first_index_of_its_term() {
         "the leader should skip the whole of term 1 in one round trip"
     );
 }
+
+#[test]
+fn a_second_leader_in_one_term_is_refused_by_leader_and_follower_alike() {
+    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
+    let mut s = led_by_s1(config());
+    let term = s.engines[&s1].term().0;
+    let prev = s.engines[&s1].last_log_id();
+    for id in [s1, s2] {
+        let e = s.engines.get_mut(&id).unwrap();
+        let mut msg = append(term, prev, Vec::new());
+        if let Message::AppendEntries(r) = &mut msg {
+            r.leader_id = s3;
+        }
+        let r = e.step(s3, msg);
+        assert!(
+            matches!(r, Err(raft_core::StepError::TwoLeaders { .. })),
+            "node {id}: {r:?}"
+        );
+        assert_eq!(e.leader_id(), Some(s1), "node {id} followed the impostor");
+    }
+    assert!(s.engines[&s1].is_leader());
+}
+
+#[test]
+fn a_truncated_membership_entry_takes_its_configuration_with_it() {
+    let three = Membership::new_voters(members(&[1, 2, 3]));
+    let mut four = three.clone();
+    four.nodes.insert(NodeId(4), "n4".into());
+    let state = RecoveredState {
+        hard_state: HardState {
+            term: Term(1),
+            voted_for: None,
+        },
+        entries: vec![
+            entry(0, 1, raft_core::EntryPayload::Membership(three.clone())),
+            put_entry(1, 2),
+            // An uncommitted change of the old leader: adds learner 4.
+            entry(1, 3, raft_core::EntryPayload::Membership(four)),
+        ],
+        ..RecoveredState::default()
+    };
+    let mut e = Engine::<C>::new(NodeId(2), config(), 2, 0, state).unwrap();
+    assert!(e.membership().nodes.contains_key(&NodeId(4)));
+    // The new leader of term 2 replaces index 3.
+    e.step(
+        NodeId(1),
+        append(2, LogId::new(1, 2), vec![put_entry(2, 3)]),
+    )
+    .unwrap();
+    assert_eq!(e.last_log_id(), LogId::new(2, 3));
+    assert_eq!(
+        e.membership(),
+        &three,
+        "the truncated configuration is still in force"
+    );
+    assert_eq!(e.membership_log_id(), LogId::new(0, 1));
+}
