@@ -965,3 +965,21 @@ fn a_truncated_membership_entry_takes_its_configuration_with_it() {
     );
     assert_eq!(e.membership_log_id(), LogId::new(0, 1));
 }
+
+#[test]
+fn a_transfer_hands_over_only_to_its_target() {
+    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
+    let mut s = led_by_s1(config());
+    s.engines.get_mut(&s1).unwrap().propose(put("x")).unwrap();
+    s.flush(s1);
+    // The target, s2, is cut off; s3 acknowledges the entry meanwhile.
+    s.engines.get_mut(&s1).unwrap().transfer_leader(s2).unwrap();
+    s.flush(s1);
+    s.deliver(|from, to, _| from == s2 || to == s2);
+    assert!(
+        s.engines[&s1].is_leader(),
+        "leadership went to {:?}",
+        s.engines[&s3].role()
+    );
+    assert_eq!(s.engines[&s3].role(), Role::Follower);
+}
