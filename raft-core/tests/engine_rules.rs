@@ -983,3 +983,48 @@ fn a_transfer_hands_over_only_to_its_target() {
     );
     assert_eq!(s.engines[&s3].role(), Role::Follower);
 }
+
+#[test]
+fn a_rejection_at_the_matched_index_does_not_stop_pipelining() {
+    let [s1, s2] = [1, 2].map(NodeId);
+    let cfg = Config {
+        max_entries_per_message: 1,
+        max_inflight: 8,
+        ..config()
+    };
+    let mut s = led_by_s1(cfg);
+    commit(&mut s, s1, put("a"));
+    let leader = s.engines.get_mut(&s1).unwrap();
+    let matched = leader.matched()[&s2];
+    let term = leader.term();
+    // A reordered, stale rejection: s2 already acknowledged `matched`.
+    leader
+        .step(
+            s2,
+            Message::AppendEntriesResponse(raft_core::AppendEntriesResponse {
+                term,
+                success: false,
+                index: matched,
+                conflict: None,
+                round: 0,
+            }),
+        )
+        .unwrap();
+    s.flush(s1);
+    s.queue.clear();
+    for v in ["b", "c", "d"] {
+        s.engines.get_mut(&s1).unwrap().propose(put(v)).unwrap();
+    }
+    s.flush(s1);
+    let to_s2 = s
+        .queue
+        .iter()
+        .filter(|(_, to, m)| {
+            *to == s2 && matches!(m, Message::AppendEntries(r) if !r.entries.is_empty())
+        })
+        .count();
+    assert_eq!(
+        to_s2, 3,
+        "replication to s2 fell back to one probe at a time"
+    );
+}
