@@ -1028,3 +1028,89 @@ fn a_rejection_at_the_matched_index_does_not_stop_pipelining() {
         "replication to s2 fell back to one probe at a time"
     );
 }
+
+#[test]
+fn snapshots_are_requested_every_snapshot_every_entries_and_never_when_off() {
+    let s1 = NodeId(1);
+    let builds = |cfg: Config, n: usize| {
+        let mut s = led_by_s1(cfg);
+        let mut done = 0;
+        for _ in 0..n {
+            commit(&mut s, s1, put("v"));
+            // Each requested build completes at once, at what was applied.
+            while done < s.snapshot_builds.len() {
+                let (id, at) = s.snapshot_builds[done];
+                done += 1;
+                let e = s.engines.get_mut(&id).unwrap();
+                let meta = SnapshotMeta {
+                    last_log_id: e.log().log_id_at(at).unwrap(),
+                    membership: e.membership().clone(),
+                    id: at.0,
+                };
+                e.snapshot_built(meta);
+            }
+        }
+        s.snapshot_builds
+            .iter()
+            .filter(|(id, _)| *id == s1)
+            .map(|(_, at)| *at)
+            .collect::<Vec<_>>()
+    };
+    let every_3 = Config {
+        snapshot_every: 3,
+        ..config()
+    };
+    assert_eq!(
+        builds(every_3, 8),
+        vec![LogIndex(3), LogIndex(6), LogIndex(9)],
+        "one snapshot per 3 applied entries (1 and 2 are the configuration and the no-op)"
+    );
+    let off = Config {
+        snapshot_every: 0,
+        ..config()
+    };
+    assert!(
+        builds(off, 5).is_empty(),
+        "snapshot_every = 0 turns snapshots off"
+    );
+}
+
+#[test]
+fn the_new_configuration_keeps_new_voters_and_learners_and_a_removed_leader_steps_down() {
+    let [s1, s2, s3, s4, s5] = [1, 2, 3, 4, 5].map(NodeId);
+    let mut s = led_by_s1(config());
+    for (id, v) in [(s4, "n4"), (s5, "n5")] {
+        s.engines
+            .get_mut(&s1)
+            .unwrap()
+            .add_learner(id, v.into())
+            .unwrap();
+        s.flush(s1);
+        s.deliver(|_, _, _| false);
+    }
+    // s4 becomes a voter, s1 leaves, s5 stays a learner.
+    let voters: std::collections::BTreeSet<NodeId> = [s2, s3, s4].into();
+    s.engines
+        .get_mut(&s1)
+        .unwrap()
+        .change_membership(voters.clone())
+        .unwrap();
+    s.flush(s1);
+    s.deliver(|_, _, _| false);
+    for _ in 0..3 {
+        if s.engines.get(&s1).is_some_and(|e| e.is_leader()) {
+            s.heartbeat(s1, |_, _, _| false);
+        }
+    }
+    let m = s.engines[&s2].membership().clone();
+    assert_eq!(m.configs, vec![voters], "C_new is in force");
+    assert_eq!(
+        m.nodes.keys().copied().collect::<Vec<_>>(),
+        vec![s2, s3, s4, s5],
+        "C_new names its voters and learners, and only them"
+    );
+    assert!(
+        !s.engines[&s1].is_leader(),
+        "a leader removed by C_new must step down once C_new commits"
+    );
+}

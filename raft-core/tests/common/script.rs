@@ -25,6 +25,9 @@ pub struct Script {
     /// Snapshot chunks the engines asked to send: (from, to, offset, clock).
     /// Not carried out: these scripts test when they are asked for.
     pub snapshot_sends: Vec<(NodeId, NodeId, u64, u64)>,
+    /// Snapshot builds the engines asked for: (node, applied index then).
+    /// Not carried out either: a test reports them with `snapshot_built`.
+    pub snapshot_builds: Vec<(NodeId, LogIndex)>,
     /// Nodes whose log writes wait in `held` until [`Script::release`]:
     /// a slow disk, one write at a time.
     pub holding: BTreeSet<NodeId>,
@@ -57,6 +60,7 @@ impl Script {
             clock: 0,
             cfg: cfg.clone(),
             snapshot_sends: Vec::new(),
+            snapshot_builds: Vec::new(),
             holding: BTreeSet::new(),
             held: BTreeMap::new(),
         };
@@ -102,6 +106,10 @@ impl Script {
                     }
                     Action::SendSnapshotChunk { to, offset, .. } => {
                         self.snapshot_sends.push((id, to, offset, self.clock))
+                    }
+                    Action::BuildSnapshot => {
+                        let applied = self.engines[&id].applied_index();
+                        self.snapshot_builds.push((id, applied));
                     }
                     _ => {}
                 }
