@@ -1114,3 +1114,99 @@ fn the_new_configuration_keeps_new_voters_and_learners_and_a_removed_leader_step
         "a leader removed by C_new must step down once C_new commits"
     );
 }
+
+/// A follower of term 2 whose log holds 1-2 ..= 1-7 (none committed).
+fn follower_with_log() -> Engine<C> {
+    let membership = Membership::new_voters(members(&[1, 2, 3]));
+    let mut entries = vec![entry(0, 1, raft_core::EntryPayload::Membership(membership))];
+    entries.extend((2..=7).map(|i| put_entry(1, i)));
+    let state = RecoveredState {
+        hard_state: HardState {
+            term: Term(2),
+            voted_for: None,
+        },
+        entries,
+        ..RecoveredState::default()
+    };
+    Engine::new(NodeId(2), config(), 2, 0, state).unwrap()
+}
+
+fn chunk(e: &Engine<C>, last: LogId, id: u64, offset: u64, len: usize, done: bool) -> Message<C> {
+    Message::InstallSnapshot(raft_core::InstallSnapshotRequest {
+        term: Term(2),
+        leader_id: NodeId(1),
+        meta: SnapshotMeta {
+            last_log_id: last,
+            membership: e.membership().clone(),
+            id,
+        },
+        offset,
+        data: vec![7; len],
+        done,
+    })
+}
+
+/// Steps a chunk; returns the response's next offset and how many chunk
+/// writes the engine asked for.
+fn send_chunk(e: &mut Engine<C>, msg: Message<C>) -> (u64, usize) {
+    e.step(NodeId(1), msg).unwrap();
+    let actions = e.take_actions();
+    let writes = actions
+        .iter()
+        .filter(|a| matches!(a, Action::WriteSnapshotChunk { .. }))
+        .count();
+    let next = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Respond {
+                msg: Message::InstallSnapshotResponse(r),
+                ..
+            } => Some(r.next_offset),
+            _ => None,
+        })
+        .expect("a response");
+    (next, writes)
+}
+
+#[test]
+fn snapshot_chunks_are_taken_only_in_order_and_only_of_one_snapshot() {
+    let mut e = follower_with_log();
+    let at = LogId::new(2, 9);
+    let first = chunk(&e, at, 1, 0, 10, false);
+    assert_eq!(send_chunk(&mut e, first), (10, 1));
+    // A gap: offset 20 while 10 is expected.
+    let gap = chunk(&e, at, 1, 20, 10, false);
+    assert_eq!(
+        send_chunk(&mut e, gap),
+        (10, 0),
+        "a chunk past a gap was written"
+    );
+    // A chunk of another snapshot cannot continue this one.
+    let other = chunk(&e, at, 2, 10, 10, false);
+    assert_eq!(
+        send_chunk(&mut e, other),
+        (0, 0),
+        "another snapshot's chunk continued this one"
+    );
+}
+
+#[test]
+fn an_installed_snapshot_keeps_the_log_after_it_only_if_the_log_agrees() {
+    let mut agrees = follower_with_log();
+    let last = chunk(&agrees, LogId::new(1, 5), 1, 0, 10, true);
+    send_chunk(&mut agrees, last);
+    assert_eq!(
+        agrees.last_log_id(),
+        LogId::new(1, 7),
+        "an agreeing log was dropped"
+    );
+
+    let mut conflicts = follower_with_log();
+    let last = chunk(&conflicts, LogId::new(2, 5), 1, 0, 10, true);
+    send_chunk(&mut conflicts, last);
+    assert_eq!(
+        conflicts.last_log_id(),
+        LogId::new(2, 5),
+        "entries after a snapshot they contradict were kept"
+    );
+}
