@@ -1202,11 +1202,54 @@ fn an_installed_snapshot_keeps_the_log_after_it_only_if_the_log_agrees() {
     );
 
     let mut conflicts = follower_with_log();
-    let last = chunk(&conflicts, LogId::new(2, 5), 1, 0, 10, true);
+    let mut last = chunk(&conflicts, LogId::new(2, 5), 1, 0, 10, true);
+    // The snapshot's configuration (a learner joined before index 5)
+    // replaces the configurations of the log it covers.
+    let mut with_learner = conflicts.membership().clone();
+    with_learner.nodes.insert(NodeId(4), "n4".into());
+    if let Message::InstallSnapshot(r) = &mut last {
+        r.meta.membership = with_learner.clone();
+    }
     send_chunk(&mut conflicts, last);
     assert_eq!(
         conflicts.last_log_id(),
         LogId::new(2, 5),
         "entries after a snapshot they contradict were kept"
     );
+    assert_eq!(conflicts.membership(), &with_learner);
+}
+
+#[test]
+fn a_configuration_after_an_installed_snapshot_stays_in_force() {
+    let three = Membership::new_voters(members(&[1, 2, 3]));
+    let mut four = three.clone();
+    four.nodes.insert(NodeId(4), "n4".into());
+    let mut entries = vec![entry(
+        0,
+        1,
+        raft_core::EntryPayload::Membership(three.clone()),
+    )];
+    entries.extend((2..=5).map(|i| put_entry(1, i)));
+    entries.push(entry(
+        1,
+        6,
+        raft_core::EntryPayload::Membership(four.clone()),
+    ));
+    let state = RecoveredState {
+        hard_state: HardState {
+            term: Term(2),
+            voted_for: None,
+        },
+        entries,
+        ..RecoveredState::default()
+    };
+    let mut e = Engine::<C>::new(NodeId(2), config(), 2, 0, state).unwrap();
+    let mut last = chunk(&e, LogId::new(1, 5), 1, 0, 10, true);
+    if let Message::InstallSnapshot(r) = &mut last {
+        r.meta.membership = three;
+    }
+    send_chunk(&mut e, last);
+    assert_eq!(e.last_log_id(), LogId::new(1, 6));
+    assert_eq!(e.membership(), &four, "the configuration at 6 was lost");
+    assert_eq!(e.membership_log_id(), LogId::new(1, 6));
 }
