@@ -1253,3 +1253,30 @@ fn a_configuration_after_an_installed_snapshot_stays_in_force() {
     assert_eq!(e.membership(), &four, "the configuration at 6 was lost");
     assert_eq!(e.membership_log_id(), LogId::new(1, 6));
 }
+
+#[test]
+fn a_snapshot_chunk_of_an_earlier_term_is_answered_with_the_current_term() {
+    let mut e = follower_with_log();
+    let mut stale = chunk(&e, LogId::new(1, 5), 1, 0, 10, true);
+    if let Message::InstallSnapshot(r) = &mut stale {
+        r.term = Term(1);
+    }
+    e.step(NodeId(1), stale).unwrap();
+    let answered = e.take_actions().into_iter().find_map(|a| match a {
+        Action::Respond {
+            msg: Message::InstallSnapshotResponse(r),
+            ..
+        } => Some(r.term),
+        _ => None,
+    });
+    assert_eq!(
+        answered,
+        Some(Term(2)),
+        "a stale leader must learn the term"
+    );
+    assert_eq!(
+        e.last_log_id(),
+        LogId::new(1, 7),
+        "a stale snapshot was taken"
+    );
+}
