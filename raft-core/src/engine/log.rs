@@ -148,3 +148,89 @@ impl<C: TypeConfig> RaftLog<C> {
         idx
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::kv::KvConfig;
+    use crate::types::EntryPayload;
+
+    /// A log after base `(term, index)` holding entries of `terms`.
+    fn log(base: (u64, u64), terms: &[u64]) -> RaftLog<KvConfig> {
+        let base = LogId::new(base.0, base.1);
+        let entries = terms
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Entry {
+                log_id: LogId::new(*t, base.index.0 + 1 + i as u64),
+                payload: EntryPayload::Blank,
+            })
+            .collect();
+        RaftLog::new(base, entries)
+    }
+
+    #[test]
+    fn the_view_knows_its_bounds_and_entries() {
+        let l = log((1, 3), &[1, 2, 2]);
+        assert_eq!(l.first_index(), LogIndex(4));
+        assert_eq!((l.len(), l.is_empty()), (3, false));
+        let empty = log((1, 3), &[]);
+        assert_eq!((empty.len(), empty.is_empty()), (0, true));
+        assert_eq!(empty.last_log_id(), LogId::new(1, 3));
+        assert_eq!(l.get(LogIndex(5)).map(|e| e.log_id), Some(LogId::new(2, 5)));
+        assert!(l.get(LogIndex(3)).is_none(), "the base's payload is purged");
+        assert!(l.get(LogIndex(7)).is_none());
+    }
+
+    #[test]
+    fn last_index_of_term_searches_back_and_stops_below_the_term() {
+        // base 1-3; then 4:1 5:2 6:2 7:4
+        let l = log((1, 3), &[1, 2, 2, 4]);
+        assert_eq!(
+            l.last_index_of_term(Term(2), LogIndex(7)),
+            Some(LogIndex(6))
+        );
+        assert_eq!(
+            l.last_index_of_term(Term(2), LogIndex(5)),
+            Some(LogIndex(5))
+        );
+        assert_eq!(
+            l.last_index_of_term(Term(4), LogIndex(100)),
+            Some(LogIndex(7))
+        );
+        assert_eq!(
+            l.last_index_of_term(Term(1), LogIndex(7)),
+            Some(LogIndex(4))
+        );
+        assert_eq!(l.last_index_of_term(Term(3), LogIndex(7)), None);
+        assert_eq!(l.last_index_of_term(Term(5), LogIndex(7)), None);
+        assert_eq!(
+            l.last_index_of_term(Term(0), LogIndex(7)),
+            None,
+            "older than every entry and the base"
+        );
+        // Found at the base, whose term is kept though its entry is purged.
+        let l = log((1, 3), &[2, 2]);
+        assert_eq!(
+            l.last_index_of_term(Term(1), LogIndex(5)),
+            Some(LogIndex(3))
+        );
+        // The zero base is no entry at all.
+        let l = log((0, 0), &[1, 1]);
+        assert_eq!(l.last_index_of_term(Term(0), LogIndex(2)), None);
+    }
+
+    #[test]
+    fn first_index_of_term_at_finds_the_start_of_the_run() {
+        // base 1-3; then 4:1 5:2 6:2 7:2 8:4
+        let l = log((1, 3), &[1, 2, 2, 2, 4]);
+        assert_eq!(l.first_index_of_term_at(LogIndex(7)), LogIndex(5));
+        assert_eq!(l.first_index_of_term_at(LogIndex(5)), LogIndex(5));
+        assert_eq!(l.first_index_of_term_at(LogIndex(8)), LogIndex(8));
+        assert_eq!(l.first_index_of_term_at(LogIndex(4)), LogIndex(4));
+        assert_eq!(l.first_index_of_term_at(LogIndex(20)), LogIndex(20));
+        // A run that reaches back to the view's start stops there.
+        let l = log((2, 3), &[2, 2]);
+        assert_eq!(l.first_index_of_term_at(LogIndex(5)), LogIndex(4));
+    }
+}

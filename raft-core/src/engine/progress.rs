@@ -101,3 +101,56 @@ impl Progress {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_match_moves_matched_and_next_forward_only() {
+        let mut p = Progress::new(LogIndex(3), true);
+        p.matched = LogIndex(2);
+        assert!(p.on_match(LogIndex(5)));
+        assert_eq!((p.matched, p.next), (LogIndex(5), LogIndex(6)));
+        assert!(!p.on_match(LogIndex(5)), "a repeated match is no progress");
+        assert!(!p.on_match(LogIndex(4)), "a stale match is no progress");
+        assert_eq!((p.matched, p.next), (LogIndex(5), LogIndex(6)));
+        // next already ahead (pipelined sends) stays where it is.
+        p.next = LogIndex(10);
+        assert!(p.on_match(LogIndex(7)));
+        assert_eq!(p.next, LogIndex(10));
+    }
+
+    #[test]
+    fn a_match_retires_the_messages_it_covers() {
+        let mut p = Progress::new(LogIndex(1), true);
+        p.become_replicate();
+        for (last, at) in [(3, 1), (5, 2), (8, 3)] {
+            p.inflight.push_back(Inflight {
+                last_index: LogIndex(last),
+                sent_at: at,
+            });
+        }
+        p.on_match(LogIndex(5));
+        assert_eq!(p.inflight.len(), 1);
+        assert_eq!(p.inflight[0].last_index, LogIndex(8));
+    }
+
+    #[test]
+    fn the_window_holds_exactly_max_inflight_messages() {
+        let mut p = Progress::new(LogIndex(1), true);
+        p.become_replicate();
+        for i in 0..2 {
+            assert!(p.can_send(2));
+            p.inflight.push_back(Inflight {
+                last_index: LogIndex(i + 1),
+                sent_at: 0,
+            });
+        }
+        assert!(!p.can_send(2), "a third message past a window of two");
+        p.become_probe();
+        assert!(p.can_send(2));
+        p.state = ProgressState::Probe { sent: true };
+        assert!(!p.can_send(2), "a second probe while one is out");
+    }
+}
