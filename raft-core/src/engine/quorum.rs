@@ -86,5 +86,9 @@ mod tests {
         let c = [set(&[1, 2, 3, 4])];
         assert!(!quorum_impossible(&c, |id| id.0 == 1));
         assert!(quorum_impossible(&c, |id| id.0 <= 2));
+        // Of three, one refusal leaves a majority possible; two do not.
+        let c = [set(&[1, 2, 3])];
+        assert!(!quorum_impossible(&c, |id| id.0 == 1));
+        assert!(quorum_impossible(&c, |id| id.0 <= 2));
     }
 }
