@@ -1280,3 +1280,31 @@ fn a_snapshot_chunk_of_an_earlier_term_is_answered_with_the_current_term() {
         "a stale snapshot was taken"
     );
 }
+
+#[test]
+fn a_read_is_confirmed_only_by_a_round_that_started_after_it_arrived() {
+    let s1 = NodeId(1);
+    let mut s = led_by_s1(config());
+    s.heartbeat(s1, |_, _, _| false);
+    // A heartbeat round goes out and the followers answer it...
+    s.clock += config().heartbeat_interval_ms;
+    s.engines.get_mut(&s1).unwrap().tick(s.clock);
+    s.flush(s1);
+    for (from, to, msg) in std::mem::take(&mut s.queue) {
+        s.engines.get_mut(&to).unwrap().step(from, msg).unwrap();
+        s.flush(to);
+    }
+    // ...but the answers are still on the wire when a read arrives.
+    s.engines.get_mut(&s1).unwrap().read_index(9).unwrap();
+    s.flush(s1);
+    // Only those earlier answers arrive (the read's own round is lost).
+    s.deliver(|from, _, _| from == s1);
+    assert!(
+        s.reads_ready.iter().all(|(_, r, _)| *r != 9),
+        "a read was confirmed by answers sent before it arrived: {:?}",
+        s.reads_ready
+    );
+    // Its own round confirms it.
+    s.heartbeat(s1, |_, _, _| false);
+    assert!(s.reads_ready.iter().any(|(n, r, _)| *n == s1 && *r == 9));
+}

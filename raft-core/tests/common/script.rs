@@ -28,6 +28,8 @@ pub struct Script {
     /// Snapshot builds the engines asked for: (node, applied index then).
     /// Not carried out either: a test reports them with `snapshot_built`.
     pub snapshot_builds: Vec<(NodeId, LogIndex)>,
+    /// Reads the engines declared ready: (node, read, index).
+    pub reads_ready: Vec<(NodeId, raft_core::ReadId, LogIndex)>,
     /// Nodes whose log writes wait in `held` until [`Script::release`]:
     /// a slow disk, one write at a time.
     pub holding: BTreeSet<NodeId>,
@@ -61,6 +63,7 @@ impl Script {
             cfg: cfg.clone(),
             snapshot_sends: Vec::new(),
             snapshot_builds: Vec::new(),
+            reads_ready: Vec::new(),
             holding: BTreeSet::new(),
             held: BTreeMap::new(),
         };
@@ -106,6 +109,11 @@ impl Script {
                     }
                     Action::SendSnapshotChunk { to, offset, .. } => {
                         self.snapshot_sends.push((id, to, offset, self.clock))
+                    }
+                    Action::ReadReady { ids, index } => {
+                        for r in ids {
+                            self.reads_ready.push((id, r, index));
+                        }
                     }
                     Action::BuildSnapshot => {
                         let applied = self.engines[&id].applied_index();
