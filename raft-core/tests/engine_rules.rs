@@ -1308,3 +1308,51 @@ fn a_read_is_confirmed_only_by_a_round_that_started_after_it_arrived() {
     s.heartbeat(s1, |_, _, _| false);
     assert!(s.reads_ready.iter().any(|(n, r, _)| *n == s1 && *r == 9));
 }
+
+#[test]
+fn purging_the_log_keeps_an_uncommitted_configuration_after_it_revocable() {
+    let three = Membership::new_voters(members(&[1, 2, 3]));
+    let mut four = three.clone();
+    four.nodes.insert(NodeId(4), "n4".into());
+    // Restored from a snapshot at 1-2 (configuration: three voters), then
+    // 1-3 ..= 1-5 and an uncommitted change of the old leader at 6.
+    let snap = SnapshotMeta {
+        last_log_id: LogId::new(1, 2),
+        membership: three.clone(),
+        id: 1,
+    };
+    let mut entries: Vec<_> = (3..=5).map(|i| put_entry(1, i)).collect();
+    entries.push(entry(1, 6, raft_core::EntryPayload::Membership(four)));
+    let state = RecoveredState {
+        hard_state: HardState {
+            term: Term(1),
+            voted_for: None,
+        },
+        log_base: snap.last_log_id,
+        entries,
+        snapshot: Some(snap),
+        applied: LogId::new(1, 2),
+    };
+    let cfg = Config {
+        purge_keep: 0,
+        ..config()
+    };
+    let mut e = Engine::<C>::new(NodeId(2), cfg, 2, 0, state).unwrap();
+    e.snapshot_built(SnapshotMeta {
+        last_log_id: LogId::new(1, 5),
+        membership: three.clone(),
+        id: 2,
+    });
+    // A new leader replaces index 6: the change never happened.
+    e.step(
+        NodeId(1),
+        append(2, LogId::new(1, 5), vec![put_entry(2, 6)]),
+    )
+    .unwrap();
+    assert_eq!(e.last_log_id(), LogId::new(2, 6));
+    assert_eq!(
+        e.membership(),
+        &three,
+        "a replaced configuration is in force"
+    );
+}
