@@ -1356,3 +1356,66 @@ fn purging_the_log_keeps_an_uncommitted_configuration_after_it_revocable() {
         "a replaced configuration is in force"
     );
 }
+
+/// Recovers node 2 from `state` (term 3 saved unless given).
+fn recover(state: RecoveredState<C>) -> Result<Engine<C>, raft_core::RecoveryError> {
+    Engine::new(NodeId(2), config(), 2, 0, state)
+}
+
+fn recovered(entries: Vec<raft_core::Entry<C>>) -> RecoveredState<C> {
+    RecoveredState {
+        hard_state: HardState {
+            term: Term(3),
+            voted_for: None,
+        },
+        entries,
+        ..RecoveredState::default()
+    }
+}
+
+#[test]
+fn a_log_read_back_from_disk_that_breaks_the_log_rules_is_refused() {
+    use raft_core::RecoveryError as R;
+    let m = Membership::new_voters(members(&[1, 2, 3]));
+    let first = || entry(0, 1, raft_core::EntryPayload::Membership(m.clone()));
+    let good = recover(recovered(vec![first(), put_entry(1, 2), put_entry(3, 3)]));
+    assert!(good.is_ok());
+    let gap = recover(recovered(vec![first(), put_entry(1, 3)]));
+    assert!(matches!(gap, Err(R::Gap { .. })), "{:?}", gap.err());
+    let regression = recover(recovered(vec![first(), put_entry(2, 2), put_entry(1, 3)]));
+    assert!(
+        matches!(regression, Err(R::TermRegression { .. })),
+        "{:?}",
+        regression.err()
+    );
+    let future = recover(recovered(vec![first(), put_entry(4, 2)]));
+    assert!(
+        matches!(future, Err(R::TermFromFuture { .. })),
+        "{:?}",
+        future.err()
+    );
+    let mut past = recovered(vec![first(), put_entry(1, 2)]);
+    past.applied = LogId::new(1, 3);
+    let past = recover(past);
+    assert!(
+        matches!(past, Err(R::AppliedPastLog { .. })),
+        "{:?}",
+        past.err()
+    );
+    let mut mismatch = recovered(vec![first(), put_entry(1, 2)]);
+    mismatch.applied = LogId::new(2, 2);
+    let mismatch = recover(mismatch);
+    assert!(
+        matches!(mismatch, Err(R::AppliedMismatch { .. })),
+        "{:?}",
+        mismatch.err()
+    );
+    let mut purged = recovered(vec![put_entry(1, 5)]);
+    purged.log_base = LogId::new(1, 4);
+    let purged = recover(purged);
+    assert!(
+        matches!(purged, Err(R::AppliedBeforeLogStart { .. })),
+        "{:?}",
+        purged.err()
+    );
+}
