@@ -45,7 +45,9 @@ pub enum RaftError<N> {
     /// The node already holds `Config::max_pending_writes` writes (or
     /// `Config::max_pending_reads` reads) and is configured to fail fast
     /// (`WhenFull::FailFast`); nothing was started.
-    #[error("{pending} writes are already pending on this node; retry shortly")]
+    #[error(
+        "this node already holds {pending} pending requests of this kind (writes or reads); retry shortly"
+    )]
     Overloaded { pending: usize },
     /// A membership change was refused; nothing was proposed.
     #[error("membership change refused: {0}")]
