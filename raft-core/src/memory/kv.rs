@@ -114,7 +114,7 @@ impl KvStore {
                     };
                     KvResponse::Cas {
                         succeeded: true,
-                        current: new.clone(),
+                        current: new,
                     }
                 } else {
                     KvResponse::Cas {
