@@ -1385,7 +1385,8 @@ fn a_log_read_back_from_disk_that_breaks_the_log_rules_is_refused() {
     };
     let mut purged = recovered(vec![put_entry(1, 5)]);
     purged.log_base = LogId::new(1, 4);
-    let cases: Vec<(RecoveredState<C>, fn(&R) -> bool)> = vec![
+    type Case = (RecoveredState<C>, fn(&R) -> bool);
+    let cases: Vec<Case> = vec![
         (recovered(vec![first(), put_entry(1, 3)]), |e| {
             matches!(e, R::Gap { .. })
         }),
