@@ -704,10 +704,9 @@ fn a_pre_candidate_counts_no_real_vote() {
 #[test]
 fn a_vote_request_of_an_earlier_term_is_refused_and_records_nothing() {
     let [s1, s2, s3] = [1, 2, 3].map(NodeId);
-    let mut s = Script::new(3);
     // s2 moves to a later term without voting in it (the candidate's log
     // is stale) and without a leader.
-    s.elect(s1, |_, _, _| false);
+    let mut s = led_by_s1(config());
     let later = s.engines[&s2].term().0 + 2;
     let stale_log = with_stale_log(vote_request(&s.engines[&s2], s3, later, false, false));
     assert!(!granted(&mut s, s2, s3, stale_log));
