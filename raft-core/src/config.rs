@@ -46,6 +46,14 @@ pub struct Config {
     pub max_pending_reads: usize,
     /// What a write or a read does when the node holds as many as it may.
     pub when_full: WhenFull,
+    /// Bytes of log entries (by `TypeConfig::command_size`) the engine keeps
+    /// in memory once they are durable and applied. Older entries are read
+    /// back from the `LogStore` when a lagging follower needs them, so the
+    /// engine's memory does not grow with value size or with how many
+    /// entries the snapshot policy retains. Entries not yet durable or
+    /// applied always stay (they are bounded by `max_pending_writes` and
+    /// the followers' in-flight windows). 0 keeps only those.
+    pub log_cache_bytes: usize,
 }
 
 /// What `Raft::client_write` (`Raft::ensure_linearizable`) does while the
@@ -77,6 +85,7 @@ impl Default for Config {
             max_pending_writes: 4096,
             max_pending_reads: 16384,
             when_full: WhenFull::Wait,
+            log_cache_bytes: 64 << 20,
         }
     }
 }

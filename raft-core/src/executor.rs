@@ -12,7 +12,7 @@
 //!
 //! # Lanes
 //! Actions go to three FIFO lanes: **log** (hard state, append, truncate,
-//! purge: the `LogStore`), **state machine** (apply, snapshots: the
+//! purge, and reading evicted entries back: the `LogStore`), **state machine** (apply, snapshots: the
 //! `StateMachine`) and **net** (sends and replies). Within a lane, order is
 //! kept and a runtime runs the lane's operations one after another. Across
 //! lanes an operation waits only for what it depends on:
@@ -101,8 +101,18 @@ pub enum Done<C: TypeConfig, K: Callers> {
 pub enum LogOp<C: TypeConfig> {
     SaveHardState(HardState),
     Append(Vec<Entry<C>>),
-    Truncate { from: LogIndex },
-    Purge { upto: LogId },
+    Truncate {
+        from: LogIndex,
+    },
+    Purge {
+        upto: LogId,
+    },
+    /// Read the entries `from ..= to` (clipped to what the log holds) and
+    /// report them with [`Executor::log_read`]. Needs no sync.
+    Read {
+        from: LogIndex,
+        to: LogIndex,
+    },
 }
 
 /// An operation on the `StateMachine`, in the engine's order. (The
@@ -171,6 +181,18 @@ pub enum Io<C: TypeConfig, K: Callers> {
     },
 }
 
+/// What the executor remembers of a log operation in flight.
+enum LogInflight {
+    /// An append, with its last id.
+    Append(Option<LogId>),
+    /// A read-back of entries for `peer`, starting at `from`.
+    Read {
+        peer: NodeId,
+        from: LogIndex,
+    },
+    Other,
+}
+
 enum Lane {
     Log,
     Sm,
@@ -212,8 +234,8 @@ pub struct Executor<C: TypeConfig, K: Callers> {
     /// Applies handed out and not yet reported: how many entries, and the
     /// index of the last.
     applying: VecDeque<(usize, LogIndex)>,
-    /// Appends handed out and not yet reported: the last id of each.
-    appending: VecDeque<Option<LogId>>,
+    /// Log operations handed out and not yet reported, in order.
+    log_inflight: VecDeque<LogInflight>,
     /// What the state machine has applied (reported, not just handed out).
     applied: LogIndex,
     writes: BTreeMap<LogIndex, (LogId, K::Write)>,
@@ -240,7 +262,7 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
             log: Counter::default(),
             sm: Counter::default(),
             applying: VecDeque::new(),
-            appending: VecDeque::new(),
+            log_inflight: VecDeque::new(),
             applied,
             writes: BTreeMap::new(),
             reads: HashMap::new(),
@@ -359,11 +381,27 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
 
     // --------------------------------------------------------- completions
 
-    /// The oldest log operation handed out is done (durable).
+    /// The oldest log operation handed out is done (durable). For a
+    /// [`LogOp::Read`], report with [`Executor::log_read`] instead.
     pub fn log_done(&mut self) {
         self.log.done += 1;
-        if let Some(Some(last)) = self.appending.pop_front() {
-            self.engine.log_persisted(last);
+        match self.log_inflight.pop_front() {
+            Some(LogInflight::Append(Some(last))) => self.engine.log_persisted(last),
+            Some(LogInflight::Read { peer, from }) => {
+                self.engine.entries_read(peer, from, Vec::new())
+            }
+            _ => {}
+        }
+    }
+
+    /// The oldest log operation handed out, a [`LogOp::Read`], is done and
+    /// read `entries`.
+    pub fn log_read(&mut self, entries: Vec<Entry<C>>) {
+        self.log.done += 1;
+        match self.log_inflight.pop_front() {
+            Some(LogInflight::Read { peer, from }) => self.engine.entries_read(peer, from, entries),
+            Some(LogInflight::Append(Some(last))) => self.engine.log_persisted(last),
+            _ => {}
         }
     }
 
@@ -443,7 +481,8 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
                 Action::SaveHardState(_)
                 | Action::AppendLog { .. }
                 | Action::TruncateLog { .. }
-                | Action::PurgeLog { .. } => Lane::Log,
+                | Action::PurgeLog { .. }
+                | Action::ReadEntries { .. } => Lane::Log,
                 Action::Apply { .. }
                 | Action::BuildSnapshot
                 | Action::SendSnapshotChunk { .. }
@@ -529,19 +568,20 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
             {
                 let q = self.log_q.pop_front().expect("front exists");
                 self.log.issued += 1;
-                let op = match q.action {
-                    Action::SaveHardState(hs) => LogOp::SaveHardState(hs),
+                let (op, inflight) = match q.action {
+                    Action::SaveHardState(hs) => (LogOp::SaveHardState(hs), LogInflight::Other),
                     Action::AppendLog { entries } => {
-                        self.appending.push_back(entries.last().map(|e| e.log_id));
-                        LogOp::Append(entries)
+                        let last = entries.last().map(|e| e.log_id);
+                        (LogOp::Append(entries), LogInflight::Append(last))
                     }
-                    Action::TruncateLog { from } => LogOp::Truncate { from },
-                    Action::PurgeLog { upto } => LogOp::Purge { upto },
+                    Action::TruncateLog { from } => (LogOp::Truncate { from }, LogInflight::Other),
+                    Action::PurgeLog { upto } => (LogOp::Purge { upto }, LogInflight::Other),
+                    Action::ReadEntries { peer, from, to } => {
+                        (LogOp::Read { from, to }, LogInflight::Read { peer, from })
+                    }
                     _ => unreachable!("log lane holds log actions"),
                 };
-                if !matches!(op, LogOp::Append(_)) {
-                    self.appending.push_back(None);
-                }
+                self.log_inflight.push_back(inflight);
                 self.io.push(Io::Log(op));
                 progressed = true;
             }

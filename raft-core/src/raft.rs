@@ -614,6 +614,14 @@ impl<C: TypeConfig> Callers for DriverCallers<C> {
     type Rpc = RpcReply<C>;
 }
 
+/// How a run of log operations ended.
+enum LogDone<C: TypeConfig> {
+    /// This many operations are durable.
+    Durable(usize),
+    /// The next operation, a read, read these entries.
+    Read(Vec<Entry<C>>),
+}
+
 /// What the log worker is handed, in order: operations on the `LogStore`,
 /// and replies to send once the operations before them are durable.
 enum LogItem<C: TypeConfig> {
@@ -625,8 +633,8 @@ type RpcReply<C> = Reply<Message<C>, <C as TypeConfig>::Node>;
 
 /// What the storage workers report back to the driver's loop.
 enum Report<C: TypeConfig> {
-    /// This many log operations, the oldest in flight, are durable.
-    LogDone(usize),
+    /// The oldest log operations in flight are done, in order.
+    Log(Vec<LogDone<C>>),
     /// The oldest applies in flight are done: the number of entries of
     /// each (their writes are answered).
     Applied(Vec<usize>),
@@ -792,7 +800,14 @@ where
     /// Hands a storage worker's report to the executor.
     fn report(&mut self, report: Report<C>) -> Result<(), StorageError> {
         match report {
-            Report::LogDone(n) => (0..n).for_each(|_| self.x.log_done()),
+            Report::Log(done) => {
+                for d in done {
+                    match d {
+                        LogDone::Durable(n) => (0..n).for_each(|_| self.x.log_done()),
+                        LogDone::Read(entries) => self.x.log_read(entries),
+                    }
+                }
+            }
             Report::Applied(counts) => {
                 for n in counts {
                     if let Err((got, want)) = self.x.applied_batch(n) {
@@ -935,28 +950,34 @@ async fn log_worker<C: TypeConfig, L: LogStore<C>>(
         // A reply queued here waits for the operations before it; sending
         // every reply of the batch after all of its operations keeps the
         // group commit (later is always allowed).
-        let n = batch.len();
-        if let Err(e) = run_log_ops(&mut store, batch.drain(..)).await {
-            let _ = reports.send(Report::Failed(e));
-            return;
-        }
+        let done = match run_log_ops(&mut store, batch.drain(..)).await {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = reports.send(Report::Failed(e));
+                return;
+            }
+        };
         for (to, msg) in replies.drain(..) {
             let _ = to.send(Ok(msg));
         }
-        if n > 0 && reports.send(Report::LogDone(n)).is_err() {
+        if !done.is_empty() && reports.send(Report::Log(done)).is_err() {
             return;
         }
     }
 }
 
+/// Runs `ops` in order, merging runs of appends; says how each ended.
 async fn run_log_ops<C: TypeConfig, L: LogStore<C>>(
     store: &mut L,
     ops: impl Iterator<Item = LogOp<C>>,
-) -> Result<(), StorageError> {
-    let mut appends: Vec<crate::types::Entry<C>> = Vec::new();
+) -> Result<Vec<LogDone<C>>, StorageError> {
+    let mut appends: Vec<Entry<C>> = Vec::new();
+    let mut done = Vec::new();
+    let mut durable = 0;
     for op in ops {
         if let LogOp::Append(entries) = op {
             appends.extend(entries);
+            durable += 1;
             continue;
         }
         if !appends.is_empty() {
@@ -966,13 +987,25 @@ async fn run_log_ops<C: TypeConfig, L: LogStore<C>>(
             LogOp::SaveHardState(hs) => store.save_hard_state(hs).await?,
             LogOp::Truncate { from } => store.truncate(from).await?,
             LogOp::Purge { upto } => store.purge(upto).await?,
+            LogOp::Read { from, to } => {
+                let entries = store.read(from, to).await?;
+                if durable > 0 {
+                    done.push(LogDone::Durable(std::mem::take(&mut durable)));
+                }
+                done.push(LogDone::Read(entries));
+                continue;
+            }
             LogOp::Append(_) => unreachable!("appends are merged above"),
         }
+        durable += 1;
     }
     if !appends.is_empty() {
         store.append(appends).await?;
     }
-    Ok(())
+    if durable > 0 {
+        done.push(LogDone::Durable(durable));
+    }
+    Ok(done)
 }
 
 type SmOpOf<C> = SmOp<C, WriteReply<C>>;

@@ -58,6 +58,9 @@ pub trait LogStore<C: TypeConfig>: Send + Sync + 'static {
     async fn log_state(&mut self) -> Result<LogState, StorageError>;
 
     /// Entries with indices in `[from, to]`, clipped to what the log holds.
+    /// Called at start-up, and while the node runs to read back entries the
+    /// engine evicted from its cache (`Config::log_cache_bytes`) for a
+    /// follower that lags; such a read sees every earlier call's effect.
     async fn read(&mut self, from: LogIndex, to: LogIndex) -> Result<Vec<Entry<C>>, StorageError>;
 
     /// Appends `entries` after the last entry. The first entry's index is

@@ -247,6 +247,35 @@ async fn lagging_follower_catches_up_by_snapshot() {
     );
 }
 
+/// With no entry cache at all, a follower that was down while the log grew
+/// is repaired from entries the leader reads back from its `LogStore` (no
+/// snapshot exists to send instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_follower_catches_up_from_entries_read_back_from_the_log_store() {
+    let config = Config {
+        snapshot_every: 0,
+        log_cache_bytes: 0,
+        max_entries_per_message: 16,
+        ..Config::default()
+    };
+    let mut c = Cluster::new(3, config).await;
+    let leader = c.leader().await;
+    let lagging = *c.nodes.keys().find(|id| **id != leader).expect("follower");
+    let stopped = c.stop(lagging).await;
+    let mut last = LogIndex(0);
+    for i in 0..300 {
+        last = c.write(&format!("k{}", i % 17), &format!("v{i}")).await.0;
+    }
+    c.start(lagging, stopped.log, stopped.sm).await;
+    c.wait_applied(lagging, last).await;
+    let leader = c.leader().await;
+    assert!(c.nodes[&lagging].raft.metrics().borrow().snapshot.is_none());
+    for k in 0..17 {
+        let k = format!("k{k}");
+        assert_eq!(c.nodes[&lagging].sm.get(&k), c.nodes[&leader].sm.get(&k));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_are_batched_and_all_acknowledged() {
     let c = Cluster::new(3, Config::default()).await;

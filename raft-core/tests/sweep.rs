@@ -216,6 +216,13 @@ fn run_seed(seed: u64) -> BTreeSet<Reach> {
     }
     o.disk_latency_ms = (0, r.range(1, 6));
     o.pipelined = r.chance(0.5);
+    // Half the seeds keep few entries in the engine's cache, so lagging
+    // followers are served entries read back from the log store. (A
+    // separate stream, so the choices above and below stay as they were.)
+    let mut cache = Rng::new(seed ^ 0xCAC4E);
+    if cache.chance(0.5) {
+        o.config.log_cache_bytes = [0, 200, 2_000][cache.range(0, 3) as usize];
+    }
     let mut sim = if voter_churn {
         Sim::with_voters(o, &[NodeId(1), NodeId(2), NodeId(3)])
     } else {

@@ -60,6 +60,15 @@ pub enum Action<C: TypeConfig> {
     /// Durably delete every entry up to and including `upto`; if the log ends
     /// before it, the log becomes empty and continues after `upto`.
     PurgeLog { upto: LogId },
+    /// Read the entries `from ..= to` back from the `LogStore` (after every
+    /// earlier log action: they were evicted from the engine's cache, see
+    /// [`Config::log_cache_bytes`]) and hand them to
+    /// [`Engine::entries_read`] for `peer`. Nothing needs to be durable.
+    ReadEntries {
+        peer: NodeId,
+        from: LogIndex,
+        to: LogIndex,
+    },
     /// Deliver a request (or one-way message) to a peer. May be handed to
     /// the transport without waiting.
     Send { to: NodeId, msg: Message<C> },
@@ -333,6 +342,7 @@ impl<C: TypeConfig> Engine<C> {
             config,
         };
         engine.reset_election_timer();
+        engine.evict_cached();
         Ok(engine)
     }
 
@@ -701,7 +711,97 @@ impl<C: TypeConfig> Engine<C> {
             if self.is_leader() {
                 self.maybe_commit();
             }
+            self.evict_cached();
         }
+    }
+
+    /// Reports the entries a [`Action::ReadEntries`] for `peer` starting at
+    /// `from` read back from the `LogStore`: they go out to `peer` as far as
+    /// flow control allows, if it still needs them. Entries that are not
+    /// this log's (purged or replaced since) are dropped.
+    pub fn entries_read(&mut self, peer: NodeId, from: LogIndex, entries: Vec<Entry<C>>) {
+        let (term, id, commit, now) = (self.term, self.id, self.commit, self.now);
+        let (max_n, max_bytes, max_inflight) = (
+            self.config.max_entries_per_message,
+            self.config.max_bytes_per_message,
+            self.config.max_inflight,
+        );
+        let log = &self.log;
+        // Only a prefix that continues `from` and agrees with this log.
+        let valid = entries
+            .iter()
+            .enumerate()
+            .take_while(|(i, e)| e.log_id.index == from.plus(*i as u64) && log.matches(e.log_id))
+            .count();
+        let prev_log_id = log.log_id_at(from.prev());
+        let RoleState::Leader(l) = &mut self.role else {
+            return;
+        };
+        let round = l.round;
+        let Some(p) = l.progress.get_mut(&peer) else {
+            return;
+        };
+        if p.reading != Some(from) {
+            return; // a read its progress moved on from; a newer one may be out
+        }
+        p.reading = None;
+        let mut rest = entries.into_iter().take(valid).peekable();
+        if p.next == from
+            && let Some(mut prev_log_id) = prev_log_id
+            && !matches!(p.state, ProgressState::Snapshot { .. })
+        {
+            while rest.peek().is_some() && p.can_send(max_inflight) {
+                let probing = matches!(p.state, ProgressState::Probe { .. });
+                let mut batch = Vec::new();
+                let mut bytes = 0;
+                while let Some(e) = rest.peek() {
+                    if batch.len() >= max_n
+                        || (!batch.is_empty() && bytes + e.size_hint() > max_bytes)
+                    {
+                        break;
+                    }
+                    bytes += e.size_hint();
+                    batch.extend(rest.next());
+                }
+                let sent_last = prev_log_id.index.plus(batch.len() as u64);
+                match &mut p.state {
+                    ProgressState::Probe { sent } => *sent = true,
+                    _ => {
+                        p.next = sent_last.next();
+                        p.inflight.push_back(Inflight {
+                            last_index: sent_last,
+                            sent_at: now,
+                        });
+                    }
+                }
+                let next_prev = batch.last().map_or(prev_log_id, |e| e.log_id);
+                self.actions.push(Action::Send {
+                    to: peer,
+                    msg: Message::AppendEntries(AppendEntriesRequest {
+                        term,
+                        leader_id: id,
+                        prev_log_id,
+                        entries: batch,
+                        leader_commit: commit,
+                        round,
+                    }),
+                });
+                prev_log_id = next_prev;
+                if probing {
+                    return;
+                }
+            }
+        } else if valid == 0 {
+            debug!(node = %id, peer = %peer, from = %from, "entries read back are no longer needed");
+        }
+        self.send_append(peer);
+    }
+
+    /// Drops cached entry payloads past [`Config::log_cache_bytes`]; only
+    /// entries that are durable and handed to the state machine go.
+    fn evict_cached(&mut self) {
+        let upto = self.durable.min(self.applied);
+        self.log.evict(upto, self.config.log_cache_bytes);
     }
 
     /// Reports that a `BuildSnapshot` produced `meta` (durable). Purges the
@@ -1153,13 +1253,25 @@ impl<C: TypeConfig> Engine<C> {
                 return;
             }
             let probing = matches!(p.state, ProgressState::Probe { .. });
-            if !p.can_send(max_inflight) || (!probing && p.next > last) {
+            if p.reading == Some(p.next) || !p.can_send(max_inflight) || (!probing && p.next > last)
+            {
                 return;
             }
             let prev_index = p.next.prev();
             let Some(prev_log_id) = self.log.log_id_at(prev_index) else {
                 return;
             };
+            if p.next < self.log.cached_from() && p.next <= last {
+                // Evicted from the cache: read them back, then send.
+                let to = (self.log.cached_from().prev()).min(p.next.plus(max_n as u64 - 1));
+                p.reading = Some(p.next);
+                self.actions.push(Action::ReadEntries {
+                    peer,
+                    from: p.next,
+                    to,
+                });
+                return;
+            }
             let mut entries = Vec::new();
             let mut bytes = 0;
             for e in self.log.range(p.next, last) {
@@ -1543,6 +1655,7 @@ impl<C: TypeConfig> Engine<C> {
             .collect();
         self.applied = self.commit;
         self.actions.push(Action::Apply { entries });
+        self.evict_cached();
         let since = self
             .snapshot
             .as_ref()

@@ -49,6 +49,10 @@ pub struct Progress {
     pub acked_round: u64,
     /// Counts toward quorums (false for learners).
     pub voter: bool,
+    /// Entries from this index are being read back from the `LogStore` for
+    /// this follower (they were evicted from the engine's cache); nothing
+    /// is sent from `next` until they arrive.
+    pub reading: Option<LogIndex>,
 }
 
 impl Progress {
@@ -61,6 +65,7 @@ impl Progress {
             recent_active: false,
             acked_round: 0,
             voter,
+            reading: None,
         }
     }
 

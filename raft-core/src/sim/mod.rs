@@ -144,6 +144,21 @@ pub struct Disk {
     pub snapshot: Option<(SnapshotMeta<C>, Vec<u8>)>,
 }
 
+impl Disk {
+    /// The entries `from ..= to` the log holds.
+    pub fn read(&self, from: LogIndex, to: LogIndex) -> Vec<Entry<C>> {
+        let first = self.base.index.next();
+        let start = from.max(first);
+        let end = to.min(first.plus(self.entries.len() as u64).prev());
+        if start > end {
+            return Vec::new();
+        }
+        let s = (start.0 - first.0) as usize;
+        let e = (end.0 - first.0) as usize;
+        self.entries[s..=e].to_vec()
+    }
+}
+
 enum Input {
     Message {
         from: NodeId,

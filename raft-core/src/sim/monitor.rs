@@ -78,6 +78,9 @@ pub enum Reach {
     LateVoteGrant,
     /// A crash during a log append leaves part of it on disk.
     TornAppend,
+    /// A leader reads entries evicted from its cache back from its log
+    /// store for a lagging follower.
+    EntriesReadBack,
 }
 
 impl Reach {
@@ -100,6 +103,7 @@ impl Reach {
         Reach::SecondCandidateInVotedTerm,
         Reach::LateVoteGrant,
         Reach::TornAppend,
+        Reach::EntriesReadBack,
     ];
 
     pub fn name(self) -> &'static str {
@@ -122,6 +126,7 @@ impl Reach {
             Reach::SecondCandidateInVotedTerm => "second candidate in a voted term",
             Reach::LateVoteGrant => "late vote grant reaches a candidate",
             Reach::TornAppend => "torn append on crash",
+            Reach::EntriesReadBack => "evicted entries read back for a follower",
         }
     }
 }

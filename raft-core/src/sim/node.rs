@@ -349,6 +349,7 @@ impl Sim {
         let Some(op) = n.log_worker.pop_front() else {
             return;
         };
+        let mut read = None;
         match op {
             LogOp::SaveHardState(hs) => {
                 let old = n.disk.hard_state;
@@ -394,6 +395,10 @@ impl Sim {
                     n.disk.base = upto;
                 }
             }
+            LogOp::Read { from, to } => {
+                read = Some(n.disk.read(from, to));
+                self.coverage.hit(Reach::EntriesReadBack);
+            }
         }
         // Replies queued behind this operation leave now, before the
         // executor hears of it, as the driver's log worker sends them.
@@ -407,7 +412,10 @@ impl Sim {
             self.emit(i, to, msg);
         }
         if let Some(x) = self.nodes[i].x.as_mut() {
-            x.log_done();
+            match read {
+                Some(entries) => x.log_read(entries),
+                None => x.log_done(),
+            }
         }
         self.start_log_op(i);
     }

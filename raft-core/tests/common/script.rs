@@ -30,6 +30,10 @@ pub struct Script {
     pub snapshot_builds: Vec<(NodeId, LogIndex)>,
     /// Reads the engines declared ready: (node, read, index).
     pub reads_ready: Vec<(NodeId, raft_core::ReadId, LogIndex)>,
+    /// Entries the engines asked to read back from their disks: (node, for
+    /// peer, from, to). Carried out at once unless `hold_reads` is set.
+    pub reads_back: Vec<(NodeId, NodeId, LogIndex, LogIndex)>,
+    pub hold_reads: bool,
     /// Nodes whose log writes wait in `held` until [`Script::release`]:
     /// a slow disk, one write at a time.
     pub holding: BTreeSet<NodeId>,
@@ -64,6 +68,8 @@ impl Script {
             snapshot_sends: Vec::new(),
             snapshot_builds: Vec::new(),
             reads_ready: Vec::new(),
+            reads_back: Vec::new(),
+            hold_reads: false,
             holding: BTreeSet::new(),
             held: BTreeMap::new(),
         };
@@ -114,6 +120,22 @@ impl Script {
                         for r in ids {
                             self.reads_ready.push((id, r, index));
                         }
+                    }
+                    Action::ReadEntries { peer, from, to } => {
+                        self.reads_back.push((id, peer, from, to));
+                        if self.hold_reads {
+                            continue;
+                        }
+                        let entries = disk
+                            .1
+                            .iter()
+                            .filter(|e| (from..=to).contains(&e.log_id.index))
+                            .cloned()
+                            .collect();
+                        self.engines
+                            .get_mut(&id)
+                            .unwrap()
+                            .entries_read(peer, from, entries);
                     }
                     Action::BuildSnapshot => {
                         let applied = self.engines[&id].applied_index();
