@@ -14,9 +14,36 @@ use crate::types::{Entry, LogId};
 #[derive(Debug, Default)]
 struct Inner {
     store: KvStore,
-    snapshot: Option<(SnapshotMeta<KvConfig>, Arc<Vec<u8>>)>,
+    snapshot: Option<Snapshot>,
     receiving: Vec<u8>,
     next_snapshot_id: u64,
+}
+
+/// A snapshot: a point-in-time copy of the store, encoded only when a
+/// follower first reads it. Most snapshots only let the log be purged and
+/// are never sent, and copying the map costs a fraction of encoding it.
+#[derive(Debug)]
+struct Snapshot {
+    meta: SnapshotMeta<KvConfig>,
+    data: SnapshotData,
+}
+
+#[derive(Debug)]
+enum SnapshotData {
+    Copy(Box<KvStore>),
+    Encoded(Arc<Vec<u8>>),
+}
+
+impl Snapshot {
+    /// The snapshot's bytes, encoding the copy (and dropping it) once.
+    fn encoded(&mut self) -> Result<Arc<Vec<u8>>, StorageError> {
+        let bytes = match &self.data {
+            SnapshotData::Encoded(bytes) => return Ok(bytes.clone()),
+            SnapshotData::Copy(store) => Arc::new(store.encode().map_err(corrupt)?),
+        };
+        self.data = SnapshotData::Encoded(bytes.clone());
+        Ok(bytes)
+    }
 }
 
 /// The [`KvStore`] as a Raft state machine, with snapshots kept in memory.
@@ -75,19 +102,21 @@ impl StateMachine<KvConfig> for MemStateMachine {
 
     async fn build_snapshot(&mut self) -> Result<SnapshotMeta<KvConfig>, StorageError> {
         let mut g = self.lock()?;
-        let data = g.store.encode().map_err(corrupt)?;
         g.next_snapshot_id += 1;
         let meta = SnapshotMeta {
             last_log_id: g.store.last_applied,
             membership: g.store.membership.clone(),
             id: g.next_snapshot_id,
         };
-        g.snapshot = Some((meta.clone(), Arc::new(data)));
+        g.snapshot = Some(Snapshot {
+            meta: meta.clone(),
+            data: SnapshotData::Copy(Box::new(g.store.clone())),
+        });
         Ok(meta)
     }
 
     async fn current_snapshot(&mut self) -> Result<Option<SnapshotMeta<KvConfig>>, StorageError> {
-        Ok(self.lock()?.snapshot.as_ref().map(|(m, _)| m.clone()))
+        Ok(self.lock()?.snapshot.as_ref().map(|s| s.meta.clone()))
     }
 
     async fn read_snapshot_chunk(
@@ -96,13 +125,11 @@ impl StateMachine<KvConfig> for MemStateMachine {
         offset: u64,
         max_len: usize,
     ) -> Result<Option<SnapshotChunk>, StorageError> {
-        let g = self.lock()?;
-        let Some((meta, data)) = &g.snapshot else {
+        let mut g = self.lock()?;
+        let Some(snapshot) = g.snapshot.as_mut().filter(|s| s.meta.id == snapshot_id) else {
             return Ok(None);
         };
-        if meta.id != snapshot_id {
-            return Ok(None);
-        }
+        let data = snapshot.encoded()?;
         let start = (offset as usize).min(data.len());
         let end = start.saturating_add(max_len).min(data.len());
         Ok(Some(SnapshotChunk {
@@ -145,7 +172,72 @@ impl StateMachine<KvConfig> for MemStateMachine {
             )));
         }
         g.store = store;
-        g.snapshot = Some((meta.clone(), Arc::new(data)));
+        g.snapshot = Some(Snapshot {
+            meta: meta.clone(),
+            data: SnapshotData::Encoded(Arc::new(data)),
+        });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::KvCommand;
+    use crate::types::EntryPayload;
+
+    fn put(index: u64, key: &str, value: &str) -> Entry<KvConfig> {
+        Entry {
+            log_id: LogId::new(1, index),
+            payload: EntryPayload::Command(KvCommand::Put {
+                key: key.into(),
+                value: value.into(),
+            }),
+        }
+    }
+
+    /// A snapshot is the state when it was built, however much is applied
+    /// before a follower first reads it (it is encoded only then).
+    #[tokio::test]
+    async fn a_snapshot_read_later_is_the_state_it_was_built_at() {
+        let mut sm = MemStateMachine::new();
+        sm.apply(vec![put(1, "a", "1"), put(2, "b", "2")])
+            .await
+            .unwrap();
+        let meta = sm.build_snapshot().await.unwrap();
+        let at_build = sm.snapshot_of_store();
+        sm.apply(vec![put(3, "a", "changed"), put(4, "c", "3")])
+            .await
+            .unwrap();
+
+        let mut follower = MemStateMachine::new();
+        let mut offset = 0;
+        loop {
+            let chunk = sm
+                .read_snapshot_chunk(meta.id, offset, 7)
+                .await
+                .unwrap()
+                .expect("the current snapshot");
+            let n = chunk.data.len() as u64;
+            follower
+                .write_snapshot_chunk(&meta, offset, chunk.data)
+                .await
+                .unwrap();
+            offset += n;
+            if chunk.done {
+                break;
+            }
+        }
+        follower.install_snapshot(&meta).await.unwrap();
+        assert_eq!(follower.snapshot_of_store(), at_build);
+        assert_eq!(follower.get("a").as_deref(), Some("1"));
+        assert_eq!(sm.get("a").as_deref(), Some("changed"));
+        // A snapshot that is not the current one is not read.
+        assert!(
+            sm.read_snapshot_chunk(meta.id + 1, 0, 7)
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 }
