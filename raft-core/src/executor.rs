@@ -466,6 +466,17 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
         self.serve_reads();
     }
 
+    /// The log is cut back to before `from` (a new leader's log differs
+    /// there). Writes proposed at `from` or later lost their entries here,
+    /// and nothing may ever take those indices again if no one writes, so
+    /// they are answered now. Unknown, not dropped: another node may still
+    /// hold such an entry and a later leader commit it.
+    fn entries_cut_off(&mut self, from: LogIndex) {
+        for (_, (_, reply)) in self.writes.split_off(&from) {
+            self.done.push(Done::Write(reply, WriteError::Unknown));
+        }
+    }
+
     // ------------------------------------------------------------ outputs
 
     /// Takes the engine's new actions into the lanes. Call after any input
@@ -480,9 +491,12 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
             let lane = match &action {
                 Action::SaveHardState(_)
                 | Action::AppendLog { .. }
-                | Action::TruncateLog { .. }
                 | Action::PurgeLog { .. }
                 | Action::ReadEntries { .. } => Lane::Log,
+                Action::TruncateLog { from } => {
+                    self.entries_cut_off(*from);
+                    Lane::Log
+                }
                 Action::Apply { .. }
                 | Action::BuildSnapshot
                 | Action::SendSnapshotChunk { .. }

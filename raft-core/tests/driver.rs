@@ -214,6 +214,64 @@ async fn leader_failover_keeps_acknowledged_writes() {
     assert_eq!(c.nodes[&old].sm.get("after").as_deref(), Some("failover"));
 }
 
+/// A deposed leader's pending writes whose entries the new leader's log
+/// replaces are answered (outcome unknown) when the log is truncated, even
+/// if no later entry ever takes their indices: the core bench once hung
+/// with all 1,024 writers waiting on writes the new leader had cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_cut_off_by_a_new_leaders_log_are_answered() {
+    let c = Cluster::new(3, Config::default()).await;
+    let (idx, _) = c.write("k", "v").await;
+    let old = c.leader().await;
+    for id in c.nodes.keys() {
+        c.wait_applied(*id, idx).await;
+    }
+    c.router.isolate(old);
+    let pending: Vec<_> = (0..3)
+        .map(|i| {
+            let raft = c.nodes[&old].raft.clone();
+            tokio::spawn(async move {
+                raft.client_write(KvCommand::Put {
+                    key: format!("cut-{i}"),
+                    value: "x".into(),
+                })
+                .await
+            })
+        })
+        .collect();
+    // The others elect a leader, which commits only its no-op: one entry,
+    // so two of the old leader's three pending entries have no rival.
+    let others: Vec<NodeId> = c.nodes.keys().copied().filter(|id| *id != old).collect();
+    let new = loop {
+        if let Some(id) = others
+            .iter()
+            .find(|id| c.nodes[id].raft.metrics().borrow().role == Role::Leader)
+        {
+            break *id;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    c.wait_view(new, "its no-op committed", |m| m.commit_index > idx)
+        .await;
+    c.router.heal();
+    for p in pending {
+        let r = tokio::time::timeout(WAIT, p)
+            .await
+            .expect("a write cut off by the new leader's log is answered")
+            .expect("task");
+        assert!(
+            matches!(
+                r,
+                Err(RaftError::OutcomeUnknown | RaftError::ProposalDropped)
+            ),
+            "{r:?}"
+        );
+    }
+    for i in 0..3 {
+        assert_eq!(c.nodes[&new].sm.get(&format!("cut-{i}")), None);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_follower_catches_up_by_snapshot() {
     let config = Config {
