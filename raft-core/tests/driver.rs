@@ -127,6 +127,26 @@ impl Cluster {
             .expect("metrics");
     }
 
+    /// Stops a follower, then makes `n` writes (17 keys) without it:
+    /// which node it was, what it left behind, and the last write's index.
+    async fn write_without_a_follower(&mut self, n: usize) -> (NodeId, Node, LogIndex) {
+        let leader = self.leader().await;
+        let lagging = *self
+            .nodes
+            .keys()
+            .find(|id| **id != leader)
+            .expect("follower");
+        let stopped = self.stop(lagging).await;
+        let mut last = LogIndex(0);
+        for i in 0..n {
+            last = self
+                .write(&format!("k{}", i % 17), &format!("v{i}"))
+                .await
+                .0;
+        }
+        (lagging, stopped, last)
+    }
+
     async fn wait_applied(&self, id: NodeId, index: LogIndex) {
         let mut m = self.nodes[&id].raft.metrics();
         tokio::time::timeout(WAIT, m.wait_for(|m| m.applied_index >= index))
@@ -281,13 +301,7 @@ async fn lagging_follower_catches_up_by_snapshot() {
         ..Config::default()
     };
     let mut c = Cluster::new(3, config).await;
-    let leader = c.leader().await;
-    let lagging = *c.nodes.keys().find(|id| **id != leader).expect("follower");
-    let stopped = c.stop(lagging).await;
-    let mut last = LogIndex(0);
-    for i in 0..300 {
-        last = c.write(&format!("k{}", i % 17), &format!("v{i}")).await.0;
-    }
+    let (lagging, stopped, last) = c.write_without_a_follower(300).await;
     let leader = c.leader().await;
     let m = c.nodes[&leader].raft.metrics().borrow().clone();
     assert!(m.snapshot.is_some(), "leader built a snapshot");
@@ -317,13 +331,7 @@ async fn lagging_follower_catches_up_from_entries_read_back_from_the_log_store()
         ..Config::default()
     };
     let mut c = Cluster::new(3, config).await;
-    let leader = c.leader().await;
-    let lagging = *c.nodes.keys().find(|id| **id != leader).expect("follower");
-    let stopped = c.stop(lagging).await;
-    let mut last = LogIndex(0);
-    for i in 0..300 {
-        last = c.write(&format!("k{}", i % 17), &format!("v{i}")).await.0;
-    }
+    let (lagging, stopped, last) = c.write_without_a_follower(300).await;
     c.start(lagging, stopped.log, stopped.sm).await;
     c.wait_applied(lagging, last).await;
     let leader = c.leader().await;

@@ -1420,12 +1420,9 @@ fn a_log_read_back_from_disk_that_breaks_the_log_rules_is_refused() {
     }
 }
 
-/// Bounded memory: past `log_cache_bytes`, a leader drops the payloads of
-/// entries that are durable and applied, and serves a follower that needs
-/// them by reading them back from its log store, one message's worth at a
-/// time, without waiting for a timeout.
-#[test]
-fn a_follower_behind_the_cache_gets_entries_read_back_from_the_store() {
+/// A cluster led by s1 with no entry cache (4 entries per message), after
+/// `n` proposals that s3 did not receive.
+fn s3_behind_an_empty_cache(n: usize) -> Script {
     let [s1, s3] = [1, 3].map(NodeId);
     let cfg = Config {
         max_entries_per_message: 4,
@@ -1434,7 +1431,7 @@ fn a_follower_behind_the_cache_gets_entries_read_back_from_the_store() {
         ..config()
     };
     let mut s = led_by_s1(cfg);
-    for i in 0..20 {
+    for i in 0..n {
         s.engines
             .get_mut(&s1)
             .unwrap()
@@ -1443,6 +1440,17 @@ fn a_follower_behind_the_cache_gets_entries_read_back_from_the_store() {
         s.flush(s1);
         s.deliver(|_, to, _| to == s3);
     }
+    s
+}
+
+/// Bounded memory: past `log_cache_bytes`, a leader drops the payloads of
+/// entries that are durable and applied, and serves a follower that needs
+/// them by reading them back from its log store, one message's worth at a
+/// time, without waiting for a timeout.
+#[test]
+fn a_follower_behind_the_cache_gets_entries_read_back_from_the_store() {
+    let [s1, s3] = [1, 3].map(NodeId);
+    let mut s = s3_behind_an_empty_cache(20);
     let last = s.engines[&s1].last_log_id();
     assert_eq!(s.engines[&s1].commit_index(), last.index);
     let log = s.engines[&s1].log();
@@ -1480,22 +1488,7 @@ fn a_follower_behind_the_cache_gets_entries_read_back_from_the_store() {
 #[test]
 fn read_back_entries_go_out_only_if_they_match_and_are_awaited() {
     let [s1, s3] = [1, 3].map(NodeId);
-    let cfg = Config {
-        max_entries_per_message: 4,
-        max_inflight: 8,
-        log_cache_bytes: 0,
-        ..config()
-    };
-    let mut s = led_by_s1(cfg);
-    for i in 0..6 {
-        s.engines
-            .get_mut(&s1)
-            .unwrap()
-            .propose(put(&format!("v{i}")))
-            .unwrap();
-        s.flush(s1);
-        s.deliver(|_, to, _| to == s3);
-    }
+    let mut s = s3_behind_an_empty_cache(6);
     // s3 is back; the leader's stall detector finds it behind and asks
     // for its entries (held here, to be answered by hand).
     s.hold_reads = true;

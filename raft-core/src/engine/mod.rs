@@ -41,7 +41,7 @@ use crate::types::{
 };
 
 use self::log::RaftLog;
-use self::progress::{Inflight, Progress, ProgressState};
+use self::progress::{Progress, ProgressState};
 use self::rng::Rng;
 
 /// Identifies one ReadIndex request; chosen by the caller.
@@ -763,17 +763,7 @@ impl<C: TypeConfig> Engine<C> {
                     bytes += e.size_hint();
                     batch.extend(rest.next());
                 }
-                let sent_last = prev_log_id.index.plus(batch.len() as u64);
-                match &mut p.state {
-                    ProgressState::Probe { sent } => *sent = true,
-                    _ => {
-                        p.next = sent_last.next();
-                        p.inflight.push_back(Inflight {
-                            last_index: sent_last,
-                            sent_at: now,
-                        });
-                    }
-                }
+                p.record_sent(prev_log_id.index.plus(batch.len() as u64), now);
                 let next_prev = batch.last().map_or(prev_log_id, |e| e.log_id);
                 self.actions.push(Action::Send {
                     to: peer,
@@ -1283,17 +1273,7 @@ impl<C: TypeConfig> Engine<C> {
                 bytes += e.size_hint();
                 entries.push(e.clone());
             }
-            let sent_last = prev_index.plus(entries.len() as u64);
-            match &mut p.state {
-                ProgressState::Probe { sent } => *sent = true,
-                _ => {
-                    p.next = sent_last.next();
-                    p.inflight.push_back(Inflight {
-                        last_index: sent_last,
-                        sent_at: now,
-                    });
-                }
-            }
+            p.record_sent(prev_index.plus(entries.len() as u64), now);
             let req = AppendEntriesRequest {
                 term,
                 leader_id: id,

@@ -97,6 +97,22 @@ impl Progress {
         }
     }
 
+    /// Records that a message carrying entries up to `last` went out at
+    /// `now`: a probe now waits for its answer; in the replicate state
+    /// `next` moves past it and it takes a slot of the window.
+    pub fn record_sent(&mut self, last: LogIndex, now: u64) {
+        match &mut self.state {
+            ProgressState::Probe { sent } => *sent = true,
+            _ => {
+                self.next = last.next();
+                self.inflight.push_back(Inflight {
+                    last_index: last,
+                    sent_at: now,
+                });
+            }
+        }
+    }
+
     /// Whether a message carrying new entries may be sent now.
     pub fn can_send(&self, max_inflight: usize) -> bool {
         match &self.state {
