@@ -686,6 +686,11 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
         }
     }
 
+    /// How many writes wait for their entries to be applied (or dropped).
+    pub fn pending_writes(&self) -> usize {
+        self.writes.len()
+    }
+
     /// Fails every caller still waiting (the node is stopping).
     pub fn fail_all(&mut self) -> (Vec<K::Write>, Vec<K::Read>) {
         let writes = std::mem::take(&mut self.writes)

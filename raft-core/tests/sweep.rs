@@ -356,6 +356,7 @@ fn run_seed(seed: u64) -> BTreeSet<Reach> {
     sim.opts.storage_error_rate = 0.0;
     heal_and_converge(&mut sim);
     sim.check_acknowledged_writes_present();
+    sim.check_every_write_answered();
     sim.final_check();
     sim.coverage().reached()
 }

@@ -1262,6 +1262,25 @@ impl Sim {
         }
     }
 
+    /// Liveness of answers: once the cluster has converged (every log
+    /// repaired, everything committed applied), no node still holds a
+    /// write waiting for an outcome. Every write is answered in the end,
+    /// even one whose entry was cut off and whose index nothing reuses.
+    pub fn check_every_write_answered(&mut self) {
+        for n in self.nodes.iter() {
+            if let Some(x) = &n.x
+                && x.pending_writes() > 0
+            {
+                self.fail(format!(
+                    "node {} still holds {} unanswered writes after the cluster converged:{}",
+                    n.id,
+                    x.pending_writes(),
+                    self.describe()
+                ));
+            }
+        }
+    }
+
     /// Fails the run (with its seed) unless `cond` holds.
     pub fn expect(&self, cond: bool, what: impl FnOnce() -> String) {
         if !cond {
