@@ -203,8 +203,10 @@ fn kill_loop(rounds: u64, sync: bool) -> Outcome {
         let reader = std::thread::spawn(move || {
             let mut acked = 0u64;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(n) = line.strip_prefix("ACK ") {
-                    acked = n.parse().unwrap_or(acked);
+                // Not a prefix: libtest prints `test crash_child_process ... `
+                // without a newline, so `ACK 1` shares that line.
+                if let Some((_, n)) = line.rsplit_once("ACK ") {
+                    acked = n.trim().parse().unwrap_or(acked);
                 }
             }
             acked
