@@ -384,23 +384,22 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
     /// The oldest log operation handed out is done (durable). For a
     /// [`LogOp::Read`], report with [`Executor::log_read`] instead.
     pub fn log_done(&mut self) {
-        self.log.done += 1;
-        match self.log_inflight.pop_front() {
-            Some(LogInflight::Append(Some(last))) => self.engine.log_persisted(last),
-            Some(LogInflight::Read { peer, from }) => {
-                self.engine.entries_read(peer, from, Vec::new())
-            }
-            _ => {}
-        }
+        self.log_finished(Vec::new());
     }
 
     /// The oldest log operation handed out, a [`LogOp::Read`], is done and
     /// read `entries`.
     pub fn log_read(&mut self, entries: Vec<Entry<C>>) {
+        self.log_finished(entries);
+    }
+
+    /// The oldest log operation is done; `entries` is what it read, if it
+    /// was a read (a read reported without them found nothing to send).
+    fn log_finished(&mut self, entries: Vec<Entry<C>>) {
         self.log.done += 1;
         match self.log_inflight.pop_front() {
-            Some(LogInflight::Read { peer, from }) => self.engine.entries_read(peer, from, entries),
             Some(LogInflight::Append(Some(last))) => self.engine.log_persisted(last),
+            Some(LogInflight::Read { peer, from }) => self.engine.entries_read(peer, from, entries),
             _ => {}
         }
     }

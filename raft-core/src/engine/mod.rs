@@ -745,24 +745,17 @@ impl<C: TypeConfig> Engine<C> {
             return; // a read its progress moved on from; a newer one may be out
         }
         p.reading = None;
-        let mut rest = entries.into_iter().take(valid).peekable();
+        let mut entries = entries;
+        entries.truncate(valid);
+        let mut rest = entries.into_iter();
         if p.next == from
             && let Some(mut prev_log_id) = prev_log_id
             && !matches!(p.state, ProgressState::Snapshot { .. })
         {
-            while rest.peek().is_some() && p.can_send(max_inflight) {
+            while !rest.as_slice().is_empty() && p.can_send(max_inflight) {
                 let probing = matches!(p.state, ProgressState::Probe { .. });
-                let mut batch = Vec::new();
-                let mut bytes = 0;
-                while let Some(e) = rest.peek() {
-                    if batch.len() >= max_n
-                        || (!batch.is_empty() && bytes + e.size_hint() > max_bytes)
-                    {
-                        break;
-                    }
-                    bytes += e.size_hint();
-                    batch.extend(rest.next());
-                }
+                let n = batch_len(rest.as_slice(), max_n, max_bytes);
+                let batch: Vec<_> = rest.by_ref().take(n).collect();
                 p.record_sent(prev_log_id.index.plus(batch.len() as u64), now);
                 let next_prev = batch.last().map_or(prev_log_id, |e| e.log_id);
                 self.actions.push(Action::Send {
@@ -1262,17 +1255,8 @@ impl<C: TypeConfig> Engine<C> {
                 });
                 return;
             }
-            let mut entries = Vec::new();
-            let mut bytes = 0;
-            for e in self.log.range(p.next, last) {
-                if entries.len() >= max_n
-                    || (!entries.is_empty() && bytes + e.size_hint() > max_bytes)
-                {
-                    break;
-                }
-                bytes += e.size_hint();
-                entries.push(e.clone());
-            }
+            let n = batch_len(self.log.range(p.next, last), max_n, max_bytes);
+            let entries: Vec<_> = self.log.range(p.next, last).take(n).cloned().collect();
             p.record_sent(prev_index.plus(entries.len() as u64), now);
             let req = AppendEntriesRequest {
                 term,
@@ -1955,4 +1939,24 @@ fn validate_entries<C: TypeConfig>(
         prev = e.log_id;
     }
     Ok(())
+}
+
+/// How many of `entries` (in order) go in one AppendEntries: at most
+/// `max_n`, and no more than `max_bytes` by `size_hint` unless a single
+/// entry is larger (one always goes, or a large entry would never be sent).
+fn batch_len<'a, C: TypeConfig + 'a>(
+    entries: impl IntoIterator<Item = &'a Entry<C>>,
+    max_n: usize,
+    max_bytes: usize,
+) -> usize {
+    let mut n = 0;
+    let mut bytes = 0;
+    for e in entries {
+        if n >= max_n || (n > 0 && bytes + e.size_hint() > max_bytes) {
+            break;
+        }
+        bytes += e.size_hint();
+        n += 1;
+    }
+    n
 }
