@@ -30,7 +30,7 @@ pub trait LogStoreHarness: Send {
 fn entry(term: u64, index: u64) -> Entry<KvConfig> {
     Entry {
         log_id: LogId::new(term, index),
-        payload: EntryPayload::Command(KvCommand::Put {
+        payload: EntryPayload::command(KvCommand::Put {
             key: format!("k{index}"),
             value: format!("t{term}"),
         }),

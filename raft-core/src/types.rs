@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -157,8 +158,12 @@ pub trait TypeConfig: Clone + fmt::Debug + PartialEq + Eq + Send + Sync + 'stati
 pub enum EntryPayload<C: TypeConfig> {
     /// The no-op a new leader appends at the start of its term (§8).
     Blank,
-    /// An application command.
-    Command(C::Command),
+    /// An application command, shared: the leader's log cache, the
+    /// `LogStore`, every AppendEntries that carries it and the apply hold
+    /// one copy between them instead of one each. A state machine that
+    /// wants it owned takes it with `Arc::unwrap_or_clone`. Encoded as the
+    /// bare command: the `Arc` is not on the wire or on disk.
+    Command(Arc<C::Command>),
     /// A cluster configuration; takes effect as soon as it is appended (§6).
     Membership(Membership<C::Node>),
 }
@@ -169,6 +174,13 @@ pub enum EntryPayload<C: TypeConfig> {
 pub struct Entry<C: TypeConfig> {
     pub log_id: LogId,
     pub payload: EntryPayload<C>,
+}
+
+impl<C: TypeConfig> EntryPayload<C> {
+    /// A command payload.
+    pub fn command(command: C::Command) -> Self {
+        EntryPayload::Command(Arc::new(command))
+    }
 }
 
 impl<C: TypeConfig> Entry<C> {

@@ -772,7 +772,7 @@ fn entry(term: u64, index: u64, payload: raft_core::EntryPayload<C>) -> raft_cor
 }
 
 fn put_entry(term: u64, index: u64) -> raft_core::Entry<C> {
-    entry(term, index, raft_core::EntryPayload::Command(put("v")))
+    entry(term, index, raft_core::EntryPayload::command(put("v")))
 }
 
 fn append(term: u64, prev: LogId, entries: Vec<raft_core::Entry<C>>) -> Message<C> {

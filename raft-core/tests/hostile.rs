@@ -30,7 +30,7 @@ fn follower() -> Engine<C> {
 fn put(term: u64, index: u64) -> Entry<C> {
     Entry {
         log_id: LogId::new(term, index),
-        payload: EntryPayload::Command(KvCommand::Put {
+        payload: EntryPayload::command(KvCommand::Put {
             key: "k".into(),
             value: index.to_string(),
         }),

@@ -18,7 +18,7 @@ use raft_storage_rocksdb::{RocksDb, RocksOptions};
 fn entry(index: u64, payload: usize) -> Entry<KvConfig> {
     Entry {
         log_id: LogId::new(1, index),
-        payload: EntryPayload::Command(KvCommand::Put {
+        payload: EntryPayload::command(KvCommand::Put {
             key: "k".into(),
             value: "x".repeat(payload),
         }),

@@ -14,7 +14,7 @@ const N: u64 = 3000;
 fn entry(i: u64) -> Entry<KvConfig> {
     Entry {
         log_id: LogId::new(1 + i / 1000, i),
-        payload: EntryPayload::Command(KvCommand::Put {
+        payload: EntryPayload::command(KvCommand::Put {
             key: format!("k{i}"),
             value: format!("{:0>100}", i),
         }),

@@ -83,7 +83,7 @@ fn entry(id: LogId) -> Entry<KvConfig> {
     let value = format!("{:0>64}", id.index.0);
     Entry {
         log_id: id,
-        payload: EntryPayload::Command(KvCommand::Put {
+        payload: EntryPayload::command(KvCommand::Put {
             key: format!("k{}", id.index),
             value,
         }),

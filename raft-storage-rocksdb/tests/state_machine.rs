@@ -14,7 +14,7 @@ type Sm = RocksStateMachine<KvConfig, KvLogic>;
 fn put(index: u64, k: &str, v: &str) -> Entry<KvConfig> {
     Entry {
         log_id: LogId::new(1, index),
-        payload: EntryPayload::Command(KvCommand::Put {
+        payload: EntryPayload::command(KvCommand::Put {
             key: k.into(),
             value: v.into(),
         }),
@@ -46,7 +46,7 @@ async fn apply_is_atomic_with_the_applied_id_and_survives_restart() {
         put(3, "x", "2"),
         Entry {
             log_id: LogId::new(1, 4),
-            payload: EntryPayload::Command(KvCommand::Cas {
+            payload: EntryPayload::command(KvCommand::Cas {
                 key: "x".into(),
                 expected: Some("2".into()),
                 new: Some("3".into()),

@@ -66,7 +66,7 @@ fn batch() -> AppendEntriesRequest<KvConfig> {
     let entries = (0..16)
         .map(|i| Entry {
             log_id: LogId::new(1, 1_000_001 + i),
-            payload: EntryPayload::Command(KvCommand::Put {
+            payload: EntryPayload::command(KvCommand::Put {
                 key: format!("k{i}"),
                 value: "v".repeat(4096 - 8),
             }),

@@ -599,7 +599,7 @@ impl<C: TypeConfig> Engine<C> {
     /// be replicated at the next [`Engine::take_actions`]; the returned log id
     /// identifies it when it is applied.
     pub fn propose(&mut self, command: C::Command) -> Result<LogId, ProposeError<C::Node>> {
-        self.propose_payload(EntryPayload::Command(command))
+        self.propose_payload(EntryPayload::command(command))
     }
 
     fn propose_payload(

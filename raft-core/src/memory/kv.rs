@@ -2,6 +2,7 @@
 //! simulator, the examples and the benchmarks share.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -94,7 +95,7 @@ impl KvStore {
                 self.membership = m;
                 KvResponse::None
             }
-            EntryPayload::Command(cmd) => self.apply_command(cmd),
+            EntryPayload::Command(cmd) => self.apply_command(Arc::unwrap_or_clone(cmd)),
         }
     }
 

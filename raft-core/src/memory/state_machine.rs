@@ -189,7 +189,7 @@ mod tests {
     fn put(index: u64, key: &str, value: &str) -> Entry<KvConfig> {
         Entry {
             log_id: LogId::new(1, index),
-            payload: EntryPayload::Command(KvCommand::Put {
+            payload: EntryPayload::command(KvCommand::Put {
                 key: key.into(),
                 value: value.into(),
             }),

@@ -801,9 +801,10 @@ impl Sim {
         e.log()
             .range(e.log().first_index(), e.log().last_index())
             .filter_map(|entry| match &entry.payload {
-                EntryPayload::Command(
-                    c @ (KvCommand::Put { .. } | KvCommand::Cas { new: Some(_), .. }),
-                ) => Some(c),
+                EntryPayload::Command(c) => match &**c {
+                    c @ (KvCommand::Put { .. } | KvCommand::Cas { new: Some(_), .. }) => Some(c),
+                    _ => None,
+                },
                 _ => None,
             })
             .filter(|c| !seen.insert(format!("{c:?}")))
