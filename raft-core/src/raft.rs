@@ -605,6 +605,51 @@ fn metrics_of<C: TypeConfig>(
     }
 }
 
+/// Sets `m` to what `e` and `applied` say now; whether anything changed.
+fn update_metrics<C: TypeConfig>(
+    m: &mut RaftMetrics<C::Node>,
+    e: &Engine<C>,
+    applied: LogIndex,
+    fatal: Option<String>,
+) -> bool {
+    let snapshot = e.snapshot_meta().map(|s| s.last_log_id);
+    let mut changed = false;
+    macro_rules! set {
+        ($field:ident, $value:expr) => {{
+            let value = $value;
+            if m.$field != value {
+                m.$field = value;
+                changed = true;
+            }
+        }};
+    }
+    set!(role, e.role());
+    set!(term, e.term());
+    set!(leader_id, e.leader_id());
+    set!(commit_index, e.commit_index());
+    set!(applied_index, applied);
+    set!(last_log_index, e.last_log_id().index);
+    set!(snapshot, snapshot);
+    set!(membership_log_id, e.membership_log_id());
+    set!(fatal, fatal);
+    if m.membership != *e.membership() {
+        m.membership = e.membership().clone();
+        changed = true;
+    }
+    let same_peers = m.replication.len() == e.matched_count()
+        && e.each_matched().zip(m.replication.keys()).all(|((a, _), b)| a == *b);
+    if same_peers {
+        for ((_, now), was) in e.each_matched().zip(m.replication.values_mut()) {
+            changed |= *was != now;
+            *was = now;
+        }
+    } else {
+        m.replication = e.each_matched().collect();
+        changed = true;
+    }
+    changed
+}
+
 /// The driver's callers: one-shot reply channels.
 struct DriverCallers<C>(std::marker::PhantomData<C>);
 
@@ -911,18 +956,18 @@ where
         self.publish(Some(msg));
     }
 
+    /// Brings the published metrics up to date in place: the loop calls
+    /// this after every batch, so it allocates only when the membership or
+    /// the set of replicated peers changed.
     fn publish(&mut self, fatal: Option<String>) {
-        let m = metrics_of(self.x.engine(), self.x.applied(), fatal);
-        self.metrics.send_if_modified(|old| {
-            if *old != m {
-                if old.role != m.role || old.leader_id != m.leader_id {
-                    info!(node = %m.id, term = %m.term, role = ?m.role, leader = ?m.leader_id, "role changed");
-                }
-                *old = m;
-                true
-            } else {
-                false
+        let (e, applied) = (self.x.engine(), self.x.applied());
+        self.metrics.send_if_modified(|m| {
+            let was = (m.role, m.leader_id);
+            let changed = update_metrics(m, e, applied, fatal);
+            if (m.role, m.leader_id) != was {
+                info!(node = %m.id, term = %m.term, role = ?m.role, leader = ?m.leader_id, "role changed");
             }
+            changed
         });
     }
 }

@@ -433,9 +433,26 @@ impl<C: TypeConfig> Engine<C> {
     }
     /// Leader only: each peer's match index.
     pub fn matched(&self) -> BTreeMap<NodeId, LogIndex> {
+        self.each_matched().collect()
+    }
+
+    /// [`Engine::matched`] without allocating, in node id order.
+    pub(crate) fn each_matched(&self) -> impl Iterator<Item = (NodeId, LogIndex)> + '_ {
+        let progress = match &self.role {
+            RoleState::Leader(l) => Some(l.progress.iter()),
+            _ => None,
+        };
+        progress
+            .into_iter()
+            .flatten()
+            .map(|(id, p)| (*id, p.matched))
+    }
+
+    /// How many peers [`Engine::each_matched`] yields.
+    pub(crate) fn matched_count(&self) -> usize {
         match &self.role {
-            RoleState::Leader(l) => l.progress.iter().map(|(id, p)| (*id, p.matched)).collect(),
-            _ => BTreeMap::new(),
+            RoleState::Leader(l) => l.progress.len(),
+            _ => 0,
         }
     }
     /// The next time [`Engine::tick`] has work to do.
