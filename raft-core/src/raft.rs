@@ -637,7 +637,9 @@ fn update_metrics<C: TypeConfig>(
         changed = true;
     }
     let same_peers = m.replication.len() == e.matched_count()
-        && e.each_matched().zip(m.replication.keys()).all(|((a, _), b)| a == *b);
+        && e.each_matched()
+            .zip(m.replication.keys())
+            .all(|((a, _), b)| a == *b);
     if same_peers {
         for ((_, now), was) in e.each_matched().zip(m.replication.values_mut()) {
             changed |= *was != now;

@@ -3,7 +3,8 @@
 //! same run as the baseline: the ratio is the cost of replication itself.
 //!
 //! `cargo bench -p raft-core` (BENCH_SECS=N per cell, default 2;
-//! BENCH_PAYLOADS=64,4096 and BENCH_WRITERS=1,64,256,1024 pick cells). A
+//! BENCH_PAYLOADS=64,4096 and BENCH_WRITERS=1,64,256,1024 pick cells;
+//! RUST_LOG=info logs the nodes' role changes to stderr). A
 //! cell in which no write completes for 10 s prints every node's view and
 //! exits with status 2.
 //!
@@ -206,6 +207,13 @@ async fn run<W: Writer>(client: W, writers: usize, payload: usize, secs: f64) ->
 }
 
 fn main() {
+    // RUST_LOG=info shows elections and step-downs when a cell fails writes.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let secs: f64 = std::env::var("BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -64,6 +64,27 @@ impl MemStateMachine {
         })
     }
 
+    /// Runs `f` with a handle on the state: on tokio's blocking pool when a
+    /// runtime is there, inline otherwise. Copying, encoding, decoding or
+    /// dropping a large store takes long enough that on a runtime worker
+    /// it would hold up every task scheduled there, the node's driver and
+    /// its heartbeats among them (a 256 MiB store cost the core bench its
+    /// leader at 1,024 writers).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(MemStateMachine) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let this = self.clone();
+        let run = move || f(this);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => rt
+                .spawn_blocking(run)
+                .await
+                .map_err(|e| StorageError::Backend(e.to_string().into()))?,
+            Err(_) => run(),
+        }
+    }
+
     /// Reads a key from the local state. After `Raft::ensure_linearizable`
     /// the read is linearizable; otherwise it may be stale.
     pub fn get(&self, key: &str) -> Option<String> {
@@ -101,18 +122,27 @@ impl StateMachine<KvConfig> for MemStateMachine {
     }
 
     async fn build_snapshot(&mut self) -> Result<SnapshotMeta<KvConfig>, StorageError> {
-        let mut g = self.lock()?;
-        g.next_snapshot_id += 1;
-        let meta = SnapshotMeta {
-            last_log_id: g.store.last_applied,
-            membership: g.store.membership.clone(),
-            id: g.next_snapshot_id,
-        };
-        g.snapshot = Some(Snapshot {
-            meta: meta.clone(),
-            data: SnapshotData::Copy(Box::new(g.store.clone())),
-        });
-        Ok(meta)
+        self.blocking(|sm| {
+            let (meta, replaced) = {
+                let mut g = sm.lock()?;
+                g.next_snapshot_id += 1;
+                let meta = SnapshotMeta {
+                    last_log_id: g.store.last_applied,
+                    membership: g.store.membership.clone(),
+                    id: g.next_snapshot_id,
+                };
+                let copy = Snapshot {
+                    meta: meta.clone(),
+                    data: SnapshotData::Copy(Box::new(g.store.clone())),
+                };
+                let replaced = g.snapshot.replace(copy);
+                (meta, replaced)
+            };
+            // The snapshot it replaces is freed off the lock.
+            drop(replaced);
+            Ok(meta)
+        })
+        .await
     }
 
     async fn current_snapshot(&mut self) -> Result<Option<SnapshotMeta<KvConfig>>, StorageError> {
@@ -125,11 +155,19 @@ impl StateMachine<KvConfig> for MemStateMachine {
         offset: u64,
         max_len: usize,
     ) -> Result<Option<SnapshotChunk>, StorageError> {
-        let mut g = self.lock()?;
-        let Some(snapshot) = g.snapshot.as_mut().filter(|s| s.meta.id == snapshot_id) else {
+        // The first read encodes the whole copy.
+        let data = self
+            .blocking(move |sm| {
+                let mut g = sm.lock()?;
+                match g.snapshot.as_mut().filter(|s| s.meta.id == snapshot_id) {
+                    Some(snapshot) => snapshot.encoded().map(Some),
+                    None => Ok(None),
+                }
+            })
+            .await?;
+        let Some(data) = data else {
             return Ok(None);
         };
-        let data = snapshot.encoded()?;
         let start = (offset as usize).min(data.len());
         let end = start.saturating_add(max_len).min(data.len());
         Ok(Some(SnapshotChunk {
@@ -162,21 +200,32 @@ impl StateMachine<KvConfig> for MemStateMachine {
         &mut self,
         meta: &SnapshotMeta<KvConfig>,
     ) -> Result<(), StorageError> {
-        let mut g = self.lock()?;
-        let data = std::mem::take(&mut g.receiving);
-        let store = KvStore::decode(&data).map_err(corrupt)?;
-        if store.last_applied != meta.last_log_id {
-            return Err(corrupt(format!(
-                "data ends at {} but meta says {}",
-                store.last_applied, meta.last_log_id
-            )));
-        }
-        g.store = store;
-        g.snapshot = Some(Snapshot {
-            meta: meta.clone(),
-            data: SnapshotData::Encoded(Arc::new(data)),
-        });
-        Ok(())
+        let meta = meta.clone();
+        self.blocking(move |sm| {
+            let replaced = {
+                let mut g = sm.lock()?;
+                let data = std::mem::take(&mut g.receiving);
+                let store = KvStore::decode(&data).map_err(corrupt)?;
+                if store.last_applied != meta.last_log_id {
+                    return Err(corrupt(format!(
+                        "data ends at {} but meta says {}",
+                        store.last_applied, meta.last_log_id
+                    )));
+                }
+                let snapshot = Snapshot {
+                    meta,
+                    data: SnapshotData::Encoded(Arc::new(data)),
+                };
+                (
+                    std::mem::replace(&mut g.store, store),
+                    g.snapshot.replace(snapshot),
+                )
+            };
+            // What it replaces is freed off the lock.
+            drop(replaced);
+            Ok(())
+        })
+        .await
     }
 }
 
