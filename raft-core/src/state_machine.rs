@@ -5,6 +5,8 @@ use async_trait::async_trait;
 use crate::message::SnapshotMeta;
 use crate::storage::StorageError;
 use crate::types::{Entry, LogId, TypeConfig};
+#[cfg(doc)]
+use crate::types::EntryPayload;
 
 /// One chunk of a snapshot read back for sending.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +31,14 @@ pub struct SnapshotChunk {
 ///   installing must be atomic: after a crash the state machine holds either
 ///   the old state or the new one.
 /// - An `Err` stops the node.
+/// - The futures run on the node's runtime, beside its driver. Work that
+///   takes long without awaiting (copying, scanning or encoding a large
+///   state for a snapshot) belongs on `tokio::task::spawn_blocking`, as
+///   `MemStateMachine` does: on a runtime worker it holds up the driver's
+///   heartbeats and can cost the leader its term.
+/// - An [`EntryPayload::Command`] is shared
+///   with the log and its messages; take it owned with
+///   `Arc::unwrap_or_clone`, which copies it only while others hold it.
 #[async_trait]
 pub trait StateMachine<C: TypeConfig>: Send + Sync + 'static {
     /// The last applied entry (`LogId::ZERO` if none). A durable state

@@ -3,7 +3,7 @@
 //! N engines in one process on virtual time. The simulated network delays,
 //! drops, duplicates and reorders messages and can partition links (both
 //! ways or one way). Each node runs its engine through the same
-//! [`Executor`](crate::executor::Executor) as the tokio driver: one input at
+//! [`Executor`] as the tokio driver: one input at
 //! a time, the log and state-machine operations it hands out on two workers
 //! that take (virtual) time, each in order. By default
 //! ([`SimOptions::pipelined`]) the lanes proceed side by side and the node
