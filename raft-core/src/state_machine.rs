@@ -4,9 +4,9 @@ use async_trait::async_trait;
 
 use crate::message::SnapshotMeta;
 use crate::storage::StorageError;
-use crate::types::{Entry, LogId, TypeConfig};
 #[cfg(doc)]
 use crate::types::EntryPayload;
+use crate::types::{Entry, LogId, TypeConfig};
 
 /// One chunk of a snapshot read back for sending.
 #[derive(Clone, Debug, PartialEq, Eq)]
