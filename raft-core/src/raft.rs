@@ -606,19 +606,33 @@ fn metrics_of<C: TypeConfig>(
 }
 
 /// Sets `m` to what `e` and `applied` say now; whether anything changed.
+/// The pattern names every field, so a new one cannot be left stale.
 fn update_metrics<C: TypeConfig>(
     m: &mut RaftMetrics<C::Node>,
     e: &Engine<C>,
     applied: LogIndex,
     fatal: Option<String>,
 ) -> bool {
-    let snapshot = e.snapshot_meta().map(|s| s.last_log_id);
+    let RaftMetrics {
+        id: _,
+        role,
+        term,
+        leader_id,
+        commit_index,
+        applied_index,
+        last_log_index,
+        snapshot,
+        membership,
+        membership_log_id,
+        replication,
+        fatal: stopped,
+    } = m;
     let mut changed = false;
     macro_rules! set {
         ($field:ident, $value:expr) => {{
             let value = $value;
-            if m.$field != value {
-                m.$field = value;
+            if *$field != value {
+                *$field = value;
                 changed = true;
             }
         }};
@@ -629,24 +643,24 @@ fn update_metrics<C: TypeConfig>(
     set!(commit_index, e.commit_index());
     set!(applied_index, applied);
     set!(last_log_index, e.last_log_id().index);
-    set!(snapshot, snapshot);
+    set!(snapshot, e.snapshot_meta().map(|s| s.last_log_id));
     set!(membership_log_id, e.membership_log_id());
-    set!(fatal, fatal);
-    if m.membership != *e.membership() {
-        m.membership = e.membership().clone();
+    set!(stopped, fatal);
+    if *membership != *e.membership() {
+        *membership = e.membership().clone();
         changed = true;
     }
-    let same_peers = m.replication.len() == e.matched_count()
-        && e.each_matched()
-            .zip(m.replication.keys())
-            .all(|((a, _), b)| a == *b);
-    if same_peers {
-        for ((_, now), was) in e.each_matched().zip(m.replication.values_mut()) {
+    if replication
+        .keys()
+        .copied()
+        .eq(e.each_matched().map(|(id, _)| id))
+    {
+        for ((_, now), was) in e.each_matched().zip(replication.values_mut()) {
             changed |= *was != now;
             *was = now;
         }
     } else {
-        m.replication = e.each_matched().collect();
+        *replication = e.each_matched().collect();
         changed = true;
     }
     changed

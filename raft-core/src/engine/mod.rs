@@ -447,14 +447,6 @@ impl<C: TypeConfig> Engine<C> {
             .flatten()
             .map(|(id, p)| (*id, p.matched))
     }
-
-    /// How many peers [`Engine::each_matched`] yields.
-    pub(crate) fn matched_count(&self) -> usize {
-        match &self.role {
-            RoleState::Leader(l) => l.progress.len(),
-            _ => 0,
-        }
-    }
     /// The next time [`Engine::tick`] has work to do.
     pub fn next_deadline(&self) -> u64 {
         match &self.role {
