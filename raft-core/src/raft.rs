@@ -159,6 +159,7 @@ enum Input<C: TypeConfig> {
     Shutdown,
 }
 
+#[derive(Clone)]
 enum MembershipChange<N> {
     AddLearner(NodeId, N),
     RemoveLearner(NodeId),
@@ -407,9 +408,8 @@ impl<C: TypeConfig> Raft<C> {
         timeout: Duration,
     ) -> Result<LogId, RaftError<C::Node>> {
         let deadline = Instant::now() + timeout;
-        let change = MembershipChange::AddLearner(id, node);
-        let (log_id, _) = self
-            .call(|reply| Input::Membership { change, reply })
+        let log_id = self
+            .propose_membership(MembershipChange::AddLearner(id, node))
             .await?;
         let lag = self.inner.learner_max_lag;
         // Only a leader tracks the learner; elsewhere it is not known to
@@ -437,26 +437,26 @@ impl<C: TypeConfig> Raft<C> {
     }
 
     /// Removes learner `id` from the cluster; resolves once that is applied.
+    /// Like every membership call, it first waits for a change in progress
+    /// to settle rather than failing with `MembershipError::InProgress`.
     pub async fn remove_learner(&self, id: NodeId) -> Result<LogId, RaftError<C::Node>> {
-        let change = MembershipChange::RemoveLearner(id);
-        let (log_id, _) = self
-            .call(|reply| Input::Membership { change, reply })
-            .await?;
-        Ok(log_id)
+        self.propose_membership(MembershipChange::RemoveLearner(id))
+            .await
     }
 
     /// Makes `voters` the voting members by joint consensus (see
     /// [`Engine::change_membership`]): promotes learners, removes voters.
-    /// Resolves once the final configuration is committed. If this node
-    /// loses leadership meanwhile, the next leader finishes the change;
-    /// wrap the call in a timeout if the caller cannot wait.
+    /// Resolves once the final configuration is committed. If another
+    /// change is in progress, this first waits for it to settle (see
+    /// `propose_membership`); if this node loses leadership meanwhile, the
+    /// next leader finishes the change. Wrap the call in a timeout if the
+    /// caller cannot wait.
     pub async fn change_membership(
         &self,
         voters: BTreeSet<NodeId>,
     ) -> Result<(), RaftError<C::Node>> {
-        let change = MembershipChange::Voters(voters.clone());
-        let (joint, _) = self
-            .call(|reply| Input::Membership { change, reply })
+        let joint = self
+            .propose_membership(MembershipChange::Voters(voters.clone()))
             .await?;
         let mut metrics = self.metrics();
         let done = metrics
@@ -473,6 +473,43 @@ impl<C: TypeConfig> Raft<C> {
         match &done.fatal {
             Some(e) => Err(RaftError::Fatal(e.clone())),
             None => Ok(()),
+        }
+    }
+
+    /// Proposes `change` once no other change is in progress, and resolves
+    /// when the proposed entry is applied.
+    ///
+    /// The engine allows one change at a time and refuses another while the
+    /// last configuration is joint or uncommitted. Both settle by themselves
+    /// (a joint configuration is followed by its final one; a fresh leader's
+    /// inherited configuration becomes committed with its first entry), so
+    /// instead of handing the caller a refusal it could only retry, this
+    /// waits while this node stays leader and tries again. Losing leadership
+    /// ends the wait with `NotLeader`.
+    async fn propose_membership(
+        &self,
+        change: MembershipChange<C::Node>,
+    ) -> Result<LogId, RaftError<C::Node>> {
+        loop {
+            let change = change.clone();
+            match self.call(|reply| Input::Membership { change, reply }).await {
+                Ok((log_id, _)) => return Ok(log_id),
+                Err(RaftError::Membership(MembershipError::InProgress { index })) => {
+                    let mut metrics = self.metrics();
+                    metrics
+                        .wait_for(|m| {
+                            let settled = !m.membership.is_joint()
+                                && m.commit_index >= m.membership_log_id.index;
+                            m.fatal.is_some()
+                                || m.role != Role::Leader
+                                || m.membership_log_id.index != index
+                                || settled
+                        })
+                        .await
+                        .map_err(|_| self.stopped_error())?;
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
