@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use raft_core::{
@@ -214,6 +214,41 @@ impl RocksReader {
 /// One key and its value.
 type Pair = (Vec<u8>, Vec<u8>);
 
+/// Writes group `group`'s state as of now to `path` (through a temporary
+/// file, synced, then renamed into place). Blocking: run it off the
+/// runtime.
+fn write_snapshot_file(db: &RocksDb, group: u64, path: &Path) -> Result<(), StorageError> {
+    let tmp = path.with_extension("tmp");
+    // The driver serializes calls, so nothing is applied while this
+    // iterates; a RocksDB snapshot makes the read consistent anyway.
+    let snap = db.shared.db.snapshot();
+    let cf = db.cf(CF_SM)?;
+    let prefix = group.to_be_bytes();
+    let file = File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+    let mut w = BufWriter::new(file);
+    let mode = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+    for item in snap.iterator_cf(cf, mode) {
+        let (k, v) = item.map_err(|source| RocksError::Db {
+            path: db.shared.path.clone(),
+            source,
+        })?;
+        if !k.starts_with(&prefix) {
+            break;
+        }
+        write_pair(&mut w, &(k[8..].to_vec(), v.to_vec()))
+            .map_err(io(format!("writing {}", tmp.display())))?;
+    }
+    w.write_all(&0u32.to_le_bytes())
+        .map_err(io(format!("writing {}", tmp.display())))?;
+    let file = w
+        .into_inner()
+        .map_err(|e| io(format!("flushing {}", tmp.display()))(e.into_error()))?;
+    file.sync_all()
+        .map_err(io(format!("syncing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("renaming {}", tmp.display())))?;
+    Ok(())
+}
+
 /// Snapshot file: a sequence of `(key, value)` records, each
 /// `u32 LE length ++ codec((key, value))`, ending with a zero length.
 fn write_pair(w: &mut impl Write, pair: &Pair) -> std::io::Result<()> {
@@ -315,36 +350,15 @@ where
             id,
         };
         let path = self.snapshot_file(id);
-        let tmp = path.with_extension("tmp");
-        {
-            // The driver serializes calls, so nothing is applied while this
-            // iterates; a RocksDB snapshot makes the read consistent anyway.
-            let snap = self.db.shared.db.snapshot();
-            let cf = self.db.cf(CF_SM)?;
-            let prefix = self.group.to_be_bytes();
-            let file = File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
-            let mut w = BufWriter::new(file);
-            let mode = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
-            for item in snap.iterator_cf(cf, mode) {
-                let (k, v) = item.map_err(|source| RocksError::Db {
-                    path: self.db.shared.path.clone(),
-                    source,
-                })?;
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                write_pair(&mut w, &(k[8..].to_vec(), v.to_vec()))
-                    .map_err(io(format!("writing {}", tmp.display())))?;
-            }
-            w.write_all(&0u32.to_le_bytes())
-                .map_err(io(format!("writing {}", tmp.display())))?;
-            let file = w
-                .into_inner()
-                .map_err(|e| io(format!("flushing {}", tmp.display()))(e.into_error()))?;
-            file.sync_all()
-                .map_err(io(format!("syncing {}", tmp.display())))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io(format!("renaming {}", tmp.display())))?;
+        // A scan of the whole group and an fsync: on a runtime worker it
+        // would hold up the driver beside it for as long, and a leader that
+        // sends no heartbeat for an election timeout is deposed (seen in
+        // `cargo xtask bench` at 256 clients, the leader falling as its
+        // snapshot finished).
+        let (db, group) = (self.db.clone(), self.group);
+        tokio::task::spawn_blocking(move || write_snapshot_file(&db, group, &path))
+            .await
+            .map_err(|e| StorageError::Backend(e.to_string().into()))??;
         self.db
             .writer
             .write(vec![self.snapshot_meta_op(&meta)?])
