@@ -31,7 +31,7 @@ pub use error::{InitializeError, MembershipError, NotLeader, RecoveryError, Step
 pub use message::*;
 pub use network::{Network, NetworkError, NetworkFactory};
 pub use raft::{Raft, RaftError, RaftMetrics, StartError};
-pub use state_machine::{SnapshotChunk, StateMachine};
+pub use state_machine::{SnapshotBuild, SnapshotChunk, StateMachine};
 pub use storage::{LogState, LogStore, StorageError};
 pub use types::*;
 pub mod log_store_suite;

@@ -30,7 +30,7 @@ use crate::message::{
     Message, SnapshotMeta, TimeoutNowRequest, VoteRequest, VoteResponse,
 };
 use crate::network::{Network, NetworkError, NetworkFactory};
-use crate::state_machine::StateMachine;
+use crate::state_machine::{SnapshotBuild, StateMachine};
 use crate::storage::{LogStore, StorageError};
 use crate::types::{Entry, LogId, LogIndex, Membership, NodeId, Term, TypeConfig};
 
@@ -1119,14 +1119,64 @@ async fn sm_worker<C: TypeConfig, S: StateMachine<C>>(
     reports: mpsc::UnboundedSender<Report<C>>,
 ) {
     let mut held = None;
+    // A snapshot being finished beside the applies (`begin_snapshot`).
+    let mut building: Option<SnapshotBuild<C>> = None;
     loop {
-        let op = match held.take() {
-            Some(op) => op,
-            None => match ops.recv().await {
-                Some(op) => op,
+        let next = match (building.as_mut(), held.take()) {
+            (None, Some(op)) => Next::Op(op),
+            (None, None) => match ops.recv().await {
+                Some(op) => Next::Op(op),
                 None => return,
             },
+            // While a build runs only applies may pass it; anything else
+            // (another build, a chunk, an install) waits for it.
+            (Some(_), Some(op @ SmOp::Apply { .. })) => Next::Op(op),
+            (Some(build), Some(op)) => {
+                held = Some(op);
+                Next::Built(build.await)
+            }
+            (Some(build), None) => tokio::select! {
+                built = build => Next::Built(built),
+                op = ops.recv() => match op {
+                    Some(op) => Next::Op(op),
+                    None => return,
+                },
+            },
         };
+        let op = match next {
+            Next::Op(op) => op,
+            Next::Built(built) => {
+                building = None;
+                let result = match built {
+                    Ok(meta) => sm
+                        .snapshot_built(&meta)
+                        .await
+                        .map(|()| Report::SnapshotBuilt(meta)),
+                    Err(e) => Err(e),
+                };
+                if !send_report(&reports, result) {
+                    return;
+                }
+                continue;
+            }
+        };
+        if let SmOp::BuildSnapshot = op {
+            match sm
+                .begin_snapshot()
+                .instrument(info_span!("begin_snapshot"))
+                .await
+            {
+                Ok(build) => {
+                    let span = info_span!("build_snapshot");
+                    building = Some(Box::pin(build.instrument(span)));
+                    continue;
+                }
+                Err(e) => {
+                    let _ = reports.send(Report::Failed(e));
+                    return;
+                }
+            }
+        }
         let result = match op {
             SmOp::Apply {
                 mut entries,
@@ -1156,15 +1206,27 @@ async fn sm_worker<C: TypeConfig, S: StateMachine<C>>(
             }
             op => run_sm_op(id, chunk_bytes, &mut sm, op).await,
         };
-        let report = match result {
-            Ok(r) => r,
-            Err(e) => Report::Failed(e),
-        };
-        let failed = matches!(report, Report::Failed(_));
-        if reports.send(report).is_err() || failed {
+        if !send_report(&reports, result) {
             return;
         }
     }
+}
+
+/// What the state-machine worker does next.
+enum Next<C: TypeConfig> {
+    Op(SmOpOf<C>),
+    Built(Result<SnapshotMeta<C>, StorageError>),
+}
+
+/// Reports `result` to the driver; false when the worker must stop (the
+/// operation failed, or the driver is gone).
+fn send_report<C: TypeConfig>(
+    reports: &mpsc::UnboundedSender<Report<C>>,
+    result: Result<Report<C>, StorageError>,
+) -> bool {
+    let report = result.unwrap_or_else(Report::Failed);
+    let failed = matches!(report, Report::Failed(_));
+    reports.send(report).is_ok() && !failed
 }
 
 /// Applies `entries` and answers each write at its entry's position. A state
@@ -1205,9 +1267,12 @@ async fn run_sm_op<C: TypeConfig, S: StateMachine<C>>(
         }
         SmOp::BuildSnapshot => {
             let meta = sm
-                .build_snapshot()
+                .begin_snapshot()
+                .instrument(info_span!("begin_snapshot"))
+                .await?
                 .instrument(info_span!("build_snapshot"))
                 .await?;
+            sm.snapshot_built(&meta).await?;
             Report::SnapshotBuilt(meta)
         }
         SmOp::ReadSnapshotChunk {

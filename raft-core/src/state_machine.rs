@@ -1,5 +1,8 @@
 //! The application state machine trait.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use async_trait::async_trait;
 
 use crate::message::SnapshotMeta;
@@ -16,11 +19,18 @@ pub struct SnapshotChunk {
     pub done: bool,
 }
 
+/// The rest of a snapshot build begun by [`StateMachine::begin_snapshot`]:
+/// it runs while later entries are applied, and yields the snapshot's meta
+/// once the snapshot is durable.
+pub type SnapshotBuild<C> =
+    Pin<Box<dyn Future<Output = Result<SnapshotMeta<C>, StorageError>> + Send + 'static>>;
+
 /// The replicated application: applies committed entries and snapshots
 /// itself.
 ///
 /// # Contract
-/// - Calls are serialized and come in log order; `apply` receives each
+/// - Calls are serialized and come in log order (only the future of
+///   [`StateMachine::begin_snapshot`] runs beside them); `apply` receives each
 ///   committed entry exactly once per life of the process (after a restart,
 ///   entries after [`StateMachine::applied`] are applied again).
 /// - `apply` must be deterministic: every node applying the same entries
@@ -55,6 +65,35 @@ pub trait StateMachine<C: TypeConfig>: Send + Sync + 'static {
     /// Captures the state as of the last applied entry as a new snapshot
     /// and makes it the current one. Durable on completion.
     async fn build_snapshot(&mut self) -> Result<SnapshotMeta<C>, StorageError>;
+
+    /// Begins a snapshot of the state as of the last applied entry and
+    /// returns the work that finishes it, so that applying goes on while a
+    /// large state is written out. The driver calls this where it would
+    /// call `build_snapshot`, then runs the returned future beside the
+    /// state-machine worker. Until that future completes the driver calls
+    /// nothing but `apply`, so the future must work from a point-in-time
+    /// view captured here (a storage engine's snapshot, a copy-on-write
+    /// handle), never from the live state. When it completes, the snapshot
+    /// must be durable; the driver then calls
+    /// [`StateMachine::snapshot_built`], in order with the applies, to make
+    /// it current. An `Err` from either stops the node.
+    ///
+    /// The default builds in place with `build_snapshot` (which already
+    /// makes the snapshot current) and returns a finished future: correct,
+    /// but applies wait for the whole build.
+    async fn begin_snapshot(&mut self) -> Result<SnapshotBuild<C>, StorageError> {
+        let meta = self.build_snapshot().await?;
+        Ok(Box::pin(std::future::ready(Ok(meta))))
+    }
+
+    /// Makes the snapshot `meta`, finished by a [`SnapshotBuild`], the
+    /// current one (what `current_snapshot` answers and
+    /// `read_snapshot_chunk` serves). Durable on completion. The default
+    /// does nothing, matching the default `begin_snapshot`.
+    async fn snapshot_built(&mut self, meta: &SnapshotMeta<C>) -> Result<(), StorageError> {
+        let _ = meta;
+        Ok(())
+    }
 
     /// The current snapshot, if any.
     async fn current_snapshot(&mut self) -> Result<Option<SnapshotMeta<C>>, StorageError>;

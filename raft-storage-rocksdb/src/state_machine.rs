@@ -25,10 +25,11 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use raft_core::{
-    Entry, EntryPayload, LogId, Membership, SnapshotChunk, SnapshotMeta, StateMachine,
-    StorageError, TypeConfig,
+    Entry, EntryPayload, LogId, Membership, SnapshotBuild, SnapshotChunk, SnapshotMeta,
+    StateMachine, StorageError, TypeConfig,
 };
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 use crate::codec;
 use crate::writer::Op;
@@ -215,13 +216,18 @@ impl RocksReader {
 type Pair = (Vec<u8>, Vec<u8>);
 
 /// Writes group `group`'s state as of now to `path` (through a temporary
-/// file, synced, then renamed into place). Blocking: run it off the
-/// runtime.
-fn write_snapshot_file(db: &RocksDb, group: u64, path: &Path) -> Result<(), StorageError> {
+/// file, synced, then renamed into place), telling `captured` as soon as
+/// its point-in-time view is taken: writes after that are not in the file.
+/// Blocking: run it off the runtime.
+fn write_snapshot_file(
+    db: &RocksDb,
+    group: u64,
+    path: &Path,
+    captured: oneshot::Sender<()>,
+) -> Result<(), StorageError> {
     let tmp = path.with_extension("tmp");
-    // The driver serializes calls, so nothing is applied while this
-    // iterates; a RocksDB snapshot makes the read consistent anyway.
     let snap = db.shared.db.snapshot();
+    let _ = captured.send(());
     let cf = db.cf(CF_SM)?;
     let prefix = group.to_be_bytes();
     let file = File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
@@ -338,6 +344,19 @@ where
     }
 
     async fn build_snapshot(&mut self) -> Result<SnapshotMeta<C>, StorageError> {
+        let meta = self.begin_snapshot().await?.await?;
+        self.snapshot_built(&meta).await?;
+        Ok(meta)
+    }
+
+    /// Takes a RocksDB snapshot (a point-in-time view) and returns once it
+    /// is taken; the scan of the whole group, the file and its fsync then
+    /// go on under `spawn_blocking` while entries are applied. On a runtime
+    /// worker that work held up the driver beside it, and a leader that
+    /// sends no heartbeat for an election timeout is deposed (seen in
+    /// `cargo xtask bench` at 256 clients); awaited in place it stopped
+    /// applies for as long, the bench's slowest writes.
+    async fn begin_snapshot(&mut self) -> Result<SnapshotBuild<C>, StorageError> {
         let id = self
             .snapshot
             .as_ref()
@@ -350,23 +369,37 @@ where
             id,
         };
         let path = self.snapshot_file(id);
-        // A scan of the whole group and an fsync: on a runtime worker it
-        // would hold up the driver beside it for as long, and a leader that
-        // sends no heartbeat for an election timeout is deposed (seen in
-        // `cargo xtask bench` at 256 clients, the leader falling as its
-        // snapshot finished).
         let (db, group) = (self.db.clone(), self.group);
-        tokio::task::spawn_blocking(move || write_snapshot_file(&db, group, &path))
-            .await
-            .map_err(|e| StorageError::Backend(e.to_string().into()))??;
+        let (captured, view_taken) = oneshot::channel();
+        let job =
+            tokio::task::spawn_blocking(move || write_snapshot_file(&db, group, &path, captured));
+        let joined = |r: Result<Result<(), StorageError>, tokio::task::JoinError>| {
+            r.map_err(|e| StorageError::Backend(e.to_string().into()))?
+        };
+        if view_taken.await.is_err() {
+            // The job ended before taking its view: it failed, say why.
+            joined(job.await)?;
+            return Err(StorageError::Backend(
+                "snapshot job ended without taking its view".into(),
+            ));
+        }
+        Ok(Box::pin(async move {
+            joined(job.await)?;
+            Ok(meta)
+        }))
+    }
+
+    async fn snapshot_built(&mut self, meta: &SnapshotMeta<C>) -> Result<(), StorageError> {
         self.db
             .writer
-            .write(vec![self.snapshot_meta_op(&meta)?])
+            .write(vec![self.snapshot_meta_op(meta)?])
             .await?;
-        if let Some(old) = self.snapshot.replace(meta.clone()) {
+        if let Some(old) = self.snapshot.replace(meta.clone())
+            && old.id != meta.id
+        {
             let _ = std::fs::remove_file(self.snapshot_file(old.id));
         }
-        Ok(meta)
+        Ok(())
     }
 
     async fn current_snapshot(&mut self) -> Result<Option<SnapshotMeta<C>>, StorageError> {

@@ -6,7 +6,7 @@ mod common;
 
 use common::KvLogic;
 use raft_core::memory::{KvCommand, KvConfig, KvResponse};
-use raft_core::{Entry, EntryPayload, LogId, Membership, NodeId, StateMachine};
+use raft_core::{Entry, EntryPayload, LogId, Membership, NodeId, SnapshotMeta, StateMachine};
 use raft_storage_rocksdb::{RocksDb, RocksOptions, RocksStateMachine};
 
 type Sm = RocksStateMachine<KvConfig, KvLogic>;
@@ -30,6 +30,28 @@ fn get(sm: &Sm, k: &str) -> Option<String> {
     sm.get(k.as_bytes())
         .expect("get")
         .map(|v| String::from_utf8(v).expect("utf8"))
+}
+
+/// Streams snapshot `meta` from `from` to `to` in `chunk`-byte chunks;
+/// returns how many.
+async fn stream(from: &mut Sm, to: &mut Sm, meta: &SnapshotMeta<KvConfig>, chunk: usize) -> u64 {
+    let mut offset = 0;
+    let mut chunks = 0;
+    loop {
+        let c = from
+            .read_snapshot_chunk(meta.id, offset, chunk)
+            .await
+            .expect("read")
+            .expect("current");
+        to.write_snapshot_chunk(meta, offset, c.data.clone())
+            .await
+            .expect("write chunk");
+        offset += c.data.len() as u64;
+        chunks += 1;
+        if c.done {
+            return chunks;
+        }
+    }
 }
 
 #[tokio::test]
@@ -87,23 +109,7 @@ async fn snapshot_streams_in_chunks_and_installs_atomically() {
     let mut b = open(b_dir.path());
     b.apply(vec![put(1, "old", "state")]).await.expect("apply");
     // Stream it 1 KiB at a time, then "crash" before installing.
-    let mut offset = 0;
-    let mut chunks = 0;
-    loop {
-        let c = a
-            .read_snapshot_chunk(meta.id, offset, 1024)
-            .await
-            .expect("read")
-            .expect("current");
-        b.write_snapshot_chunk(&meta, offset, c.data.clone())
-            .await
-            .expect("write chunk");
-        offset += c.data.len() as u64;
-        chunks += 1;
-        if c.done {
-            break;
-        }
-    }
+    let chunks = stream(&mut a, &mut b, &meta, 1024).await;
     assert!(chunks > 50, "a 100 KiB snapshot went in {chunks} chunks");
     drop(b);
     let mut b = open(b_dir.path());
@@ -131,4 +137,57 @@ async fn snapshot_streams_in_chunks_and_installs_atomically() {
             .is_none(),
         "unknown snapshot id"
     );
+}
+
+#[tokio::test]
+async fn a_snapshot_begun_holds_the_state_at_its_start_while_applies_go_on() {
+    let a_dir = tempfile::tempdir().expect("tempdir");
+    let b_dir = tempfile::tempdir().expect("tempdir");
+    let mut a = open(a_dir.path());
+    let entries: Vec<_> = (1..=300)
+        .map(|i| put(i, &format!("k{i}"), &format!("{i:0>100}")))
+        .collect();
+    a.apply(entries).await.expect("apply");
+    let build = a.begin_snapshot().await.expect("begin");
+    // The driver goes on applying while the file is written.
+    a.apply(vec![put(301, "k1", "changed"), put(302, "new", "x")])
+        .await
+        .expect("apply during the build");
+    let meta = build.await.expect("build");
+    assert_eq!(meta.last_log_id, LogId::new(1, 300));
+    assert_eq!(
+        a.current_snapshot().await.expect("current"),
+        None,
+        "not current before snapshot_built"
+    );
+    a.snapshot_built(&meta).await.expect("built");
+    assert_eq!(
+        a.current_snapshot().await.expect("current").map(|m| m.id),
+        Some(meta.id)
+    );
+    assert_eq!(
+        get(&a, "k1").as_deref(),
+        Some("changed"),
+        "live state moved on"
+    );
+
+    let mut b = open(b_dir.path());
+    stream(&mut a, &mut b, &meta, 4096).await;
+    b.install_snapshot(&meta).await.expect("install");
+    assert_eq!(
+        get(&b, "k1"),
+        Some(format!("{:0>100}", 1)),
+        "as of the start"
+    );
+    assert_eq!(get(&b, "new"), None, "a later apply is not in it");
+    assert_eq!(get(&b, "k300"), Some(format!("{:0>100}", 300)));
+
+    // The meta made current survives a restart.
+    drop(a);
+    let mut a = open(a_dir.path());
+    assert_eq!(
+        a.current_snapshot().await.expect("current").map(|m| m.id),
+        Some(meta.id)
+    );
+    assert_eq!(a.applied().await.expect("applied"), LogId::new(1, 302));
 }

@@ -218,6 +218,10 @@ struct Node {
     /// State-machine operations handed out, in order; likewise.
     sm_worker: VecDeque<SmOp<C, usize>>,
     sm_busy: bool,
+    /// A snapshot being written beside the applies, as the driver runs
+    /// `begin_snapshot`'s future: its view was taken when the build reached
+    /// the head of the worker; until `BuildDone` only applies pass it.
+    building: Option<(SnapshotMeta<C>, Vec<u8>)>,
     commit_seen: LogIndex,
     applied_seen: LogIndex,
     term_seen: Term,
@@ -257,6 +261,11 @@ enum EventKind {
     },
     /// Likewise for its state-machine worker.
     SmDone {
+        node: usize,
+        epoch: u64,
+    },
+    /// The snapshot a node is building beside its applies is durable.
+    BuildDone {
         node: usize,
         epoch: u64,
     },
@@ -418,6 +427,7 @@ impl Sim {
                     log_busy: false,
                     sm_worker: VecDeque::new(),
                     sm_busy: false,
+                    building: None,
                     commit_seen: LogIndex(0),
                     applied_seen: LogIndex(0),
                     term_seen: Term(0),
@@ -600,6 +610,7 @@ impl Sim {
         n.log_replies.clear();
         n.sm_worker.clear();
         n.sm_busy = false;
+        n.building = None;
         n.staging.clear();
         n.sm = KvStore::default();
         // Writes and reads the node was working on: their outcome is unknown.

@@ -81,6 +81,9 @@ pub enum Reach {
     /// A leader reads entries evicted from its cache back from its log
     /// store for a lagging follower.
     EntriesReadBack,
+    /// Entries are applied while a snapshot is being built from an earlier
+    /// state, so the snapshot lands behind the applied index.
+    AppliedDuringBuild,
 }
 
 impl Reach {
@@ -104,6 +107,7 @@ impl Reach {
         Reach::LateVoteGrant,
         Reach::TornAppend,
         Reach::EntriesReadBack,
+        Reach::AppliedDuringBuild,
     ];
 
     pub fn name(self) -> &'static str {
@@ -127,6 +131,7 @@ impl Reach {
             Reach::LateVoteGrant => "late vote grant reaches a candidate",
             Reach::TornAppend => "torn append on crash",
             Reach::EntriesReadBack => "evicted entries read back for a follower",
+            Reach::AppliedDuringBuild => "entries applied while a snapshot is built",
         }
     }
 }

@@ -48,7 +48,9 @@ impl Sim {
                 }
             }
             EventKind::Resume { node } => self.process(node),
-            EventKind::LogDone { node, epoch } | EventKind::SmDone { node, epoch }
+            EventKind::LogDone { node, epoch }
+            | EventKind::SmDone { node, epoch }
+            | EventKind::BuildDone { node, epoch }
                 if self.nodes[node].epoch != epoch || self.nodes[node].x.is_none() => {}
             EventKind::LogDone { node, .. } => {
                 self.finish_log_op(node);
@@ -56,6 +58,10 @@ impl Sim {
             }
             EventKind::SmDone { node, .. } => {
                 self.finish_sm_op(node);
+                self.after_storage(node);
+            }
+            EventKind::BuildDone { node, .. } => {
+                self.finish_build(node);
                 self.after_storage(node);
             }
         }
@@ -280,13 +286,19 @@ impl Sim {
 
     fn start_sm_op(&mut self, i: usize) {
         let n = &self.nodes[i];
-        if n.sm_busy || n.sm_worker.is_empty() {
+        if n.sm_busy {
             return;
         }
-        let slow = matches!(
-            n.sm_worker.front(),
-            Some(SmOp::BuildSnapshot | SmOp::InstallSnapshot { .. })
-        );
+        match n.sm_worker.front() {
+            None => return,
+            // While a build is written, only applies pass it (as in the
+            // driver's state-machine worker).
+            Some(SmOp::Apply { .. }) => {}
+            Some(_) if n.building.is_some() => return,
+            Some(SmOp::BuildSnapshot) => return self.begin_build(i),
+            Some(_) => {}
+        }
+        let slow = matches!(n.sm_worker.front(), Some(SmOp::InstallSnapshot { .. }));
         self.nodes[i].sm_busy = true;
         let lat = if slow {
             self.nodes[i]
@@ -445,20 +457,7 @@ impl Sim {
                     self.fail(format!("node {id}: {got} responses for {want} entries"));
                 }
             }
-            SmOp::BuildSnapshot => {
-                let n = &mut self.nodes[i];
-                let data = n.sm.encode().expect("kv store encodes");
-                self.seq += 1;
-                let meta = SnapshotMeta {
-                    last_log_id: n.sm.last_applied,
-                    membership: n.sm.membership.clone(),
-                    id: self.seq,
-                };
-                n.disk.snapshot = Some((meta.clone(), data));
-                if let Some(x) = n.x.as_mut() {
-                    x.snapshot_built(meta);
-                }
-            }
+            SmOp::BuildSnapshot => unreachable!("builds begin in start_sm_op"),
             SmOp::ReadSnapshotChunk {
                 to,
                 term,
@@ -528,6 +527,47 @@ impl Sim {
                     x.snapshot_installed(&meta);
                 }
             }
+        }
+        self.start_sm_op(i);
+    }
+
+    /// Begins the build at the head of node `i`'s state-machine worker:
+    /// the state is captured now, the snapshot becomes durable after a disk
+    /// latency, and the applies queued behind it go on meanwhile.
+    fn begin_build(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        n.sm_worker.pop_front();
+        let data = n.sm.encode().expect("kv store encodes");
+        self.seq += 1;
+        let meta = SnapshotMeta {
+            last_log_id: n.sm.last_applied,
+            membership: n.sm.membership.clone(),
+            id: self.seq,
+        };
+        n.building = Some((meta, data));
+        let lat = n.disk_latency_ms.unwrap_or(self.opts.disk_latency_ms);
+        let lat = self.latency(lat);
+        let epoch = self.nodes[i].epoch;
+        self.schedule(lat, EventKind::BuildDone { node: i, epoch });
+        self.start_sm_op(i);
+    }
+
+    /// Node `i`'s snapshot build is durable: it becomes the current one.
+    fn finish_build(&mut self, i: usize) {
+        if self.storage_fails(i) {
+            return;
+        }
+        let n = &mut self.nodes[i];
+        let Some((meta, data)) = n.building.take() else {
+            return;
+        };
+        if n.sm.last_applied.index > meta.last_log_id.index {
+            self.coverage.hit(Reach::AppliedDuringBuild);
+        }
+        let n = &mut self.nodes[i];
+        n.disk.snapshot = Some((meta.clone(), data));
+        if let Some(x) = n.x.as_mut() {
+            x.snapshot_built(meta);
         }
         self.start_sm_op(i);
     }
