@@ -241,8 +241,8 @@ fn write_snapshot_file(
         if !k.starts_with(&prefix) {
             break;
         }
-        write_pair(&mut w, &(k[8..].to_vec(), v.to_vec()))
-            .map_err(io(format!("writing {}", tmp.display())))?;
+        // The error's context is built only on error: this runs per key.
+        write_pair(&mut w, &k[8..], &v).map_err(|e| io(format!("writing {}", tmp.display()))(e))?;
     }
     w.write_all(&0u32.to_le_bytes())
         .map_err(io(format!("writing {}", tmp.display())))?;
@@ -257,8 +257,9 @@ fn write_snapshot_file(
 
 /// Snapshot file: a sequence of `(key, value)` records, each
 /// `u32 LE length ++ codec((key, value))`, ending with a zero length.
-fn write_pair(w: &mut impl Write, pair: &Pair) -> std::io::Result<()> {
-    let bytes = raft_core::codec::encode(pair).map_err(std::io::Error::other)?;
+fn write_pair(w: &mut impl Write, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+    // Slices encode as the `Vec`s of a `Pair` do, without copying them.
+    let bytes = raft_core::codec::encode(&(key, value)).map_err(std::io::Error::other)?;
     w.write_all(&(bytes.len() as u32).to_le_bytes())?;
     w.write_all(&bytes)
 }
