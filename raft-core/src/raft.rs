@@ -2,8 +2,10 @@
 //! [`Executor`] and serves the [`Raft`] handle; two workers carry out what
 //! the executor hands out, each in order: the log worker against the
 //! [`LogStore`] (merging appends that queued up into one call: group
-//! commit), the state-machine worker against the [`StateMachine`]. Network
-//! sends go out at once on their own tasks.
+//! commit), the state-machine worker against the [`StateMachine`]. The
+//! driver polls its RPCs itself: a request is written when the batch that
+//! made it ends, and its response wakes the driver directly, with no task
+//! per message in between.
 //!
 //! The loop never awaits storage: while the log syncs and the state machine
 //! applies, it keeps taking messages, proposals and reads, and the executor
@@ -11,9 +13,14 @@
 //! apply for the entries' durability). Storage reports are read before new
 //! inputs, and queued inputs before timers fire.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -279,7 +286,8 @@ impl<C: TypeConfig> Raft<C> {
             x: Executor::new(engine, applied.index, Mode::Pipelined),
             network,
             peers: HashMap::new(),
-            tx: tx.downgrade(),
+            rpcs: FuturesUnordered::new(),
+            answered: VecDeque::new(),
             rx,
             reports,
             log_tx,
@@ -743,11 +751,25 @@ enum Report<C: TypeConfig> {
     Failed(StorageError),
 }
 
+/// What one step of the driver's loop takes in.
+enum Event<C: TypeConfig> {
+    Input(Input<C>),
+    Report(Report<C>),
+    /// A peer's response to an RPC of ours.
+    Answer(NodeId, Message<C>),
+}
+
+/// One RPC in flight: the peer's response, if it gave one.
+type RpcCall<C> = Pin<Box<dyn Future<Output = Option<(NodeId, Message<C>)>> + Send>>;
+
 struct Driver<C: TypeConfig, F: NetworkFactory<C>> {
     x: Executor<C, DriverCallers<C>>,
     network: F,
     peers: HashMap<NodeId, (C::Node, Arc<F::Network>)>,
-    tx: mpsc::WeakUnboundedSender<Input<C>>,
+    /// RPCs in flight, polled by the driver's own task.
+    rpcs: FuturesUnordered<RpcCall<C>>,
+    /// Responses collected while starting new RPCs, handled next batch.
+    answered: VecDeque<(NodeId, Message<C>)>,
     rx: mpsc::UnboundedReceiver<Input<C>>,
     reports: mpsc::UnboundedReceiver<Report<C>>,
     log_tx: mpsc::UnboundedSender<LogItem<C>>,
@@ -772,18 +794,28 @@ where
     async fn run(mut self) {
         loop {
             let deadline = self.start + Duration::from_millis(self.x.engine().next_deadline());
-            // Storage reports first: they unblock replies and commits.
-            let first = tokio::select! {
-                biased;
-                report = self.reports.recv() => match report {
-                    Some(r) => Some(Err(r)),
-                    None => break,
+            // Storage reports first: they unblock replies and commits; then
+            // peers' answers, then new inputs.
+            let first = match self.answered.pop_front() {
+                Some((from, msg)) => Some(Event::Answer(from, msg)),
+                None => tokio::select! {
+                    biased;
+                    report = self.reports.recv() => match report {
+                        Some(r) => Some(Event::Report(r)),
+                        None => break,
+                    },
+                    // A failed call (`Some(None)`) still ends the wait: a
+                    // refuted pattern would stop this select polling the
+                    // other calls.
+                    answer = self.rpcs.next(), if !self.rpcs.is_empty() => {
+                        answer.flatten().map(|(from, msg)| Event::Answer(from, msg))
+                    }
+                    input = self.rx.recv() => match input {
+                        Some(i) => Some(Event::Input(i)),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => None,
                 },
-                input = self.rx.recv() => match input {
-                    Some(i) => Some(Ok(i)),
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(deadline) => None,
             };
             // Time moves first, timers fire last: what queued up while this
             // task waited (a pause, a busy runtime) counts before a timer
@@ -793,15 +825,16 @@ where
             let mut stop = false;
             let mut next = first;
             let mut n = 0;
-            while let Some(item) = next.take() {
+            while let Some(event) = next.take() {
                 n += 1;
-                match item {
-                    Ok(Input::Shutdown) => {
+                match event {
+                    Event::Input(Input::Shutdown) => {
                         stop = true;
                         break;
                     }
-                    Ok(input) => self.handle(input),
-                    Err(report) => {
+                    Event::Input(input) => self.handle(input),
+                    Event::Answer(from, msg) => self.answer(from, msg),
+                    Event::Report(report) => {
                         if let Err(e) = self.report(report) {
                             self.fail_stop(e);
                             return self.stop_workers().await;
@@ -812,12 +845,16 @@ where
                     break;
                 }
                 next = match self.reports.try_recv() {
-                    Ok(r) => Some(Err(r)),
-                    Err(_) => self.rx.try_recv().ok().map(Ok),
+                    Ok(r) => Some(Event::Report(r)),
+                    Err(_) => match self.answered.pop_front() {
+                        Some((from, msg)) => Some(Event::Answer(from, msg)),
+                        None => self.rx.try_recv().ok().map(Event::Input),
+                    },
                 };
             }
             self.x.tick(now);
             self.pump();
+            self.start_rpcs().await;
             self.publish(None);
             if stop {
                 break;
@@ -826,6 +863,20 @@ where
         let id = self.x.engine().id();
         self.stop_workers().await;
         info!(node = %id, "raft node shut down");
+    }
+
+    /// Polls the RPCs in flight once, so the requests `pump` just queued
+    /// are written now rather than when the loop next sleeps; answers that
+    /// are already in wait for the next batch.
+    async fn start_rpcs(&mut self) {
+        let (rpcs, answered) = (&mut self.rpcs, &mut self.answered);
+        std::future::poll_fn(|cx| {
+            while let Poll::Ready(Some(answer)) = rpcs.poll_next_unpin(cx) {
+                answered.extend(answer);
+            }
+            Poll::Ready(())
+        })
+        .await
     }
 
     /// Closes the workers' queues and waits for them to finish what they
@@ -865,12 +916,7 @@ where
                     }
                 }
             }
-            Input::Peer { from, msg } => {
-                let kind = msg.kind();
-                if let Err((e, _)) = self.x.step(from, msg, None) {
-                    warn!(peer = %from, kind, error = %e, "refused response");
-                }
-            }
+            Input::Peer { from, msg } => self.answer(from, msg),
             Input::Initialize { members, reply } => {
                 match self
                     .x
@@ -892,6 +938,14 @@ where
                 let _ = reply.send(r);
             }
             Input::Shutdown => {}
+        }
+    }
+
+    /// Steps a peer's message that needs no reply (a response, TimeoutNow).
+    fn answer(&mut self, from: NodeId, msg: Message<C>) {
+        let kind = msg.kind();
+        if let Err((e, _)) = self.x.step(from, msg, None) {
+            warn!(peer = %from, kind, error = %e, "refused response");
         }
     }
 
@@ -974,26 +1028,24 @@ where
                 c
             }
         };
-        let Some(tx) = self.tx.upgrade() else { return };
         // A late answer is still an answer (the engine drops stale ones by
         // term and round): the bound only reclaims calls to a peer that
         // never answers.
         let timeout = Duration::from_millis(self.x.engine().config().election_timeout_max_ms * 20);
-        tokio::spawn(async move {
+        self.rpcs.push(Box::pin(async move {
             let kind = msg.kind();
-            let result = tokio::time::timeout(timeout, call_peer(&*client, msg)).await;
-            match result {
-                Ok(Ok(Some(resp))) => {
-                    let _ = tx.send(Input::Peer {
-                        from: to,
-                        msg: resp,
-                    });
+            match tokio::time::timeout(timeout, call_peer(&*client, msg)).await {
+                Ok(Ok(resp)) => resp.map(|resp| (to, resp)),
+                Ok(Err(e)) => {
+                    debug!(peer = %to, kind, error = %e, "rpc failed");
+                    None
                 }
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => debug!(peer = %to, kind, error = %e, "rpc failed"),
-                Err(_) => debug!(peer = %to, kind, "rpc timed out"),
+                Err(_) => {
+                    debug!(peer = %to, kind, "rpc timed out");
+                    None
+                }
             }
-        });
+        }));
     }
 
     fn fail_stop(&mut self, e: StorageError) {
@@ -1160,24 +1212,21 @@ async fn sm_worker<C: TypeConfig, S: StateMachine<C>>(
                 continue;
             }
         };
-        if let SmOp::BuildSnapshot = op {
-            match sm
-                .begin_snapshot()
-                .instrument(info_span!("begin_snapshot"))
-                .await
-            {
-                Ok(build) => {
-                    let span = info_span!("build_snapshot");
-                    building = Some(Box::pin(build.instrument(span)));
-                    continue;
-                }
-                Err(e) => {
-                    let _ = reports.send(Report::Failed(e));
-                    return;
+        let result = match op {
+            SmOp::BuildSnapshot => {
+                let begun = sm
+                    .begin_snapshot()
+                    .instrument(info_span!("begin_snapshot"))
+                    .await;
+                match begun {
+                    Ok(build) => {
+                        let span = info_span!("build_snapshot");
+                        building = Some(Box::pin(build.instrument(span)));
+                        continue;
+                    }
+                    Err(e) => Err(e),
                 }
             }
-        }
-        let result = match op {
             SmOp::Apply {
                 mut entries,
                 mut writes,
@@ -1204,7 +1253,38 @@ async fn sm_worker<C: TypeConfig, S: StateMachine<C>>(
                     .await
                     .map(|()| Report::Applied(counts))
             }
-            op => run_sm_op(id, chunk_bytes, &mut sm, op).await,
+            SmOp::ReadSnapshotChunk {
+                to,
+                term,
+                meta,
+                offset,
+            } => sm
+                .read_snapshot_chunk(meta.id, offset, chunk_bytes)
+                .await
+                .map(|chunk| {
+                    let msg = chunk.map(|chunk| {
+                        Message::InstallSnapshot(InstallSnapshotRequest {
+                            term,
+                            leader_id: id,
+                            meta,
+                            offset,
+                            data: chunk.data,
+                            done: chunk.done,
+                        })
+                    });
+                    Report::ChunkRead(to, msg)
+                }),
+            SmOp::WriteSnapshotChunk { meta, offset, data } => sm
+                .write_snapshot_chunk(&meta, offset, data)
+                .await
+                .map(|()| Report::ChunkWritten),
+            SmOp::InstallSnapshot { meta } => {
+                let span = info_span!("install_snapshot", snapshot = %meta.last_log_id);
+                sm.install_snapshot(&meta)
+                    .instrument(span)
+                    .await
+                    .map(|()| Report::Installed(meta))
+            }
         };
         if !send_report(&reports, result) {
             return;
@@ -1251,61 +1331,6 @@ async fn apply_and_answer<C: TypeConfig, S: StateMachine<C>>(
         }
     }
     Ok(())
-}
-
-async fn run_sm_op<C: TypeConfig, S: StateMachine<C>>(
-    id: NodeId,
-    chunk_bytes: usize,
-    sm: &mut S,
-    op: SmOpOf<C>,
-) -> Result<Report<C>, StorageError> {
-    Ok(match op {
-        SmOp::Apply { entries, writes } => {
-            let n = entries.len();
-            apply_and_answer(sm, entries, writes).await?;
-            Report::Applied(vec![n])
-        }
-        SmOp::BuildSnapshot => {
-            let meta = sm
-                .begin_snapshot()
-                .instrument(info_span!("begin_snapshot"))
-                .await?
-                .instrument(info_span!("build_snapshot"))
-                .await?;
-            sm.snapshot_built(&meta).await?;
-            Report::SnapshotBuilt(meta)
-        }
-        SmOp::ReadSnapshotChunk {
-            to,
-            term,
-            meta,
-            offset,
-        } => {
-            let msg = sm
-                .read_snapshot_chunk(meta.id, offset, chunk_bytes)
-                .await?
-                .map(|chunk| {
-                    Message::InstallSnapshot(InstallSnapshotRequest {
-                        term,
-                        leader_id: id,
-                        meta,
-                        offset,
-                        data: chunk.data,
-                        done: chunk.done,
-                    })
-                });
-            Report::ChunkRead(to, msg)
-        }
-        SmOp::WriteSnapshotChunk { meta, offset, data } => {
-            sm.write_snapshot_chunk(&meta, offset, data).await?;
-            Report::ChunkWritten
-        }
-        SmOp::InstallSnapshot { meta } => {
-            let span = info_span!("install_snapshot", snapshot = %meta.last_log_id);
-            sm.install_snapshot(&meta).instrument(span).await?;
-            Report::Installed(meta)
-        }
-    })
 }
 
 async fn call_peer<C: TypeConfig, N: Network<C>>(
