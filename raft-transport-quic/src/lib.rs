@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use raft_core::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     Message, Network, NetworkError, NetworkFactory, NodeId, Raft, TimeoutNowRequest, TypeConfig,
@@ -179,7 +180,7 @@ async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Vec<u8>,
 
 async fn write_frame(
     send: &mut quinn::SendStream,
-    bytes: &[u8],
+    bytes: bytes::Bytes,
     max: usize,
 ) -> Result<(), FrameError> {
     if bytes.len() > max {
@@ -188,10 +189,14 @@ async fn write_frame(
             max,
         });
     }
-    send.write_all(&(bytes.len() as u32).to_be_bytes())
-        .await
-        .map_err(|e| FrameError::Write(e.to_string()))?;
-    send.write_all(bytes)
+    // Length and body in one write: the connection then packs them into
+    // one packet, where two writes could wake it twice and send the length
+    // on its own.
+    let mut chunks = [
+        bytes::Bytes::copy_from_slice(&(bytes.len() as u32).to_be_bytes()),
+        bytes,
+    ];
+    send.write_all_chunks(&mut chunks)
         .await
         .map_err(|e| FrameError::Write(e.to_string()))?;
     send.finish().map_err(|e| FrameError::Write(e.to_string()))
@@ -319,13 +324,20 @@ async fn serve_connection<C: TypeConfig>(
         return Err("certificate names no node".into());
     };
     debug!(peer = %peer, remote = %conn.remote_address(), "peer connected");
+    // The connection's task polls its streams itself: a request reaches
+    // the node without a hop through a task of its own. A stream only waits
+    // (for the node's answer, for the peer's bytes), so one slow stream
+    // holds up no other.
+    let timeout = config.snapshot_rpc_timeout.max(config.rpc_timeout);
+    let mut streams = FuturesUnordered::new();
     loop {
-        let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-        let raft = raft.clone();
-        let config = config.clone();
-        tokio::spawn(async move {
-            let timeout = config.snapshot_rpc_timeout.max(config.rpc_timeout);
-            match tokio::time::timeout(timeout, serve_stream(peer, send, recv, raft, &config)).await
+        let (send, recv) = tokio::select! {
+            accepted = conn.accept_bi() => accepted.map_err(|e| e.to_string())?,
+            Some(()) = streams.next(), if !streams.is_empty() => continue,
+        };
+        let (raft, config) = (raft.clone(), &config);
+        streams.push(async move {
+            match tokio::time::timeout(timeout, serve_stream(peer, send, recv, raft, config)).await
             {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => warn!(peer = %peer, error = %e, "bad stream from peer"),
@@ -377,7 +389,7 @@ async fn serve_stream<C: TypeConfig>(
         }
     };
     let bytes = raft_core::codec::encode(&resp)?;
-    write_frame(&mut send, &bytes, config.max_frame_bytes).await
+    write_frame(&mut send, bytes.into(), config.max_frame_bytes).await
 }
 
 /// Creates a [`QuicNetwork`] per peer.
@@ -500,7 +512,7 @@ impl<C: TypeConfig> QuicNetwork<C> {
                 msg,
             })
             .map_err(|e| NetworkError::Transport(Box::new(e)))?;
-            write_frame(&mut send, &bytes, self.config.max_frame_bytes)
+            write_frame(&mut send, bytes.into(), self.config.max_frame_bytes)
                 .await
                 .map_err(|e| transport(e.to_string()))?;
             let frame = read_frame(&mut recv, self.config.max_frame_bytes)
