@@ -33,6 +33,11 @@ pub enum NetworkError {
 /// - A message may be lost, duplicated or delayed; Raft tolerates all of it.
 ///   Return an error rather than wait forever: the driver also applies its
 ///   own timeout.
+/// - The returned futures are polled by the node's driver task itself (no
+///   task per message), so they must never block: do blocking or long CPU
+///   work (compressing a large snapshot chunk, say) on a blocking thread or
+///   a task of your own. Encoding a message and handing it to a socket or
+///   a connection's task is fine.
 #[async_trait]
 pub trait Network<C: TypeConfig>: Send + Sync + 'static {
     async fn append_entries(
