@@ -148,6 +148,26 @@ pub(crate) struct Shared {
     pub(crate) sync: bool,
 }
 
+impl Shared {
+    /// The handle of column family `name` (the error is built only when it
+    /// is missing: this runs for every mutation).
+    pub(crate) fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, RocksError> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| RocksError::MissingColumnFamily {
+                path: self.path.clone(),
+                name,
+            })
+    }
+
+    pub(crate) fn db_err(&self, source: rocksdb::Error) -> RocksError {
+        RocksError::Db {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
 /// An open RocksDB directory holding one or more Raft logs.
 #[derive(Clone)]
 pub struct RocksDb {
@@ -236,13 +256,7 @@ impl RocksDb {
     }
 
     pub(crate) fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, RocksError> {
-        self.shared
-            .db
-            .cf_handle(name)
-            .ok_or(RocksError::MissingColumnFamily {
-                path: self.shared.path.clone(),
-                name,
-            })
+        self.shared.cf(name)
     }
 
     /// Reads and verifies a checksummed metadata record of `group`.
@@ -308,10 +322,7 @@ impl<C: TypeConfig> RocksLogStore<C> {
     }
 
     fn db_err(&self, source: rocksdb::Error) -> RocksError {
-        RocksError::Db {
-            path: self.shared().path.clone(),
-            source,
-        }
+        self.shared().db_err(source)
     }
 
     fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, RocksError> {

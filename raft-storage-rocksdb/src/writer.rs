@@ -97,10 +97,7 @@ impl Writer {
         match self.shared.db.write_opt(batch, &opts) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => self.submit(ops, false).await,
-            Err(source) => Err(RocksError::Db {
-                path: self.shared.path.clone(),
-                source,
-            }),
+            Err(source) => Err(self.shared.db_err(source)),
         }
     }
 
@@ -151,10 +148,7 @@ fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Request>) {
                 shared
                     .db
                     .write_opt(batch, &opts)
-                    .map_err(|source| RocksError::Db {
-                        path: shared.path.clone(),
-                        source,
-                    })
+                    .map_err(|e| shared.db_err(e))
             });
         for req in group {
             let r = match &result {
@@ -178,13 +172,7 @@ fn add_ops(batch: &mut WriteBatch, shared: &Shared, ops: &[Op]) -> Result<(), Ro
         let name = match op {
             Op::Put { cf, .. } | Op::Delete { cf, .. } | Op::DeleteRange { cf, .. } => *cf,
         };
-        let cf = shared
-            .db
-            .cf_handle(name)
-            .ok_or_else(|| RocksError::MissingColumnFamily {
-                path: shared.path.clone(),
-                name,
-            })?;
+        let cf = shared.cf(name)?;
         match op {
             Op::Put { key, value, .. } => batch.put_cf(cf, key, value),
             Op::Delete { key, .. } => batch.delete_cf(cf, key),
