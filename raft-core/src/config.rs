@@ -25,9 +25,20 @@ pub struct Config {
     /// Most payload bytes (as estimated by `TypeConfig::command_size`) in one
     /// AppendEntries message; a single larger entry is still sent alone.
     pub max_bytes_per_message: usize,
-    /// Build a snapshot once this many entries were applied since the last one.
-    /// 0 disables automatic snapshots.
+    /// Build a snapshot once this many entries were applied since the last
+    /// one (and [`Config::snapshot_log_percent`] agrees). 0 disables
+    /// automatic snapshots.
     pub snapshot_every: u64,
+    /// Build a snapshot only once the log applied since the last one holds
+    /// at least this many percent of that snapshot's size in bytes
+    /// (`SnapshotMeta::size`, log entries by `Entry::size_hint`). Building
+    /// writes the whole state, so with a large state and small entries a
+    /// snapshot every `snapshot_every` entries would spend most of the disk
+    /// on snapshots; weighing the log against the state bounds the bytes
+    /// written for snapshots to `100 / snapshot_log_percent` per byte of log,
+    /// and the log kept (and replayed at restart) to about that share of the
+    /// state. 0 counts entries only.
+    pub snapshot_log_percent: u64,
     /// Entries kept in the log behind a snapshot, so a follower that is only
     /// a little behind is repaired by entries rather than a whole snapshot.
     pub purge_keep: u64,
@@ -79,6 +90,7 @@ impl Default for Config {
             max_entries_per_message: 512,
             max_bytes_per_message: 1 << 20,
             snapshot_every: 10_000,
+            snapshot_log_percent: 100,
             purge_keep: 1_000,
             snapshot_chunk_bytes: 256 << 10,
             learner_max_lag: 100,

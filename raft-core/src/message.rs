@@ -72,6 +72,11 @@ pub struct SnapshotMeta<C: TypeConfig> {
     pub membership: Membership<C::Node>,
     /// Unique per snapshot built by the state machine; chunk reads name it.
     pub id: u64,
+    /// Bytes of the snapshot's data, what a follower receives (an estimate
+    /// is fine; 0 if unknown). The snapshot policy weighs the log written
+    /// since the snapshot against it ([`crate::Config::snapshot_log_percent`]),
+    /// so that a large state is not rewritten every `snapshot_every` entries.
+    pub size: u64,
 }
 
 /// One chunk of a snapshot (§7, "InstallSnapshot RPC"). Chunks arrive in

@@ -177,6 +177,7 @@ fn a_built_snapshot_becomes_the_engines_snapshot() {
         last_log_id: leader.last_log_id(),
         membership: leader.membership().clone(),
         id: 7,
+        size: 0,
     };
     leader.snapshot_built(meta.clone());
     assert_eq!(leader.snapshot_meta(), Some(&meta));
@@ -320,6 +321,7 @@ fn a_snapshot_older_than_the_current_one_or_of_another_history_is_ignored() {
         last_log_id: id,
         membership: e.membership().clone(),
         id: n,
+        size: 0,
     };
     let newest = meta(last, 1, leader);
     leader.snapshot_built(newest.clone());
@@ -359,6 +361,7 @@ fn an_unanswered_snapshot_chunk_is_resent_after_an_election_timeout_not_before()
         last_log_id: leader.last_log_id(),
         membership: leader.membership().clone(),
         id: 1,
+        size: 0,
     };
     leader.snapshot_built(meta);
     s.flush(s1);
@@ -837,6 +840,7 @@ fn follower_from_snapshot() -> Engine<C> {
         last_log_id: LogId::new(1, 5),
         membership,
         id: 1,
+        size: 0,
     };
     let state = RecoveredState {
         hard_state: HardState {
@@ -1027,10 +1031,16 @@ fn a_rejection_at_the_matched_index_does_not_stop_pipelining() {
     );
 }
 
-#[test]
-fn snapshots_are_requested_every_snapshot_every_entries_and_never_when_off() {
+/// Commits `n` puts through s1, completing each requested snapshot build at
+/// once with a snapshot of `size(leader, at)` bytes, and returns the indexes
+/// s1 built at.
+fn snapshot_builds(
+    cfg: Config,
+    n: usize,
+    size: impl Fn(&Engine<C>, LogIndex) -> u64,
+) -> Vec<LogIndex> {
     let s1 = NodeId(1);
-    let builds = |cfg: Config, n: usize| {
+    {
         let mut s = led_by_s1(cfg);
         let mut done = 0;
         for _ in 0..n {
@@ -1044,6 +1054,7 @@ fn snapshots_are_requested_every_snapshot_every_entries_and_never_when_off() {
                     last_log_id: e.log().log_id_at(at).unwrap(),
                     membership: e.membership().clone(),
                     id: at.0,
+                    size: size(e, at),
                 };
                 e.snapshot_built(meta);
             }
@@ -1053,7 +1064,12 @@ fn snapshots_are_requested_every_snapshot_every_entries_and_never_when_off() {
             .filter(|(id, _)| *id == s1)
             .map(|(_, at)| *at)
             .collect::<Vec<_>>()
-    };
+    }
+}
+
+#[test]
+fn snapshots_are_requested_every_snapshot_every_entries_and_never_when_off() {
+    let builds = |cfg: Config, n: usize| snapshot_builds(cfg, n, |_, _| 0);
     let every_3 = Config {
         snapshot_every: 3,
         ..config()
@@ -1070,6 +1086,36 @@ fn snapshots_are_requested_every_snapshot_every_entries_and_never_when_off() {
     assert!(
         builds(off, 5).is_empty(),
         "snapshot_every = 0 turns snapshots off"
+    );
+}
+
+#[test]
+fn a_large_state_is_snapshotted_only_once_the_log_weighs_snapshot_log_percent_of_it() {
+    // Every entry is a put of the same size; each snapshot weighs as much
+    // as six of them (whatever was built at), so at 100% the next build
+    // waits for six entries and at 50% for three, while `snapshot_every`
+    // alone would build after every one.
+    let six_puts = |e: &Engine<C>, _: LogIndex| {
+        let last = e.log().last_index();
+        6 * e.log().get(last).unwrap().size_hint() as u64
+    };
+    let cfg = |percent| Config {
+        snapshot_every: 1,
+        snapshot_log_percent: percent,
+        ..config()
+    };
+    let at = |v: &[u64]| v.iter().map(|&i| LogIndex(i)).collect::<Vec<_>>();
+    // The first build (at the no-op, 2) has no snapshot to weigh against.
+    assert_eq!(snapshot_builds(cfg(100), 14, six_puts), at(&[2, 8, 14]));
+    assert_eq!(
+        snapshot_builds(cfg(50), 14, six_puts),
+        at(&[2, 5, 8, 11, 14])
+    );
+    // (3 is applied while the build at 2 is still running.)
+    assert_eq!(
+        snapshot_builds(cfg(0), 4, six_puts),
+        at(&[2, 4, 5, 6]),
+        "0 counts entries only"
     );
 }
 
@@ -1137,6 +1183,7 @@ fn chunk(e: &Engine<C>, last: LogId, id: u64, offset: u64, len: usize, done: boo
             last_log_id: last,
             membership: e.membership().clone(),
             id,
+            size: 0,
         },
         offset,
         data: vec![7; len],
@@ -1318,6 +1365,7 @@ fn purging_the_log_keeps_an_uncommitted_configuration_after_it_revocable() {
         last_log_id: LogId::new(1, 2),
         membership: three.clone(),
         id: 1,
+        size: 0,
     };
     let mut entries: Vec<_> = (3..=5).map(|i| put_entry(1, i)).collect();
     entries.push(entry(1, 6, raft_core::EntryPayload::Membership(four)));
@@ -1340,6 +1388,7 @@ fn purging_the_log_keeps_an_uncommitted_configuration_after_it_revocable() {
         last_log_id: LogId::new(1, 5),
         membership: three.clone(),
         id: 2,
+        size: 0,
     });
     // A new leader replaces index 6: the change never happened.
     e.step(

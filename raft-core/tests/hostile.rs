@@ -160,6 +160,7 @@ fn snapshot_contradicting_the_committed_log_is_refused() {
         last_log_id: LogId::new(3, 3),
         membership: Membership::default(),
         id: 1,
+        size: 0,
     };
     let req = InstallSnapshotRequest {
         term: Term(3),
@@ -177,6 +178,7 @@ fn snapshot_contradicting_the_committed_log_is_refused() {
         last_log_id: LogId::new(3, 9),
         membership: Membership::default(),
         id: 2,
+        size: 0,
     };
     let overflow = InstallSnapshotRequest {
         term: Term(3),

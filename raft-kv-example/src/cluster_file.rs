@@ -14,7 +14,8 @@
 //! [raft]                         # every key optional; defaults shown
 //! election_timeout_ms = [150, 300]
 //! heartbeat_ms = 50
-//! snapshot_every = 10000         # entries applied between snapshots
+//! snapshot_every = 10000         # entries applied between snapshots, at least
+//! snapshot_log_percent = 100     # and a log of at least this % of the last snapshot's bytes
 //! purge_keep = 1000              # entries kept behind a snapshot
 //! max_inflight = 8               # AppendEntries in flight per follower
 //! max_entries_per_message = 512
@@ -167,6 +168,7 @@ struct RawRaft {
     election_timeout_ms: Option<[u64; 2]>,
     heartbeat_ms: Option<u64>,
     snapshot_every: Option<u64>,
+    snapshot_log_percent: Option<u64>,
     purge_keep: Option<u64>,
     max_inflight: Option<usize>,
     max_entries_per_message: Option<usize>,
@@ -264,6 +266,9 @@ impl ClusterFile {
             }
             raft.heartbeat_interval_ms = r.heartbeat_ms.unwrap_or(raft.heartbeat_interval_ms);
             raft.snapshot_every = r.snapshot_every.unwrap_or(raft.snapshot_every);
+            raft.snapshot_log_percent = r
+                .snapshot_log_percent
+                .unwrap_or(raft.snapshot_log_percent);
             raft.purge_keep = r.purge_keep.unwrap_or(raft.purge_keep);
             raft.max_inflight = r.max_inflight.unwrap_or(raft.max_inflight);
             raft.max_entries_per_message = r

@@ -47,8 +47,11 @@ use thiserror::Error;
 
 use self::writer::{Op, Writer};
 
-/// The on-disk format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The on-disk format this build writes and reads. Version 2 added
+/// `SnapshotMeta::size`; a version 1 store is read (its snapshot meta
+/// without the size) and marked version 2 on open, since what this build
+/// writes next a version 1 build could not read.
+pub const FORMAT_VERSION: u32 = 2;
 
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
@@ -240,6 +243,12 @@ impl RocksDb {
                 })?;
                 if found > FORMAT_VERSION {
                     return Err(RocksError::NewerFormat { path, found });
+                }
+                if found < FORMAT_VERSION {
+                    shared
+                        .db
+                        .put_cf(meta, KEY_FORMAT, FORMAT_VERSION.to_le_bytes())
+                        .map_err(db_err)?;
                 }
             }
             None => shared

@@ -124,10 +124,25 @@ impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
         std::fs::create_dir_all(&snapshot_dir)
             .map_err(io(format!("creating {}", snapshot_dir.display())))?;
         let applied: Option<Applied<C>> = db.meta_get(group, TAG_APPLIED)?;
-        let snapshot: Option<SnapshotMeta<C>> = db.meta_get(group, TAG_SNAPSHOT)?;
+        let snapshot = match db.meta_get::<SnapshotMeta<C>>(group, TAG_SNAPSHOT) {
+            Ok(s) => s,
+            // Format 1 had no `size`; the file has it. The meta is written
+            // in the current format at the next build or install.
+            Err(e) => match db.meta_get::<SnapshotMetaV1<C>>(group, TAG_SNAPSHOT) {
+                Ok(Some(old)) => Some(SnapshotMeta {
+                    size: std::fs::metadata(snapshot_dir.join(snapshot_name(old.id)))
+                        .map_or(0, |m| m.len()),
+                    last_log_id: old.last_log_id,
+                    membership: old.membership,
+                    id: old.id,
+                }),
+                _ => return Err(e.into()),
+            },
+        };
         let (applied, membership) = applied
             .map(|a| (a.log_id, a.membership))
             .unwrap_or_default();
+        remove_stray_files(&snapshot_dir, snapshot.as_ref().map(|s| s.id))?;
         Ok(RocksStateMachine {
             db: db.clone(),
             group,
@@ -154,7 +169,7 @@ impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
     }
 
     fn snapshot_file(&self, id: u64) -> PathBuf {
-        self.snapshot_dir.join(format!("{id}.snap"))
+        self.snapshot_dir.join(snapshot_name(id))
     }
 
     fn receive_file(&self, id: u64) -> PathBuf {
@@ -219,12 +234,60 @@ type Pair = (Vec<u8>, Vec<u8>);
 /// file, synced, then renamed into place), telling `captured` as soon as
 /// its point-in-time view is taken: writes after that are not in the file.
 /// Blocking: run it off the runtime.
+/// A snapshot's file name in the group's snapshot directory.
+fn snapshot_name(id: u64) -> String {
+    format!("{id}.snap")
+}
+
+/// What format 1 stored as a snapshot's meta (no `size`).
+#[derive(Deserialize)]
+#[serde(bound = "")]
+struct SnapshotMetaV1<C: TypeConfig> {
+    last_log_id: LogId,
+    membership: Membership<C::Node>,
+    id: u64,
+}
+
+/// Deletes what a crash or an abandoned transfer left in the snapshot
+/// directory: half-written builds (`.tmp`), partly received snapshots
+/// (`.partial`) and snapshot files that are not the current one (a build
+/// or install that was renamed into place but not yet recorded).
+fn remove_stray_files(dir: &Path, current: Option<u64>) -> Result<(), StorageError> {
+    let entries = std::fs::read_dir(dir).map_err(io(format!("listing {}", dir.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(io(format!("listing {}", dir.display())))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let stray = name.ends_with(".tmp")
+            || name.ends_with(".partial")
+            || name.ends_with(".snap") && current.is_none_or(|id| name != snapshot_name(id));
+        if stray {
+            tracing::info!(file = %entry.path().display(), "removing stray snapshot file");
+            std::fs::remove_file(entry.path())
+                .map_err(io(format!("removing {}", entry.path().display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// Renames `from` to `to` and syncs their directory, so that the rename
+/// survives a crash before what refers to the new name is written.
+fn rename_durably(from: &Path, to: &Path) -> Result<(), StorageError> {
+    std::fs::rename(from, to).map_err(io(format!("renaming {}", from.display())))?;
+    let dir = to.parent().unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("syncing directory {}", dir.display())))
+}
+
+/// Writes the group's data as seen by a fresh RocksDB snapshot to `path`,
+/// durably, and returns the file's size.
 fn write_snapshot_file(
     db: &RocksDb,
     group: u64,
     path: &Path,
     captured: oneshot::Sender<()>,
-) -> Result<(), StorageError> {
+) -> Result<u64, StorageError> {
     let tmp = path.with_extension("tmp");
     let snap = db.shared.db.snapshot();
     let _ = captured.send(());
@@ -251,8 +314,12 @@ fn write_snapshot_file(
         .map_err(|e| io(format!("flushing {}", tmp.display()))(e.into_error()))?;
     file.sync_all()
         .map_err(io(format!("syncing {}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(io(format!("renaming {}", tmp.display())))?;
-    Ok(())
+    let size = file
+        .metadata()
+        .map_err(io(format!("stat {}", tmp.display())))?
+        .len();
+    rename_durably(&tmp, path)?;
+    Ok(size)
 }
 
 /// Snapshot file: a sequence of `(key, value)` records, each
@@ -364,17 +431,18 @@ where
             .map(|s| s.id + 1)
             .unwrap_or(1)
             .max(self.applied.index.0);
-        let meta = SnapshotMeta {
+        let mut meta = SnapshotMeta {
             last_log_id: self.applied,
             membership: self.membership.clone(),
             id,
+            size: 0,
         };
         let path = self.snapshot_file(id);
         let (db, group) = (self.db.clone(), self.group);
         let (captured, view_taken) = oneshot::channel();
         let job =
             tokio::task::spawn_blocking(move || write_snapshot_file(&db, group, &path, captured));
-        let joined = |r: Result<Result<(), StorageError>, tokio::task::JoinError>| {
+        let joined = |r: Result<Result<u64, StorageError>, tokio::task::JoinError>| {
             r.map_err(|e| StorageError::Backend(e.to_string().into()))?
         };
         if view_taken.await.is_err() {
@@ -385,7 +453,7 @@ where
             ));
         }
         Ok(Box::pin(async move {
-            joined(job.await)?;
+            meta.size = joined(job.await)?;
             Ok(meta)
         }))
     }
@@ -485,8 +553,7 @@ where
                 value: v,
             });
         }
-        let path = self.snapshot_file(meta.id);
-        std::fs::rename(&partial, &path).map_err(io(format!("renaming {}", partial.display())))?;
+        rename_durably(&partial, &self.snapshot_file(meta.id))?;
         ops.push(self.applied_op(meta.last_log_id, &meta.membership)?);
         ops.push(self.snapshot_meta_op(meta)?);
         self.db.writer.write(ops).await?;
@@ -500,5 +567,69 @@ where
         self.applied = meta.last_log_id;
         self.membership = meta.membership.clone();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use raft_core::memory::{KvConfig, KvResponse};
+
+    use super::*;
+    use crate::{KEY_FORMAT, RocksOptions};
+
+    struct Ignore;
+    impl KvApply<KvConfig> for Ignore {
+        fn apply(&self, _: &raft_core::memory::KvCommand, _: &mut WriteView<'_>) -> KvResponse {
+            KvResponse::None
+        }
+        fn empty_response(&self) -> KvResponse {
+            KvResponse::None
+        }
+    }
+
+    #[derive(Serialize)]
+    struct V1Meta {
+        last_log_id: LogId,
+        membership: Membership<String>,
+        id: u64,
+    }
+
+    /// A store written by format 1 (snapshot meta without `size`) opens,
+    /// its snapshot's size is taken from the file, and the store is marked
+    /// format 2, which a format-1 build refuses instead of misreading.
+    #[tokio::test]
+    async fn a_format_1_store_opens_and_is_marked_format_2() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = RocksDb::open(dir.path(), RocksOptions::default()).expect("open");
+        let mut sm = RocksStateMachine::<KvConfig, _>::open(&db, 1, Ignore).expect("sm");
+        sm.apply(vec![Entry {
+            log_id: LogId::new(1, 1),
+            payload: EntryPayload::Blank,
+        }])
+        .await
+        .expect("apply");
+        let meta = sm.build_snapshot().await.expect("build");
+        assert!(meta.size > 0);
+        let key = codec::meta_key(1, TAG_SNAPSHOT);
+        let v1 = V1Meta {
+            last_log_id: meta.last_log_id,
+            membership: meta.membership.clone(),
+            id: meta.id,
+        };
+        let cf = db.cf(CF_META).expect("cf");
+        let raw = &db.shared.db;
+        raw.put_cf(cf, &key, codec::seal_record(&key, &v1).expect("seal"))
+            .expect("put");
+        raw.put_cf(cf, KEY_FORMAT, 1u32.to_le_bytes()).expect("put");
+        drop((sm, db));
+
+        let db = RocksDb::open(dir.path(), RocksOptions::default()).expect("reopen");
+        let format = db.shared.db.get_cf(db.cf(CF_META).unwrap(), KEY_FORMAT);
+        assert_eq!(
+            format.expect("get").as_deref(),
+            Some(&crate::FORMAT_VERSION.to_le_bytes()[..])
+        );
+        let mut sm = RocksStateMachine::<KvConfig, _>::open(&db, 1, Ignore).expect("sm");
+        assert_eq!(sm.current_snapshot().await.expect("meta"), Some(meta));
     }
 }

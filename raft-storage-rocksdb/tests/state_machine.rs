@@ -119,7 +119,19 @@ async fn snapshot_streams_in_chunks_and_installs_atomically() {
         "a received but uninstalled snapshot changes nothing"
     );
     assert_eq!(b.applied().await.expect("applied"), LogId::new(1, 1));
-    // Install (the received file survived the restart).
+    // The engine forgets a transfer across a restart (the leader starts
+    // over at offset 0), so the restart removed the partial file.
+    assert!(
+        b.install_snapshot(&meta).await.is_err(),
+        "a partial transfer was kept across a restart"
+    );
+    let streamed: u64 = {
+        stream(&mut a, &mut b, &meta, 4096).await;
+        std::fs::metadata(b_dir.path().join(format!("snapshots/1/{}.partial", meta.id)))
+            .expect("received file")
+            .len()
+    };
+    assert_eq!(meta.size, streamed, "the meta's size is what a follower receives");
     b.install_snapshot(&meta).await.expect("install");
     assert_eq!(get(&b, "old"), None, "install replaces the old state");
     assert_eq!(get(&b, "k250"), Some(format!("{:0>200}", 250)));
@@ -137,6 +149,37 @@ async fn snapshot_streams_in_chunks_and_installs_atomically() {
             .is_none(),
         "unknown snapshot id"
     );
+}
+
+#[tokio::test]
+async fn opening_removes_what_crashes_and_abandoned_transfers_left_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sm = open(dir.path());
+    sm.apply(vec![put(1, "k", "v")]).await.expect("apply");
+    let meta = sm.build_snapshot().await.expect("snapshot");
+    drop(sm);
+    let snaps = dir.path().join("snapshots/1");
+    let current = snaps.join(format!("{}.snap", meta.id));
+    let stray = [
+        format!("{}.snap", meta.id + 1), // renamed into place, never recorded
+        format!("{}.tmp", meta.id + 1),  // a build cut short
+        "77.partial".to_string(),        // an abandoned transfer
+    ];
+    for name in &stray {
+        std::fs::write(snaps.join(name), b"junk").expect("write");
+    }
+    let mut sm = open(dir.path());
+    for name in &stray {
+        assert!(!snaps.join(name).exists(), "{name} was left behind");
+    }
+    assert!(current.exists(), "the current snapshot was removed");
+    let chunk = sm
+        .read_snapshot_chunk(meta.id, 0, 1 << 20)
+        .await
+        .expect("read")
+        .expect("current");
+    assert!(chunk.done);
+    assert_eq!(chunk.data.len() as u64, meta.size);
 }
 
 #[tokio::test]

@@ -257,6 +257,7 @@ async fn main() {
             last_log_id: LogId::new(1, 2_000_000),
             membership: Membership::new_voters(BTreeMap::from([(LEADER, "leader".to_string())])),
             id: 1,
+            size: 0,
         };
         let chunk = vec![1u8; Config::default().snapshot_chunk_bytes];
         let (mut offset, mut bytes) = (0u64, 0u64);

@@ -271,4 +271,7 @@ impl TlsIdentity {
 }
 
 /// The application protocol name, so a stray QUIC client is refused early.
-pub const ALPN: &[u8] = b"raft/1";
+///
+/// `raft/2`: `SnapshotMeta` carries the snapshot's size; a `raft/1` peer
+/// could not decode it, so the two refuse each other at the handshake.
+pub const ALPN: &[u8] = b"raft/2";

@@ -222,6 +222,13 @@ pub struct Engine<C: TypeConfig> {
 
     snapshot: Option<SnapshotMeta<C>>,
     building_snapshot: bool,
+    /// Bytes of log (by `Entry::size_hint`) applied since this engine
+    /// started, and that count where the current snapshot ends and where
+    /// the build in progress will: the snapshot policy weighs the
+    /// difference against the snapshot's size.
+    applied_log_bytes: u64,
+    log_bytes_at_snapshot: u64,
+    log_bytes_at_build: u64,
     /// An incoming snapshot: its id and the next byte offset expected.
     receiving: Option<(u64, u64)>,
 
@@ -308,6 +315,11 @@ impl<C: TypeConfig> Engine<C> {
                 applied: applied.index,
             });
         }
+        // What the log since the snapshot weighs, for the snapshot policy.
+        let applied_log_bytes = log
+            .range(snap_id.index.next(), applied.index)
+            .map(|e| e.size_hint() as u64)
+            .sum();
         let mut log_memberships = Vec::new();
         for e in log.range(LogIndex(0), log.last_index()) {
             if let EntryPayload::Membership(m) = &e.payload
@@ -335,6 +347,9 @@ impl<C: TypeConfig> Engine<C> {
             log_memberships,
             snapshot,
             building_snapshot: false,
+            applied_log_bytes,
+            log_bytes_at_snapshot: 0,
+            log_bytes_at_build: 0,
             receiving: None,
             unflushed: None,
             read_round_wanted: false,
@@ -809,7 +824,8 @@ impl<C: TypeConfig> Engine<C> {
         {
             return;
         }
-        info!(node = %self.id, snapshot = %meta.last_log_id, "snapshot built");
+        info!(node = %self.id, snapshot = %meta.last_log_id, bytes = meta.size, "snapshot built");
+        self.log_bytes_at_snapshot = self.log_bytes_at_build;
         let purge_to = LogIndex(
             meta.last_log_id
                 .index
@@ -1627,21 +1643,32 @@ impl<C: TypeConfig> Engine<C> {
             .cloned()
             .collect();
         self.applied = self.commit;
+        self.applied_log_bytes += entries.iter().map(|e| e.size_hint() as u64).sum::<u64>();
         self.actions.push(Action::Apply { entries });
         self.evict_cached();
-        let since = self
-            .snapshot
-            .as_ref()
-            .map(|s| s.last_log_id.index)
-            .unwrap_or_default();
-        let every = self.config.snapshot_every;
-        if every > 0
-            && !self.building_snapshot
-            && self.applied.0 - since.0.min(self.applied.0) >= every
-        {
+        if !self.building_snapshot && self.snapshot_due() {
             self.building_snapshot = true;
+            self.log_bytes_at_build = self.applied_log_bytes;
             self.actions.push(Action::BuildSnapshot);
         }
+    }
+
+    /// The snapshot policy: at least `snapshot_every` entries applied since
+    /// the last snapshot, and a log at least `snapshot_log_percent` of its
+    /// size (so the cost of writing the state out is spread over a log
+    /// that weighs as much, however large the state grows).
+    fn snapshot_due(&self) -> bool {
+        let (since, size) = self
+            .snapshot
+            .as_ref()
+            .map(|s| (s.last_log_id.index, s.size))
+            .unwrap_or_default();
+        let every = self.config.snapshot_every;
+        let log_bytes = self.applied_log_bytes - self.log_bytes_at_snapshot;
+        every > 0
+            && self.applied.0 - since.0.min(self.applied.0) >= every
+            && u128::from(log_bytes) * 100
+                >= u128::from(size) * u128::from(self.config.snapshot_log_percent)
     }
 
     fn maybe_send_timeout_now(&mut self, to: NodeId) {
@@ -1789,6 +1816,7 @@ impl<C: TypeConfig> Engine<C> {
         self.durable = self.durable.max(snap.index).min(self.log.last_index());
         self.commit = self.commit.max(snap.index);
         self.applied = snap.index;
+        self.log_bytes_at_snapshot = self.applied_log_bytes;
         self.snapshot = Some(meta);
         respond(self, end, true);
         self.apply_committed();

@@ -131,6 +131,13 @@ impl KvStore {
         self.data.get(key)
     }
 
+    /// About what [`KvStore::encode`] produces, in bytes, without encoding
+    /// (a snapshot's `size` for the snapshot policy).
+    pub fn approx_encoded_len(&self) -> u64 {
+        let data: usize = self.data.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        (data + 64 + 32 * self.membership.nodes.len()) as u64
+    }
+
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
         codec::encode(self)
     }

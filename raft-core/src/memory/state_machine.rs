@@ -130,6 +130,7 @@ impl StateMachine<KvConfig> for MemStateMachine {
                     last_log_id: g.store.last_applied,
                     membership: g.store.membership.clone(),
                     id: g.next_snapshot_id,
+                    size: g.store.approx_encoded_len(),
                 };
                 let copy = Snapshot {
                     meta: meta.clone(),

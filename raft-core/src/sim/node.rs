@@ -543,6 +543,7 @@ impl Sim {
             last_log_id: n.sm.last_applied,
             membership: n.sm.membership.clone(),
             id: self.seq,
+            size: data.len() as u64,
         };
         n.building = Some((meta, data));
         let lat = n.disk_latency_ms.unwrap_or(self.opts.disk_latency_ms);
