@@ -564,6 +564,17 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
                 Lane::Net => self.net_q.push_back(q),
             }
         }
+        if !self.writes.is_empty() && self.engine.removed() {
+            // Removed from the cluster (a leader that committed its own
+            // removal steps down): no one will tell this node whether the
+            // writes it proposed past its commit index were committed, so
+            // they are answered now. Unknown: the next leader may commit
+            // them.
+            let after_commit = self.writes.split_off(&self.engine.commit_index().next());
+            for (_, (_, reply)) in after_commit {
+                self.done.push(Done::Write(reply, WriteError::Unknown));
+            }
+        }
     }
 
     /// Hands out every operation whose turn has come. Runtimes call this

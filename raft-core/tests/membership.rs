@@ -150,6 +150,35 @@ fn removing_the_leader_hands_over_to_the_remaining_voters() {
     }
 }
 
+/// A leader that commits its own removal steps down; writes it took after
+/// the new configuration's entry may still be committed by the next
+/// leader, which never tells it. It answers them (outcome unknown) rather
+/// than holding them forever.
+#[test]
+fn a_leader_that_removes_itself_answers_every_write_it_took() {
+    for seed in seeds(10) {
+        let mut sim = Sim::new(opts(3, seed, "a_leader_that_removes_itself_answers"));
+        let old = wait_leader(&mut sim);
+        must_put(&mut sim, "before", "removal");
+        let remaining: BTreeSet<NodeId> = others(&sim, old).into_iter().collect();
+        let r = sim.change(MembershipChange::Voters(remaining.clone()));
+        sim.expect(r.is_ok(), || format!("change refused: {r:?}"));
+        let mut took = Vec::new();
+        for i in 0..(20 * ET) {
+            if sim.leader() != Some(old) {
+                break;
+            }
+            took.extend(sim.propose_put_on(old, &format!("k{}", i % 3), &format!("v{i}")));
+            sim.run_for(1);
+        }
+        sim.expect(took.len() > 1, || "the leader took no writes".into());
+        sim.run_until(20 * ET, |s| s.settled_voters().as_ref() == Some(&remaining));
+        sim.run_until(10 * ET, |s| s.converged());
+        sim.check_every_write_answered();
+        sim.final_check();
+    }
+}
+
 #[test]
 fn a_removed_node_that_keeps_running_cannot_raise_the_clusters_term() {
     for seed in seeds(10) {

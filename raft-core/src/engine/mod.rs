@@ -391,6 +391,14 @@ impl<C: TypeConfig> Engine<C> {
     pub fn id(&self) -> NodeId {
         self.id
     }
+    /// Whether a committed configuration no longer holds this node (as
+    /// voter or learner): no leader replicates to it any more, so it will
+    /// not learn what happens to the entries after its commit index.
+    pub fn removed(&self) -> bool {
+        self.membership_log_id().index <= self.commit
+            && !self.membership().nodes.contains_key(&self.id)
+            && self.membership_log_id() != LogId::ZERO
+    }
     pub fn term(&self) -> Term {
         self.term
     }
