@@ -42,6 +42,11 @@ pub struct Config {
     /// Entries kept in the log behind a snapshot, so a follower that is only
     /// a little behind is repaired by entries rather than a whole snapshot.
     pub purge_keep: u64,
+    /// Most entries a leader keeps behind a snapshot for a live follower
+    /// (one that answered lately, or is being replicated to) that has not
+    /// received them yet. Within this bound a slow follower is repaired by
+    /// entries; past it a snapshot is the cheaper path.
+    pub purge_keep_max: u64,
     /// Bytes per InstallSnapshot chunk.
     pub snapshot_chunk_bytes: usize,
     /// `Raft::add_learner` returns once the learner is at most this many
@@ -92,6 +97,7 @@ impl Default for Config {
             snapshot_every: 10_000,
             snapshot_log_percent: 100,
             purge_keep: 1_000,
+            purge_keep_max: 100_000,
             snapshot_chunk_bytes: 256 << 10,
             learner_max_lag: 100,
             max_pending_writes: 4096,

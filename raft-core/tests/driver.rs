@@ -127,8 +127,10 @@ impl Cluster {
             .expect("metrics");
     }
 
-    /// Stops a follower, then makes `n` writes (17 keys) without it:
-    /// which node it was, what it left behind, and the last write's index.
+    /// Stops a follower and waits until the leader no longer counts it as
+    /// live (a leader keeps the log a live follower needs), then makes `n`
+    /// writes (17 keys) without it: which node it was, what it left
+    /// behind, and the last write's index.
     async fn write_without_a_follower(&mut self, n: usize) -> (NodeId, Node, LogIndex) {
         let leader = self.leader().await;
         let lagging = *self
@@ -137,6 +139,8 @@ impl Cluster {
             .find(|id| **id != leader)
             .expect("follower");
         let stopped = self.stop(lagging).await;
+        let live_for = self.config.election_timeout_min_ms;
+        tokio::time::sleep(Duration::from_millis(2 * live_for)).await;
         let mut last = LogIndex(0);
         for i in 0..n {
             last = self

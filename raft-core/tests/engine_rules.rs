@@ -356,6 +356,12 @@ fn an_unanswered_snapshot_chunk_is_resent_after_an_election_timeout_not_before()
     for v in ["a", "b", "c"] {
         commit(&mut s, s1, put(v));
     }
+    // s3 is silent for an election timeout: the leader no longer keeps
+    // the log for it.
+    let silent_from = s.clock;
+    while s.clock <= silent_from + cfg.election_timeout_min_ms {
+        s.heartbeat(s1, |_, _, _| false);
+    }
     let leader = s.engines.get_mut(&s1).unwrap();
     let meta = SnapshotMeta {
         last_log_id: leader.last_log_id(),
@@ -392,6 +398,130 @@ fn an_unanswered_snapshot_chunk_is_resent_after_an_election_timeout_not_before()
         s.heartbeat(s1, chunk_lost);
     }
     assert_eq!(to_s3(&s), 2, "the lost chunk was never resent");
+
+    // It was only slow: both copies arrive. The follower writes the first
+    // and answers the second with where to go on (the same offset). The
+    // leader sends one next chunk, not one per answer, which would run two
+    // streams of chunks for the rest of the transfer.
+    let term = s.engines[&s1].term();
+    let answer = |next_offset| {
+        Message::InstallSnapshotResponse(raft_core::InstallSnapshotResponse {
+            term,
+            snapshot_id: 1,
+            next_offset,
+            done: false,
+        })
+    };
+    let leader = s.engines.get_mut(&s1).unwrap();
+    leader.step(s3, answer(64)).unwrap();
+    leader.step(s3, answer(64)).unwrap();
+    s.flush(s1);
+    let offsets: Vec<u64> = s.snapshot_sends.iter().map(|x| x.2).collect();
+    assert_eq!(offsets, [0, 0, 64], "one stream of chunks");
+    // A stale answer (behind what was acknowledged) moves nothing either.
+    let leader = s.engines.get_mut(&s1).unwrap();
+    leader.step(s3, answer(32)).unwrap();
+    s.flush(s1);
+    assert_eq!(s.snapshot_sends.len(), 3, "a stale answer sent a chunk");
+}
+
+/// s3 answers (heartbeats) but receives no entries; s1 commits 10 puts
+/// with s2 and builds a snapshot at the last one, `purge_keep` 0. Returns
+/// s1's log base afterwards and s3's match index.
+fn purge_with_a_live_follower_behind(purge_keep_max: u64) -> (LogIndex, LogIndex) {
+    let cfg = Config {
+        purge_keep: 0,
+        purge_keep_max,
+        ..config()
+    };
+    let [s1, s3] = [1, 3].map(NodeId);
+    let mut s = led_by_s1(cfg);
+    let entries_to_s3 = move |_: NodeId, to: NodeId, m: &Message<C>| {
+        to == s3 && matches!(m, Message::AppendEntries(r) if !r.entries.is_empty())
+    };
+    for i in 0..10 {
+        s.engines
+            .get_mut(&s1)
+            .unwrap()
+            .propose(put(&format!("v{i}")))
+            .unwrap();
+        s.flush(s1);
+        s.deliver(entries_to_s3);
+        s.heartbeat(s1, entries_to_s3);
+    }
+    let leader = s.engines.get_mut(&s1).unwrap();
+    let meta = SnapshotMeta {
+        last_log_id: leader.last_log_id(),
+        membership: leader.membership().clone(),
+        id: 1,
+        size: 0,
+    };
+    leader.snapshot_built(meta);
+    (leader.log().base().index, leader.matched()[&s3])
+}
+
+#[test]
+fn a_leader_keeps_the_entries_a_live_follower_still_needs_up_to_purge_keep_max() {
+    let (base, s3_matched) = purge_with_a_live_follower_behind(100);
+    assert!(
+        s3_matched < LogIndex(5),
+        "s3 was meant to lag: {s3_matched:?}"
+    );
+    assert_eq!(
+        base, s3_matched,
+        "the leader purged entries live s3 still needs, so it will need a snapshot"
+    );
+    let (base, _) = purge_with_a_live_follower_behind(3);
+    assert_eq!(
+        base,
+        LogIndex(12 - 3),
+        "past purge_keep_max entries, a snapshot is the cheaper path"
+    );
+}
+
+#[test]
+fn a_restart_keeps_purge_keep_entries_behind_the_snapshot() {
+    let membership = Membership::new_voters(members(&[1, 2, 3]));
+    let mut entries = vec![entry(
+        1,
+        1,
+        raft_core::EntryPayload::Membership(membership.clone()),
+    )];
+    entries.extend((2..=12).map(|i| put_entry(1, i)));
+    let state = RecoveredState {
+        hard_state: HardState {
+            term: Term(1),
+            voted_for: None,
+        },
+        entries,
+        snapshot: Some(SnapshotMeta {
+            last_log_id: LogId::new(1, 10),
+            membership,
+            id: 1,
+            size: 0,
+        }),
+        applied: LogId::new(1, 10),
+        ..RecoveredState::default()
+    };
+    let cfg = Config {
+        purge_keep: 4,
+        ..config()
+    };
+    let mut e = Engine::new(NodeId(1), cfg, 1, 0, state).unwrap();
+    assert_eq!(
+        e.log().base().index,
+        LogIndex(6),
+        "a restart purged the slack a follower a little behind needs"
+    );
+    let purges: Vec<_> = e
+        .take_actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::PurgeLog { upto } => Some(upto.index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(purges, [LogIndex(6)]);
 }
 
 #[test]
@@ -1233,6 +1363,28 @@ fn snapshot_chunks_are_taken_only_in_order_and_only_of_one_snapshot() {
         (0, 0),
         "another snapshot's chunk continued this one"
     );
+}
+
+#[test]
+fn a_duplicated_or_restarted_chunk_never_truncates_what_a_transfer_received() {
+    let mut e = follower_with_log();
+    let at = LogId::new(2, 9);
+    for offset in [0, 10] {
+        let c = chunk(&e, at, 1, offset, 10, false);
+        assert_eq!(send_chunk(&mut e, c), (offset + 10, 1));
+    }
+    // The first chunk again (a duplicate, or the leader starting over):
+    // the 20 bytes received stay, and the answer says to go on at 20.
+    for offset in [0, 10] {
+        let again = chunk(&e, at, 1, offset, 10, false);
+        assert_eq!(
+            send_chunk(&mut e, again),
+            (20, 0),
+            "chunk at {offset} was written again"
+        );
+    }
+    let next = chunk(&e, at, 1, 20, 10, true);
+    assert_eq!(send_chunk(&mut e, next), (30, 1), "the transfer goes on");
 }
 
 #[test]

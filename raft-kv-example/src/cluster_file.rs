@@ -17,6 +17,7 @@
 //! snapshot_every = 10000         # entries applied between snapshots, at least
 //! snapshot_log_percent = 100     # and a log of at least this % of the last snapshot's bytes
 //! purge_keep = 1000              # entries kept behind a snapshot
+//! purge_keep_max = 100000        # and at most this many for a live follower behind
 //! max_inflight = 8               # AppendEntries in flight per follower
 //! max_entries_per_message = 512
 //!
@@ -170,6 +171,7 @@ struct RawRaft {
     snapshot_every: Option<u64>,
     snapshot_log_percent: Option<u64>,
     purge_keep: Option<u64>,
+    purge_keep_max: Option<u64>,
     max_inflight: Option<usize>,
     max_entries_per_message: Option<usize>,
 }
@@ -266,10 +268,9 @@ impl ClusterFile {
             }
             raft.heartbeat_interval_ms = r.heartbeat_ms.unwrap_or(raft.heartbeat_interval_ms);
             raft.snapshot_every = r.snapshot_every.unwrap_or(raft.snapshot_every);
-            raft.snapshot_log_percent = r
-                .snapshot_log_percent
-                .unwrap_or(raft.snapshot_log_percent);
+            raft.snapshot_log_percent = r.snapshot_log_percent.unwrap_or(raft.snapshot_log_percent);
             raft.purge_keep = r.purge_keep.unwrap_or(raft.purge_keep);
+            raft.purge_keep_max = r.purge_keep_max.unwrap_or(raft.purge_keep_max);
             raft.max_inflight = r.max_inflight.unwrap_or(raft.max_inflight);
             raft.max_entries_per_message = r
                 .max_entries_per_message

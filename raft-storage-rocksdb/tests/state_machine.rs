@@ -127,11 +127,18 @@ async fn snapshot_streams_in_chunks_and_installs_atomically() {
     );
     let streamed: u64 = {
         stream(&mut a, &mut b, &meta, 4096).await;
-        std::fs::metadata(b_dir.path().join(format!("snapshots/1/{}.partial", meta.id)))
-            .expect("received file")
-            .len()
+        std::fs::metadata(
+            b_dir
+                .path()
+                .join(format!("snapshots/1/{}.partial", meta.id)),
+        )
+        .expect("received file")
+        .len()
     };
-    assert_eq!(meta.size, streamed, "the meta's size is what a follower receives");
+    assert_eq!(
+        meta.size, streamed,
+        "the meta's size is what a follower receives"
+    );
     b.install_snapshot(&meta).await.expect("install");
     assert_eq!(get(&b, "old"), None, "install replaces the old state");
     assert_eq!(get(&b, "k250"), Some(format!("{:0>200}", 250)));

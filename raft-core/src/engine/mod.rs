@@ -229,8 +229,9 @@ pub struct Engine<C: TypeConfig> {
     applied_log_bytes: u64,
     log_bytes_at_snapshot: u64,
     log_bytes_at_build: u64,
-    /// An incoming snapshot: its id and the next byte offset expected.
-    receiving: Option<(u64, u64)>,
+    /// An incoming snapshot: who sends it (leader and term), its id and the
+    /// next byte offset expected.
+    receiving: Option<Receiving>,
 
     /// Leader: first index appended locally but not yet in an `AppendLog`.
     unflushed: Option<LogIndex>,
@@ -275,11 +276,20 @@ impl<C: TypeConfig> Engine<C> {
                 .unwrap_or_default(),
         );
         if snap_id.index > log.base().index {
-            // The snapshot is newer than the log's purge point: keep the log
-            // after it if it agrees, otherwise it was superseded (a crash
-            // between installing a snapshot and cleaning the log).
+            // The snapshot is newer than the log's purge point. If the log
+            // agrees with it, keep it, purged as `snapshot_built` would
+            // (`purge_keep` entries behind the snapshot stay, so a follower
+            // a little behind is still repaired by entries after a
+            // restart); otherwise the log was superseded (a crash between
+            // installing a snapshot and cleaning the log).
             if log.matches(snap_id) {
-                log.purge(snap_id);
+                let keep_from = LogIndex(snap_id.index.0.saturating_sub(config.purge_keep));
+                if keep_from > log.base().index
+                    && let Some(upto) = log.log_id_at(keep_from)
+                {
+                    log.purge(upto);
+                    actions.push(Action::PurgeLog { upto });
+                }
             } else {
                 if !log.is_empty() {
                     actions.push(Action::TruncateLog {
@@ -287,8 +297,8 @@ impl<C: TypeConfig> Engine<C> {
                     });
                 }
                 log = RaftLog::new(snap_id, Vec::new());
+                actions.push(Action::PurgeLog { upto: snap_id });
             }
-            actions.push(Action::PurgeLog { upto: snap_id });
         }
         if applied.index < snap_id.index {
             return Err(RecoveryError::AppliedBeforeSnapshot {
@@ -820,7 +830,9 @@ impl<C: TypeConfig> Engine<C> {
     }
 
     /// Reports that a `BuildSnapshot` produced `meta` (durable). Purges the
-    /// log behind it, keeping `purge_keep` entries for slow followers.
+    /// log behind it, keeping `purge_keep` entries for slow followers, and
+    /// on a leader whatever a live follower has not received yet (up to
+    /// `purge_keep_max` entries behind the snapshot).
     pub fn snapshot_built(&mut self, meta: SnapshotMeta<C>) {
         self.building_snapshot = false;
         let newer = self
@@ -834,12 +846,19 @@ impl<C: TypeConfig> Engine<C> {
         }
         info!(node = %self.id, snapshot = %meta.last_log_id, bytes = meta.size, "snapshot built");
         self.log_bytes_at_snapshot = self.log_bytes_at_build;
-        let purge_to = LogIndex(
-            meta.last_log_id
-                .index
-                .0
-                .saturating_sub(self.config.purge_keep),
-        );
+        let snap = meta.last_log_id.index.0;
+        let mut purge_to = LogIndex(snap.saturating_sub(self.config.purge_keep));
+        if let RoleState::Leader(l) = &self.role {
+            let floor = LogIndex(snap.saturating_sub(self.config.purge_keep_max));
+            // Live: answered within the last election timeout.
+            let live_since = self.now.saturating_sub(self.config.election_timeout_min_ms);
+            let live_needs = l
+                .progress
+                .values()
+                .filter(|p| p.last_heard.is_some_and(|t| t >= live_since))
+                .map(|p| p.matched.max(floor));
+            purge_to = live_needs.fold(purge_to, LogIndex::min);
+        }
         self.snapshot = Some(meta);
         if purge_to > self.log.base().index
             && let Some(upto) = self.log.log_id_at(purge_to)
@@ -1538,6 +1557,7 @@ impl<C: TypeConfig> Engine<C> {
             });
         }
         p.recent_active = true;
+        p.last_heard = Some(self.now);
         p.acked_round = p.acked_round.max(resp.round);
         if resp.success {
             let advanced = p.on_match(resp.index);
@@ -1789,15 +1809,24 @@ impl<C: TypeConfig> Engine<C> {
             respond(self, end, true);
             return Ok(());
         }
+        // The bytes of this transfer received so far are kept: a chunk at
+        // any other offset (a duplicate, a retransmission whose original
+        // arrived, a leader starting over at 0) is answered with where to
+        // go on, never written. Only another transfer starts at 0.
         let expected = match self.receiving {
-            Some((id, next)) if id == req.meta.id => next,
+            Some(r) if r.from == from && r.term == self.term && r.id == req.meta.id => r.next,
             _ => 0,
         };
-        if req.offset != 0 && req.offset != expected {
+        if req.offset != expected {
             respond(self, expected, false);
             return Ok(());
         }
-        self.receiving = Some((req.meta.id, end));
+        self.receiving = Some(Receiving {
+            from,
+            term: self.term,
+            id: req.meta.id,
+            next: end,
+        });
         let meta = req.meta.clone();
         self.actions.push(Action::WriteSnapshotChunk {
             meta: meta.clone(),
@@ -1841,6 +1870,7 @@ impl<C: TypeConfig> Engine<C> {
             return;
         };
         p.recent_active = true;
+        p.last_heard = Some(now);
         let ProgressState::Snapshot {
             snapshot_id,
             offset,
@@ -1860,13 +1890,22 @@ impl<C: TypeConfig> Engine<C> {
                 p.become_probe();
             }
             Some(meta) => {
-                *offset = resp.next_offset;
+                let next = resp.next_offset;
+                // Only one chunk is meant to be out, at `offset`. An answer
+                // that does not move past it while that chunk is out, or
+                // that is behind it (other than the follower starting over
+                // at 0), answers a duplicate or a retransmission: acting on
+                // it would start a second stream of chunks.
+                if next == *offset && sent_at.is_some() || next < *offset && next != 0 {
+                    return;
+                }
+                *offset = next;
                 *sent_at = Some(now);
                 self.actions.push(Action::SendSnapshotChunk {
                     to: from,
                     term,
                     meta,
-                    offset: resp.next_offset,
+                    offset: next,
                 });
                 return;
             }
@@ -1917,6 +1956,16 @@ impl<C: TypeConfig> Engine<C> {
             _ => unreachable!("leader-only path reached in another role"),
         }
     }
+}
+
+/// A snapshot transfer this node is receiving. Snapshot ids are unique per
+/// state machine, so a transfer is one leader's (in one term) snapshot id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Receiving {
+    from: NodeId,
+    term: Term,
+    id: u64,
+    next: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -45,6 +45,8 @@ pub struct Progress {
     pub inflight: VecDeque<Inflight>,
     /// Heard from in the current check-quorum window.
     pub recent_active: bool,
+    /// When the follower last answered this leader, if it has.
+    pub last_heard: Option<u64>,
     /// The highest heartbeat round the follower has answered.
     pub acked_round: u64,
     /// Counts toward quorums (false for learners).
@@ -63,6 +65,7 @@ impl Progress {
             state: ProgressState::Probe { sent: false },
             inflight: VecDeque::new(),
             recent_active: false,
+            last_heard: None,
             acked_round: 0,
             voter,
             reading: None,
