@@ -129,6 +129,11 @@ pub struct RaftMetrics<N> {
     pub replication: BTreeMap<NodeId, LogIndex>,
     /// Set when the node stopped after a storage error.
     pub fatal: Option<String>,
+    /// Elections this node started since it started (pre-vote rounds not
+    /// counted).
+    pub elections: u64,
+    /// Times this node saw a new leader since it started.
+    pub leader_changes: u64,
 }
 
 type Reply<T, N> = oneshot::Sender<Result<T, RaftError<N>>>;
@@ -647,6 +652,8 @@ fn metrics_of<C: TypeConfig>(
         membership_log_id: e.membership_log_id(),
         replication: e.matched(),
         fatal,
+        elections: e.elections(),
+        leader_changes: u64::from(e.leader_id().is_some()),
     }
 }
 
@@ -671,6 +678,8 @@ fn update_metrics<C: TypeConfig>(
         membership_log_id,
         replication,
         fatal: stopped,
+        elections,
+        leader_changes,
     } = m;
     let mut changed = false;
     macro_rules! set {
@@ -684,6 +693,11 @@ fn update_metrics<C: TypeConfig>(
     }
     set!(role, e.role());
     set!(term, e.term());
+    // Before `leader_id` takes the new value. Counted as published: a
+    // leader that came and went within one driver turn is not seen.
+    if e.leader_id().is_some() && *leader_id != e.leader_id() {
+        *leader_changes += 1;
+    }
     set!(leader_id, e.leader_id());
     set!(commit_index, e.commit_index());
     set!(applied_index, applied);
@@ -691,6 +705,7 @@ fn update_metrics<C: TypeConfig>(
     set!(snapshot, e.snapshot_meta().map(|s| s.last_log_id));
     set!(membership_log_id, e.membership_log_id());
     set!(stopped, fatal);
+    set!(elections, e.elections());
     if *membership != *e.membership() {
         *membership = e.membership().clone();
         changed = true;

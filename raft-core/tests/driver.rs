@@ -222,10 +222,28 @@ async fn leader_failover_keeps_acknowledged_writes() {
         c.write(&format!("k{i}"), "before").await;
     }
     let old = c.leader().await;
+    let m = c.nodes[&old].raft.metrics().borrow().clone();
+    assert!(m.elections >= 1, "the leader started no election: {m:?}");
+    assert!(
+        m.leader_changes >= 1,
+        "the leader never saw a leader: {m:?}"
+    );
+    let before: BTreeMap<NodeId, u64> = c
+        .nodes
+        .iter()
+        .map(|(id, n)| (*id, n.raft.metrics().borrow().leader_changes))
+        .collect();
     let stopped = c.stop(old).await;
     let new = c.leader().await;
     assert_ne!(new, old);
     let (idx, _) = c.write("after", "failover").await;
+    for (id, n) in &c.nodes {
+        let m = n.raft.metrics().borrow().clone();
+        assert!(
+            m.leader_changes > before[id],
+            "node {id} counted no leader change: {m:?}"
+        );
+    }
     for i in 0..20 {
         assert_eq!(
             c.nodes[&new].sm.get(&format!("k{i}")).as_deref(),

@@ -68,8 +68,6 @@ pub struct Metrics {
     pub reads: AtomicU64,
     pub reads_failed: AtomicU64,
     /// Times this node became a candidate (a real election, after pre-vote).
-    pub elections: AtomicU64,
-    pub leader_changes: AtomicU64,
     /// `LogStore::append`, which returns once the entries are synced.
     pub append: Histogram,
     /// `LogStore::save_hard_state` (term and vote, synced).
@@ -82,28 +80,6 @@ impl Metrics {
         if let Ok(mut m) = self.rpc_errors.lock() {
             *m.entry((peer, rpc)).or_default() += 1;
         }
-    }
-
-    /// Follows `raft`'s metrics to count elections and leader changes, until
-    /// the node stops.
-    pub fn watch(self: &Arc<Self>, mut rx: tokio::sync::watch::Receiver<RaftMetrics<NodeAddr>>) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let (mut role, mut leader) = {
-                let m = rx.borrow_and_update();
-                (m.role, m.leader_id)
-            };
-            while rx.changed().await.is_ok() {
-                let m = rx.borrow_and_update();
-                if m.role == Role::Candidate && role != Role::Candidate {
-                    this.elections.fetch_add(1, Relaxed);
-                }
-                if m.leader_id.is_some() && m.leader_id != leader {
-                    this.leader_changes.fetch_add(1, Relaxed);
-                }
-                (role, leader) = (m.role, m.leader_id);
-            }
-        });
     }
 
     /// The Prometheus text exposition.
@@ -169,13 +145,13 @@ impl Metrics {
             "raft_elections_total",
             "Elections this node started.",
             "counter",
-            c(&self.elections),
+            raft.elections,
         );
         gauge(
             "raft_leader_changes_total",
             "Times this node saw a new leader.",
             "counter",
-            c(&self.leader_changes),
+            raft.leader_changes,
         );
         let roles = ["follower", "precandidate", "candidate", "leader", "learner"];
         let _ = writeln!(

@@ -100,7 +100,6 @@ impl Node {
         };
         let raft = Raft::start(id, file.raft.clone(), log, sm, network).await?;
         transport.serve(raft.clone());
-        metrics.watch(raft.metrics());
 
         let pristine = {
             let m = raft.metrics().borrow().clone();

@@ -237,6 +237,8 @@ pub struct Engine<C: TypeConfig> {
     unflushed: Option<LogIndex>,
     /// Leader: a heartbeat round must go out at the next flush (for reads).
     read_round_wanted: bool,
+    /// Elections (not pre-vote rounds) this engine started.
+    elections: u64,
 
     actions: Vec<Action<C>>,
 }
@@ -363,6 +365,7 @@ impl<C: TypeConfig> Engine<C> {
             receiving: None,
             unflushed: None,
             read_round_wanted: false,
+            elections: 0,
             actions,
             config,
         };
@@ -411,6 +414,11 @@ impl<C: TypeConfig> Engine<C> {
     }
     pub fn term(&self) -> Term {
         self.term
+    }
+    /// Elections (not pre-vote rounds) this engine started since it was
+    /// built.
+    pub fn elections(&self) -> u64 {
+        self.elections
     }
     pub fn voted_for(&self) -> Option<NodeId> {
         self.voted_for
@@ -942,6 +950,7 @@ impl<C: TypeConfig> Engine<C> {
                 self.leader_id = None;
                 self.role = RoleState::Candidate(VoteTally::default());
                 self.save_hard_state();
+                self.elections += 1;
                 info!(node = %self.id, term = %self.term, "election started");
                 (next_term, false)
             }
