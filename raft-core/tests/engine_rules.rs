@@ -173,14 +173,20 @@ fn a_built_snapshot_becomes_the_engines_snapshot() {
     let mut s = led_by_s1(config());
     let leader = s.engines.get_mut(&s1).unwrap();
     assert!(leader.snapshot_meta().is_none());
+    let meta = snapshot_built_at_last_entry(leader, 7);
+    assert_eq!(leader.snapshot_meta(), Some(&meta));
+}
+
+/// Reports to `e` a snapshot `id` of everything in its log; returns it.
+fn snapshot_built_at_last_entry(e: &mut Engine<C>, id: u64) -> SnapshotMeta<C> {
     let meta = SnapshotMeta {
-        last_log_id: leader.last_log_id(),
-        membership: leader.membership().clone(),
-        id: 7,
+        last_log_id: e.last_log_id(),
+        membership: e.membership().clone(),
+        id,
         size: 0,
     };
-    leader.snapshot_built(meta.clone());
-    assert_eq!(leader.snapshot_meta(), Some(&meta));
+    e.snapshot_built(meta.clone());
+    meta
 }
 
 #[test]
@@ -362,14 +368,7 @@ fn an_unanswered_snapshot_chunk_is_resent_after_an_election_timeout_not_before()
     while s.clock <= silent_from + cfg.election_timeout_min_ms {
         s.heartbeat(s1, |_, _, _| false);
     }
-    let leader = s.engines.get_mut(&s1).unwrap();
-    let meta = SnapshotMeta {
-        last_log_id: leader.last_log_id(),
-        membership: leader.membership().clone(),
-        id: 1,
-        size: 0,
-    };
-    leader.snapshot_built(meta);
+    snapshot_built_at_last_entry(s.engines.get_mut(&s1).unwrap(), 1);
     s.flush(s1);
     // s3 returns behind the purged log: it can only catch up by snapshot.
     s.restart(s3);
@@ -450,13 +449,7 @@ fn purge_with_a_live_follower_behind(purge_keep_max: u64) -> (LogIndex, LogIndex
         s.heartbeat(s1, entries_to_s3);
     }
     let leader = s.engines.get_mut(&s1).unwrap();
-    let meta = SnapshotMeta {
-        last_log_id: leader.last_log_id(),
-        membership: leader.membership().clone(),
-        id: 1,
-        size: 0,
-    };
-    leader.snapshot_built(meta);
+    snapshot_built_at_last_entry(leader, 1);
     (leader.log().base().index, leader.matched()[&s3])
 }
 
@@ -481,13 +474,7 @@ fn a_leader_keeps_the_entries_a_live_follower_still_needs_up_to_purge_keep_max()
 
 #[test]
 fn a_restart_keeps_purge_keep_entries_behind_the_snapshot() {
-    let membership = Membership::new_voters(members(&[1, 2, 3]));
-    let mut entries = vec![entry(
-        1,
-        1,
-        raft_core::EntryPayload::Membership(membership.clone()),
-    )];
-    entries.extend((2..=12).map(|i| put_entry(1, i)));
+    let (membership, entries) = voters_then_puts(12);
     let state = RecoveredState {
         hard_state: HardState {
             term: Term(1),
@@ -1289,11 +1276,19 @@ fn the_new_configuration_keeps_new_voters_and_learners_and_a_removed_leader_step
     );
 }
 
+/// A log of voters 1, 2, 3 at 0-1 and puts at 1-2 ..= 1-`last`, and that
+/// membership.
+fn voters_then_puts(last: u64) -> (Membership<String>, Vec<Entry<C>>) {
+    let membership = Membership::new_voters(members(&[1, 2, 3]));
+    let config = raft_core::EntryPayload::Membership(membership.clone());
+    let mut entries = vec![entry(0, 1, config)];
+    entries.extend((2..=last).map(|i| put_entry(1, i)));
+    (membership, entries)
+}
+
 /// A follower of term 2 whose log holds 1-2 ..= 1-7 (none committed).
 fn follower_with_log() -> Engine<C> {
-    let membership = Membership::new_voters(members(&[1, 2, 3]));
-    let mut entries = vec![entry(0, 1, raft_core::EntryPayload::Membership(membership))];
-    entries.extend((2..=7).map(|i| put_entry(1, i)));
+    let (_, entries) = voters_then_puts(7);
     let state = RecoveredState {
         hard_state: HardState {
             term: Term(2),
