@@ -253,15 +253,19 @@ struct SnapshotMetaV1<C: TypeConfig> {
 /// (`.partial`) and snapshot files that are not the current one (a build
 /// or install that was renamed into place but not yet recorded).
 fn remove_stray_files(dir: &Path, current: Option<u64>) -> Result<(), StorageError> {
+    remove_files_where(dir, |name| {
+        name.ends_with(".tmp")
+            || name.ends_with(".partial")
+            || name.ends_with(".snap") && current.is_none_or(|id| name != snapshot_name(id))
+    })
+}
+
+/// Deletes the files in `dir` whose names `stray` picks.
+fn remove_files_where(dir: &Path, stray: impl Fn(&str) -> bool) -> Result<(), StorageError> {
     let entries = std::fs::read_dir(dir).map_err(io(format!("listing {}", dir.display())))?;
     for entry in entries {
         let entry = entry.map_err(io(format!("listing {}", dir.display())))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let stray = name.ends_with(".tmp")
-            || name.ends_with(".partial")
-            || name.ends_with(".snap") && current.is_none_or(|id| name != snapshot_name(id));
-        if stray {
+        if stray(&entry.file_name().to_string_lossy()) {
             tracing::info!(file = %entry.path().display(), "removing stray snapshot file");
             std::fs::remove_file(entry.path())
                 .map_err(io(format!("removing {}", entry.path().display())))?;
@@ -508,6 +512,12 @@ where
         data: Vec<u8>,
     ) -> Result<(), StorageError> {
         let path = self.receive_file(meta.id);
+        if offset == 0 {
+            // A node receives one transfer at a time: one that starts
+            // abandons any other (the leader changed mid-transfer), whose
+            // file would otherwise stay until the next restart.
+            remove_files_where(&self.snapshot_dir, |name| name.ends_with(".partial"))?;
+        }
         let file = OpenOptions::new()
             .create(true)
             .write(true)

@@ -190,6 +190,29 @@ async fn opening_removes_what_crashes_and_abandoned_transfers_left_behind() {
 }
 
 #[tokio::test]
+async fn a_transfer_that_starts_removes_an_abandoned_ones_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sm = open(dir.path());
+    let meta = |id| SnapshotMeta {
+        last_log_id: LogId::new(1, id),
+        membership: Membership::default(),
+        id,
+        size: 8,
+    };
+    let partial = |id: u64| dir.path().join(format!("snapshots/1/{id}.partial"));
+    sm.write_snapshot_chunk(&meta(5), 0, vec![1; 4])
+        .await
+        .expect("chunk");
+    assert!(partial(5).exists());
+    // The leader changed mid-transfer: another snapshot starts.
+    sm.write_snapshot_chunk(&meta(9), 0, vec![2; 4])
+        .await
+        .expect("chunk");
+    assert!(!partial(5).exists(), "the abandoned transfer's file stayed");
+    assert!(partial(9).exists());
+}
+
+#[tokio::test]
 async fn a_snapshot_begun_holds_the_state_at_its_start_while_applies_go_on() {
     let a_dir = tempfile::tempdir().expect("tempdir");
     let b_dir = tempfile::tempdir().expect("tempdir");
