@@ -204,6 +204,14 @@ impl LocalCluster {
         self.spawn(id, Some(via))
     }
 
+    /// Every node of a local cluster shares this machine's cores: each gets
+    /// its share of them, at least one. Three nodes on two cores then run
+    /// one thread each, rather than six threads waking each other.
+    fn threads_per_node(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / self.nodes.len().max(1)).max(1)
+    }
+
     fn spawn(&mut self, id: u64, join: Option<&str>) -> Result<()> {
         let log = OpenOptions::new()
             .create(true)
@@ -221,6 +229,7 @@ impl LocalCluster {
         if let Some(via) = join {
             cmd.args(["--join", via]);
         }
+        cmd.args(["--worker-threads", &self.threads_per_node().to_string()]);
         let child = cmd
             .env(
                 "RUST_LOG",
