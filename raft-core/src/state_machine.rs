@@ -98,8 +98,14 @@ pub trait StateMachine<C: TypeConfig>: Send + Sync + 'static {
     /// The current snapshot, if any.
     async fn current_snapshot(&mut self) -> Result<Option<SnapshotMeta<C>>, StorageError>;
 
-    /// Up to `max_len` bytes at `offset` of snapshot `snapshot_id`. `None`
-    /// if that snapshot is no longer the current one.
+    /// Up to `max_len` bytes at `offset` of snapshot `snapshot_id`: the
+    /// current snapshot, or the one the last build replaced. Keep that one
+    /// readable until the next build or install, so a transfer that
+    /// started on it finishes instead of starting over on the new one
+    /// (the engine reads no older one, and builds no new one while a live
+    /// follower receives a transfer, up to `Config::purge_keep_max`
+    /// entries). `None` if that snapshot is gone: correct, but the
+    /// transfer then starts over.
     async fn read_snapshot_chunk(
         &mut self,
         snapshot_id: u64,

@@ -424,6 +424,110 @@ fn an_unanswered_snapshot_chunk_is_resent_after_an_election_timeout_not_before()
     assert_eq!(s.snapshot_sends.len(), 3, "a stale answer sent a chunk");
 }
 
+/// s1 leads s1-s3 with a snapshot (id 1) s3 needs: s3 was down while s1
+/// committed three puts and built it at the last, and is back. Every
+/// applied entry is due for a snapshot (`snapshot_every` 1, no weighing).
+fn leader_starting_a_transfer_to_s3() -> Script {
+    let cfg = Config {
+        purge_keep: 0,
+        snapshot_every: 1,
+        snapshot_log_percent: 0,
+        ..config()
+    };
+    let [s1, s3] = [1, 3].map(NodeId);
+    let mut s = led_by_s1(cfg.clone());
+    s.crash(s3);
+    for v in ["a", "b", "c"] {
+        commit(&mut s, s1, put(v));
+    }
+    let silent_from = s.clock;
+    while s.clock <= silent_from + cfg.election_timeout_min_ms {
+        s.heartbeat(s1, |_, _, _| false);
+    }
+    snapshot_built_at_last_entry(s.engines.get_mut(&s1).unwrap(), 1);
+    s.flush(s1);
+    s.restart(s3);
+    // s3 answers a heartbeat, which shows it behind the purged log.
+    s.heartbeat(s1, |_, _, _| false);
+    s.heartbeat(s1, |_, _, _| false);
+    assert_eq!(
+        s.snapshot_sends
+            .iter()
+            .map(|x| (x.1, x.2, x.4))
+            .collect::<Vec<_>>(),
+        [(s3, 0, 1)],
+        "the first chunk of snapshot 1 to s3"
+    );
+    s
+}
+
+#[test]
+fn a_leader_builds_no_snapshot_while_a_live_follower_receives_one() {
+    let s1 = NodeId(1);
+    let mut s = leader_starting_a_transfer_to_s3();
+    let builds = |s: &Script| s.snapshot_builds.iter().filter(|b| b.0 == s1).count();
+    let before = builds(&s);
+    // Writes go on with s2 while s3 (answering heartbeats) receives.
+    for v in ["d", "e", "f"] {
+        commit(&mut s, s1, put(v));
+        s.heartbeat(s1, |_, _, _| false);
+    }
+    assert_eq!(
+        builds(&s),
+        before,
+        "a build during the transfer would free the snapshot s3 is reading"
+    );
+    // s3 goes silent for an election timeout: the transfer no longer
+    // holds snapshots back.
+    s.crash(NodeId(3));
+    let silent_from = s.clock;
+    while s.clock <= silent_from + s.cfg.election_timeout_min_ms {
+        s.heartbeat(s1, |_, _, _| false);
+    }
+    commit(&mut s, s1, put("g"));
+    assert_eq!(
+        builds(&s),
+        before + 1,
+        "the build waited for a dead transfer"
+    );
+}
+
+#[test]
+fn a_transfer_goes_on_across_one_build_and_starts_over_after_two() {
+    let [s1, s3] = [1, 3].map(NodeId);
+    let mut s = leader_starting_a_transfer_to_s3();
+    let term = s.engines[&s1].term();
+    let answer = |snapshot_id, next_offset| {
+        Message::InstallSnapshotResponse(raft_core::InstallSnapshotResponse {
+            term,
+            snapshot_id,
+            next_offset,
+            done: false,
+        })
+    };
+    // A build that was already running when the transfer began finishes.
+    commit(&mut s, s1, put("d"));
+    let leader = s.engines.get_mut(&s1).unwrap();
+    snapshot_built_at_last_entry(leader, 2);
+    leader.step(s3, answer(1, 64)).unwrap();
+    s.flush(s1);
+    let last = |s: &Script| s.snapshot_sends.last().map(|x| (x.2, x.4));
+    assert_eq!(last(&s), Some((64, 1)), "snapshot 1 goes on where s3 is");
+    // A second build frees snapshot 1 (the state machine keeps only the
+    // one before the current): the transfer starts over on the current.
+    commit(&mut s, s1, put("e"));
+    let leader = s.engines.get_mut(&s1).unwrap();
+    snapshot_built_at_last_entry(leader, 3);
+    leader.step(s3, answer(1, 128)).unwrap();
+    s.flush(s1);
+    s.heartbeat(s1, |_, _, _| false);
+    assert_eq!(
+        last(&s),
+        Some((0, 3)),
+        "the transfer starts over on snapshot 3"
+    );
+}
+
 /// s3 answers (heartbeats) but receives no entries; s1 commits 10 puts
 /// with s2 and builds a snapshot at the last one, `purge_keep` 0. Returns
 /// s1's log base afterwards and s3's match index.

@@ -221,6 +221,10 @@ pub struct Engine<C: TypeConfig> {
     log_memberships: Vec<(LogId, Membership<C::Node>)>,
 
     snapshot: Option<SnapshotMeta<C>>,
+    /// The snapshot the last build replaced: a transfer that started on it
+    /// goes on (the `StateMachine` keeps it readable until the next build
+    /// or install) instead of starting over on the new one.
+    previous_snapshot: Option<SnapshotMeta<C>>,
     building_snapshot: bool,
     /// Bytes of log (by `Entry::size_hint`) applied since this engine
     /// started, and that count where the current snapshot ends and where
@@ -358,6 +362,7 @@ impl<C: TypeConfig> Engine<C> {
             base_membership,
             log_memberships,
             snapshot,
+            previous_snapshot: None,
             building_snapshot: false,
             applied_log_bytes,
             log_bytes_at_snapshot: 0,
@@ -867,7 +872,7 @@ impl<C: TypeConfig> Engine<C> {
                 .map(|p| p.matched.max(floor));
             purge_to = live_needs.fold(purge_to, LogIndex::min);
         }
-        self.snapshot = Some(meta);
+        self.previous_snapshot = self.snapshot.replace(meta);
         if purge_to > self.log.base().index
             && let Some(upto) = self.log.log_id_at(purge_to)
         {
@@ -1244,7 +1249,7 @@ impl<C: TypeConfig> Engine<C> {
                 self.config.max_bytes_per_message,
                 self.config.max_inflight,
             );
-            let snapshot = self.snapshot.clone();
+            let (snapshot, previous) = (self.snapshot.clone(), self.previous_snapshot.clone());
             let RoleState::Leader(l) = &mut self.role else {
                 return;
             };
@@ -1259,18 +1264,23 @@ impl<C: TypeConfig> Engine<C> {
             } = &mut p.state
             {
                 if sent_at.is_none() {
-                    match snapshot.filter(|s| s.id == *snapshot_id) {
+                    let id = *snapshot_id;
+                    match [&snapshot, &previous]
+                        .into_iter()
+                        .flatten()
+                        .find(|s| s.id == id)
+                    {
                         Some(meta) => {
                             *sent_at = Some(now);
                             let offset = *offset;
                             self.actions.push(Action::SendSnapshotChunk {
                                 to: peer,
                                 term,
-                                meta,
+                                meta: meta.clone(),
                                 offset,
                             });
                         }
-                        None => p.become_probe(), // a newer snapshot replaced it; start again
+                        None => p.become_probe(), // two builds replaced it; start again
                     }
                 }
                 return;
@@ -1690,11 +1700,48 @@ impl<C: TypeConfig> Engine<C> {
         }
     }
 
-    /// The snapshot policy: at least `snapshot_every` entries applied since
-    /// the last snapshot, and a log at least `snapshot_log_percent` of its
-    /// size (so the cost of writing the state out is spread over a log
-    /// that weighs as much, however large the state grows).
+    /// The snapshot policy: weighed by the log since the last snapshot
+    /// ([`Self::snapshot_weighed`]), and deferred while a transfer runs
+    /// ([`Self::deferred_for_transfer`]).
     fn snapshot_due(&self) -> bool {
+        self.snapshot_weighed() && !self.deferred_for_transfer()
+    }
+
+    /// The current snapshot or the one it replaced, if `id` is either: the
+    /// snapshots a transfer may read from.
+    fn sendable_snapshot(&self, id: u64) -> Option<SnapshotMeta<C>> {
+        [&self.snapshot, &self.previous_snapshot]
+            .into_iter()
+            .flatten()
+            .find(|s| s.id == id)
+            .cloned()
+    }
+
+    /// A leader does not build while a live follower (answered within an
+    /// election timeout) receives a snapshot: the follower needs the log
+    /// after that snapshot, not a newer one, and each build frees a
+    /// snapshot file a transfer may still read (only the one before the
+    /// current stays readable). Past `purge_keep_max` entries since the
+    /// snapshot the build goes ahead: the log must not grow without bound
+    /// for a transfer that crawls.
+    fn deferred_for_transfer(&self) -> bool {
+        let RoleState::Leader(l) = &self.role else {
+            return false;
+        };
+        let since = self.snapshot.as_ref().map_or(0, |s| s.last_log_id.index.0);
+        let live_since = self.now.saturating_sub(self.config.election_timeout_min_ms);
+        self.applied.0.saturating_sub(since) < self.config.purge_keep_max
+            && l.progress.values().any(|p| {
+                matches!(p.state, ProgressState::Snapshot { .. })
+                    && p.last_heard.is_some_and(|t| t >= live_since)
+            })
+    }
+
+    /// At least `snapshot_every` entries applied since the last snapshot,
+    /// and a log at least `snapshot_log_percent` of its size (so the cost
+    /// of writing the state out is spread over a log that weighs as much,
+    /// however large the state grows).
+    fn snapshot_weighed(&self) -> bool {
         let (since, size) = self
             .snapshot
             .as_ref()
@@ -1864,6 +1911,7 @@ impl<C: TypeConfig> Engine<C> {
         self.applied = snap.index;
         self.log_bytes_at_snapshot = self.applied_log_bytes;
         self.snapshot = Some(meta);
+        self.previous_snapshot = None;
         respond(self, end, true);
         self.apply_committed();
         Ok(())
@@ -1871,7 +1919,7 @@ impl<C: TypeConfig> Engine<C> {
 
     fn on_snapshot_response(&mut self, from: NodeId, resp: InstallSnapshotResponse) {
         let (now, term) = (self.now, self.term);
-        let snapshot = self.snapshot.clone();
+        let snapshot = self.sendable_snapshot(resp.snapshot_id);
         let RoleState::Leader(l) = &mut self.role else {
             return;
         };
@@ -1891,8 +1939,7 @@ impl<C: TypeConfig> Engine<C> {
         if *snapshot_id != resp.snapshot_id {
             return;
         }
-        let meta = snapshot.filter(|s| s.id == resp.snapshot_id);
-        match meta {
+        match snapshot {
             Some(meta) if resp.done => {
                 info!(peer = %from, snapshot = %meta.last_log_id, "snapshot delivered");
                 p.on_match(meta.last_log_id.index);

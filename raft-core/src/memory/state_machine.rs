@@ -15,6 +15,9 @@ use crate::types::{Entry, LogId};
 struct Inner {
     store: KvStore,
     snapshot: Option<Snapshot>,
+    /// The snapshot the last build replaced, readable until the next build
+    /// or install (a transfer may be reading it).
+    previous: Option<Snapshot>,
     receiving: Vec<u8>,
     next_snapshot_id: u64,
 }
@@ -137,9 +140,10 @@ impl StateMachine<KvConfig> for MemStateMachine {
                     data: SnapshotData::Copy(Box::new(g.store.clone())),
                 };
                 let replaced = g.snapshot.replace(copy);
+                let replaced = std::mem::replace(&mut g.previous, replaced);
                 (meta, replaced)
             };
-            // The snapshot it replaces is freed off the lock.
+            // The snapshot it frees is dropped off the lock.
             drop(replaced);
             Ok(meta)
         })
@@ -160,7 +164,12 @@ impl StateMachine<KvConfig> for MemStateMachine {
         let data = self
             .blocking(move |sm| {
                 let mut g = sm.lock()?;
-                match g.snapshot.as_mut().filter(|s| s.meta.id == snapshot_id) {
+                let g = &mut *g;
+                let found = [g.snapshot.as_mut(), g.previous.as_mut()]
+                    .into_iter()
+                    .flatten()
+                    .find(|s| s.meta.id == snapshot_id);
+                match found {
                     Some(snapshot) => snapshot.encoded().map(Some),
                     None => Ok(None),
                 }
@@ -220,6 +229,7 @@ impl StateMachine<KvConfig> for MemStateMachine {
                 (
                     std::mem::replace(&mut g.store, store),
                     g.snapshot.replace(snapshot),
+                    g.previous.take(),
                 )
             };
             // What it replaces is freed off the lock.
@@ -282,12 +292,29 @@ mod tests {
         assert_eq!(follower.snapshot_of_store(), at_build);
         assert_eq!(follower.get("a").as_deref(), Some("1"));
         assert_eq!(sm.get("a").as_deref(), Some("changed"));
-        // A snapshot that is not the current one is not read.
+        // A snapshot that was never built is not read.
         assert!(
             sm.read_snapshot_chunk(meta.id + 1, 0, 7)
                 .await
                 .unwrap()
                 .is_none()
         );
+    }
+
+    /// A transfer may read the snapshot the last build replaced, not an
+    /// older one.
+    #[tokio::test]
+    async fn the_snapshot_before_the_current_one_stays_readable() {
+        let mut sm = MemStateMachine::new();
+        let mut ids = Vec::new();
+        for i in 1..=3 {
+            sm.apply(vec![put(i, "k", "v")]).await.unwrap();
+            ids.push(sm.build_snapshot().await.unwrap().id);
+        }
+        let mut readable = Vec::new();
+        for id in &ids {
+            readable.push(sm.read_snapshot_chunk(*id, 0, 7).await.unwrap().is_some());
+        }
+        assert_eq!(readable, [false, true, true]);
     }
 }

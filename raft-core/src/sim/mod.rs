@@ -142,6 +142,9 @@ pub struct Disk {
     pub base: LogId,
     pub entries: Vec<Entry<C>>,
     pub snapshot: Option<(SnapshotMeta<C>, Vec<u8>)>,
+    /// The snapshot the last build replaced, readable by a transfer until
+    /// the next build or install (the `StateMachine` contract).
+    pub previous_snapshot: Option<(SnapshotMeta<C>, Vec<u8>)>,
 }
 
 impl Disk {

@@ -466,8 +466,13 @@ impl Sim {
             } => {
                 let chunk = self.opts.config.snapshot_chunk_bytes as u64;
                 let n = &mut self.nodes[i];
-                let msg = match &n.disk.snapshot {
-                    Some((m, data)) if m.id == meta.id => {
+                let readable = [&n.disk.snapshot, &n.disk.previous_snapshot];
+                let msg = match readable
+                    .into_iter()
+                    .flatten()
+                    .find(|(m, _)| m.id == meta.id)
+                {
+                    Some((_, data)) => {
                         let len = data.len() as u64;
                         let start = offset.min(len);
                         let end = (start + chunk).min(len);
@@ -521,6 +526,7 @@ impl Sim {
                 let n = &mut self.nodes[i];
                 n.sm = sm;
                 n.disk.snapshot = Some((meta.clone(), data));
+                n.disk.previous_snapshot = None;
                 n.applied_seen = meta.last_log_id.index;
                 self.stats.snapshots_installed += 1;
                 if let Some(x) = n.x.as_mut() {
@@ -566,7 +572,7 @@ impl Sim {
             self.coverage.hit(Reach::AppliedDuringBuild);
         }
         let n = &mut self.nodes[i];
-        n.disk.snapshot = Some((meta.clone(), data));
+        n.disk.previous_snapshot = n.disk.snapshot.replace((meta.clone(), data));
         if let Some(x) = n.x.as_mut() {
             x.snapshot_built(meta);
         }

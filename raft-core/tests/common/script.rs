@@ -22,9 +22,10 @@ pub struct Script {
     pub clock: u64,
     /// Every engine's configuration.
     pub cfg: Config,
-    /// Snapshot chunks the engines asked to send: (from, to, offset, clock).
-    /// Not carried out: these scripts test when they are asked for.
-    pub snapshot_sends: Vec<(NodeId, NodeId, u64, u64)>,
+    /// Snapshot chunks the engines asked to send: (from, to, offset, clock,
+    /// snapshot id). Not carried out: these scripts test when they are
+    /// asked for.
+    pub snapshot_sends: Vec<(NodeId, NodeId, u64, u64, u64)>,
     /// Snapshot builds the engines asked for: (node, applied index then).
     /// Not carried out either: a test reports them with `snapshot_built`.
     pub snapshot_builds: Vec<(NodeId, LogIndex)>,
@@ -113,9 +114,11 @@ impl Script {
                     Action::Send { to, msg } | Action::Respond { to, msg } => {
                         self.queue.push((id, to, msg))
                     }
-                    Action::SendSnapshotChunk { to, offset, .. } => {
-                        self.snapshot_sends.push((id, to, offset, self.clock))
-                    }
+                    Action::SendSnapshotChunk {
+                        to, offset, meta, ..
+                    } => self
+                        .snapshot_sends
+                        .push((id, to, offset, self.clock, meta.id)),
                     Action::ReadReady { ids, index } => {
                         for r in ids {
                             self.reads_ready.push((id, r, index));
