@@ -32,7 +32,7 @@ use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use raft_core::{LogIndex, MembershipError, NodeId, Raft, RaftError, Role};
-use raft_storage_rocksdb::RocksReader;
+use raft_storage_rocksdb::{RocksError, RocksReader};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -285,9 +285,11 @@ impl AppState {
     }
 
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, ApiError> {
-        self.reader
-            .get(key.as_bytes())
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()))
+        self.reader.get(key.as_bytes()).map_err(|e| match e {
+            // A follower loading a snapshot: its data is half replaced.
+            RocksError::Installing { .. } => ApiError::unavailable(e.to_string()),
+            e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+        })
     }
 }
 

@@ -14,7 +14,8 @@
 //!   moved to another key is detected.
 //! - `hard_state`: `group ++ "hs"` → term and vote.
 //! - `meta`: `format` → format version; `group ++ "purged"` → the last purged
-//!   log id; the state machine's applied id and snapshot metadata.
+//!   log id; the state machine's applied id, snapshot metadata and the
+//!   snapshot being installed, if an install is under way.
 //! - `sm`: state-machine data (see [`RocksStateMachine`]).
 //!
 //! Every value is checksummed.
@@ -50,8 +51,10 @@ use self::writer::{Op, Writer};
 /// The on-disk format this build writes and reads. Version 2 added
 /// `SnapshotMeta::size`; a version 1 store is read (its snapshot meta
 /// without the size) and marked version 2 on open, since what this build
-/// writes next a version 1 build could not read.
-pub const FORMAT_VERSION: u32 = 2;
+/// writes next a version 1 build could not read. Version 3 added the
+/// install marker (a snapshot install in progress, finished at open): an
+/// older build would serve the half-replaced data it guards.
+pub const FORMAT_VERSION: u32 = 3;
 
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
@@ -123,6 +126,10 @@ pub enum RocksError {
     },
     #[error("the writer thread of {path} stopped")]
     WriterGone { path: PathBuf },
+    /// A read of a state machine's data while a snapshot replaces it: the
+    /// data is part old, part new until the install ends. Retry shortly.
+    #[error("group {group} in {path} is installing a snapshot; retry shortly")]
+    Installing { path: PathBuf, group: u64 },
 }
 
 impl From<RocksError> for StorageError {

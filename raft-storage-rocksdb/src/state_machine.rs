@@ -10,9 +10,15 @@
 //!   same WAL): after a power loss the state machine may resume from an
 //!   earlier batch and apply the rest again from the log;
 //! - snapshots are a consistent iteration of the group's data (a RocksDB
-//!   snapshot), written to a file, streamed in chunks from it, and
-//!   installed with one atomic batch: a crash mid-install leaves the old
-//!   state intact, and a partly received snapshot is just a stray file.
+//!   snapshot), written to a file and streamed in chunks from it. An
+//!   install streams the received file into the store in bounded batches
+//!   off the runtime, redo-logged: the file is renamed into place and an
+//!   install marker written (synced) before the first batch, and the last
+//!   batch records the new applied id and removes the marker. A crash in
+//!   between leaves the marker, and [`RocksStateMachine::open`] finishes
+//!   the install from the file before anything reads the data; reads
+//!   meanwhile get [`RocksError::Installing`], never a half-replaced
+//!   state. A partly received snapshot is just a stray file.
 //!
 //! Keys of group `g` are stored as `g (u64 BE) ++ key` in the `sm` column
 //! family.
@@ -22,6 +28,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use raft_core::{
@@ -37,6 +45,12 @@ use crate::{CF_META, CF_SM, RocksDb, RocksError};
 
 const TAG_APPLIED: &[u8] = b"sm_applied";
 const TAG_SNAPSHOT: &[u8] = b"sm_snapshot";
+/// The snapshot an unfinished install is loading (its meta).
+const TAG_INSTALLING: &[u8] = b"sm_installing";
+
+/// Bytes of data an install writes per batch: memory stays bounded by
+/// this, whatever the snapshot's size.
+const INSTALL_BATCH_BYTES: usize = 4 << 20;
 
 /// The application's command logic.
 pub trait KvApply<C: TypeConfig>: Send + Sync + 'static {
@@ -109,7 +123,12 @@ pub struct RocksStateMachine<C: TypeConfig, A: KvApply<C>> {
     applied: LogId,
     membership: Membership<C::Node>,
     snapshot: Option<SnapshotMeta<C>>,
+    /// The snapshot the last build replaced: its file stays until the next
+    /// build or install, for a transfer that may still be reading it.
+    previous: Option<u64>,
     snapshot_dir: PathBuf,
+    /// An install is replacing the data: reads are refused until it ends.
+    installing: Arc<AtomicBool>,
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> StorageError {
@@ -139,6 +158,21 @@ impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
                 _ => return Err(e.into()),
             },
         };
+        let unfinished = db.meta_get::<SnapshotMeta<C>>(group, TAG_INSTALLING)?;
+        let (applied, snapshot) = match unfinished {
+            Some(meta) => {
+                // A crash interrupted an install: its file is in place (it
+                // was renamed before the marker was written); load it again.
+                let path = snapshot_dir.join(snapshot_name(meta.id));
+                load_snapshot_file(db, group, &path, &meta)?;
+                let applied = Applied::<C> {
+                    log_id: meta.last_log_id,
+                    membership: meta.membership.clone(),
+                };
+                (Some(applied), Some(meta))
+            }
+            None => (applied, snapshot),
+        };
         let (applied, membership) = applied
             .map(|a| (a.log_id, a.membership))
             .unwrap_or_default();
@@ -150,14 +184,16 @@ impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
             applied,
             membership,
             snapshot,
+            previous: None,
             snapshot_dir,
+            installing: Arc::default(),
         })
     }
 
     /// Reads a key of the local state (linearizable after
     /// `Raft::ensure_linearizable`).
-    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(read_key(&self.db, self.group, key)?)
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, RocksError> {
+        self.reader().get(key)
     }
 
     /// A read handle for the application, sharing this state machine's data.
@@ -165,6 +201,7 @@ impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
         RocksReader {
             db: self.db.clone(),
             group: self.group,
+            installing: self.installing.clone(),
         }
     }
 
@@ -181,7 +218,21 @@ impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
         log_id: LogId,
         membership: &Membership<C::Node>,
     ) -> Result<Op, StorageError> {
-        let key = codec::meta_key(self.group, TAG_APPLIED);
+        applied_op::<C>(self.group, log_id, membership)
+    }
+
+    fn snapshot_meta_op(&self, meta: &SnapshotMeta<C>) -> Result<Op, StorageError> {
+        meta_op(self.group, TAG_SNAPSHOT, meta)
+    }
+}
+
+fn applied_op<C: TypeConfig>(
+    group: u64,
+    log_id: LogId,
+    membership: &Membership<C::Node>,
+) -> Result<Op, StorageError> {
+    {
+        let key = codec::meta_key(group, TAG_APPLIED);
         let value = codec::seal_record(
             &key,
             &Applied::<C> {
@@ -199,19 +250,25 @@ impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
             value,
         })
     }
+}
 
-    fn snapshot_meta_op(&self, meta: &SnapshotMeta<C>) -> Result<Op, StorageError> {
-        let key = codec::meta_key(self.group, TAG_SNAPSHOT);
-        let value = codec::seal_record(&key, meta).map_err(|d| StorageError::Corrupt {
-            location: "snapshot meta".into(),
-            detail: d,
-        })?;
-        Ok(Op::Put {
-            cf: CF_META,
-            key,
-            value,
-        })
-    }
+/// Records `meta` under `tag` (the current snapshot, or the one an install
+/// is loading).
+fn meta_op<C: TypeConfig>(
+    group: u64,
+    tag: &[u8],
+    meta: &SnapshotMeta<C>,
+) -> Result<Op, StorageError> {
+    let key = codec::meta_key(group, tag);
+    let value = codec::seal_record(&key, meta).map_err(|d| StorageError::Corrupt {
+        location: "snapshot meta".into(),
+        detail: d,
+    })?;
+    Ok(Op::Put {
+        cf: CF_META,
+        key,
+        value,
+    })
 }
 
 /// Reads one group's state-machine data.
@@ -219,21 +276,35 @@ impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
 pub struct RocksReader {
     db: RocksDb,
     group: u64,
+    installing: Arc<AtomicBool>,
 }
 
 impl RocksReader {
-    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(read_key(&self.db, self.group, key)?)
+    /// `key`'s value; [`RocksError::Installing`] while a snapshot install
+    /// replaces the data.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, RocksError> {
+        if self.installing.load(Ordering::Acquire) {
+            return Err(RocksError::Installing {
+                path: self.db.shared.path.clone(),
+                group: self.group,
+            });
+        }
+        let value = read_key(&self.db, self.group, key)?;
+        // An install that began during the read may have replaced part of
+        // the data already: that value is not of one state.
+        if self.installing.load(Ordering::Acquire) {
+            return Err(RocksError::Installing {
+                path: self.db.shared.path.clone(),
+                group: self.group,
+            });
+        }
+        Ok(value)
     }
 }
 
 /// One key and its value.
 type Pair = (Vec<u8>, Vec<u8>);
 
-/// Writes group `group`'s state as of now to `path` (through a temporary
-/// file, synced, then renamed into place), telling `captured` as soon as
-/// its point-in-time view is taken: writes after that are not in the file.
-/// Blocking: run it off the runtime.
 /// A snapshot's file name in the group's snapshot directory.
 fn snapshot_name(id: u64) -> String {
     format!("{id}.snap")
@@ -251,7 +322,8 @@ struct SnapshotMetaV1<C: TypeConfig> {
 /// Deletes what a crash or an abandoned transfer left in the snapshot
 /// directory: half-written builds (`.tmp`), partly received snapshots
 /// (`.partial`) and snapshot files that are not the current one (a build
-/// or install that was renamed into place but not yet recorded).
+/// or install that was renamed into place but not yet recorded, or the
+/// previous one kept for a transfer: no transfer outlives a restart).
 fn remove_stray_files(dir: &Path, current: Option<u64>) -> Result<(), StorageError> {
     remove_files_where(dir, |name| {
         name.ends_with(".tmp")
@@ -284,8 +356,10 @@ fn rename_durably(from: &Path, to: &Path) -> Result<(), StorageError> {
         .map_err(io(format!("syncing directory {}", dir.display())))
 }
 
-/// Writes the group's data as seen by a fresh RocksDB snapshot to `path`,
-/// durably, and returns the file's size.
+/// Writes group `group`'s state as of now to `path` (through a temporary
+/// file, synced, then renamed into place), telling `captured` as soon as
+/// its point-in-time view is taken: writes after that are not in the file.
+/// Returns the file's size. Blocking: run it off the runtime.
 fn write_snapshot_file(
     db: &RocksDb,
     group: u64,
@@ -446,9 +520,6 @@ where
         let (captured, view_taken) = oneshot::channel();
         let job =
             tokio::task::spawn_blocking(move || write_snapshot_file(&db, group, &path, captured));
-        let joined = |r: Result<Result<u64, StorageError>, tokio::task::JoinError>| {
-            r.map_err(|e| StorageError::Backend(e.to_string().into()))?
-        };
         if view_taken.await.is_err() {
             // The job ended before taking its view: it failed, say why.
             joined(job.await)?;
@@ -467,10 +538,10 @@ where
             .writer
             .write(vec![self.snapshot_meta_op(meta)?])
             .await?;
-        if let Some(old) = self.snapshot.replace(meta.clone())
-            && old.id != meta.id
-        {
-            let _ = std::fs::remove_file(self.snapshot_file(old.id));
+        let replaced = self.snapshot.replace(meta.clone()).map(|s| s.id);
+        let freed = std::mem::replace(&mut self.previous, replaced.filter(|&id| id != meta.id));
+        if let Some(old) = freed.filter(|&id| id != meta.id) {
+            let _ = std::fs::remove_file(self.snapshot_file(old));
         }
         Ok(())
     }
@@ -485,7 +556,8 @@ where
         offset: u64,
         max_len: usize,
     ) -> Result<Option<SnapshotChunk>, StorageError> {
-        if self.snapshot.as_ref().is_none_or(|s| s.id != snapshot_id) {
+        let current = self.snapshot.as_ref().map(|s| s.id);
+        if current != Some(snapshot_id) && self.previous != Some(snapshot_id) {
             return Ok(None);
         }
         let path = self.snapshot_file(snapshot_id);
@@ -539,45 +611,95 @@ where
         Ok(())
     }
 
+    /// Bounded memory, off the runtime, atomic by redo: see the module
+    /// doc.
     async fn install_snapshot(&mut self, meta: &SnapshotMeta<C>) -> Result<(), StorageError> {
         let partial = self.receive_file(meta.id);
-        let file = File::open(&partial).map_err(io(format!("opening {}", partial.display())))?;
-        file.sync_all()
-            .map_err(io(format!("syncing {}", partial.display())))?;
-        let mut r = BufReader::new(file);
-        let corrupt = |detail: String| StorageError::Corrupt {
-            location: partial.display().to_string(),
-            detail,
+        let path = self.snapshot_file(meta.id);
+        let synced = {
+            let (partial, path) = (partial.clone(), path.clone());
+            tokio::task::spawn_blocking(move || {
+                File::open(&partial)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io(format!("syncing {}", partial.display())))?;
+                rename_durably(&partial, &path)
+            })
         };
-        // One batch replaces the data, the applied id and the snapshot meta:
-        // after a crash either all of it happened or none of it.
-        let mut ops = vec![Op::DeleteRange {
-            cf: CF_SM,
-            from: self.group.to_be_bytes().to_vec(),
-            to: (self.group + 1).to_be_bytes().to_vec(),
-        }];
-        while let Some((k, v)) = read_pair(&mut r).map_err(corrupt)? {
-            ops.push(Op::Put {
-                cf: CF_SM,
-                key: data_key(self.group, &k),
-                value: v,
-            });
-        }
-        rename_durably(&partial, &self.snapshot_file(meta.id))?;
-        ops.push(self.applied_op(meta.last_log_id, &meta.membership)?);
-        ops.push(self.snapshot_meta_op(meta)?);
-        self.db.writer.write(ops).await?;
-        if let Some(old) = self
-            .snapshot
-            .replace(meta.clone())
-            .filter(|o| o.id != meta.id)
-        {
-            let _ = std::fs::remove_file(self.snapshot_file(old.id));
+        joined(synced.await)?;
+        // From here a crash finishes the install at the next open.
+        self.installing.store(true, Ordering::Release);
+        self.db
+            .writer
+            .write(vec![meta_op(self.group, TAG_INSTALLING, meta)?])
+            .await?;
+        let (db, group, m) = (self.db.clone(), self.group, meta.clone());
+        let loaded = tokio::task::spawn_blocking(move || load_snapshot_file(&db, group, &path, &m));
+        joined(loaded.await)?;
+        self.installing.store(false, Ordering::Release);
+        let replaced = self.snapshot.replace(meta.clone()).map(|s| s.id);
+        for old in [replaced, self.previous.take()].into_iter().flatten() {
+            if old != meta.id {
+                let _ = std::fs::remove_file(self.snapshot_file(old));
+            }
         }
         self.applied = meta.last_log_id;
         self.membership = meta.membership.clone();
         Ok(())
     }
+}
+
+/// A blocking task's result, its panic or cancellation as a backend error.
+fn joined<T>(
+    r: Result<Result<T, StorageError>, tokio::task::JoinError>,
+) -> Result<T, StorageError> {
+    r.map_err(|e| StorageError::Backend(e.to_string().into()))?
+}
+
+/// Replaces group `group`'s data with the snapshot file at `path`, whose
+/// meta is `meta`: one batch deletes the data, then batches of at most
+/// [`INSTALL_BATCH_BYTES`] load the file unsynced, and a synced last batch
+/// records the applied id and the snapshot and removes the install marker
+/// (the WAL is ordered: that sync makes every earlier batch durable too).
+/// Idempotent, so a crash anywhere is repaired by running it again.
+/// Blocking: run it off the runtime.
+fn load_snapshot_file<C: TypeConfig>(
+    db: &RocksDb,
+    group: u64,
+    path: &Path,
+    meta: &SnapshotMeta<C>,
+) -> Result<(), StorageError> {
+    let file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
+    let mut r = BufReader::new(file);
+    let corrupt = |detail: String| StorageError::Corrupt {
+        location: path.display().to_string(),
+        detail,
+    };
+    let mut batch = vec![Op::DeleteRange {
+        cf: CF_SM,
+        from: group.to_be_bytes().to_vec(),
+        to: (group + 1).to_be_bytes().to_vec(),
+    }];
+    let mut bytes = 0;
+    while let Some((k, v)) = read_pair(&mut r).map_err(corrupt)? {
+        bytes += k.len() + v.len();
+        batch.push(Op::Put {
+            cf: CF_SM,
+            key: data_key(group, &k),
+            value: v,
+        });
+        if bytes >= INSTALL_BATCH_BYTES {
+            db.writer.write_blocking(&batch, false)?;
+            batch.clear();
+            bytes = 0;
+        }
+    }
+    batch.push(applied_op::<C>(group, meta.last_log_id, &meta.membership)?);
+    batch.push(meta_op(group, TAG_SNAPSHOT, meta)?);
+    batch.push(Op::Delete {
+        cf: CF_META,
+        key: codec::meta_key(group, TAG_INSTALLING),
+    });
+    Ok(db.writer.write_blocking(&batch, true)?)
 }
 
 #[cfg(test)]
@@ -641,5 +763,139 @@ mod tests {
         );
         let mut sm = RocksStateMachine::<KvConfig, _>::open(&db, 1, Ignore).expect("sm");
         assert_eq!(sm.current_snapshot().await.expect("meta"), Some(meta));
+    }
+
+    type Sm = RocksStateMachine<KvConfig, Ignore>;
+
+    fn open_sm(dir: &Path) -> (RocksDb, Sm) {
+        let db = RocksDb::open(dir, RocksOptions::default()).expect("open");
+        let sm = RocksStateMachine::open(&db, 1, Ignore).expect("sm");
+        (db, sm)
+    }
+
+    fn put(key: &str, value: Vec<u8>) -> Op {
+        Op::Put {
+            cf: CF_SM,
+            key: data_key(1, key.as_bytes()),
+            value,
+        }
+    }
+
+    /// Streams `meta` from `from` into `to`'s receive file, 1 MiB at a time.
+    async fn stream(from: &mut Sm, to: &mut Sm, meta: &SnapshotMeta<KvConfig>) {
+        let mut offset = 0;
+        loop {
+            let c = from
+                .read_snapshot_chunk(meta.id, offset, 1 << 20)
+                .await
+                .expect("read")
+                .expect("readable");
+            let n = c.data.len() as u64;
+            to.write_snapshot_chunk(meta, offset, c.data)
+                .await
+                .expect("write");
+            offset += n;
+            if c.done {
+                return;
+            }
+        }
+    }
+
+    /// A store of 600 keys of 20 KiB (three install batches' worth) and
+    /// its snapshot at index 7, and a follower store holding one old key,
+    /// with the snapshot received but not installed.
+    async fn received_large_snapshot(
+        leader: &Path,
+        follower: &Path,
+    ) -> (Sm, SnapshotMeta<KvConfig>) {
+        let (db, mut a) = open_sm(leader);
+        let ops: Vec<Op> = (0..600)
+            .map(|i| put(&format!("k{i}"), vec![i as u8; 20 << 10]))
+            .collect();
+        db.writer.write_blocking(&ops, false).expect("data");
+        a.apply(vec![Entry {
+            log_id: LogId::new(1, 7),
+            payload: EntryPayload::Blank,
+        }])
+        .await
+        .expect("apply");
+        let meta = a.build_snapshot().await.expect("build");
+        assert!(
+            meta.size > 2 * INSTALL_BATCH_BYTES as u64,
+            "three batches or more"
+        );
+        let (db_b, mut b) = open_sm(follower);
+        db_b.writer
+            .write_blocking(&[put("old", b"state".to_vec())], true)
+            .expect("old");
+        stream(&mut a, &mut b, &meta).await;
+        (b, meta)
+    }
+
+    fn holds_the_snapshot(sm: &Sm) {
+        assert_eq!(sm.get(b"old").expect("get"), None, "the old state is gone");
+        for i in [0, 299, 599] {
+            let v = sm.get(format!("k{i}").as_bytes()).expect("get");
+            assert_eq!(v, Some(vec![i as u8; 20 << 10]), "k{i}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_larger_than_a_batch_installs_whole() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut sm, meta) = received_large_snapshot(a.path(), b.path()).await;
+        sm.install_snapshot(&meta).await.expect("install");
+        holds_the_snapshot(&sm);
+        assert_eq!(sm.applied().await.expect("applied"), meta.last_log_id);
+        drop(sm);
+        let (_, mut sm) = open_sm(b.path());
+        holds_the_snapshot(&sm);
+        assert_eq!(sm.current_snapshot().await.expect("meta"), Some(meta));
+    }
+
+    /// A crash after the install marker and one batch: the data is half
+    /// replaced, and opening finishes the install from the file.
+    #[tokio::test]
+    async fn an_install_a_crash_interrupted_is_finished_at_open() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (sm, meta) = received_large_snapshot(a.path(), b.path()).await;
+        // What install_snapshot does up to its first data batch.
+        rename_durably(&sm.receive_file(meta.id), &sm.snapshot_file(meta.id)).expect("rename");
+        let marker = meta_op(1, TAG_INSTALLING, &meta).expect("marker");
+        sm.db
+            .writer
+            .write_blocking(&[marker], true)
+            .expect("marker");
+        let first = [
+            Op::DeleteRange {
+                cf: CF_SM,
+                from: 1u64.to_be_bytes().to_vec(),
+                to: 2u64.to_be_bytes().to_vec(),
+            },
+            put("k0", vec![0; 20 << 10]),
+        ];
+        sm.db.writer.write_blocking(&first, false).expect("batch");
+        drop(sm);
+
+        let (db, mut sm) = open_sm(b.path());
+        holds_the_snapshot(&sm);
+        assert_eq!(sm.applied().await.expect("applied"), meta.last_log_id);
+        assert_eq!(sm.current_snapshot().await.expect("meta"), Some(meta));
+        let marker: Option<SnapshotMeta<KvConfig>> =
+            db.meta_get(1, TAG_INSTALLING).expect("marker");
+        assert!(marker.is_none(), "the finished install left its marker");
+    }
+
+    #[tokio::test]
+    async fn reads_during_an_install_are_refused_not_half_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, sm) = open_sm(dir.path());
+        let reader = sm.reader();
+        assert!(reader.get(b"k").expect("get").is_none());
+        sm.installing.store(true, Ordering::Release);
+        assert!(matches!(
+            reader.get(b"k"),
+            Err(RocksError::Installing { group: 1, .. })
+        ));
     }
 }

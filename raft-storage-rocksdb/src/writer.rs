@@ -101,6 +101,19 @@ impl Writer {
         }
     }
 
+    /// Applies `ops` atomically from the calling thread, synced if `sync`
+    /// (and the store syncs at all). Blocks: for `spawn_blocking` work such
+    /// as a snapshot install, never on the runtime.
+    pub fn write_blocking(&self, ops: &[Op], sync: bool) -> Result<(), RocksError> {
+        let batch = batch_of(&self.shared, ops)?;
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync && self.shared.sync);
+        self.shared
+            .db
+            .write_opt(batch, &opts)
+            .map_err(|e| self.shared.db_err(e))
+    }
+
     async fn submit(&self, ops: Vec<Op>, sync: bool) -> Result<(), RocksError> {
         let (reply, rx) = oneshot::channel();
         let gone = || RocksError::WriterGone {

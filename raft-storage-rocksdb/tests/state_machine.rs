@@ -264,3 +264,52 @@ async fn a_snapshot_begun_holds_the_state_at_its_start_while_applies_go_on() {
     );
     assert_eq!(a.applied().await.expect("applied"), LogId::new(1, 302));
 }
+
+#[tokio::test]
+async fn a_transfer_reads_the_snapshot_the_last_build_replaced_but_no_older_one() {
+    let a_dir = tempfile::tempdir().expect("tempdir");
+    let b_dir = tempfile::tempdir().expect("tempdir");
+    let mut a = open(a_dir.path());
+    let mut builds = Vec::new();
+    for i in 1..=3 {
+        a.apply(vec![put(i, &format!("k{i}"), "v")])
+            .await
+            .expect("apply");
+        builds.push(a.build_snapshot().await.expect("snapshot"));
+    }
+    let readable = async |a: &mut Sm, id: u64| {
+        a.read_snapshot_chunk(id, 0, 16)
+            .await
+            .expect("read")
+            .is_some()
+    };
+    let [first, second, third] = [0, 1, 2].map(|i| builds[i].id);
+    assert!(readable(&mut a, third).await, "the current snapshot");
+    assert!(
+        readable(&mut a, second).await,
+        "the one the last build replaced: a transfer may be reading it"
+    );
+    assert!(!readable(&mut a, first).await, "two builds ago: freed");
+    let files = |dir: &std::path::Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir.join("snapshots/1"))
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(files(a_dir.path()).len(), 2, "{:?}", files(a_dir.path()));
+
+    // The kept one is whole: a follower installs it.
+    let mut b = open(b_dir.path());
+    stream(&mut a, &mut b, &builds[1], 8).await;
+    b.install_snapshot(&builds[1]).await.expect("install");
+    assert_eq!(get(&b, "k2").as_deref(), Some("v"));
+    assert_eq!(get(&b, "k3"), None);
+
+    // No transfer outlives a restart: only the current snapshot stays.
+    drop(a);
+    let mut a = open(a_dir.path());
+    assert!(!readable(&mut a, second).await);
+    assert_eq!(files(a_dir.path()).len(), 1, "{:?}", files(a_dir.path()));
+}
