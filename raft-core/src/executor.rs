@@ -34,7 +34,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use crate::engine::{Action, Engine, ProposeError, ReadId};
+use crate::engine::{Action, Engine, ProposeError, ReadId, Role};
 use crate::error::{MembershipError, NotLeader, StepError};
 use crate::message::{Message, SnapshotMeta};
 use crate::types::{Entry, HardState, LogId, LogIndex, NodeId, Term, TypeConfig};
@@ -564,12 +564,18 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
                 Lane::Net => self.net_q.push_back(q),
             }
         }
-        if !self.writes.is_empty() && self.engine.removed() {
-            // Removed from the cluster (a leader that committed its own
-            // removal steps down): no one will tell this node whether the
+        let campaigning = matches!(self.engine.role(), Role::PreCandidate | Role::Candidate);
+        if !self.writes.is_empty() && (self.engine.removed() || campaigning) {
+            // Nothing will tell this node soon, maybe ever, whether the
             // writes it proposed past its commit index were committed, so
             // they are answered now. Unknown: the next leader may commit
-            // them.
+            // them. Either it was removed from the cluster (a leader that
+            // committed its own removal steps down), or it campaigns: it
+            // lost contact with every leader for an election timeout. A
+            // deposed leader that also missed the configuration that
+            // removed it hears from no leader ever again (the sweep's churn
+            // nemesis, seed 774); one cut off by a partition would hold its
+            // callers for as long as the partition lasts.
             let after_commit = self.writes.split_off(&self.engine.commit_index().next());
             for (_, (_, reply)) in after_commit {
                 self.done.push(Done::Write(reply, WriteError::Unknown));

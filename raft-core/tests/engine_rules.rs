@@ -528,6 +528,52 @@ fn a_transfer_goes_on_across_one_build_and_starts_over_after_two() {
     );
 }
 
+/// s3's disk is slow: it acknowledges each of four in-flight appends a
+/// good part of an election timeout after the one before, so the oldest
+/// unanswered one is soon older than an election timeout. A follower that
+/// acknowledges is busy, not stuck: the leader sends none of those entries
+/// again (it used to resend the whole window from `matched`, and a slow
+/// follower under load drowned in duplicates).
+#[test]
+fn a_follower_that_acknowledges_slowly_is_not_sent_its_window_again() {
+    let cfg = Config {
+        max_inflight: 4,
+        ..config()
+    };
+    let [s1, s3] = [1, 3].map(NodeId);
+    let mut s = led_by_s1(cfg.clone());
+    commit(&mut s, s1, put("a"));
+    s.holding.insert(s3);
+    // Every entry index delivered to s3, as the network carries it.
+    let sent_to_s3 = std::cell::RefCell::new(Vec::new());
+    let observe = |_: NodeId, to: NodeId, m: &Message<C>| {
+        if let (true, Message::AppendEntries(r)) = (to == s3, m) {
+            let mut sent = sent_to_s3.borrow_mut();
+            sent.extend(r.entries.iter().map(|e| e.log_id.index));
+        }
+        false
+    };
+    for v in ["b", "c", "d", "e"] {
+        s.engines.get_mut(&s1).unwrap().propose(put(v)).unwrap();
+        s.flush(s1);
+        s.deliver(observe);
+    }
+    let step = cfg.election_timeout_min_ms * 6 / 10;
+    for _ in 0..4 {
+        let until = s.clock + step;
+        while s.clock < until {
+            s.heartbeat(s1, observe);
+        }
+        s.release(s3, 1);
+        s.deliver(observe);
+    }
+    let last = s.engines[&s1].last_log_id().index;
+    assert_eq!(s.engines[&s1].matched()[&s3], last, "s3 caught up");
+    let sent = sent_to_s3.borrow();
+    let unique: std::collections::BTreeSet<_> = sent.iter().collect();
+    assert_eq!(unique.len(), sent.len(), "entries sent twice: {sent:?}");
+}
+
 /// s3 answers (heartbeats) but receives no entries; s1 commits 10 puts
 /// with s2 and builds a snapshot at the last one, `purge_keep` 0. Returns
 /// s1's log base afterwards and s3's match index.

@@ -179,6 +179,38 @@ fn a_leader_that_removes_itself_answers_every_write_it_took() {
     }
 }
 
+/// A leader cut off while it takes writes is removed by the others; it
+/// never receives a configuration without it, so no leader will ever tell
+/// it what became of those writes. They are answered (unknown) once it
+/// campaigns, not held for ever.
+#[test]
+fn a_leader_removed_behind_a_partition_answers_every_write_it_took() {
+    for seed in seeds(10) {
+        let mut sim = Sim::new(opts(5, seed, "a_leader_removed_behind_a_partition"));
+        let old = wait_leader(&mut sim);
+        must_put(&mut sim, "before", "partition");
+        sim.isolate(old);
+        let mut took = Vec::new();
+        for i in 0..5 {
+            took.extend(sim.propose_put_on(old, &format!("k{i}"), "cut off"));
+        }
+        sim.expect(!took.is_empty(), || "the leader took no writes".into());
+        let remaining: BTreeSet<NodeId> = others(&sim, old).into_iter().collect();
+        drive(
+            &mut sim,
+            MembershipChange::Voters(remaining.clone()),
+            &remaining,
+            &BTreeSet::new(),
+            20 * ET,
+        );
+        sim.heal();
+        sim.run_until(10 * ET, |s| s.converged());
+        sim.run_for(4 * ET);
+        sim.check_every_write_answered();
+        sim.final_check();
+    }
+}
+
 #[test]
 fn a_removed_node_that_keeps_running_cannot_raise_the_clusters_term() {
     for seed in seeds(10) {

@@ -60,8 +60,21 @@ fn churn(sim: &mut Sim, r: &mut Rng) {
     let leader = sim.leader();
     if sim.change(change).is_ok() && joint && r.chance(0.7) {
         // The leader dies while the joint configuration is in force: the
-        // next election needs majorities of both (§6).
-        sim.run_for(r.range(1, 10));
+        // next election needs majorities of both (§6). It dies as soon as
+        // C_old,new reached another node (or 25 ms on), so that the next
+        // leader is elected under it rather than under C_old or C_new: a
+        // fixed delay missed it over slow disks and links.
+        let others_joint = |sim: &Sim| {
+            sim.ids().into_iter().any(|id| {
+                Some(id) != leader && sim.engine(id).is_some_and(|e| e.membership().is_joint())
+            })
+        };
+        for _ in 0..25 {
+            if others_joint(sim) {
+                break;
+            }
+            sim.run_for(1);
+        }
         if let Some(l) = leader {
             sim.crash(l);
         }

@@ -243,6 +243,10 @@ pub struct Engine<C: TypeConfig> {
     read_round_wanted: bool,
     /// Elections (not pre-vote rounds) this engine started.
     elections: u64,
+    /// Snapshot transfers this engine started as leader, and snapshots it
+    /// installed as follower.
+    snapshots_sent: u64,
+    snapshots_installed: u64,
 
     actions: Vec<Action<C>>,
 }
@@ -371,6 +375,8 @@ impl<C: TypeConfig> Engine<C> {
             unflushed: None,
             read_round_wanted: false,
             elections: 0,
+            snapshots_sent: 0,
+            snapshots_installed: 0,
             actions,
             config,
         };
@@ -424,6 +430,16 @@ impl<C: TypeConfig> Engine<C> {
     /// built.
     pub fn elections(&self) -> u64 {
         self.elections
+    }
+    /// Snapshot transfers this engine started as leader (from offset 0,
+    /// restarts included) since it was built.
+    pub fn snapshots_sent(&self) -> u64 {
+        self.snapshots_sent
+    }
+    /// Snapshots this engine received whole and installed since it was
+    /// built.
+    pub fn snapshots_installed(&self) -> u64 {
+        self.snapshots_installed
     }
     pub fn voted_for(&self) -> Option<NodeId> {
         self.voted_for
@@ -572,13 +588,21 @@ impl<C: TypeConfig> Engine<C> {
             }
         }
         // Retransmission: an unanswered snapshot chunk, or a replication
-        // window stuck behind a lost message.
+        // window stuck behind a lost message: its oldest message is
+        // unanswered for an election timeout and nothing was acknowledged
+        // in that time. A follower that acknowledges, however slowly, is
+        // busy, not stuck: resending its whole window from `matched` would
+        // only queue duplicates of what it has yet to read (seen in
+        // `cargo xtask bench join`: a follower fed its 8 MiB window again
+        // every 150 ms fell 20,000 entries behind, and the transport timed
+        // out and cut a thousand of those streams).
         for (peer, p) in l.progress.iter_mut() {
             match &mut p.state {
                 ProgressState::Replicate => {
                     if p.inflight
                         .front()
                         .is_some_and(|f| f.sent_at + stale_after <= now)
+                        && p.advanced_at + stale_after <= now
                     {
                         debug!(node = %id, peer = %peer, "replication window stalled; probing");
                         p.become_probe();
@@ -1292,6 +1316,7 @@ impl<C: TypeConfig> Engine<C> {
                     return;
                 };
                 info!(node = %id, peer = %peer, snapshot = %meta.last_log_id, "sending snapshot");
+                self.snapshots_sent += 1;
                 p.state = ProgressState::Snapshot {
                     snapshot_id: meta.id,
                     offset: 0,
@@ -1580,6 +1605,9 @@ impl<C: TypeConfig> Engine<C> {
         p.acked_round = p.acked_round.max(resp.round);
         if resp.success {
             let advanced = p.on_match(resp.index);
+            if advanced {
+                p.advanced_at = self.now;
+            }
             if matches!(p.state, ProgressState::Probe { .. }) {
                 p.become_replicate();
             }
@@ -1896,6 +1924,7 @@ impl<C: TypeConfig> Engine<C> {
         // §7: install; keep the log after the snapshot if it agrees, else
         // discard it all.
         info!(node = %self.id, term = %self.term, snapshot = %snap, "installing snapshot");
+        self.snapshots_installed += 1;
         self.receiving = None;
         self.actions
             .push(Action::InstallSnapshot { meta: meta.clone() });

@@ -47,6 +47,8 @@ pub struct Progress {
     pub recent_active: bool,
     /// When the follower last answered this leader, if it has.
     pub last_heard: Option<u64>,
+    /// When an answer last moved `matched` forward (0 if none has).
+    pub advanced_at: u64,
     /// The highest heartbeat round the follower has answered.
     pub acked_round: u64,
     /// Counts toward quorums (false for learners).
@@ -66,6 +68,7 @@ impl Progress {
             inflight: VecDeque::new(),
             recent_active: false,
             last_heard: None,
+            advanced_at: 0,
             acked_round: 0,
             voter,
             reading: None,

@@ -105,6 +105,12 @@ impl Script {
                     {
                         self.held.entry(id).or_default().push_back(a);
                     }
+                    // A response waits for the log writes before it, as
+                    // the executor has it (a follower acknowledges only
+                    // what is durable).
+                    Action::Respond { .. } if self.held.get(&id).is_some_and(|h| !h.is_empty()) => {
+                        self.held.entry(id).or_default().push_back(a);
+                    }
                     Action::AppendLog { entries } => {
                         let last = entries.last().unwrap().log_id;
                         disk.1.extend(entries);
@@ -167,7 +173,8 @@ impl Script {
         }
     }
 
-    /// Completes the oldest `n` log writes held for `id`, in order.
+    /// Completes the oldest `n` log writes held for `id`, in order, and
+    /// sends the responses that waited for them.
     pub fn release(&mut self, id: NodeId, n: usize) {
         for _ in 0..n {
             let Some(a) = self.held.get_mut(&id).and_then(|q| q.pop_front()) else {
@@ -183,7 +190,14 @@ impl Script {
                     }
                 }
                 Action::TruncateLog { from } => disk.1.retain(|e| e.log_id.index < from),
-                _ => unreachable!("only log writes are held"),
+                _ => unreachable!("only log writes and responses are held"),
+            }
+            while let Some(Action::Respond { .. }) = self.held.get(&id).and_then(|q| q.front()) {
+                if let Some(Action::Respond { to, msg }) =
+                    self.held.get_mut(&id).and_then(|q| q.pop_front())
+                {
+                    self.queue.push((id, to, msg));
+                }
             }
         }
         self.flush(id);
