@@ -134,6 +134,11 @@ pub struct RaftMetrics<N> {
     pub elections: u64,
     /// Times this node saw a new leader since it started.
     pub leader_changes: u64,
+    /// Snapshot transfers this node started as leader since it started
+    /// (a transfer that starts over counts again).
+    pub snapshots_sent: u64,
+    /// Snapshots this node received and installed since it started.
+    pub snapshots_installed: u64,
 }
 
 type Reply<T, N> = oneshot::Sender<Result<T, RaftError<N>>>;
@@ -654,6 +659,8 @@ fn metrics_of<C: TypeConfig>(
         fatal,
         elections: e.elections(),
         leader_changes: u64::from(e.leader_id().is_some()),
+        snapshots_sent: e.snapshots_sent(),
+        snapshots_installed: e.snapshots_installed(),
     }
 }
 
@@ -680,6 +687,8 @@ fn update_metrics<C: TypeConfig>(
         fatal: stopped,
         elections,
         leader_changes,
+        snapshots_sent,
+        snapshots_installed,
     } = m;
     let mut changed = false;
     macro_rules! set {
@@ -706,6 +715,8 @@ fn update_metrics<C: TypeConfig>(
     set!(membership_log_id, e.membership_log_id());
     set!(stopped, fatal);
     set!(elections, e.elections());
+    set!(snapshots_sent, e.snapshots_sent());
+    set!(snapshots_installed, e.snapshots_installed());
     if *membership != *e.membership() {
         *membership = e.membership().clone();
         changed = true;

@@ -333,8 +333,13 @@ async fn lagging_follower_catches_up_by_snapshot() {
     c.start(lagging, MemLogStore::new(), MemStateMachine::new())
         .await;
     c.wait_applied(lagging, last).await;
-    let snap = c.nodes[&lagging].raft.metrics().borrow().snapshot;
-    assert!(snap.is_some(), "follower installed a snapshot");
+    let m = c.nodes[&lagging].raft.metrics().borrow().clone();
+    assert!(m.snapshot.is_some(), "follower installed a snapshot");
+    assert_eq!(m.snapshots_installed, 1, "one snapshot brought it back");
+    // (Transfers started while the follower was down count too: each
+    // build replaced the snapshot one of them was sending.)
+    let sent = c.nodes[&leader].raft.metrics().borrow().snapshots_sent;
+    assert!(sent >= 1, "the leader counted no transfer");
     assert_eq!(
         c.nodes[&lagging].sm.get("k16").as_deref(),
         c.nodes[&leader].sm.get("k16").as_deref()

@@ -153,6 +153,18 @@ impl Metrics {
             "counter",
             raft.leader_changes,
         );
+        gauge(
+            "raft_snapshots_sent_total",
+            "Snapshot transfers this node started as leader (restarts count again).",
+            "counter",
+            raft.snapshots_sent,
+        );
+        gauge(
+            "raft_snapshots_installed_total",
+            "Snapshots this node received and installed.",
+            "counter",
+            raft.snapshots_installed,
+        );
         let roles = ["follower", "precandidate", "candidate", "leader", "learner"];
         let _ = writeln!(
             out,

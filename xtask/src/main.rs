@@ -9,7 +9,9 @@
 //! - `cargo xtask chaos [--nodes 5] [--duration 60s] [--faults kill,pause,partition] [--seed S]`.
 //! - `cargo xtask bench [--clients 1,16,256] [--duration 20s]`: raft-kv
 //!   against etcd on this machine; `cargo xtask bench core` runs the
-//!   in-process benchmark of raft-core with openraft side by side.
+//!   in-process benchmark of raft-core with openraft side by side;
+//!   `cargo xtask bench join [--keys 300000] [--clients 256]` loads a
+//!   3-node cluster and measures a fourth node joining under write load.
 //! - `cargo xtask mutants [--seeds 1000] [--only a,b] [--list]`: run the
 //!   randomized simulation suites against each catalogued Raft bug
 //!   (`raft_core::mutation`) and report which seed caught it.
@@ -24,6 +26,7 @@ mod chaos;
 mod cluster;
 mod demo;
 mod http;
+mod join;
 mod mutants;
 
 use std::env;
@@ -84,6 +87,12 @@ fn run() -> Result<()> {
             ])
             .args(&rest[1..]);
             status(c)
+        }
+        Some("bench") if rest.first().map(String::as_str) == Some("join") => {
+            let opts = join::Options::parse(&rest[1..])?;
+            doctor(&[])?;
+            demo::build(&root)?;
+            join::run(&root, opts)
         }
         Some("bench") => {
             let opts = bench::Options::parse(rest)?;

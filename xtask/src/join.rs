@@ -1,0 +1,290 @@
+//! `cargo xtask bench join`: a node joins a loaded cluster under write load
+//! (issue 13's run). Three nodes are loaded with `--keys` keys of
+//! `--value-bytes` bytes, `--clients` writers then overwrite random keys for
+//! `--phase` before a fourth node joins (`serve --join`, then promote) and
+//! for at least `--phase` after; the report compares committed writes/s
+//! before and during the join, and counts elections, snapshot transfers,
+//! installs and peak memory per node.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::chaos::parse_duration;
+use crate::cluster::LocalCluster;
+use crate::http::{Http, Outcome};
+
+pub struct Options {
+    keys: u64,
+    value_bytes: usize,
+    load_clients: usize,
+    clients: usize,
+    phase: Duration,
+}
+
+impl Options {
+    pub fn parse(args: &[String]) -> Result<Options> {
+        let mut o = Options {
+            keys: 300_000,
+            value_bytes: 1024,
+            load_clients: 128,
+            clients: 256,
+            phase: Duration::from_secs(20),
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+            match a.as_str() {
+                "--keys" => o.keys = value()?.parse().context("--keys")?,
+                "--value-bytes" => o.value_bytes = value()?.parse().context("--value-bytes")?,
+                "--load-clients" => o.load_clients = value()?.parse().context("--load-clients")?,
+                "--clients" => o.clients = value()?.parse().context("--clients")?,
+                "--phase" => o.phase = parse_duration(value()?)?,
+                other => bail!(
+                    "unknown option `{other}`; usage: cargo xtask bench join [--keys 300000] [--value-bytes 1024] [--load-clients 128] [--clients 256] [--phase 20s]"
+                ),
+            }
+        }
+        if o.keys == 0 || o.load_clients == 0 || o.clients == 0 {
+            bail!("--keys, --load-clients and --clients must be positive");
+        }
+        Ok(o)
+    }
+}
+
+/// Writes acknowledged per second since the writers started, and failures.
+struct Tally {
+    per_second: Vec<AtomicU64>,
+    failed: AtomicU64,
+    start: Instant,
+}
+
+impl Tally {
+    fn new(seconds: usize) -> Tally {
+        Tally {
+            per_second: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
+            failed: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
+
+    fn record(&self, ok: bool) {
+        if !ok {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let s = self.start.elapsed().as_secs() as usize;
+        if let Some(slot) = self.per_second.get(s) {
+            slot.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Mean writes/s over whole seconds `from..to` since the start.
+    fn rate(&self, from: Duration, to: Duration) -> f64 {
+        let (a, b) = (from.as_secs() as usize, to.as_secs() as usize);
+        let n: u64 = self.per_second[a..b.min(self.per_second.len())]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum();
+        n as f64 / (b - a).max(1) as f64
+    }
+}
+
+/// Counters of one node's `/metrics`, and its peak resident memory.
+#[derive(Default, Debug)]
+struct NodeReport {
+    elections: u64,
+    snapshots_sent: u64,
+    snapshots_installed: u64,
+    peak_rss_mib: u64,
+}
+
+pub fn run(root: &Path, opts: Options) -> Result<()> {
+    let dir = root.join("target").join("xtask").join("bench").join("join");
+    let mut c = LocalCluster::create(root, dir.clone(), 3, 7500, "")?;
+    c.start_all()?;
+    let leader = c.wait_leader(&c.ids(), Duration::from_secs(20))?;
+    let ep = c.endpoint(leader);
+    let value = "v".repeat(opts.value_bytes);
+    println!(
+        "bench join: loading {} keys of {} bytes with {} clients",
+        opts.keys, opts.value_bytes, opts.load_clients
+    );
+    let t = Instant::now();
+    let failed = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for w in 0..opts.load_clients as u64 {
+            let (ep, value, failed) = (&ep, &value, &failed);
+            let stride = opts.load_clients as u64;
+            s.spawn(move || {
+                let http = Http::new(Duration::from_secs(10));
+                for k in (w..opts.keys).step_by(stride as usize) {
+                    if http.put(ep, &format!("key-{k}"), value) != Outcome::Ok(()) {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let load = t.elapsed();
+    println!(
+        "bench join: loaded in {:.1} s ({:.0} writes/s, {} failed)",
+        load.as_secs_f64(),
+        opts.keys as f64 / load.as_secs_f64(),
+        failed.load(Ordering::Relaxed)
+    );
+    let before = reports(&c);
+
+    // Writers overwrite random keys until told to stop; node 4 joins after
+    // one phase, and the run ends a phase after the join or once node 4 is
+    // promoted, whichever is later (at most 10 phases).
+    let stop = AtomicBool::new(false);
+    let tally = Tally::new(opts.phase.as_secs() as usize * 12 + 60);
+    let joined = std::thread::scope(|s| -> Result<(Duration, Option<Duration>)> {
+        for w in 0..opts.clients as u64 {
+            let (ep, value, stop, tally) = (&ep, &value, &stop, &tally);
+            s.spawn(move || {
+                let http = Http::new(Duration::from_secs(10));
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (w + 1);
+                while !stop.load(Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let key = format!("key-{}", x % opts.keys);
+                    tally.record(http.put(ep, &key, value) == Outcome::Ok(()));
+                }
+            });
+        }
+        let result = join_node_4(&mut c, &ep, &opts, &tally);
+        stop.store(true, Ordering::Relaxed);
+        result
+    });
+    let (join_at, promoted_at) = joined?;
+    let end = tally.start.elapsed();
+    let after = reports(&c);
+    let final_leader = c.wait_leader(&c.ids(), Duration::from_secs(5)).ok();
+    c.stop_all()?;
+
+    let rate_before = tally.rate(Duration::from_secs(1), join_at);
+    let join_end = promoted_at.unwrap_or(end).max(join_at + opts.phase);
+    let rate_during = tally.rate(join_at, join_end.min(end));
+    println!("\n| | value |\n|---|---:|");
+    println!(
+        "| state loaded | {} keys x {} B, {:.0} MB |",
+        opts.keys,
+        opts.value_bytes,
+        (opts.keys * opts.value_bytes as u64) as f64 / 1e6
+    );
+    println!("| writes/s before the join | {rate_before:.0} |");
+    println!(
+        "| writes/s during the join | {rate_during:.0} ({:+.0}%) |",
+        (rate_during / rate_before.max(1.0) - 1.0) * 100.0
+    );
+    println!(
+        "| node 4 promoted after | {} |",
+        promoted_at.map_or("never".into(), |p| format!(
+            "{:.1} s",
+            (p - join_at).as_secs_f64()
+        ))
+    );
+    println!(
+        "| failed writes | {} |",
+        tally.failed.load(Ordering::Relaxed)
+    );
+    println!(
+        "| leader | node {leader} before, {} after |",
+        final_leader.map_or("none".into(), |l| format!("node {l}"))
+    );
+    let mut elections = 0;
+    for (id, r) in &after {
+        let b = before.get(id).map_or(0, |b| b.elections);
+        elections += r.elections - b.min(r.elections);
+        let installs = r.snapshots_installed - before.get(id).map_or(0, |b| b.snapshots_installed);
+        let sent = r.snapshots_sent - before.get(id).map_or(0, |b| b.snapshots_sent);
+        println!(
+            "| node {id} | {installs} snapshots installed, {sent} transfers started, peak RSS {} MiB |",
+            r.peak_rss_mib
+        );
+    }
+    println!("| elections during the run | {elections} |");
+    println!("\nlogs: {}", dir.join("logs").display());
+    Ok(())
+}
+
+/// Starts node 4 with `--join`, waits a phase of load after that, and
+/// promotes it (retrying while it is behind). Returns when it joined and
+/// when it was promoted, as offsets from the tally's start.
+fn join_node_4(
+    c: &mut LocalCluster,
+    ep: &str,
+    opts: &Options,
+    tally: &Tally,
+) -> Result<(Duration, Option<Duration>)> {
+    sleep(opts.phase);
+    c.add_spare(4)?;
+    let join_at = tally.start.elapsed();
+    println!("bench join: node 4 joins at {:.1} s", join_at.as_secs_f64());
+    c.start_joining(4, ep)?;
+    let http = Http::new(Duration::from_secs(30));
+    let deadline = Instant::now() + opts.phase * 10;
+    let mut promoted = None;
+    while Instant::now() < deadline {
+        let url = format!("{ep}/v1/members/4/promote");
+        match http.call("POST", &url, Some(&[][..])) {
+            Outcome::Ok(a) if a.status == 200 => {
+                promoted = Some(tally.start.elapsed());
+                break;
+            }
+            _ => sleep(Duration::from_millis(500)),
+        }
+    }
+    match promoted {
+        Some(p) => println!("bench join: node 4 promoted at {:.1} s", p.as_secs_f64()),
+        None => println!("bench join: node 4 not promoted"),
+    }
+    let until = join_at + opts.phase;
+    if let Some(wait) = until.checked_sub(tally.start.elapsed()) {
+        sleep(wait);
+    }
+    Ok((join_at, promoted))
+}
+
+fn reports(c: &LocalCluster) -> BTreeMap<u64, NodeReport> {
+    let http = Http::new(Duration::from_secs(5));
+    c.ids()
+        .into_iter()
+        .map(|id| {
+            let mut r = NodeReport::default();
+            if let Ok(a) = http.send("GET", &format!("{}/metrics", c.endpoint(id)), None) {
+                let text = String::from_utf8_lossy(&a.body);
+                let counter = |name: &str| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0)
+                };
+                r.elections = counter("raft_elections_total");
+                r.snapshots_sent = counter("raft_snapshots_sent_total");
+                r.snapshots_installed = counter("raft_snapshots_installed_total");
+            }
+            r.peak_rss_mib = c.pid(id).map_or(0, peak_rss_mib);
+            (id, r)
+        })
+        .collect()
+}
+
+/// A process's peak resident set (`VmHWM`), in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
