@@ -51,7 +51,7 @@ pub struct QuicConfig {
     /// Largest frame accepted or sent (default 16 MiB). Snapshot chunks must
     /// fit: keep `Config::snapshot_chunk_bytes` below it.
     pub max_frame_bytes: usize,
-    /// Time allowed for one RPC, request and response (default 2 s).
+    /// Time allowed for one RPC, request and response (default 10 s).
     pub rpc_timeout: Duration,
     /// Time allowed for one snapshot chunk (default 30 s).
     pub snapshot_rpc_timeout: Duration,
@@ -71,7 +71,7 @@ impl Default for QuicConfig {
         QuicConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_frame_bytes: 16 << 20,
-            rpc_timeout: Duration::from_secs(2),
+            rpc_timeout: Duration::from_secs(10),
             snapshot_rpc_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(10),
