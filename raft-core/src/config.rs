@@ -39,6 +39,14 @@ pub struct Config {
     /// and the log kept (and replayed at restart) to about that share of the
     /// state. 0 counts entries only.
     pub snapshot_log_percent: u64,
+    /// Each node stretches both snapshot thresholds by a random 0 to this
+    /// many percent, drawn anew after every snapshot (from the engine's
+    /// seeded RNG). Nodes apply the same log, so without it they all build
+    /// at the same index: at once on every node, the scan and the write of
+    /// a large state took the CPU and the disk from the leader and the
+    /// followers together, and the leader lost its quorum (seen in `cargo
+    /// xtask bench join` with 300 MB of state on two cores).
+    pub snapshot_jitter_percent: u64,
     /// Entries kept in the log behind a snapshot, so a follower that is only
     /// a little behind is repaired by entries rather than a whole snapshot.
     pub purge_keep: u64,
@@ -96,6 +104,7 @@ impl Default for Config {
             max_bytes_per_message: 1 << 20,
             snapshot_every: 10_000,
             snapshot_log_percent: 100,
+            snapshot_jitter_percent: 50,
             purge_keep: 1_000,
             purge_keep_max: 100_000,
             snapshot_chunk_bytes: 256 << 10,

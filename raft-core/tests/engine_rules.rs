@@ -1339,6 +1339,7 @@ fn snapshots_are_requested_every_snapshot_every_entries_and_never_when_off() {
     let builds = |cfg: Config, n: usize| snapshot_builds(cfg, n, |_, _| 0);
     let every_3 = Config {
         snapshot_every: 3,
+        snapshot_jitter_percent: 0,
         ..config()
     };
     assert_eq!(
@@ -1356,6 +1357,50 @@ fn snapshots_are_requested_every_snapshot_every_entries_and_never_when_off() {
     );
 }
 
+/// Nodes apply the same log: with the thresholds stretched by each node's
+/// own draw they build at different indexes, never before the configured
+/// thresholds, and never much past them.
+#[test]
+fn nodes_build_their_snapshots_apart_but_within_the_jittered_thresholds() {
+    let cfg = Config {
+        snapshot_every: 4,
+        snapshot_jitter_percent: 100,
+        snapshot_log_percent: 0,
+        ..config()
+    };
+    let mut s = led_by_s1(cfg);
+    let mut done = 0;
+    for _ in 0..60 {
+        commit(&mut s, NodeId(1), put("v"));
+        while done < s.snapshot_builds.len() {
+            let (id, at) = s.snapshot_builds[done];
+            done += 1;
+            let e = s.engines.get_mut(&id).unwrap();
+            let meta = SnapshotMeta {
+                last_log_id: e.log().log_id_at(at).unwrap(),
+                membership: e.membership().clone(),
+                id: at.0,
+                size: 0,
+            };
+            e.snapshot_built(meta);
+        }
+    }
+    let of = |n: u64| -> Vec<u64> {
+        let b = s.snapshot_builds.iter().filter(|(id, _)| id.0 == n);
+        b.map(|(_, at)| at.0).collect()
+    };
+    let (a, b, c) = (of(1), of(2), of(3));
+    assert!(
+        a != b || b != c,
+        "all three built at the same indexes: {a:?}"
+    );
+    for builds in [&a, &b, &c] {
+        for gap in builds.windows(2).map(|w| w[1] - w[0]) {
+            assert!((4..=8).contains(&gap), "a gap of {gap} in {builds:?}");
+        }
+    }
+}
+
 #[test]
 fn a_large_state_is_snapshotted_only_once_the_log_weighs_snapshot_log_percent_of_it() {
     // Every entry is a put of the same size; each snapshot weighs as much
@@ -1367,6 +1412,7 @@ fn a_large_state_is_snapshotted_only_once_the_log_weighs_snapshot_log_percent_of
         6 * e.log().get(last).unwrap().size_hint() as u64
     };
     let cfg = |percent| Config {
+        snapshot_jitter_percent: 0,
         snapshot_every: 1,
         snapshot_log_percent: percent,
         ..config()

@@ -16,6 +16,7 @@
 //! heartbeat_ms = 50
 //! snapshot_every = 10000         # entries applied between snapshots, at least
 //! snapshot_log_percent = 100     # and a log of at least this % of the last snapshot's bytes
+//! snapshot_jitter_percent = 50   # each node stretches both by a random 0-50%, so nodes build apart
 //! purge_keep = 1000              # entries kept behind a snapshot
 //! purge_keep_max = 100000        # and at most this many for a live follower behind
 //! max_inflight = 8               # AppendEntries in flight per follower
@@ -170,6 +171,7 @@ struct RawRaft {
     heartbeat_ms: Option<u64>,
     snapshot_every: Option<u64>,
     snapshot_log_percent: Option<u64>,
+    snapshot_jitter_percent: Option<u64>,
     purge_keep: Option<u64>,
     purge_keep_max: Option<u64>,
     max_inflight: Option<usize>,
@@ -269,6 +271,9 @@ impl ClusterFile {
             raft.heartbeat_interval_ms = r.heartbeat_ms.unwrap_or(raft.heartbeat_interval_ms);
             raft.snapshot_every = r.snapshot_every.unwrap_or(raft.snapshot_every);
             raft.snapshot_log_percent = r.snapshot_log_percent.unwrap_or(raft.snapshot_log_percent);
+            raft.snapshot_jitter_percent = r
+                .snapshot_jitter_percent
+                .unwrap_or(raft.snapshot_jitter_percent);
             raft.purge_keep = r.purge_keep.unwrap_or(raft.purge_keep);
             raft.purge_keep_max = r.purge_keep_max.unwrap_or(raft.purge_keep_max);
             raft.max_inflight = r.max_inflight.unwrap_or(raft.max_inflight);

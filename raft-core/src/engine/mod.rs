@@ -196,6 +196,12 @@ pub struct Engine<C: TypeConfig> {
     id: NodeId,
     config: Config,
     rng: Rng,
+    /// Draws the snapshot stretch; apart from `rng`, so elections draw the
+    /// same timeouts whatever the snapshot policy does.
+    snapshot_rng: Rng,
+    /// This node's snapshot thresholds, in percent of the configured ones
+    /// (`Config::snapshot_jitter_percent`).
+    snapshot_stretch: u64,
     now: u64,
 
     // Persistent state (Figure 2).
@@ -352,6 +358,8 @@ impl<C: TypeConfig> Engine<C> {
         let mut engine = Engine {
             id,
             rng: Rng::new(seed ^ id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            snapshot_rng: Rng::new(seed ^ id.0.wrapping_mul(0xC2B2_AE3D_27D4_EB4F) ^ 0x5EED),
+            snapshot_stretch: 100,
             now,
             term: hard_state.term,
             voted_for: hard_state.voted_for,
@@ -381,6 +389,7 @@ impl<C: TypeConfig> Engine<C> {
             config,
         };
         engine.reset_election_timer();
+        engine.stretch_snapshot_thresholds();
         engine.evict_cached();
         Ok(engine)
     }
@@ -897,6 +906,7 @@ impl<C: TypeConfig> Engine<C> {
             purge_to = live_needs.fold(purge_to, LogIndex::min);
         }
         self.previous_snapshot = self.snapshot.replace(meta);
+        self.stretch_snapshot_thresholds();
         if purge_to > self.log.base().index
             && let Some(upto) = self.log.log_id_at(purge_to)
         {
@@ -1205,6 +1215,13 @@ impl<C: TypeConfig> Engine<C> {
                 (*id, p)
             })
             .collect()
+    }
+
+    /// Draws this node's stretch of the snapshot thresholds until its next
+    /// snapshot.
+    fn stretch_snapshot_thresholds(&mut self) {
+        let jitter = self.config.snapshot_jitter_percent;
+        self.snapshot_stretch = 100 + self.snapshot_rng.range(0, jitter + 1);
     }
 
     fn reset_election_timer(&mut self) {
@@ -1768,19 +1785,24 @@ impl<C: TypeConfig> Engine<C> {
     /// At least `snapshot_every` entries applied since the last snapshot,
     /// and a log at least `snapshot_log_percent` of its size (so the cost
     /// of writing the state out is spread over a log that weighs as much,
-    /// however large the state grows).
+    /// however large the state grows), both stretched by this node's
+    /// draw of `snapshot_jitter_percent`.
     fn snapshot_weighed(&self) -> bool {
         let (since, size) = self
             .snapshot
             .as_ref()
             .map(|s| (s.last_log_id.index, s.size))
             .unwrap_or_default();
+        let stretch = self.snapshot_stretch;
         let every = self.config.snapshot_every;
         let log_bytes = self.applied_log_bytes - self.log_bytes_at_snapshot;
         every > 0
-            && self.applied.0 - since.0.min(self.applied.0) >= every
-            && u128::from(log_bytes) * 100
-                >= u128::from(size) * u128::from(self.config.snapshot_log_percent)
+            && u128::from(self.applied.0 - since.0.min(self.applied.0)) * 100
+                >= u128::from(every) * u128::from(stretch)
+            && u128::from(log_bytes) * 100 * 100
+                >= u128::from(size)
+                    * u128::from(self.config.snapshot_log_percent)
+                    * u128::from(stretch)
     }
 
     fn maybe_send_timeout_now(&mut self, to: NodeId) {
@@ -1941,6 +1963,7 @@ impl<C: TypeConfig> Engine<C> {
         self.log_bytes_at_snapshot = self.applied_log_bytes;
         self.snapshot = Some(meta);
         self.previous_snapshot = None;
+        self.stretch_snapshot_thresholds();
         respond(self, end, true);
         self.apply_committed();
         Ok(())

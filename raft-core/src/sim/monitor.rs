@@ -318,8 +318,15 @@ impl Sim {
             ));
         }
         match msg {
+            // A grant in an earlier term than the durable one is safe to
+            // send late: after a crash the node resumes past that term and
+            // never votes in it again (a paused node catching up on its
+            // inbox saves its vote, then a later term, then sends the
+            // grant: sweep seed 914).
             Message::VoteResponse(v)
-                if v.granted && !v.pre_vote && (hs.term != v.term || hs.voted_for != Some(to)) =>
+                if v.granted
+                    && !v.pre_vote
+                    && (hs.term < v.term || hs.term == v.term && hs.voted_for != Some(to)) =>
             {
                 self.fail(format!(
                     "node {} granted {to} its vote in term {} before the vote was durable (disk: {hs:?})",
