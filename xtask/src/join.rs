@@ -24,6 +24,8 @@ pub struct Options {
     load_clients: usize,
     clients: usize,
     phase: Duration,
+    /// Lines for the cluster file's `[raft]` table (`--raft 'key = value'`).
+    raft: Vec<String>,
 }
 
 impl Options {
@@ -34,6 +36,7 @@ impl Options {
             load_clients: 128,
             clients: 256,
             phase: Duration::from_secs(20),
+            raft: Vec::new(),
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -44,8 +47,9 @@ impl Options {
                 "--load-clients" => o.load_clients = value()?.parse().context("--load-clients")?,
                 "--clients" => o.clients = value()?.parse().context("--clients")?,
                 "--phase" => o.phase = parse_duration(value()?)?,
+                "--raft" => o.raft.push(value()?.clone()),
                 other => bail!(
-                    "unknown option `{other}`; usage: cargo xtask bench join [--keys 300000] [--value-bytes 1024] [--load-clients 128] [--clients 256] [--phase 20s]"
+                    "unknown option `{other}`; usage: cargo xtask bench join [--keys 300000] [--value-bytes 1024] [--load-clients 128] [--clients 256] [--phase 20s] [--raft 'key = value']..."
                 ),
             }
         }
@@ -105,7 +109,11 @@ struct NodeReport {
 
 pub fn run(root: &Path, opts: Options) -> Result<()> {
     let dir = root.join("target").join("xtask").join("bench").join("join");
-    let mut c = LocalCluster::create(root, dir.clone(), 3, 7500, "")?;
+    let raft = match opts.raft.is_empty() {
+        true => String::new(),
+        false => format!("[raft]\n{}\n", opts.raft.join("\n")),
+    };
+    let mut c = LocalCluster::create(root, dir.clone(), 3, 7500, &raft)?;
     c.start_all()?;
     let leader = c.wait_leader(&c.ids(), Duration::from_secs(20))?;
     let ep = c.endpoint(leader);
