@@ -350,6 +350,27 @@ fn a_snapshot_older_than_the_current_one_or_of_another_history_is_ignored() {
     );
 }
 
+/// s1 leads; s3 is down while s1 commits three puts, silent for an
+/// election timeout (so the leader no longer keeps the log for it), s1
+/// builds snapshot 1 of its whole log, and s3 comes back behind it: it can
+/// only catch up by snapshot. `cfg` should set `purge_keep` 0.
+fn s3_back_behind_snapshot_1(cfg: Config) -> Script {
+    let [s1, s3] = [1, 3].map(NodeId);
+    let mut s = led_by_s1(cfg.clone());
+    s.crash(s3);
+    for v in ["a", "b", "c"] {
+        commit(&mut s, s1, put(v));
+    }
+    let silent_from = s.clock;
+    while s.clock <= silent_from + cfg.election_timeout_min_ms {
+        s.heartbeat(s1, |_, _, _| false);
+    }
+    snapshot_built_at_last_entry(s.engines.get_mut(&s1).unwrap(), 1);
+    s.flush(s1);
+    s.restart(s3);
+    s
+}
+
 #[test]
 fn an_unanswered_snapshot_chunk_is_resent_after_an_election_timeout_not_before() {
     let cfg = Config {
@@ -357,21 +378,7 @@ fn an_unanswered_snapshot_chunk_is_resent_after_an_election_timeout_not_before()
         ..config()
     };
     let [s1, s3] = [1, 3].map(NodeId);
-    let mut s = led_by_s1(cfg.clone());
-    s.crash(s3);
-    for v in ["a", "b", "c"] {
-        commit(&mut s, s1, put(v));
-    }
-    // s3 is silent for an election timeout: the leader no longer keeps
-    // the log for it.
-    let silent_from = s.clock;
-    while s.clock <= silent_from + cfg.election_timeout_min_ms {
-        s.heartbeat(s1, |_, _, _| false);
-    }
-    snapshot_built_at_last_entry(s.engines.get_mut(&s1).unwrap(), 1);
-    s.flush(s1);
-    // s3 returns behind the purged log: it can only catch up by snapshot.
-    s.restart(s3);
+    let mut s = s3_back_behind_snapshot_1(cfg.clone());
     let to_s3 = |s: &Script| s.snapshot_sends.iter().filter(|x| x.1 == s3).count();
     let chunk_lost = |_: NodeId, _: NodeId, _: &raft_core::Message<C>| false;
     s.heartbeat(s1, chunk_lost);
@@ -435,18 +442,7 @@ fn leader_starting_a_transfer_to_s3() -> Script {
         ..config()
     };
     let [s1, s3] = [1, 3].map(NodeId);
-    let mut s = led_by_s1(cfg.clone());
-    s.crash(s3);
-    for v in ["a", "b", "c"] {
-        commit(&mut s, s1, put(v));
-    }
-    let silent_from = s.clock;
-    while s.clock <= silent_from + cfg.election_timeout_min_ms {
-        s.heartbeat(s1, |_, _, _| false);
-    }
-    snapshot_built_at_last_entry(s.engines.get_mut(&s1).unwrap(), 1);
-    s.flush(s1);
-    s.restart(s3);
+    let mut s = s3_back_behind_snapshot_1(cfg);
     // s3 answers a heartbeat, which shows it behind the purged log.
     s.heartbeat(s1, |_, _, _| false);
     s.heartbeat(s1, |_, _, _| false);
