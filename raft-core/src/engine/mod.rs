@@ -896,12 +896,11 @@ impl<C: TypeConfig> Engine<C> {
         let mut purge_to = LogIndex(snap.saturating_sub(self.config.purge_keep));
         if let RoleState::Leader(l) = &self.role {
             let floor = LogIndex(snap.saturating_sub(self.config.purge_keep_max));
-            // Live: answered within the last election timeout.
-            let live_since = self.now.saturating_sub(self.config.election_timeout_min_ms);
+            let live_since = self.live_since();
             let live_needs = l
                 .progress
                 .values()
-                .filter(|p| p.last_heard.is_some_and(|t| t >= live_since))
+                .filter(|p| p.heard_since(live_since))
                 .map(|p| p.matched.max(floor));
             purge_to = live_needs.fold(purge_to, LogIndex::min);
         }
@@ -1290,7 +1289,25 @@ impl<C: TypeConfig> Engine<C> {
                 self.config.max_bytes_per_message,
                 self.config.max_inflight,
             );
-            let (snapshot, previous) = (self.snapshot.clone(), self.previous_snapshot.clone());
+            // The snapshot this peer's next message needs, if any: looked up
+            // before the leader's state is borrowed for writing, and cloned
+            // only on that path (not for every AppendEntries).
+            let snapshot = match &self.role {
+                RoleState::Leader(l) => match l.progress.get(&peer).map(|p| (&p.state, p.next)) {
+                    Some((
+                        ProgressState::Snapshot {
+                            snapshot_id,
+                            sent_at: None,
+                            ..
+                        },
+                        _,
+                    )) => self.sendable_snapshot(*snapshot_id),
+                    Some((ProgressState::Snapshot { .. }, _)) => None,
+                    Some((_, next)) if next <= base => self.snapshot.clone(),
+                    _ => None,
+                },
+                _ => return,
+            };
             let RoleState::Leader(l) = &mut self.role else {
                 return;
             };
@@ -1299,25 +1316,18 @@ impl<C: TypeConfig> Engine<C> {
                 return;
             };
             if let ProgressState::Snapshot {
-                snapshot_id,
-                offset,
-                sent_at,
+                offset, sent_at, ..
             } = &mut p.state
             {
                 if sent_at.is_none() {
-                    let id = *snapshot_id;
-                    match [&snapshot, &previous]
-                        .into_iter()
-                        .flatten()
-                        .find(|s| s.id == id)
-                    {
+                    match snapshot {
                         Some(meta) => {
                             *sent_at = Some(now);
                             let offset = *offset;
                             self.actions.push(Action::SendSnapshotChunk {
                                 to: peer,
                                 term,
-                                meta: meta.clone(),
+                                meta,
                                 offset,
                             });
                         }
@@ -1774,12 +1784,17 @@ impl<C: TypeConfig> Engine<C> {
             return false;
         };
         let since = self.snapshot.as_ref().map_or(0, |s| s.last_log_id.index.0);
-        let live_since = self.now.saturating_sub(self.config.election_timeout_min_ms);
+        let live_since = self.live_since();
         self.applied.0.saturating_sub(since) < self.config.purge_keep_max
             && l.progress.values().any(|p| {
-                matches!(p.state, ProgressState::Snapshot { .. })
-                    && p.last_heard.is_some_and(|t| t >= live_since)
+                matches!(p.state, ProgressState::Snapshot { .. }) && p.heard_since(live_since)
             })
+    }
+
+    /// A follower is live if it answered since then: within the last
+    /// election timeout.
+    fn live_since(&self) -> u64 {
+        self.now.saturating_sub(self.config.election_timeout_min_ms)
     }
 
     /// At least `snapshot_every` entries applied since the last snapshot,

@@ -119,6 +119,11 @@ impl Progress {
         }
     }
 
+    /// Whether the follower answered this leader at or after `t`.
+    pub fn heard_since(&self, t: u64) -> bool {
+        self.last_heard.is_some_and(|h| h >= t)
+    }
+
     /// Whether a message carrying new entries may be sent now.
     pub fn can_send(&self, max_inflight: usize) -> bool {
         match &self.state {
