@@ -179,6 +179,20 @@ fn a_leader_that_removes_itself_answers_every_write_it_took() {
     }
 }
 
+/// The nodes other than `cut_off` (isolated) make themselves the voters,
+/// removing it; returns them.
+fn remove_cut_off(sim: &mut Sim, cut_off: NodeId) -> BTreeSet<NodeId> {
+    let remaining: BTreeSet<NodeId> = others(sim, cut_off).into_iter().collect();
+    drive(
+        sim,
+        MembershipChange::Voters(remaining.clone()),
+        &remaining,
+        &BTreeSet::new(),
+        20 * ET,
+    );
+    remaining
+}
+
 /// A leader cut off while it takes writes is removed by the others; it
 /// never receives a configuration without it, so no leader will ever tell
 /// it what became of those writes. They are answered (unknown) once it
@@ -195,14 +209,7 @@ fn a_leader_removed_behind_a_partition_answers_every_write_it_took() {
             took.extend(sim.propose_put_on(old, &format!("k{i}"), "cut off"));
         }
         sim.expect(!took.is_empty(), || "the leader took no writes".into());
-        let remaining: BTreeSet<NodeId> = others(&sim, old).into_iter().collect();
-        drive(
-            &mut sim,
-            MembershipChange::Voters(remaining.clone()),
-            &remaining,
-            &BTreeSet::new(),
-            20 * ET,
-        );
+        remove_cut_off(&mut sim, old);
         sim.heal();
         sim.run_until(10 * ET, |s| s.converged());
         sim.run_for(4 * ET);
@@ -220,14 +227,7 @@ fn a_removed_node_that_keeps_running_cannot_raise_the_clusters_term() {
         // Cut the victim off first, so it never learns it was removed and
         // keeps campaigning as a voter of the old configuration.
         sim.isolate(victim);
-        let remaining: BTreeSet<NodeId> = others(&sim, victim).into_iter().collect();
-        drive(
-            &mut sim,
-            MembershipChange::Voters(remaining.clone()),
-            &remaining,
-            &BTreeSet::new(),
-            20 * ET,
-        );
+        let remaining = remove_cut_off(&mut sim, victim);
         let l = wait_leader(&mut sim);
         let term = term_of(&sim, l);
         // Let it time out many times, then reconnect it.

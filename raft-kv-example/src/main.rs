@@ -167,13 +167,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let threads = match &cli.command {
-        Cmd::Serve { worker_threads, .. } => *worker_threads,
-        _ => None,
+    let (serving, threads) = match &cli.command {
+        Cmd::Serve { worker_threads, .. } => (true, *worker_threads),
+        _ => (false, None),
     };
     let runtime = match runtime(threads) {
         Ok(r) => {
-            if let Cmd::Serve { .. } = cli.command {
+            if serving {
                 let threads = r.metrics().num_workers();
                 tracing::info!(threads, "runtime started");
             }

@@ -212,44 +212,31 @@ impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
     fn receive_file(&self, id: u64) -> PathBuf {
         self.snapshot_dir.join(format!("{id}.partial"))
     }
-
-    fn applied_op(
-        &self,
-        log_id: LogId,
-        membership: &Membership<C::Node>,
-    ) -> Result<Op, StorageError> {
-        applied_op::<C>(self.group, log_id, membership)
-    }
-
-    fn snapshot_meta_op(&self, meta: &SnapshotMeta<C>) -> Result<Op, StorageError> {
-        meta_op(self.group, TAG_SNAPSHOT, meta)
-    }
 }
 
+/// Records group `group`'s last applied entry and the membership as of it.
 fn applied_op<C: TypeConfig>(
     group: u64,
     log_id: LogId,
     membership: &Membership<C::Node>,
 ) -> Result<Op, StorageError> {
-    {
-        let key = codec::meta_key(group, TAG_APPLIED);
-        let value = codec::seal_record(
-            &key,
-            &Applied::<C> {
-                log_id,
-                membership: membership.clone(),
-            },
-        )
-        .map_err(|d| StorageError::Corrupt {
-            location: "state machine meta".into(),
-            detail: d,
-        })?;
-        Ok(Op::Put {
-            cf: CF_META,
-            key,
-            value,
-        })
-    }
+    let key = codec::meta_key(group, TAG_APPLIED);
+    let value = codec::seal_record(
+        &key,
+        &Applied::<C> {
+            log_id,
+            membership: membership.clone(),
+        },
+    )
+    .map_err(|d| StorageError::Corrupt {
+        location: "state machine meta".into(),
+        detail: d,
+    })?;
+    Ok(Op::Put {
+        cf: CF_META,
+        key,
+        value,
+    })
 }
 
 /// Records `meta` under `tag` (the current snapshot, or the one an install
@@ -283,22 +270,22 @@ impl RocksReader {
     /// `key`'s value; [`RocksError::Installing`] while a snapshot install
     /// replaces the data.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, RocksError> {
-        if self.installing.load(Ordering::Acquire) {
-            return Err(RocksError::Installing {
-                path: self.db.shared.path.clone(),
-                group: self.group,
-            });
-        }
+        self.refuse_while_installing()?;
         let value = read_key(&self.db, self.group, key)?;
         // An install that began during the read may have replaced part of
         // the data already: that value is not of one state.
-        if self.installing.load(Ordering::Acquire) {
-            return Err(RocksError::Installing {
+        self.refuse_while_installing()?;
+        Ok(value)
+    }
+
+    fn refuse_while_installing(&self) -> Result<(), RocksError> {
+        match self.installing.load(Ordering::Acquire) {
+            true => Err(RocksError::Installing {
                 path: self.db.shared.path.clone(),
                 group: self.group,
-            });
+            }),
+            false => Ok(()),
         }
-        Ok(value)
     }
 }
 
@@ -478,7 +465,7 @@ where
                 }
             })
             .collect();
-        ops.push(self.applied_op(last, &membership)?);
+        ops.push(applied_op::<C>(self.group, last, &membership)?);
         // Not synced: the entries are durable in the log (their appends were
         // synced earlier in the same WAL), so a power loss can only take
         // back whole apply batches, which are then applied again from the
@@ -536,7 +523,7 @@ where
     async fn snapshot_built(&mut self, meta: &SnapshotMeta<C>) -> Result<(), StorageError> {
         self.db
             .writer
-            .write(vec![self.snapshot_meta_op(meta)?])
+            .write(vec![meta_op(self.group, TAG_SNAPSHOT, meta)?])
             .await?;
         let replaced = self.snapshot.replace(meta.clone()).map(|s| s.id);
         let freed = std::mem::replace(&mut self.previous, replaced.filter(|&id| id != meta.id));
