@@ -57,6 +57,11 @@ pub struct Config {
     pub purge_keep_max: u64,
     /// Bytes per InstallSnapshot chunk.
     pub snapshot_chunk_bytes: usize,
+    /// Snapshot chunks a leader keeps in flight to one follower. One is
+    /// stop-and-wait: a chunk per round trip, which on a busy leader held a
+    /// transfer to a fraction of the disk's and the network's rate. A
+    /// follower holds up to this many chunks that arrive ahead of a gap.
+    pub snapshot_window: usize,
     /// `Raft::add_learner` returns once the learner is at most this many
     /// entries behind the leader.
     pub learner_max_lag: u64,
@@ -108,6 +113,7 @@ impl Default for Config {
             purge_keep: 1_000,
             purge_keep_max: 100_000,
             snapshot_chunk_bytes: 256 << 10,
+            snapshot_window: 8,
             learner_max_lag: 100,
             max_pending_writes: 4096,
             max_pending_reads: 16384,
@@ -158,6 +164,7 @@ impl Config {
             ("max_entries_per_message", self.max_entries_per_message),
             ("max_bytes_per_message", self.max_bytes_per_message),
             ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
+            ("snapshot_window", self.snapshot_window),
             ("max_pending_writes", self.max_pending_writes),
             ("max_pending_reads", self.max_pending_reads),
         ] {

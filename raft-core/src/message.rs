@@ -79,8 +79,10 @@ pub struct SnapshotMeta<C: TypeConfig> {
     pub size: u64,
 }
 
-/// One chunk of a snapshot (§7, "InstallSnapshot RPC"). Chunks arrive in
-/// order; `offset` 0 starts a new transfer.
+/// One chunk of a snapshot (§7, "InstallSnapshot RPC"). A leader keeps a
+/// window of chunks in flight (`Config::snapshot_window`), so chunks may
+/// arrive out of order; the follower writes them in order. `offset` 0 of a
+/// new snapshot starts a new transfer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(bound = "")]
 pub struct InstallSnapshotRequest<C: TypeConfig> {
@@ -93,6 +95,38 @@ pub struct InstallSnapshotRequest<C: TypeConfig> {
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     pub done: bool,
+    /// CRC-32 (IEEE) of `data`, computed where the chunk was read. A chunk
+    /// that does not match is refused before anything is written, so a
+    /// byte flipped between the sender's disk and ours is never installed.
+    pub checksum: u32,
+}
+
+impl<C: TypeConfig> InstallSnapshotRequest<C> {
+    /// A chunk of `data` at `offset`, with its checksum.
+    pub fn chunk(
+        term: Term,
+        leader_id: NodeId,
+        meta: SnapshotMeta<C>,
+        offset: u64,
+        data: Vec<u8>,
+        done: bool,
+    ) -> Self {
+        let checksum = crc32fast::hash(&data);
+        InstallSnapshotRequest {
+            term,
+            leader_id,
+            meta,
+            offset,
+            data,
+            done,
+            checksum,
+        }
+    }
+
+    /// Whether `data` matches `checksum`.
+    pub fn intact(&self) -> bool {
+        crc32fast::hash(&self.data) == self.checksum
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1289,14 +1289,9 @@ async fn sm_worker<C: TypeConfig, S: StateMachine<C>>(
                 .await
                 .map(|chunk| {
                     let msg = chunk.map(|chunk| {
-                        Message::InstallSnapshot(InstallSnapshotRequest {
-                            term,
-                            leader_id: id,
-                            meta,
-                            offset,
-                            data: chunk.data,
-                            done: chunk.done,
-                        })
+                        Message::InstallSnapshot(InstallSnapshotRequest::chunk(
+                            term, id, meta, offset, chunk.data, chunk.done,
+                        ))
                     });
                     Report::ChunkRead(to, msg)
                 }),

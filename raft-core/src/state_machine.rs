@@ -98,8 +98,12 @@ pub trait StateMachine<C: TypeConfig>: Send + Sync + 'static {
     /// The current snapshot, if any.
     async fn current_snapshot(&mut self) -> Result<Option<SnapshotMeta<C>>, StorageError>;
 
-    /// Up to `max_len` bytes at `offset` of snapshot `snapshot_id`: the
-    /// current snapshot, or the one the last build replaced. Keep that one
+    /// `max_len` bytes at `offset` of snapshot `snapshot_id`, fewer only
+    /// in the chunk that ends the snapshot (`done`), none at or past its
+    /// end (the leader reads a window of chunks ahead, at offsets a
+    /// multiple of `max_len` apart, trusting `SnapshotMeta::size` only as
+    /// a hint). The snapshot is the current one, or the one the last build
+    /// replaced. Keep that one
     /// readable until the next build or install, so a transfer that
     /// started on it finishes instead of starting over on the new one
     /// (the engine reads no older one, and builds no new one while a live
@@ -114,7 +118,9 @@ pub trait StateMachine<C: TypeConfig>: Send + Sync + 'static {
     ) -> Result<Option<SnapshotChunk>, StorageError>;
 
     /// Stores a chunk of an incoming snapshot. `offset` 0 discards any
-    /// partial earlier transfer. Chunks arrive in order.
+    /// partial earlier transfer. Chunks arrive in order, each starting
+    /// where the one before ended (the engine holds back those that arrive
+    /// early).
     async fn write_snapshot_chunk(
         &mut self,
         meta: &SnapshotMeta<C>,

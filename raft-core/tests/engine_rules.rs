@@ -179,11 +179,15 @@ fn a_built_snapshot_becomes_the_engines_snapshot() {
 
 /// Reports to `e` a snapshot `id` of everything in its log; returns it.
 fn snapshot_built_at_last_entry(e: &mut Engine<C>, id: u64) -> SnapshotMeta<C> {
+    snapshot_of_size_built_at_last_entry(e, id, 0)
+}
+
+fn snapshot_of_size_built_at_last_entry(e: &mut Engine<C>, id: u64, size: u64) -> SnapshotMeta<C> {
     let meta = SnapshotMeta {
         last_log_id: e.last_log_id(),
         membership: e.membership().clone(),
         id,
-        size: 0,
+        size,
     };
     e.snapshot_built(meta.clone());
     meta
@@ -355,6 +359,11 @@ fn a_snapshot_older_than_the_current_one_or_of_another_history_is_ignored() {
 /// builds snapshot 1 of its whole log, and s3 comes back behind it: it can
 /// only catch up by snapshot. `cfg` should set `purge_keep` 0.
 fn s3_back_behind_snapshot_1(cfg: Config) -> Script {
+    s3_back_behind_snapshot_1_of_size(cfg, 0)
+}
+
+/// As [`s3_back_behind_snapshot_1`], the snapshot's meta giving `size`.
+fn s3_back_behind_snapshot_1_of_size(cfg: Config, size: u64) -> Script {
     let [s1, s3] = [1, 3].map(NodeId);
     let mut s = led_by_s1(cfg.clone());
     s.crash(s3);
@@ -365,10 +374,74 @@ fn s3_back_behind_snapshot_1(cfg: Config) -> Script {
     while s.clock <= silent_from + cfg.election_timeout_min_ms {
         s.heartbeat(s1, |_, _, _| false);
     }
-    snapshot_built_at_last_entry(s.engines.get_mut(&s1).unwrap(), 1);
+    snapshot_of_size_built_at_last_entry(s.engines.get_mut(&s1).unwrap(), 1, size);
     s.flush(s1);
     s.restart(s3);
     s
+}
+
+#[test]
+fn a_snapshot_streams_a_window_of_chunks_and_resends_only_what_was_not_acknowledged() {
+    let cfg = Config {
+        purge_keep: 0,
+        snapshot_chunk_bytes: 100,
+        snapshot_window: 3,
+        ..config()
+    };
+    let [s1, s3] = [1, 3].map(NodeId);
+    // Ten chunks' worth.
+    let mut s = s3_back_behind_snapshot_1_of_size(cfg.clone(), 1_000);
+    let kept = |_: NodeId, _: NodeId, _: &raft_core::Message<C>| false;
+    s.heartbeat(s1, kept);
+    s.heartbeat(s1, kept);
+    let offsets = |s: &Script| s.snapshot_sends.iter().map(|x| x.2).collect::<Vec<_>>();
+    assert_eq!(offsets(&s), [0, 100, 200], "a window of three chunks");
+    let term = s.engines[&s1].term();
+    let answer = |next_offset| {
+        Message::InstallSnapshotResponse(raft_core::InstallSnapshotResponse {
+            term,
+            snapshot_id: 1,
+            next_offset,
+            done: false,
+        })
+    };
+    let step = |s: &mut Script, next_offset| {
+        s.engines
+            .get_mut(&s1)
+            .unwrap()
+            .step(s3, answer(next_offset))
+            .unwrap();
+        s.flush(s1);
+    };
+    // The second chunk overtook the first: s3 holds it and still expects
+    // 0, which moves nothing.
+    step(&mut s, 0);
+    assert_eq!(offsets(&s), [0, 100, 200]);
+    // The first arrives: 200 bytes are written, two more chunks fit.
+    step(&mut s, 200);
+    assert_eq!(offsets(&s), [0, 100, 200, 300, 400]);
+    // Nothing more is answered: after an election timeout the leader sends
+    // again what s3 has not acknowledged, from 200, never from 0.
+    let last_sent = s.snapshot_sends.last().unwrap().3;
+    while s.clock + cfg.heartbeat_interval_ms < last_sent + cfg.election_timeout_min_ms {
+        s.heartbeat(s1, kept);
+        assert_eq!(s.snapshot_sends.len(), 5, "resent before a timeout");
+    }
+    for _ in 0..2 {
+        s.heartbeat(s1, kept);
+    }
+    assert_eq!(
+        offsets(&s)[5..],
+        [200, 300, 400],
+        "the unacknowledged window again"
+    );
+    // s3 lost the transfer (it restarted) and answers 0: start over.
+    step(&mut s, 0);
+    assert_eq!(
+        offsets(&s)[8..],
+        [0, 100, 200],
+        "a transfer s3 no longer holds"
+    );
 }
 
 #[test]
@@ -1493,30 +1566,34 @@ fn follower_with_log() -> Engine<C> {
 }
 
 fn chunk(e: &Engine<C>, last: LogId, id: u64, offset: u64, len: usize, done: bool) -> Message<C> {
-    Message::InstallSnapshot(raft_core::InstallSnapshotRequest {
-        term: Term(2),
-        leader_id: NodeId(1),
-        meta: SnapshotMeta {
-            last_log_id: last,
-            membership: e.membership().clone(),
-            id,
-            size: 0,
-        },
+    let meta = SnapshotMeta {
+        last_log_id: last,
+        membership: e.membership().clone(),
+        id,
+        size: 0,
+    };
+    Message::InstallSnapshot(raft_core::InstallSnapshotRequest::chunk(
+        Term(2),
+        NodeId(1),
+        meta,
         offset,
-        data: vec![7; len],
+        vec![7; len],
         done,
-    })
+    ))
 }
 
-/// Steps a chunk; returns the response's next offset and how many chunk
-/// writes the engine asked for.
-fn send_chunk(e: &mut Engine<C>, msg: Message<C>) -> (u64, usize) {
+/// Steps a chunk; returns the response's next offset and the offsets of
+/// the chunk writes the engine asked for.
+fn send_chunk(e: &mut Engine<C>, msg: Message<C>) -> (u64, Vec<u64>) {
     e.step(NodeId(1), msg).unwrap();
     let actions = e.take_actions();
     let writes = actions
         .iter()
-        .filter(|a| matches!(a, Action::WriteSnapshotChunk { .. }))
-        .count();
+        .filter_map(|a| match a {
+            Action::WriteSnapshotChunk { offset, .. } => Some(*offset),
+            _ => None,
+        })
+        .collect();
     let next = actions
         .iter()
         .find_map(|a| match a {
@@ -1531,25 +1608,54 @@ fn send_chunk(e: &mut Engine<C>, msg: Message<C>) -> (u64, usize) {
 }
 
 #[test]
-fn snapshot_chunks_are_taken_only_in_order_and_only_of_one_snapshot() {
+fn snapshot_chunks_are_written_only_in_order_and_only_of_one_snapshot() {
     let mut e = follower_with_log();
     let at = LogId::new(2, 9);
     let first = chunk(&e, at, 1, 0, 10, false);
-    assert_eq!(send_chunk(&mut e, first), (10, 1));
-    // A gap: offset 20 while 10 is expected.
+    assert_eq!(send_chunk(&mut e, first), (10, vec![0]));
+    // A gap: offset 20 while 10 is expected. It is held, not written.
     let gap = chunk(&e, at, 1, 20, 10, false);
     assert_eq!(
         send_chunk(&mut e, gap),
-        (10, 0),
+        (10, vec![]),
         "a chunk past a gap was written"
     );
+    // The gap fills: both go to the state machine, in order.
+    let fill = chunk(&e, at, 1, 10, 10, false);
+    assert_eq!(send_chunk(&mut e, fill), (30, vec![10, 20]));
     // A chunk of another snapshot cannot continue this one.
-    let other = chunk(&e, at, 2, 10, 10, false);
+    let other = chunk(&e, at, 2, 30, 10, false);
     assert_eq!(
         send_chunk(&mut e, other),
-        (0, 0),
+        (0, vec![]),
         "another snapshot's chunk continued this one"
     );
+}
+
+#[test]
+fn a_follower_holds_at_most_a_window_of_chunks_ahead_of_a_gap() {
+    let mut e = follower_with_log();
+    let window = config().snapshot_window as u64;
+    let at = LogId::new(2, 9);
+    // A window of chunks and one more (the last, ending the snapshot)
+    // overtake the first.
+    for i in 1..=window + 1 {
+        let ahead = chunk(&e, at, 1, i * 10, 10, i == window + 1);
+        assert_eq!(send_chunk(&mut e, ahead), (0, vec![]));
+    }
+    // The first: it and the window held behind it are written, in order.
+    // The one past the window was not held, so nothing is installed yet.
+    let first = chunk(&e, at, 1, 0, 10, false);
+    let held: Vec<u64> = (0..=window).map(|i| i * 10).collect();
+    assert_eq!(send_chunk(&mut e, first), ((window + 1) * 10, held));
+    assert_eq!(e.snapshot_meta(), None, "installed without its last chunk");
+    // The last chunk again (the leader's retransmission) ends it.
+    let last = chunk(&e, at, 1, (window + 1) * 10, 10, true);
+    assert_eq!(
+        send_chunk(&mut e, last),
+        ((window + 2) * 10, vec![(window + 1) * 10])
+    );
+    assert_eq!(e.snapshot_meta().map(|m| m.id), Some(1));
 }
 
 #[test]
@@ -1558,7 +1664,7 @@ fn a_duplicated_or_restarted_chunk_never_truncates_what_a_transfer_received() {
     let at = LogId::new(2, 9);
     for offset in [0, 10] {
         let c = chunk(&e, at, 1, offset, 10, false);
-        assert_eq!(send_chunk(&mut e, c), (offset + 10, 1));
+        assert_eq!(send_chunk(&mut e, c), (offset + 10, vec![offset]));
     }
     // The first chunk again (a duplicate, or the leader starting over):
     // the 20 bytes received stay, and the answer says to go on at 20.
@@ -1566,12 +1672,16 @@ fn a_duplicated_or_restarted_chunk_never_truncates_what_a_transfer_received() {
         let again = chunk(&e, at, 1, offset, 10, false);
         assert_eq!(
             send_chunk(&mut e, again),
-            (20, 0),
+            (20, vec![]),
             "chunk at {offset} was written again"
         );
     }
     let next = chunk(&e, at, 1, 20, 10, true);
-    assert_eq!(send_chunk(&mut e, next), (30, 1), "the transfer goes on");
+    assert_eq!(
+        send_chunk(&mut e, next),
+        (30, vec![20]),
+        "the transfer goes on"
+    );
 }
 
 #[test]

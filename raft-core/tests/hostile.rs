@@ -162,14 +162,7 @@ fn snapshot_contradicting_the_committed_log_is_refused() {
         id: 1,
         size: 0,
     };
-    let req = InstallSnapshotRequest {
-        term: Term(3),
-        leader_id: NodeId(1),
-        meta,
-        offset: 0,
-        data: vec![1],
-        done: true,
-    };
+    let req = InstallSnapshotRequest::chunk(Term(3), NodeId(1), meta, 0, vec![1], true);
     assert!(matches!(
         e.step(NodeId(1), Message::InstallSnapshot(req)),
         Err(StepError::ConflictsWithCommitted { .. })
@@ -180,14 +173,8 @@ fn snapshot_contradicting_the_committed_log_is_refused() {
         id: 2,
         size: 0,
     };
-    let overflow = InstallSnapshotRequest {
-        term: Term(3),
-        leader_id: NodeId(1),
-        meta,
-        offset: u64::MAX,
-        data: vec![1],
-        done: false,
-    };
+    let overflow =
+        InstallSnapshotRequest::chunk(Term(3), NodeId(1), meta, u64::MAX, vec![1], false);
     assert!(matches!(
         e.step(NodeId(1), Message::InstallSnapshot(overflow)),
         Err(StepError::Malformed { .. })
@@ -256,4 +243,36 @@ fn a_second_leader_in_the_same_term_is_refused() {
     ));
     assert_eq!(e.leader_id(), Some(NodeId(1)));
     assert!(!responses(&mut e).is_empty());
+}
+
+#[test]
+fn a_snapshot_chunk_that_does_not_match_its_checksum_is_refused_unwritten() {
+    let mut e = follower();
+    let meta = SnapshotMeta::<C> {
+        last_log_id: LogId::new(1, 9),
+        membership: e.membership().clone(),
+        id: 1,
+        size: 0,
+    };
+    let mut req = InstallSnapshotRequest::chunk(Term(1), NodeId(1), meta, 0, vec![1, 2, 3], false);
+    req.data[1] ^= 0x40;
+    assert!(matches!(
+        e.step(NodeId(1), Message::InstallSnapshot(req.clone())),
+        Err(StepError::Malformed { .. })
+    ));
+    assert!(
+        !e.take_actions().iter().any(|a| matches!(
+            a,
+            Action::WriteSnapshotChunk { .. } | Action::Respond { .. }
+        )),
+        "a corrupt chunk was written or answered"
+    );
+    req.data[1] ^= 0x40;
+    e.step(NodeId(1), Message::InstallSnapshot(req)).unwrap();
+    assert!(
+        e.take_actions()
+            .iter()
+            .any(|a| matches!(a, Action::WriteSnapshotChunk { offset: 0, .. })),
+        "the intact chunk was not written"
+    );
 }

@@ -19,6 +19,7 @@
 //! snapshot_jitter_percent = 50   # each node stretches both by a random 0-50%, so nodes build apart
 //! purge_keep = 1000              # entries kept behind a snapshot
 //! purge_keep_max = 100000        # and at most this many for a live follower behind
+//! snapshot_window = 8            # snapshot chunks (256 KiB each) in flight per follower
 //! max_inflight = 8               # AppendEntries in flight per follower
 //! max_entries_per_message = 512
 //!
@@ -174,6 +175,7 @@ struct RawRaft {
     snapshot_jitter_percent: Option<u64>,
     purge_keep: Option<u64>,
     purge_keep_max: Option<u64>,
+    snapshot_window: Option<usize>,
     max_inflight: Option<usize>,
     max_entries_per_message: Option<usize>,
 }
@@ -276,6 +278,7 @@ impl ClusterFile {
                 .unwrap_or(raft.snapshot_jitter_percent);
             raft.purge_keep = r.purge_keep.unwrap_or(raft.purge_keep);
             raft.purge_keep_max = r.purge_keep_max.unwrap_or(raft.purge_keep_max);
+            raft.snapshot_window = r.snapshot_window.unwrap_or(raft.snapshot_window);
             raft.max_inflight = r.max_inflight.unwrap_or(raft.max_inflight);
             raft.max_entries_per_message = r
                 .max_entries_per_message

@@ -267,14 +267,14 @@ async fn main() {
             if offset >= 64 << 20 {
                 offset = 0;
             }
-            let req = InstallSnapshotRequest {
-                term: Term(1),
-                leader_id: LEADER,
-                meta: meta.clone(),
+            let req = InstallSnapshotRequest::chunk(
+                Term(1),
+                LEADER,
+                meta.clone(),
                 offset,
-                data: chunk.clone(),
-                done: false,
-            };
+                chunk.clone(),
+                false,
+            );
             match snap_net.install_snapshot(req).await {
                 Ok(r) => {
                     offset = r.next_offset;

@@ -274,4 +274,5 @@ impl TlsIdentity {
 ///
 /// `raft/2`: `SnapshotMeta` carries the snapshot's size; a `raft/1` peer
 /// could not decode it, so the two refuse each other at the handshake.
-pub const ALPN: &[u8] = b"raft/2";
+/// `raft/3`: snapshot chunks carry a checksum.
+pub const ALPN: &[u8] = b"raft/3";

@@ -617,9 +617,17 @@ impl<C: TypeConfig> Engine<C> {
                         p.become_probe();
                     }
                 }
-                ProgressState::Snapshot { sent_at, .. } => {
-                    if sent_at.is_some_and(|t| t + stale_after <= now) {
-                        *sent_at = None;
+                ProgressState::Snapshot {
+                    acked,
+                    sent,
+                    active_at,
+                    ..
+                } => {
+                    // Nothing sent or acknowledged for an election timeout:
+                    // send again what was not acknowledged.
+                    if *sent > *acked && *active_at + stale_after <= now {
+                        debug!(node = %id, peer = %peer, offset = *acked, "snapshot window stalled; resending");
+                        *sent = *acked;
                     }
                 }
                 ProgressState::Probe { .. } => {}
@@ -1289,22 +1297,26 @@ impl<C: TypeConfig> Engine<C> {
                 self.config.max_bytes_per_message,
                 self.config.max_inflight,
             );
+            let (window, chunk) = (
+                self.config.snapshot_window,
+                self.config.snapshot_chunk_bytes,
+            );
             // The snapshot this peer's next message needs, if any: looked up
             // before the leader's state is borrowed for writing, and cloned
             // only on that path (not for every AppendEntries).
             let snapshot = match &self.role {
-                RoleState::Leader(l) => match l.progress.get(&peer).map(|p| (&p.state, p.next)) {
-                    Some((
-                        ProgressState::Snapshot {
-                            snapshot_id,
-                            sent_at: None,
-                            ..
-                        },
-                        _,
-                    )) => self.sendable_snapshot(*snapshot_id),
-                    Some((ProgressState::Snapshot { .. }, _)) => None,
-                    Some((_, next)) if next <= base => self.snapshot.clone(),
-                    _ => None,
+                RoleState::Leader(l) => match l.progress.get(&peer) {
+                    Some(p) => match &p.state {
+                        ProgressState::Snapshot { snapshot_id, .. } => {
+                            match p.state.snapshot_chunk_due(window, chunk) {
+                                Some(_) => self.sendable_snapshot(*snapshot_id),
+                                None => return,
+                            }
+                        }
+                        _ if p.next <= base => self.snapshot.clone(),
+                        _ => None,
+                    },
+                    None => return,
                 },
                 _ => return,
             };
@@ -1315,26 +1327,25 @@ impl<C: TypeConfig> Engine<C> {
             let Some(p) = l.progress.get_mut(&peer) else {
                 return;
             };
-            if let ProgressState::Snapshot {
-                offset, sent_at, ..
-            } = &mut p.state
-            {
-                if sent_at.is_none() {
-                    match snapshot {
-                        Some(meta) => {
-                            *sent_at = Some(now);
-                            let offset = *offset;
-                            self.actions.push(Action::SendSnapshotChunk {
-                                to: peer,
-                                term,
-                                meta,
-                                offset,
-                            });
-                        }
-                        None => p.become_probe(), // two builds replaced it; start again
-                    }
+            if let Some(offset) = p.state.snapshot_chunk_due(window, chunk) {
+                let Some(meta) = snapshot else {
+                    p.become_probe(); // two builds replaced it; start again
+                    continue;
+                };
+                if let ProgressState::Snapshot {
+                    sent, active_at, ..
+                } = &mut p.state
+                {
+                    *sent = offset.saturating_add(chunk as u64);
+                    *active_at = now;
                 }
-                return;
+                self.actions.push(Action::SendSnapshotChunk {
+                    to: peer,
+                    term,
+                    meta,
+                    offset,
+                });
+                continue; // the rest of the window
             }
             if p.next <= base {
                 // The entries it needs were compacted away (§7).
@@ -1346,17 +1357,13 @@ impl<C: TypeConfig> Engine<C> {
                 self.snapshots_sent += 1;
                 p.state = ProgressState::Snapshot {
                     snapshot_id: meta.id,
-                    offset: 0,
-                    sent_at: Some(now),
+                    size: meta.size,
+                    acked: 0,
+                    sent: 0,
+                    active_at: now,
                 };
                 p.inflight.clear();
-                self.actions.push(Action::SendSnapshotChunk {
-                    to: peer,
-                    term,
-                    meta,
-                    offset: 0,
-                });
-                return;
+                continue; // its first window
             }
             let probing = matches!(p.state, ProgressState::Probe { .. });
             if p.reading == Some(p.next) || !p.can_send(max_inflight) || (!probing && p.next > last)
@@ -1889,6 +1896,13 @@ impl<C: TypeConfig> Engine<C> {
                 reason: "leader_id differs from sender",
             });
         }
+        if !req.intact() {
+            return Err(StepError::Malformed {
+                from,
+                kind: "snapshot",
+                reason: "chunk does not match its checksum",
+            });
+        }
         self.accept_leader(from)?;
         let snap = req.meta.last_log_id;
         if snap.term > req.term {
@@ -1930,31 +1944,56 @@ impl<C: TypeConfig> Engine<C> {
             respond(self, end, true);
             return Ok(());
         }
-        // The bytes of this transfer received so far are kept: a chunk at
-        // any other offset (a duplicate, a retransmission whose original
+        // The bytes of this transfer received so far are kept: a chunk of it
+        // behind them (a duplicate, a retransmission whose original
         // arrived, a leader starting over at 0) is answered with where to
-        // go on, never written. Only another transfer starts at 0.
-        let expected = match self.receiving {
-            Some(r) if r.from == from && r.term == self.term && r.id == req.meta.id => r.next,
-            _ => 0,
-        };
-        if req.offset != expected {
-            respond(self, expected, false);
+        // go on, never written. A chunk of another transfer (a newer
+        // snapshot, a new leader) starts that one.
+        let window = self.config.snapshot_window;
+        let ours = |r: &Receiving| r.from == from && r.term == term && r.id == snapshot_id;
+        if !self.receiving.as_ref().is_some_and(ours) {
+            self.receiving = Some(Receiving {
+                from,
+                term,
+                id: snapshot_id,
+                next: 0,
+                ahead: BTreeMap::new(),
+            });
+        }
+        let r = self.receiving.as_mut().expect("set above");
+        if req.offset != r.next {
+            // Chunks come a window at a time and may overtake each other:
+            // one ahead of a gap is held (up to a window of them) until
+            // the gap fills.
+            if req.offset > r.next && r.ahead.len() < window {
+                r.ahead.insert(req.offset, (req.data, req.done));
+            }
+            let next = r.next;
+            respond(self, next, false);
             return Ok(());
         }
-        self.receiving = Some(Receiving {
-            from,
-            term: self.term,
-            id: req.meta.id,
-            next: end,
-        });
-        let meta = req.meta.clone();
-        self.actions.push(Action::WriteSnapshotChunk {
-            meta: meta.clone(),
-            offset: req.offset,
-            data: req.data.clone(),
-        });
-        if !req.done {
+        // In order: write it, and the held chunks it joins up with.
+        let meta = req.meta;
+        let mut chunk = Some((req.offset, req.data, req.done));
+        let mut done = false;
+        while let Some((offset, data, last)) = chunk.take() {
+            r.next = offset.saturating_add(data.len() as u64);
+            self.actions.push(Action::WriteSnapshotChunk {
+                meta: meta.clone(),
+                offset,
+                data,
+            });
+            done = last;
+            if !done {
+                chunk = r
+                    .ahead
+                    .remove(&r.next)
+                    .map(|(data, last)| (r.next, data, last));
+            }
+        }
+        let end = r.next;
+        r.ahead.retain(|&offset, _| offset > end);
+        if !done {
             respond(self, end, false);
             return Ok(());
         }
@@ -1985,7 +2024,7 @@ impl<C: TypeConfig> Engine<C> {
     }
 
     fn on_snapshot_response(&mut self, from: NodeId, resp: InstallSnapshotResponse) {
-        let (now, term) = (self.now, self.term);
+        let (now, chunk) = (self.now, self.config.snapshot_chunk_bytes);
         let snapshot = self.sendable_snapshot(resp.snapshot_id);
         let RoleState::Leader(l) = &mut self.role else {
             return;
@@ -1997,8 +2036,10 @@ impl<C: TypeConfig> Engine<C> {
         p.last_heard = Some(now);
         let ProgressState::Snapshot {
             snapshot_id,
-            offset,
-            sent_at,
+            acked,
+            sent,
+            active_at,
+            ..
         } = &mut p.state
         else {
             return;
@@ -2011,30 +2052,32 @@ impl<C: TypeConfig> Engine<C> {
                 info!(peer = %from, snapshot = %meta.last_log_id, "snapshot delivered");
                 p.on_match(meta.last_log_id.index);
                 p.become_probe();
+                self.maybe_commit();
             }
-            Some(meta) => {
+            Some(_) => {
                 let next = resp.next_offset;
-                // Only one chunk is meant to be out, at `offset`. An answer
-                // that does not move past it while that chunk is out, or
-                // that is behind it (other than the follower starting over
-                // at 0), answers a duplicate or a retransmission: acting on
-                // it would start a second stream of chunks.
-                if next == *offset && sent_at.is_some() || next < *offset && next != 0 {
+                if next > *acked {
+                    // With one chunk out (stop-and-wait past the known
+                    // size), this answers it, however long it was.
+                    let one_out = *sent <= acked.saturating_add(chunk as u64);
+                    *acked = next;
+                    *sent = if one_out { next } else { (*sent).max(next) };
+                    *active_at = now;
+                } else if next == 0 && *acked > 0 {
+                    // The follower holds nothing of this transfer any more
+                    // (it restarted): start over.
+                    *acked = 0;
+                    *sent = 0;
+                    *active_at = now;
+                } else {
+                    // Where it already was: an answer to a duplicate, or to
+                    // a chunk that arrived ahead of a gap (held there). What
+                    // is missing goes again only when the window stalls.
                     return;
                 }
-                *offset = next;
-                *sent_at = Some(now);
-                self.actions.push(Action::SendSnapshotChunk {
-                    to: from,
-                    term,
-                    meta,
-                    offset: next,
-                });
-                return;
             }
             None => p.become_probe(),
         }
-        self.maybe_commit();
         self.send_append(from);
     }
 
@@ -2083,12 +2126,16 @@ impl<C: TypeConfig> Engine<C> {
 
 /// A snapshot transfer this node is receiving. Snapshot ids are unique per
 /// state machine, so a transfer is one leader's (in one term) snapshot id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Receiving {
     from: NodeId,
     term: Term,
     id: u64,
+    /// The offset written up to: the next chunk to write.
     next: u64,
+    /// Chunks that arrived ahead of `next`, by offset: their bytes and
+    /// whether they end the snapshot.
+    ahead: BTreeMap<u64, (Vec<u8>, bool)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -17,14 +17,36 @@ pub enum ProgressState {
     /// The follower is in step: send optimistically, up to the in-flight
     /// window.
     Replicate,
-    /// The entries the follower needs were purged; a snapshot is streaming.
+    /// The entries the follower needs were purged; a snapshot is streaming,
+    /// a window of chunks at a time.
     Snapshot {
         snapshot_id: u64,
-        /// Bytes acknowledged so far.
-        offset: u64,
-        /// When the unanswered chunk was sent, if one is out.
-        sent_at: Option<u64>,
+        /// The snapshot's size as its meta says (0 if unknown). No chunk
+        /// past it goes out ahead of the follower's acknowledgements; past
+        /// it, or when it is unknown, one chunk at a time.
+        size: u64,
+        /// Bytes the follower acknowledged: the offset it expects next.
+        acked: u64,
+        /// Offset of the next chunk to send; `[acked, sent)` is in flight.
+        sent: u64,
+        /// When a chunk last went out or `acked` last moved.
+        active_at: u64,
     },
+}
+
+impl ProgressState {
+    /// The offset of the next snapshot chunk to send, if the window
+    /// (`window` chunks of `chunk` bytes) has room for it.
+    pub fn snapshot_chunk_due(&self, window: usize, chunk: usize) -> Option<u64> {
+        let ProgressState::Snapshot {
+            size, acked, sent, ..
+        } = *self
+        else {
+            return None;
+        };
+        let room = acked.saturating_add((window as u64).saturating_mul(chunk as u64));
+        (sent < room && (sent == acked || sent < size)).then_some(sent)
+    }
 }
 
 /// A message in flight in the replicate state: the last index it carried
@@ -166,6 +188,33 @@ mod tests {
         p.on_match(LogIndex(5));
         assert_eq!(p.inflight.len(), 1);
         assert_eq!(p.inflight[0].last_index, LogIndex(8));
+    }
+
+    #[test]
+    fn a_snapshot_window_stops_at_its_width_and_at_the_known_size() {
+        let at = |acked, sent, size| {
+            ProgressState::Snapshot {
+                snapshot_id: 1,
+                size,
+                acked,
+                sent,
+                active_at: 0,
+            }
+            .snapshot_chunk_due(2, 10)
+        };
+        assert_eq!(at(0, 0, 100), Some(0));
+        assert_eq!(at(0, 10, 100), Some(10));
+        assert_eq!(at(0, 20, 100), None, "two chunks of ten are out");
+        assert_eq!(at(10, 20, 100), Some(20));
+        assert_eq!(
+            at(80, 100, 100),
+            None,
+            "nothing past the size while chunks are out"
+        );
+        assert_eq!(at(100, 100, 100), Some(100), "past the size: one at a time");
+        assert_eq!(at(0, 0, 0), Some(0), "an unknown size: one at a time");
+        assert_eq!(at(0, 10, 0), None);
+        assert_eq!(ProgressState::Replicate.snapshot_chunk_due(2, 10), None);
     }
 
     #[test]

@@ -476,14 +476,14 @@ impl Sim {
                         let len = data.len() as u64;
                         let start = offset.min(len);
                         let end = (start + chunk).min(len);
-                        Some(Message::InstallSnapshot(InstallSnapshotRequest {
+                        Some(Message::InstallSnapshot(InstallSnapshotRequest::chunk(
                             term,
-                            leader_id: id,
+                            id,
                             meta,
-                            offset: start,
-                            data: data[start as usize..end as usize].to_vec(),
-                            done: end == len,
-                        }))
+                            offset,
+                            data[start as usize..end as usize].to_vec(),
+                            end == len,
+                        )))
                     }
                     _ => None,
                 };
