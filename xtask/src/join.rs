@@ -146,13 +146,18 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
         failed.load(Ordering::Relaxed)
     );
     let before = reports(&c);
+    // Node 4 is defined now (not started) so that the sampler knows it.
+    c.add_spare(4)?;
+    let endpoints: Vec<(u64, String)> =
+        c.ids().into_iter().map(|id| (id, c.endpoint(id))).collect();
 
     // Writers overwrite random keys until told to stop; node 4 joins after
     // one phase, and the run ends a phase after the join or once node 4 is
     // promoted, whichever is later (at most 10 phases).
     let stop = AtomicBool::new(false);
     let tally = Tally::new(opts.phase.as_secs() as usize * 12 + 60);
-    let joined = std::thread::scope(|s| -> Result<(Duration, Option<Duration>)> {
+    type Joined = ((Duration, Option<Duration>), Vec<String>);
+    let joined = std::thread::scope(|s| -> Result<Joined> {
         for w in 0..opts.clients as u64 {
             let (ep, value, stop, tally) = (&ep, &value, &stop, &tally);
             s.spawn(move || {
@@ -167,11 +172,15 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
                 }
             });
         }
+        let sampler = s.spawn(|| sample_timeline(&endpoints, &stop, &tally));
         let result = join_node_4(&mut c, &ep, &opts, &tally);
         stop.store(true, Ordering::Relaxed);
-        result
+        let timeline = sampler.join().unwrap_or_default();
+        result.map(|r| (r, timeline))
     });
-    let (join_at, promoted_at) = joined?;
+    let ((join_at, promoted_at), timeline) = joined?;
+    let timeline_file = dir.join("timeline.txt");
+    std::fs::write(&timeline_file, timeline.join("\n") + "\n")?;
     let end = tally.start.elapsed();
     let after = reports(&c);
     let final_leader = c.wait_leader(&c.ids(), Duration::from_secs(5)).ok();
@@ -220,6 +229,7 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
     }
     println!("| elections during the run | {elections} |");
     println!("\nlogs: {}", dir.join("logs").display());
+    println!("timeline (per second): {}", timeline_file.display());
     Ok(())
 }
 
@@ -233,7 +243,6 @@ fn join_node_4(
     tally: &Tally,
 ) -> Result<(Duration, Option<Duration>)> {
     sleep(opts.phase);
-    c.add_spare(4)?;
     let join_at = tally.start.elapsed();
     println!("bench join: node 4 joins at {:.1} s", join_at.as_secs_f64());
     c.start_joining(4, ep)?;
@@ -259,6 +268,63 @@ fn join_node_4(
         sleep(wait);
     }
     Ok((join_at, promoted))
+}
+
+/// Once a second until `stop`: the writes acknowledged in the second
+/// before, and each node's role, term and how far its applied index is
+/// behind the highest commit index seen (`-` where a node does not answer).
+/// Where a join's write rate goes shows here: which follower fell behind,
+/// and when.
+fn sample_timeline(endpoints: &[(u64, String)], stop: &AtomicBool, tally: &Tally) -> Vec<String> {
+    let http = Http::new(Duration::from_millis(900));
+    let mut lines = vec![format!(
+        "s\twrites\t{}",
+        endpoints
+            .iter()
+            .map(|(id, _)| format!("node {id} (role term lag)"))
+            .collect::<Vec<_>>()
+            .join("\t")
+    )];
+    let mut next = Duration::from_secs(1);
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(wait) = next.checked_sub(tally.start.elapsed()) {
+            sleep(wait);
+        }
+        let statuses: Vec<_> = endpoints
+            .iter()
+            .map(|(_, ep)| http.status(ep).ok())
+            .collect();
+        let commit = statuses
+            .iter()
+            .flatten()
+            .map(|s| s.commit_index)
+            .max()
+            .unwrap_or(0);
+        let second = next.as_secs() as usize - 1;
+        let writes = tally
+            .per_second
+            .get(second)
+            .map_or(0, |c| c.load(Ordering::Relaxed));
+        let nodes: Vec<String> = statuses
+            .iter()
+            .map(|s| match s {
+                Some(s) => format!(
+                    "{} {} {}",
+                    s.role,
+                    s.term,
+                    commit.saturating_sub(s.applied_index)
+                ),
+                None => "-".into(),
+            })
+            .collect();
+        lines.push(format!(
+            "{}\t{writes}\t{}",
+            next.as_secs(),
+            nodes.join("\t")
+        ));
+        next += Duration::from_secs(1);
+    }
+    lines
 }
 
 fn reports(c: &LocalCluster) -> BTreeMap<u64, NodeReport> {
