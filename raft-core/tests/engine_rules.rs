@@ -1623,13 +1623,23 @@ fn snapshot_chunks_are_written_only_in_order_and_only_of_one_snapshot() {
     // The gap fills: both go to the state machine, in order.
     let fill = chunk(&e, at, 1, 10, 10, false);
     assert_eq!(send_chunk(&mut e, fill), (30, vec![10, 20]));
-    // A chunk of another snapshot cannot continue this one.
+    // A chunk of another snapshot cannot continue this one, nor (a
+    // straggler of a transfer the leader gave up) end it.
     let other = chunk(&e, at, 2, 30, 10, false);
     assert_eq!(
         send_chunk(&mut e, other),
         (0, vec![]),
         "another snapshot's chunk continued this one"
     );
+    let on = chunk(&e, at, 1, 30, 10, false);
+    assert_eq!(
+        send_chunk(&mut e, on),
+        (40, vec![30]),
+        "a straggler ended it"
+    );
+    // The other snapshot's first chunk starts its transfer.
+    let first = chunk(&e, at, 2, 0, 10, false);
+    assert_eq!(send_chunk(&mut e, first), (10, vec![0]));
 }
 
 #[test]

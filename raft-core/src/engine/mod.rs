@@ -1947,11 +1947,20 @@ impl<C: TypeConfig> Engine<C> {
         // The bytes of this transfer received so far are kept: a chunk of it
         // behind them (a duplicate, a retransmission whose original
         // arrived, a leader starting over at 0) is answered with where to
-        // go on, never written. A chunk of another transfer (a newer
-        // snapshot, a new leader) starts that one.
+        // go on, never written. Another transfer (a newer snapshot, a new
+        // leader) starts with its first chunk, or with any of its chunks if
+        // this one wrote nothing yet or is an earlier leader's; a straggler
+        // of a transfer the leader gave up never throws away what this
+        // one received.
         let window = self.config.snapshot_window;
-        let ours = |r: &Receiving| r.from == from && r.term == term && r.id == snapshot_id;
-        if !self.receiving.as_ref().is_some_and(ours) {
+        let replace = match &self.receiving {
+            None => true,
+            Some(r) if r.from == from && r.term == term => {
+                r.id != snapshot_id && (req.offset == 0 || r.next == 0)
+            }
+            Some(_) => true,
+        };
+        if replace {
             self.receiving = Some(Receiving {
                 from,
                 term,
@@ -1961,6 +1970,10 @@ impl<C: TypeConfig> Engine<C> {
             });
         }
         let r = self.receiving.as_mut().expect("set above");
+        if r.id != snapshot_id {
+            respond(self, 0, false);
+            return Ok(());
+        }
         if req.offset != r.next {
             // Chunks come a window at a time and may overtake each other:
             // one ahead of a gap is held (up to a window of them) until
