@@ -362,6 +362,16 @@ fn s3_back_behind_snapshot_1(cfg: Config) -> Script {
     s3_back_behind_snapshot_1_of_size(cfg, 0)
 }
 
+/// A follower's answer to a snapshot chunk: go on at `next_offset`.
+fn chunk_answer(term: Term, snapshot_id: u64, next_offset: u64) -> Message<C> {
+    Message::InstallSnapshotResponse(raft_core::InstallSnapshotResponse {
+        term,
+        snapshot_id,
+        next_offset,
+        done: false,
+    })
+}
+
 /// As [`s3_back_behind_snapshot_1`], the snapshot's meta giving `size`.
 fn s3_back_behind_snapshot_1_of_size(cfg: Config, size: u64) -> Script {
     let [s1, s3] = [1, 3].map(NodeId);
@@ -397,14 +407,7 @@ fn a_snapshot_streams_a_window_of_chunks_and_resends_only_what_was_not_acknowled
     let offsets = |s: &Script| s.snapshot_sends.iter().map(|x| x.2).collect::<Vec<_>>();
     assert_eq!(offsets(&s), [0, 100, 200], "a window of three chunks");
     let term = s.engines[&s1].term();
-    let answer = |next_offset| {
-        Message::InstallSnapshotResponse(raft_core::InstallSnapshotResponse {
-            term,
-            snapshot_id: 1,
-            next_offset,
-            done: false,
-        })
-    };
+    let answer = |next_offset| chunk_answer(term, 1, next_offset);
     let step = |s: &mut Script, next_offset| {
         s.engines
             .get_mut(&s1)
@@ -483,14 +486,7 @@ fn an_unanswered_snapshot_chunk_is_resent_after_an_election_timeout_not_before()
     // leader sends one next chunk, not one per answer, which would run two
     // streams of chunks for the rest of the transfer.
     let term = s.engines[&s1].term();
-    let answer = |next_offset| {
-        Message::InstallSnapshotResponse(raft_core::InstallSnapshotResponse {
-            term,
-            snapshot_id: 1,
-            next_offset,
-            done: false,
-        })
-    };
+    let answer = |next_offset| chunk_answer(term, 1, next_offset);
     let leader = s.engines.get_mut(&s1).unwrap();
     leader.step(s3, answer(64)).unwrap();
     leader.step(s3, answer(64)).unwrap();
@@ -566,14 +562,7 @@ fn a_transfer_goes_on_across_one_build_and_starts_over_after_two() {
     let [s1, s3] = [1, 3].map(NodeId);
     let mut s = leader_starting_a_transfer_to_s3();
     let term = s.engines[&s1].term();
-    let answer = |snapshot_id, next_offset| {
-        Message::InstallSnapshotResponse(raft_core::InstallSnapshotResponse {
-            term,
-            snapshot_id,
-            next_offset,
-            done: false,
-        })
-    };
+    let answer = |snapshot_id, next_offset| chunk_answer(term, snapshot_id, next_offset);
     // A build that was already running when the transfer began finishes.
     commit(&mut s, s1, put("d"));
     let leader = s.engines.get_mut(&s1).unwrap();
