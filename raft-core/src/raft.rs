@@ -231,6 +231,15 @@ struct Inner<C: TypeConfig> {
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
+/// How many entries `id` is behind this node's log, as far as `m` tells:
+/// only a leader tracks it; elsewhere it is not known to have anything.
+fn behind<N>(m: &RaftMetrics<N>, id: NodeId) -> u64 {
+    match m.replication.get(&id) {
+        Some(matched) if m.role == Role::Leader => m.last_log_index.0.saturating_sub(matched.0),
+        _ => m.last_log_index.0,
+    }
+}
+
 impl<C: TypeConfig> Raft<C> {
     /// Recovers node `id` from its storage and starts it. A node with empty
     /// storage waits to be [`initialized`](Raft::initialize) or to hear from
@@ -430,17 +439,11 @@ impl<C: TypeConfig> Raft<C> {
             .propose_membership(MembershipChange::AddLearner(id, node))
             .await?;
         let lag = self.inner.learner_max_lag;
-        // Only a leader tracks the learner; elsewhere it is not known to
-        // have anything.
-        let behind = |m: &RaftMetrics<C::Node>| match m.replication.get(&id) {
-            Some(matched) if m.role == Role::Leader => m.last_log_index.0.saturating_sub(matched.0),
-            _ => m.last_log_index.0,
-        };
         let mut metrics = self.metrics();
         let caught_up = tokio::time::timeout_at(
             deadline,
             metrics.wait_for(|m| {
-                m.role == Role::Leader && m.replication.contains_key(&id) && behind(m) <= lag
+                m.role == Role::Leader && m.replication.contains_key(&id) && behind(m, id) <= lag
             }),
         )
         .await;
@@ -449,9 +452,53 @@ impl<C: TypeConfig> Raft<C> {
             Ok(Err(_)) => Err(self.stopped_error()),
             Err(_) => Err(RaftError::LearnerBehind {
                 id,
-                behind: behind(&self.metrics().borrow()),
+                behind: behind(&self.metrics().borrow(), id),
             }),
         }
+    }
+
+    /// Waits until learner `id` is within `Config::learner_max_lag`
+    /// entries of this leader's log. `LearnerBehind` if it is not after
+    /// `timeout`; `NotLeader` if this node stops leading meanwhile.
+    /// [`Raft::change_membership`] does this for every learner it
+    /// promotes; call it first to bound that wait separately.
+    pub async fn wait_caught_up(
+        &self,
+        id: NodeId,
+        timeout: Duration,
+    ) -> Result<(), RaftError<C::Node>> {
+        match tokio::time::timeout(timeout, self.caught_up(id)).await {
+            Ok(r) => r,
+            Err(_) => Err(RaftError::LearnerBehind {
+                id,
+                behind: behind(&self.metrics().borrow(), id),
+            }),
+        }
+    }
+
+    async fn caught_up(&self, id: NodeId) -> Result<(), RaftError<C::Node>> {
+        let lag = self.inner.learner_max_lag;
+        let mut metrics = self.metrics();
+        let seen = metrics
+            .wait_for(|m| {
+                m.fatal.is_some()
+                    || m.role != Role::Leader
+                    || m.replication.contains_key(&id) && behind(m, id) <= lag
+            })
+            .await
+            .map_err(|_| self.stopped_error())?;
+        if let Some(e) = &seen.fatal {
+            return Err(RaftError::Fatal(e.clone()));
+        }
+        if seen.role != Role::Leader {
+            let leader_id = seen.leader_id;
+            let leader_node = leader_id.and_then(|l| seen.membership.nodes.get(&l).cloned());
+            return Err(RaftError::NotLeader(NotLeader {
+                leader_id,
+                leader_node,
+            }));
+        }
+        Ok(())
     }
 
     /// Removes learner `id` from the cluster; resolves once that is applied.
@@ -464,7 +511,13 @@ impl<C: TypeConfig> Raft<C> {
 
     /// Makes `voters` the voting members by joint consensus (see
     /// [`Engine::change_membership`]): promotes learners, removes voters.
-    /// Resolves once the final configuration is committed. If another
+    /// Resolves once the final configuration is committed.
+    ///
+    /// It first waits until every learner it promotes is caught up (see
+    /// [`Raft::wait_caught_up`]): the new configuration's majority may
+    /// need that node, and a node still catching up (a learner applying
+    /// the log after a large snapshot) held every write until it did (seen
+    /// in `cargo xtask bench join`: ten seconds without a commit). If another
     /// change is in progress, this first waits for it to settle (see
     /// `propose_membership`); if this node loses leadership meanwhile, the
     /// next leader finishes the change. Wrap the call in a timeout if the
@@ -473,6 +526,19 @@ impl<C: TypeConfig> Raft<C> {
         &self,
         voters: BTreeSet<NodeId>,
     ) -> Result<(), RaftError<C::Node>> {
+        // Known learners only: anything else is the engine's to refuse.
+        let promoted: Vec<NodeId> = {
+            let m = self.metrics();
+            let m = m.borrow();
+            voters
+                .iter()
+                .copied()
+                .filter(|id| m.membership.nodes.contains_key(id) && !m.membership.is_voter(*id))
+                .collect()
+        };
+        for id in promoted {
+            self.caught_up(id).await?;
+        }
         let joint = self
             .propose_membership(MembershipChange::Voters(voters.clone()))
             .await?;

@@ -533,6 +533,54 @@ async fn a_node_is_added_as_learner_promoted_led_and_the_old_leader_removed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_that_is_behind_is_promoted_only_once_it_has_caught_up() {
+    let mut c = Cluster::new(3, Config::default()).await;
+    c.start(NodeId(4), MemLogStore::new(), MemStateMachine::new())
+        .await;
+    let leader = c.leader().await;
+    let raft = c.nodes[&leader].raft.clone();
+    raft.add_learner(NodeId(4), "node-4".into(), WAIT)
+        .await
+        .expect("learner 4 catches up");
+    // Cut off, it falls behind.
+    c.router.isolate(NodeId(4));
+    let lag = Config::default().learner_max_lag;
+    for i in 0..lag + 50 {
+        c.write(&format!("k{i}"), "v").await;
+    }
+    let four: std::collections::BTreeSet<NodeId> = [1, 2, 3, 4].map(NodeId).into();
+    // The joint configuration could commit without it (three of four),
+    // but its majority would then wait for node 4 at every later write.
+    let early = tokio::time::timeout(
+        Duration::from_millis(500),
+        raft.change_membership(four.clone()),
+    )
+    .await;
+    assert!(
+        early.is_err(),
+        "promoted a learner {lag}+ entries behind: {early:?}"
+    );
+    let m = raft.metrics().borrow().clone();
+    assert!(
+        !m.membership.is_joint() && !m.membership.is_voter(NodeId(4)),
+        "a change was proposed while node 4 was behind: {:?}",
+        m.membership
+    );
+    let behind = raft
+        .wait_caught_up(NodeId(4), Duration::from_millis(100))
+        .await;
+    assert!(
+        matches!(behind, Err(RaftError::LearnerBehind { id: NodeId(4), .. })),
+        "{behind:?}"
+    );
+    c.router.heal();
+    raft.change_membership(four)
+        .await
+        .expect("promoted once caught up");
+    assert!(raft.metrics().borrow().membership.is_voter(NodeId(4)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_past_max_pending_fail_fast_when_configured_and_room_comes_back() {
     let config = Config {
         max_pending_writes: 1,

@@ -9,7 +9,7 @@
 //! | `GET /v1/status` | the node's role, term, leader, indices and members |
 //! | `GET /metrics` | Prometheus text |
 //! | `POST /v1/members` `{"id", "raft_addr", "http_addr"}` | adds a learner; 200 `{"index"}` once caught up, 504 if it is still behind (it stays) |
-//! | `POST /v1/members/{id}/promote` | makes learner `id` a voter (joint consensus); 200 once final |
+//! | `POST /v1/members/{id}/promote` | makes learner `id` a voter (joint consensus) once it is caught up; 200 once final, 504 `learner_behind` if it does not catch up in time |
 //! | `DELETE /v1/members/{id}` | removes a voter (joint consensus) or a learner; 200 once final |
 //! | `POST /v1/leader/transfer` `{"to": id}` | 200 once `id` leads, 504 if it did not take over in time |
 //!
@@ -565,8 +565,18 @@ async fn promote_member(
 ) -> Result<Response, ApiError> {
     let id = member_id(&raw)?;
     require_leader(&state, &uri)?;
-    let mut voters = state.raft.metrics().borrow().membership.voter_ids();
+    let m = state.raft.metrics().borrow().clone();
+    let mut voters = m.membership.voter_ids();
     voters.insert(id);
+    if m.membership.nodes.contains_key(&id) && !m.membership.is_voter(id) {
+        // A learner still catching up is not promoted: the new majority
+        // would wait for it. Nothing is proposed when this times out.
+        state
+            .raft
+            .wait_caught_up(id, state.limits.membership_timeout)
+            .await
+            .map_err(|e| ApiError::from_raft(e, &uri))?;
+    }
     change_voters(&state, &uri, voters).await
 }
 
