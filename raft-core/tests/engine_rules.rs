@@ -1920,11 +1920,16 @@ fn a_log_read_back_from_disk_that_breaks_the_log_rules_is_refused() {
 /// A cluster led by s1 with no entry cache (4 entries per message), after
 /// `n` proposals that s3 did not receive.
 fn s3_behind_an_empty_cache(n: usize) -> Script {
+    s3_behind_a_cache(n, 0)
+}
+
+/// As [`s3_behind_an_empty_cache`], with a cache of `cache_bytes`.
+fn s3_behind_a_cache(n: usize, cache_bytes: usize) -> Script {
     let [s1, s3] = [1, 3].map(NodeId);
     let cfg = Config {
         max_entries_per_message: 4,
         max_inflight: 8,
-        log_cache_bytes: 0,
+        log_cache_bytes: cache_bytes,
         ..config()
     };
     let mut s = led_by_s1(cfg);
@@ -1976,6 +1981,37 @@ fn a_follower_behind_the_cache_gets_entries_read_back_from_the_store() {
     assert!(
         s.reads_back.iter().all(|r| r.1 == s3),
         "only the lagging follower needed reads"
+    );
+}
+
+/// A follower in step but far behind the cache gets a window's worth of
+/// entries per read, not one message's: each read waits behind the
+/// leader's own appends, and one message per read fed such a follower
+/// more slowly than clients wrote.
+#[test]
+fn a_read_back_fills_the_window_for_a_follower_in_step() {
+    let [s1, s3] = [1, 3].map(NodeId);
+    // A cache of a few entries: enough to know their size.
+    let mut s = s3_behind_a_cache(60, 120);
+    let cached = s.engines[&s1].log().cached_bytes();
+    assert!(cached > 0, "nothing cached to size entries by");
+    for _ in 0..10 {
+        s.heartbeat(s1, |_, _, _| false);
+    }
+    assert_eq!(s.engines[&s3].last_log_id(), s.engines[&s1].last_log_id());
+    let spans: Vec<u64> = s
+        .reads_back
+        .iter()
+        .filter(|r| r.1 == s3)
+        .map(|r| r.3.0 - r.2.0 + 1)
+        .collect();
+    assert!(
+        spans.iter().any(|n| *n > 4),
+        "every read was one message's worth: {spans:?}"
+    );
+    assert!(
+        spans.iter().all(|n| *n <= 4 * 8),
+        "a read past the window: {spans:?}"
     );
 }
 

@@ -39,6 +39,7 @@ pub struct Status {
     pub leader_id: Option<u64>,
     pub commit_index: u64,
     pub applied_index: u64,
+    pub last_log_index: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
 }
@@ -192,6 +193,7 @@ impl Http {
             leader_id: v.get("leader_id").and_then(Value::as_u64),
             commit_index: n("commit_index"),
             applied_index: n("applied_index"),
+            last_log_index: n("last_log_index"),
             voters: ids("voters"),
             learners: ids("learners"),
         })

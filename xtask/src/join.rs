@@ -271,8 +271,9 @@ fn join_node_4(
 }
 
 /// Once a second until `stop`: the writes acknowledged in the second
-/// before, and each node's role, term and how far its applied index is
-/// behind the highest commit index seen (`-` where a node does not answer).
+/// before, and each node's role, term, and how far its log and its applied
+/// index are behind the highest commit index seen (`-` where a node does
+/// not answer).
 /// Where a join's write rate goes shows here: which follower fell behind,
 /// and when.
 fn sample_timeline(endpoints: &[(u64, String)], stop: &AtomicBool, tally: &Tally) -> Vec<String> {
@@ -281,7 +282,7 @@ fn sample_timeline(endpoints: &[(u64, String)], stop: &AtomicBool, tally: &Tally
         "s\twrites\t{}",
         endpoints
             .iter()
-            .map(|(id, _)| format!("node {id} (role term lag)"))
+            .map(|(id, _)| format!("node {id} (role term log-lag apply-lag)"))
             .collect::<Vec<_>>()
             .join("\t")
     )];
@@ -309,9 +310,10 @@ fn sample_timeline(endpoints: &[(u64, String)], stop: &AtomicBool, tally: &Tally
             .iter()
             .map(|s| match s {
                 Some(s) => format!(
-                    "{} {} {}",
+                    "{} {} {} {}",
                     s.role,
                     s.term,
+                    commit.saturating_sub(s.last_log_index),
                     commit.saturating_sub(s.applied_index)
                 ),
                 None => "-".into(),
