@@ -207,7 +207,15 @@ impl LocalCluster {
     /// Every node of a local cluster shares this machine's cores: each gets
     /// its share of them, at least one. Three nodes on two cores then run
     /// one thread each, rather than six threads waking each other.
+    /// `XTASK_WORKER_THREADS` overrides it, to measure what the share costs.
     fn threads_per_node(&self) -> usize {
+        if let Some(n) = std::env::var("XTASK_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n > 0)
+        {
+            return n;
+        }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cores / self.nodes.len().max(1)).max(1)
     }
