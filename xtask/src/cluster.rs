@@ -43,6 +43,9 @@ pub struct LocalCluster {
     pub http: Http,
     /// Children are killed when the cluster is dropped (not for `cluster up`).
     kill_on_drop: bool,
+    /// The TOML `create` added after the nodes (a `[raft]` table): a spare's
+    /// file gets it too, so a joining node runs with the same settings.
+    extra: String,
 }
 
 /// The `raft-kv` binary of this workspace's release build.
@@ -85,7 +88,8 @@ impl LocalCluster {
         }
         text.push_str(extra);
         std::fs::write(dir.join("cluster.toml"), text)?;
-        let cluster = LocalCluster::open(root, dir, base, nodes)?;
+        let mut cluster = LocalCluster::open(root, dir, base, nodes)?;
+        cluster.extra = extra.to_string();
         let out = Command::new(&cluster.bin)
             .args(["certs", "--config"])
             .arg(cluster.file())
@@ -120,6 +124,7 @@ impl LocalCluster {
             nodes,
             http: Http::new(Duration::from_secs(3)),
             kill_on_drop: true,
+            extra: String::new(),
         })
     }
 
@@ -275,8 +280,8 @@ impl LocalCluster {
             &file,
             format!(
                 "# Written by cargo xtask: node {id} joins the cluster of cluster.toml.\n\
-                 [[node]]\nid = {id}\nraft_addr = \"127.0.0.1:{}\"\nhttp_addr = \"127.0.0.1:{}\"\n",
-                node.raft_port, node.http_port
+                 [[node]]\nid = {id}\nraft_addr = \"127.0.0.1:{}\"\nhttp_addr = \"127.0.0.1:{}\"\n\n{}",
+                node.raft_port, node.http_port, self.extra
             ),
         )?;
         let out = Command::new(&self.bin)
