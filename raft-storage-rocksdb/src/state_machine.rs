@@ -719,15 +719,8 @@ mod tests {
     #[tokio::test]
     async fn a_format_1_store_opens_and_is_marked_format_2() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = RocksDb::open(dir.path(), RocksOptions::default()).expect("open");
-        let mut sm = RocksStateMachine::<KvConfig, _>::open(&db, 1, Ignore).expect("sm");
-        sm.apply(vec![Entry {
-            log_id: LogId::new(1, 1),
-            payload: EntryPayload::Blank,
-        }])
-        .await
-        .expect("apply");
-        let meta = sm.build_snapshot().await.expect("build");
+        let (db, mut sm) = open_sm(dir.path());
+        let meta = snapshot_after_blank(&mut sm, LogId::new(1, 1)).await;
         assert!(meta.size > 0);
         let key = codec::meta_key(1, TAG_SNAPSHOT);
         let v1 = V1Meta {
@@ -748,7 +741,7 @@ mod tests {
             format.expect("get").as_deref(),
             Some(&crate::FORMAT_VERSION.to_le_bytes()[..])
         );
-        let mut sm = RocksStateMachine::<KvConfig, _>::open(&db, 1, Ignore).expect("sm");
+        let mut sm: Sm = RocksStateMachine::open(&db, 1, Ignore).expect("sm");
         assert_eq!(sm.current_snapshot().await.expect("meta"), Some(meta));
     }
 
@@ -758,6 +751,18 @@ mod tests {
         let db = RocksDb::open(dir, RocksOptions::default()).expect("open");
         let sm = RocksStateMachine::open(&db, 1, Ignore).expect("sm");
         (db, sm)
+    }
+
+    /// Applies a blank entry at `at`, then builds a snapshot of what the
+    /// state machine holds.
+    async fn snapshot_after_blank(sm: &mut Sm, at: LogId) -> SnapshotMeta<KvConfig> {
+        sm.apply(vec![Entry {
+            log_id: at,
+            payload: EntryPayload::Blank,
+        }])
+        .await
+        .expect("apply");
+        sm.build_snapshot().await.expect("build")
     }
 
     fn put(key: &str, value: Vec<u8>) -> Op {
@@ -800,13 +805,7 @@ mod tests {
             .map(|i| put(&format!("k{i}"), vec![i as u8; 20 << 10]))
             .collect();
         db.writer.write_blocking(&ops, false).expect("data");
-        a.apply(vec![Entry {
-            log_id: LogId::new(1, 7),
-            payload: EntryPayload::Blank,
-        }])
-        .await
-        .expect("apply");
-        let meta = a.build_snapshot().await.expect("build");
+        let meta = snapshot_after_blank(&mut a, LogId::new(1, 7)).await;
         assert!(
             meta.size > 2 * INSTALL_BATCH_BYTES as u64,
             "three batches or more"
