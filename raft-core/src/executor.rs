@@ -17,7 +17,12 @@
 //! kept and a runtime runs the lane's operations one after another. Across
 //! lanes an operation waits only for what it depends on:
 //! - a reply waits for every earlier log operation (a vote or an
-//!   acknowledgement is durable before it leaves, Figure 2);
+//!   acknowledgement is durable before it leaves, Figure 2), except an
+//!   acknowledgement of nothing past what is already durable (the answer to
+//!   a heartbeat, anchored at what the leader knows we hold): it waits only
+//!   for earlier hard-state saves and truncations, as a request does. A
+//!   stalled disk then delays a follower's new acknowledgements but not its
+//!   heartbeat answers, so the leader's check-quorum and reads still see it;
 //! - a request waits for earlier hard-state saves and truncations (a
 //!   candidate's term and vote are durable before it asks), but not for the
 //!   leader's own appends, which may sync while followers receive the same
@@ -530,6 +535,11 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
                 _ if serial => (self.log_seq, self.sm_seq),
                 (Lane::Log, _) => (0, self.last_install_sm),
                 (Lane::Sm, _) => (self.log_seq, 0),
+                (Lane::Net, Action::Respond { msg, .. })
+                    if acknowledges_only_durable(msg, self.engine.durable_index()) =>
+                {
+                    (self.last_hard_log, self.last_install_sm)
+                }
                 (Lane::Net, Action::Respond { .. }) => (self.log_seq, self.last_install_sm),
                 (Lane::Net, _) => (self.last_hard_log, 0),
             };
@@ -720,5 +730,108 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
             .chain(self.waiting_reads.drain(..).map(|(_, r)| r))
             .collect();
         (writes, reads)
+    }
+}
+
+/// Whether `msg` is an acknowledgement of entries at or below `durable`:
+/// true of itself whenever it leaves, so it need not wait for the log
+/// operations queued before it.
+fn acknowledges_only_durable<C: TypeConfig>(msg: &Message<C>, durable: LogIndex) -> bool {
+    matches!(msg, Message::AppendEntriesResponse(r) if r.success && r.index <= durable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::RecoveredState;
+    use crate::memory::kv::KvConfig;
+    use crate::message::AppendEntriesRequest;
+    use crate::types::EntryPayload;
+
+    /// Handles are plain numbers: which request a reply answers.
+    struct Ids;
+    impl Callers for Ids {
+        type Write = u32;
+        type Read = u32;
+        type Rpc = u32;
+    }
+
+    fn follower() -> Executor<KvConfig, Ids> {
+        let engine = Engine::new(
+            NodeId(2),
+            Config::default(),
+            2,
+            0,
+            RecoveredState::default(),
+        )
+        .expect("valid config");
+        Executor::new(engine, LogIndex(0), Mode::Pipelined)
+    }
+
+    fn append(prev: u64, entries: u64, round: u64) -> Message<KvConfig> {
+        Message::AppendEntries(AppendEntriesRequest {
+            term: Term(1),
+            leader_id: NodeId(1),
+            prev_log_id: LogId::new(if prev == 0 { 0 } else { 1 }, prev),
+            entries: (prev + 1..=prev + entries)
+                .map(|i| Entry {
+                    log_id: LogId::new(1, i),
+                    payload: EntryPayload::Blank,
+                })
+                .collect(),
+            leader_commit: LogIndex(0),
+            round,
+        })
+    }
+
+    /// The replies among `io`: (handle, acknowledged index, after the log?).
+    fn replies(io: Vec<Io<KvConfig, Ids>>) -> Vec<(u32, u64, bool)> {
+        io.into_iter()
+            .filter_map(|io| match io {
+                Io::Reply {
+                    to,
+                    msg: Message::AppendEntriesResponse(r),
+                } => Some((to, r.index.0, false)),
+                Io::ReplyAfterLog {
+                    to,
+                    msg: Message::AppendEntriesResponse(r),
+                } => Some((to, r.index.0, true)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_heartbeat_answer_does_not_wait_behind_an_append_it_does_not_acknowledge() {
+        let mut x = follower();
+        // Entries 1-3 arrive; their acknowledgement rides behind the term's
+        // save and the append.
+        x.step(NodeId(1), append(0, 3, 1), Some(1)).ok().unwrap();
+        assert_eq!(replies(x.poll_io()), vec![(1, 3, true)]);
+        x.log_done(); // the term and vote are durable; the append is not
+        // A heartbeat anchored at what the leader knows we hold (nothing
+        // yet): answered at once, the append still syncing.
+        x.step(NodeId(1), append(0, 0, 2), Some(2)).ok().unwrap();
+        assert_eq!(replies(x.poll_io()), vec![(2, 0, false)]);
+        // One anchored past what is durable acknowledges the append: it
+        // waits for it.
+        x.step(NodeId(1), append(3, 0, 3), Some(3)).ok().unwrap();
+        assert_eq!(replies(x.poll_io()), vec![(3, 3, true)]);
+        x.log_done();
+        assert_eq!(x.engine().durable_index(), LogIndex(3));
+        x.step(NodeId(1), append(3, 0, 4), Some(4)).ok().unwrap();
+        assert_eq!(replies(x.poll_io()), vec![(4, 3, false)]);
+    }
+
+    #[test]
+    fn a_heartbeat_answer_in_a_new_term_waits_for_the_term_to_be_durable() {
+        let mut x = follower();
+        x.step(NodeId(1), append(0, 0, 1), Some(1)).ok().unwrap();
+        // Nothing to acknowledge, but the term it answers in is not saved
+        // yet: the answer waits for that save.
+        let io = x.poll_io();
+        assert!(matches!(io[0], Io::Log(LogOp::SaveHardState(_))));
+        assert_eq!(replies(io), vec![(1, 0, true)]);
     }
 }

@@ -471,6 +471,11 @@ impl<C: TypeConfig> Engine<C> {
     pub fn commit_index(&self) -> LogIndex {
         self.commit
     }
+    /// Highest index of this log known durable ([`Engine::log_persisted`],
+    /// lowered by a truncation).
+    pub fn durable_index(&self) -> LogIndex {
+        self.durable
+    }
     /// Highest index handed to the state machine.
     pub fn applied_index(&self) -> LogIndex {
         self.applied

@@ -181,6 +181,13 @@ fn disk_last(disk: &Disk) -> LogIndex {
         .unwrap_or(disk.base.index)
 }
 
+/// The last index a node's disk holds, in its log or in an installed
+/// snapshot (an install is durable before the purge of the log under it).
+fn durable_through(disk: &Disk) -> LogIndex {
+    let snapshot = disk.snapshot.as_ref().map(|(m, _)| m.last_log_id.index);
+    disk_last(disk).max(snapshot.unwrap_or_default())
+}
+
 fn majority(voters: &BTreeSet<NodeId>, yes: impl Fn(NodeId) -> bool) -> bool {
     voters.iter().filter(|v| yes(**v)).count() * 2 > voters.len()
 }
@@ -333,12 +340,14 @@ impl Sim {
                     n.id, v.term
                 ));
             }
-            Message::AppendEntriesResponse(r) if r.success && disk_last(&n.disk) < r.index => {
+            Message::AppendEntriesResponse(r)
+                if r.success && durable_through(&n.disk) < r.index =>
+            {
                 self.fail(format!(
                     "node {} acknowledged entries up to {} but its disk ends at {}",
                     n.id,
                     r.index,
-                    disk_last(&n.disk)
+                    durable_through(&n.disk)
                 ));
             }
             _ => {}
