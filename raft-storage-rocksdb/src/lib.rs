@@ -399,49 +399,22 @@ impl<C: TypeConfig> LogStore<C> for RocksLogStore<C> {
         Ok(self.state)
     }
 
+    /// Runs on a blocking thread: a read-back for a follower far behind
+    /// is megabytes of records to decode and check, and on the runtime it
+    /// held up everything beside it (with one runtime thread per node, the
+    /// node's heartbeats and answers: followers timed out and called
+    /// elections in `cargo xtask bench join`).
     async fn read(&mut self, from: LogIndex, to: LogIndex) -> Result<Vec<Entry<C>>, StorageError> {
         let start = from.0.max(self.state.last_purged.index.0 + 1);
         let end = to.0.min(self.state.last.index.0);
         if start > end {
             return Ok(Vec::new());
         }
-        let lo = codec::log_key(self.group, start);
-        let cf = self.cf(CF_LOG)?;
-        let mode = rocksdb::IteratorMode::From(&lo, rocksdb::Direction::Forward);
-        let mut out = Vec::with_capacity((end - start + 1) as usize);
-        for item in self.shared().db.iterator_cf(cf, mode) {
-            let (k, v) = item.map_err(|e| self.db_err(e))?;
-            let Some(index) =
-                codec::index_of(&k).filter(|_| k.starts_with(&self.group.to_be_bytes()))
-            else {
-                break;
-            };
-            if index > end {
-                break;
-            }
-            let expected = start + out.len() as u64;
-            if index != expected {
-                return Err(RocksError::Hole {
-                    path: self.shared().path.clone(),
-                    group: self.group,
-                    expected,
-                    found: index,
-                }
-                .into());
-            }
-            let entry: Entry<C> = codec::open_record(&k, &v).map_err(|d| self.corrupt(index, d))?;
-            out.push(entry);
-        }
-        if out.len() as u64 != end - start + 1 {
-            return Err(RocksError::Hole {
-                path: self.shared().path.clone(),
-                group: self.group,
-                expected: start + out.len() as u64,
-                found: end + 1,
-            }
-            .into());
-        }
-        Ok(out)
+        let (db, group) = (self.db.clone(), self.group);
+        let job = tokio::task::spawn_blocking(move || {
+            read_entries::<C>(&db, group, start, end).map_err(StorageError::from)
+        });
+        joined(job.await)
     }
 
     async fn append(&mut self, entries: Vec<Entry<C>>) -> Result<(), StorageError> {
@@ -544,4 +517,58 @@ impl<C: TypeConfig> LogStore<C> for RocksLogStore<C> {
             .record_get(CF_HARD_STATE, self.group, codec::TAG_HARD_STATE)?
             .unwrap_or_default())
     }
+}
+
+/// Group `group`'s entries `start ..= end`, which the log holds (no hole,
+/// every checksum verified). Blocking.
+fn read_entries<C: TypeConfig>(
+    db: &RocksDb,
+    group: u64,
+    start: u64,
+    end: u64,
+) -> Result<Vec<Entry<C>>, RocksError> {
+    let shared = &db.shared;
+    let hole = |expected, found| RocksError::Hole {
+        path: shared.path.clone(),
+        group,
+        expected,
+        found,
+    };
+    let lo = codec::log_key(group, start);
+    let cf = db.cf(CF_LOG)?;
+    let mode = rocksdb::IteratorMode::From(&lo, rocksdb::Direction::Forward);
+    let mut out = Vec::with_capacity((end - start + 1) as usize);
+    for item in shared.db.iterator_cf(cf, mode) {
+        let (k, v) = item.map_err(|e| shared.db_err(e))?;
+        let Some(index) = codec::index_of(&k).filter(|_| k.starts_with(&group.to_be_bytes()))
+        else {
+            break;
+        };
+        if index > end {
+            break;
+        }
+        let expected = start + out.len() as u64;
+        if index != expected {
+            return Err(hole(expected, index));
+        }
+        let entry: Entry<C> =
+            codec::open_record(&k, &v).map_err(|detail| RocksError::CorruptEntry {
+                path: shared.path.clone(),
+                group,
+                index,
+                detail: detail.to_string(),
+            })?;
+        out.push(entry);
+    }
+    if out.len() as u64 != end - start + 1 {
+        return Err(hole(start + out.len() as u64, end + 1));
+    }
+    Ok(out)
+}
+
+/// A blocking task's result, its panic or cancellation as a backend error.
+pub(crate) fn joined<T>(
+    r: Result<Result<T, StorageError>, tokio::task::JoinError>,
+) -> Result<T, StorageError> {
+    r.map_err(|e| StorageError::Backend(e.to_string().into()))?
 }

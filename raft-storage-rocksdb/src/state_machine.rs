@@ -41,7 +41,7 @@ use tokio::sync::oneshot;
 
 use crate::codec;
 use crate::writer::Op;
-use crate::{CF_META, CF_SM, RocksDb, RocksError};
+use crate::{CF_META, CF_SM, RocksDb, RocksError, joined};
 
 const TAG_APPLIED: &[u8] = b"sm_applied";
 const TAG_SNAPSHOT: &[u8] = b"sm_snapshot";
@@ -387,6 +387,55 @@ fn write_snapshot_file(
     Ok(size)
 }
 
+/// At most `max_len` bytes of the snapshot file at `path` from `offset`.
+/// Blocking.
+fn read_chunk(path: &Path, offset: u64, max_len: usize) -> Result<SnapshotChunk, StorageError> {
+    let file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
+    let len = file
+        .metadata()
+        .map_err(io(format!("stat {}", path.display())))?
+        .len();
+    let start = offset.min(len);
+    let n = (max_len as u64).min(len - start) as usize;
+    let mut data = vec![0u8; n];
+    file.read_exact_at(&mut data, start)
+        .map_err(io(format!("reading {}", path.display())))?;
+    Ok(SnapshotChunk {
+        data,
+        done: start + n as u64 == len,
+    })
+}
+
+/// Writes a received chunk at `offset` of the partial file `path` in `dir`,
+/// which must hold exactly `offset` bytes (offset 0 starts it over).
+/// Blocking.
+fn write_chunk(dir: &Path, path: &Path, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+    if offset == 0 {
+        // A node receives one transfer at a time: one that starts
+        // abandons any other (the leader changed mid-transfer), whose
+        // file would otherwise stay until the next restart.
+        remove_files_where(dir, |name| name.ends_with(".partial"))?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(offset == 0)
+        .open(path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    let len = file
+        .metadata()
+        .map_err(io(format!("stat {}", path.display())))?
+        .len();
+    if len != offset {
+        return Err(StorageError::Corrupt {
+            location: path.display().to_string(),
+            detail: format!("chunk at {offset} but {len} bytes received"),
+        });
+    }
+    file.write_all_at(data, offset)
+        .map_err(io(format!("writing {}", path.display())))
+}
+
 /// Snapshot file: a sequence of `(key, value)` records, each
 /// `u32 LE length ++ codec((key, value))`, ending with a zero length.
 fn write_pair(w: &mut impl Write, key: &[u8], value: &[u8]) -> std::io::Result<()> {
@@ -537,6 +586,8 @@ where
         Ok(self.snapshot.clone())
     }
 
+    /// File I/O on a blocking thread, as every other file operation here:
+    /// on the runtime a chunk's disk wait held up the node's heartbeats.
     async fn read_snapshot_chunk(
         &mut self,
         snapshot_id: u64,
@@ -548,20 +599,8 @@ where
             return Ok(None);
         }
         let path = self.snapshot_file(snapshot_id);
-        let file = File::open(&path).map_err(io(format!("opening {}", path.display())))?;
-        let len = file
-            .metadata()
-            .map_err(io(format!("stat {}", path.display())))?
-            .len();
-        let start = offset.min(len);
-        let n = (max_len as u64).min(len - start) as usize;
-        let mut data = vec![0u8; n];
-        file.read_exact_at(&mut data, start)
-            .map_err(io(format!("reading {}", path.display())))?;
-        Ok(Some(SnapshotChunk {
-            data,
-            done: start + n as u64 == len,
-        }))
+        let job = tokio::task::spawn_blocking(move || read_chunk(&path, offset, max_len));
+        joined(job.await).map(Some)
     }
 
     async fn write_snapshot_chunk(
@@ -571,31 +610,9 @@ where
         data: Vec<u8>,
     ) -> Result<(), StorageError> {
         let path = self.receive_file(meta.id);
-        if offset == 0 {
-            // A node receives one transfer at a time: one that starts
-            // abandons any other (the leader changed mid-transfer), whose
-            // file would otherwise stay until the next restart.
-            remove_files_where(&self.snapshot_dir, |name| name.ends_with(".partial"))?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(offset == 0)
-            .open(&path)
-            .map_err(io(format!("opening {}", path.display())))?;
-        let len = file
-            .metadata()
-            .map_err(io(format!("stat {}", path.display())))?
-            .len();
-        if len != offset {
-            return Err(StorageError::Corrupt {
-                location: path.display().to_string(),
-                detail: format!("chunk at {offset} but {len} bytes received"),
-            });
-        }
-        file.write_all_at(&data, offset)
-            .map_err(io(format!("writing {}", path.display())))?;
-        Ok(())
+        let dir = self.snapshot_dir.clone();
+        let job = tokio::task::spawn_blocking(move || write_chunk(&dir, &path, offset, &data));
+        joined(job.await)
     }
 
     /// Bounded memory, off the runtime, atomic by redo: see the module
@@ -633,13 +650,6 @@ where
         self.membership = meta.membership.clone();
         Ok(())
     }
-}
-
-/// A blocking task's result, its panic or cancellation as a backend error.
-fn joined<T>(
-    r: Result<Result<T, StorageError>, tokio::task::JoinError>,
-) -> Result<T, StorageError> {
-    r.map_err(|e| StorageError::Backend(e.to_string().into()))?
 }
 
 /// Replaces group `group`'s data with the snapshot file at `path`, whose
