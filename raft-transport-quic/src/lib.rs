@@ -494,11 +494,15 @@ impl<C: TypeConfig> QuicNetwork<C> {
     }
 
     async fn call(&self, msg: Message<C>) -> Result<Option<Message<C>>, NetworkError> {
-        let (timeout, priority) = match msg {
-            // Snapshot chunks yield the connection to everything else, so a
-            // heartbeat never waits behind a chunk's bytes.
+        let (timeout, priority) = match &msg {
+            // Bulk yields the connection to what keeps the cluster together:
+            // snapshot chunks to everything, entries to heartbeats, votes
+            // and TimeoutNow, so a heartbeat's bytes go out before the
+            // megabytes of a follower's catch-up queued on the same
+            // connection.
             Message::InstallSnapshot(_) => (self.config.snapshot_rpc_timeout, -1),
-            _ => (self.config.rpc_timeout, 0),
+            Message::AppendEntries(r) if !r.entries.is_empty() => (self.config.rpc_timeout, 0),
+            _ => (self.config.rpc_timeout, 1),
         };
         let target = self.target;
         let fut = async {
