@@ -776,24 +776,35 @@ fn slow_disk_under_sustained_load_keeps_one_leader_for_ten_minutes() {
         let minute = 60_000;
         for m in 0..10 {
             sim.run_for(minute);
-            sim.expect(
-                sim.leader() == Some(leader) && term_of(&sim, leader) == term,
-                || {
-                    format!(
-                        "leader {leader} of term {term} lost its term in minute {m}:{}",
-                        sim.describe()
-                    )
-                },
-            );
+            expect_leader_kept(&sim, leader, term, &format!("minute {m}"));
         }
-        let acked = sim.acknowledged();
-        sim.expect(acked > 10_000, || {
-            format!("only {acked} operations acknowledged in ten minutes")
-        });
-        heal_and_converge(&mut sim);
-        sim.check_acknowledged_writes_present();
-        sim.final_check();
+        expect_acknowledged_then_converge(&mut sim, 10_000);
     }
+}
+
+/// Requires `leader` to lead still, in `term`.
+fn expect_leader_kept(sim: &Sim, leader: NodeId, term: u64, when: &str) {
+    sim.expect(
+        sim.leader() == Some(leader) && term_of(sim, leader) == term,
+        || {
+            format!(
+                "leader {leader} of term {term} lost its term in {when}:{}",
+                sim.describe()
+            )
+        },
+    );
+}
+
+/// Requires more than `min` operations acknowledged, then heals, converges
+/// and checks that every acknowledged write is there.
+fn expect_acknowledged_then_converge(sim: &mut Sim, min: usize) {
+    let acked = sim.acknowledged();
+    sim.expect(acked > min, || {
+        format!("only {acked} operations acknowledged")
+    });
+    heal_and_converge(sim);
+    sim.check_acknowledged_writes_present();
+    sim.final_check();
 }
 
 /// A disk that stalls for longer than an election timeout on every node at
@@ -827,22 +838,8 @@ fn disk_stalls_longer_than_an_election_timeout_keep_the_leader() {
             for id in sim.ids() {
                 sim.set_disk_latency(id, None);
             }
-            sim.expect(
-                sim.leader() == Some(leader) && term_of(&sim, leader) == term,
-                || {
-                    format!(
-                        "leader {leader} of term {term} lost its term in stall {round}:{}",
-                        sim.describe()
-                    )
-                },
-            );
+            expect_leader_kept(&sim, leader, term, &format!("stall {round}"));
         }
-        let acked = sim.acknowledged();
-        sim.expect(acked > 1_000, || {
-            format!("only {acked} operations acknowledged")
-        });
-        heal_and_converge(&mut sim);
-        sim.check_acknowledged_writes_present();
-        sim.final_check();
+        expect_acknowledged_then_converge(&mut sim, 1_000);
     }
 }
