@@ -2015,6 +2015,39 @@ fn a_read_back_fills_the_window_for_a_follower_in_step() {
     );
 }
 
+/// A read-back runs past the cache's edge, up to the last entry (as far as
+/// the window allows): the edge moves on while the read waits its turn
+/// behind the leader's appends, so a read that stopped at it left the
+/// follower at the edge, fed exactly as fast as clients wrote and never
+/// catching up (`cargo xtask bench join`: a follower held a cache's worth,
+/// 60,000-120,000 entries, behind for minutes).
+#[test]
+fn a_read_back_runs_past_the_cache_edge_to_the_last_entry() {
+    let [s1, s3] = [1, 3].map(NodeId);
+    let mut s = s3_behind_a_cache(0, 120);
+    for (i, lost_to_s3) in (0..40).map(|i| (i, i >= 30)) {
+        let leader = s.engines.get_mut(&s1).unwrap();
+        leader.propose(put(&format!("v{i}"))).unwrap();
+        s.flush(s1);
+        s.deliver(|_, to, _| lost_to_s3 && to == s3);
+    }
+    s.hold_reads = true;
+    for _ in 0..10 {
+        s.heartbeat(s1, |_, _, _| false);
+    }
+    let last = s.engines[&s1].last_log_id().index;
+    let edge = s.engines[&s1].log().cached_from();
+    let reads: Vec<_> = s.reads_back.iter().filter(|r| r.1 == s3).collect();
+    let [(_, _, from, to)] = reads[..] else {
+        panic!("one read-back for s3: {reads:?}");
+    };
+    assert!(
+        *from < edge && edge <= last,
+        "s3 needs evicted entries and some are cached: from {from}, edge {edge}, last {last}"
+    );
+    assert_eq!(*to, last, "the read stopped short of the last entry");
+}
+
 /// Entries read back are checked against the leader's log before they go
 /// out (a store that returns another log's entries is not believed; the
 /// leader asks again), and a read-back nobody waits for any more is dropped.

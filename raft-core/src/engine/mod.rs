@@ -61,9 +61,11 @@ pub enum Action<C: TypeConfig> {
     /// before it, the log becomes empty and continues after `upto`.
     PurgeLog { upto: LogId },
     /// Read the entries `from ..= to` back from the `LogStore` (after every
-    /// earlier log action: they were evicted from the engine's cache, see
-    /// [`Config::log_cache_bytes`]) and hand them to
-    /// [`Engine::entries_read`] for `peer`. Nothing needs to be durable.
+    /// earlier log action, so all of them are durable by then: the first
+    /// were evicted from the engine's cache, see
+    /// [`Config::log_cache_bytes`], and the range may run on past the
+    /// cache's edge) and hand them to [`Engine::entries_read`] for `peer`.
+    /// Nothing needs to be durable.
     ReadEntries {
         peer: NodeId,
         from: LogIndex,
@@ -1387,7 +1389,15 @@ impl<C: TypeConfig> Engine<C> {
                 // than clients wrote (seen in `cargo xtask bench join`: 2,000
                 // of 5,000 entries/s, until it needed a snapshot). Bounded
                 // by bytes too, as far as the cached entries' mean size
-                // tells, so large values do not make a large read.
+                // tells, so large values do not make a large read. And past
+                // the cache's edge, up to the last entry: the edge moves on
+                // while the read waits (the appends ahead of it evict as
+                // they finish), so a read that stopped there left the
+                // follower at the edge, fed exactly as fast as clients
+                // wrote, a cache's worth behind for good (join bench:
+                // 60,000-120,000 entries for minutes). Every entry up to
+                // `last` is durable by the read's turn: it runs after every
+                // earlier log action.
                 let room = match p.state {
                     ProgressState::Probe { .. } => 1,
                     _ => max_inflight.saturating_sub(p.inflight.len()).max(1),
@@ -1399,7 +1409,7 @@ impl<C: TypeConfig> Engine<C> {
                         .max(max_n),
                     None => max_n, // no size to go by: one message's worth
                 };
-                let to = (self.log.cached_from().prev()).min(p.next.plus(n as u64 - 1));
+                let to = last.min(p.next.plus(n as u64 - 1));
                 p.reading = Some(p.next);
                 self.actions.push(Action::ReadEntries {
                     peer,
