@@ -450,10 +450,7 @@ impl<C: TypeConfig> Raft<C> {
         match caught_up {
             Ok(Ok(_)) => Ok(log_id),
             Ok(Err(_)) => Err(self.stopped_error()),
-            Err(_) => Err(RaftError::LearnerBehind {
-                id,
-                behind: behind(&self.metrics().borrow(), id),
-            }),
+            Err(_) => Err(self.learner_behind(id)),
         }
     }
 
@@ -469,10 +466,15 @@ impl<C: TypeConfig> Raft<C> {
     ) -> Result<(), RaftError<C::Node>> {
         match tokio::time::timeout(timeout, self.caught_up(id)).await {
             Ok(r) => r,
-            Err(_) => Err(RaftError::LearnerBehind {
-                id,
-                behind: behind(&self.metrics().borrow(), id),
-            }),
+            Err(_) => Err(self.learner_behind(id)),
+        }
+    }
+
+    /// `LearnerBehind` for `id`, with how far behind it is now.
+    fn learner_behind(&self, id: NodeId) -> RaftError<C::Node> {
+        RaftError::LearnerBehind {
+            id,
+            behind: behind(&self.metrics().borrow(), id),
         }
     }
 
@@ -533,7 +535,7 @@ impl<C: TypeConfig> Raft<C> {
             voters
                 .iter()
                 .copied()
-                .filter(|id| m.membership.nodes.contains_key(id) && !m.membership.is_voter(*id))
+                .filter(|id| m.membership.is_learner(*id))
                 .collect()
         };
         for id in promoted {

@@ -237,6 +237,11 @@ impl<N: Clone> Membership<N> {
         self.configs.iter().any(|c| c.contains(&id))
     }
 
+    /// Whether `id` is a member that receives the log but does not vote.
+    pub fn is_learner(&self, id: NodeId) -> bool {
+        self.nodes.contains_key(&id) && !self.is_voter(id)
+    }
+
     /// Every voter of every configuration.
     pub fn voter_ids(&self) -> BTreeSet<NodeId> {
         self.configs.iter().flatten().copied().collect()

@@ -568,7 +568,7 @@ async fn promote_member(
     let m = state.raft.metrics().borrow().clone();
     let mut voters = m.membership.voter_ids();
     voters.insert(id);
-    if m.membership.nodes.contains_key(&id) && !m.membership.is_voter(id) {
+    if m.membership.is_learner(id) {
         // A learner still catching up is not promoted: the new majority
         // would wait for it. Nothing is proposed when this times out.
         state
