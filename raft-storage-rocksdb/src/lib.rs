@@ -176,6 +176,26 @@ impl Shared {
             source,
         }
     }
+
+    /// Group `group`'s log record at `index` is damaged.
+    fn corrupt_entry(&self, group: u64, index: u64, detail: impl ToString) -> RocksError {
+        RocksError::CorruptEntry {
+            path: self.path.clone(),
+            group,
+            index,
+            detail: detail.to_string(),
+        }
+    }
+
+    /// Group `group`'s log skips from `expected` to `found`.
+    fn hole(&self, group: u64, expected: u64, found: u64) -> RocksError {
+        RocksError::Hole {
+            path: self.path.clone(),
+            group,
+            expected,
+            found,
+        }
+    }
 }
 
 /// An open RocksDB directory holding one or more Raft logs.
@@ -346,12 +366,7 @@ impl<C: TypeConfig> RocksLogStore<C> {
     }
 
     fn corrupt(&self, index: u64, detail: impl ToString) -> RocksError {
-        RocksError::CorruptEntry {
-            path: self.shared().path.clone(),
-            group: self.group,
-            index,
-            detail: detail.to_string(),
-        }
+        self.shared().corrupt_entry(self.group, index, detail)
     }
 
     /// Reads purge point and every record, verifying checksums and that the
@@ -376,12 +391,7 @@ impl<C: TypeConfig> RocksLogStore<C> {
                 return Err(self.corrupt(index, format!("record holds entry {}", entry.log_id)));
             }
             if index != last.index.0 + 1 {
-                return Err(RocksError::Hole {
-                    path: self.shared().path.clone(),
-                    group: self.group,
-                    expected: last.index.0 + 1,
-                    found: index,
-                });
+                return Err(self.shared().hole(self.group, last.index.0 + 1, index));
             }
             last = entry.log_id;
         }
@@ -528,12 +538,6 @@ fn read_entries<C: TypeConfig>(
     end: u64,
 ) -> Result<Vec<Entry<C>>, RocksError> {
     let shared = &db.shared;
-    let hole = |expected, found| RocksError::Hole {
-        path: shared.path.clone(),
-        group,
-        expected,
-        found,
-    };
     let lo = codec::log_key(group, start);
     let cf = db.cf(CF_LOG)?;
     let mode = rocksdb::IteratorMode::From(&lo, rocksdb::Direction::Forward);
@@ -549,19 +553,14 @@ fn read_entries<C: TypeConfig>(
         }
         let expected = start + out.len() as u64;
         if index != expected {
-            return Err(hole(expected, index));
+            return Err(shared.hole(group, expected, index));
         }
         let entry: Entry<C> =
-            codec::open_record(&k, &v).map_err(|detail| RocksError::CorruptEntry {
-                path: shared.path.clone(),
-                group,
-                index,
-                detail: detail.to_string(),
-            })?;
+            codec::open_record(&k, &v).map_err(|d| shared.corrupt_entry(group, index, d))?;
         out.push(entry);
     }
     if out.len() as u64 != end - start + 1 {
-        return Err(hole(start + out.len() as u64, end + 1));
+        return Err(shared.hole(group, start + out.len() as u64, end + 1));
     }
     Ok(out)
 }
