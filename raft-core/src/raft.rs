@@ -697,7 +697,12 @@ impl<C: TypeConfig> Raft<C> {
     }
 
     /// Stops the node and waits for its task to finish. Pending calls fail
-    /// with `Shutdown`.
+    /// with `Shutdown`. When this returns, the node has dropped its
+    /// `LogStore` and `StateMachine`, and every future they returned has
+    /// finished or been dropped; a snapshot build in flight is finished
+    /// first (a storage engine may go on working, and holding its files,
+    /// after a build's future is dropped), so the store can be reopened at
+    /// once.
     pub async fn shutdown(&self) {
         let _ = self.inner.tx.send(Input::Shutdown);
         let task = self.inner.task.lock().ok().and_then(|mut t| t.take());
@@ -1272,7 +1277,7 @@ async fn sm_worker<C: TypeConfig, S: StateMachine<C>>(
             (None, Some(op)) => Next::Op(op),
             (None, None) => match ops.recv().await {
                 Some(op) => Next::Op(op),
-                None => return,
+                None => break,
             },
             // While a build runs only applies may pass it; anything else
             // (another build, a chunk, an install) waits for it.
@@ -1285,7 +1290,7 @@ async fn sm_worker<C: TypeConfig, S: StateMachine<C>>(
                 built = build => Next::Built(built),
                 op = ops.recv() => match op {
                     Some(op) => Next::Op(op),
-                    None => return,
+                    None => break,
                 },
             },
         };
@@ -1301,7 +1306,7 @@ async fn sm_worker<C: TypeConfig, S: StateMachine<C>>(
                     Err(e) => Err(e),
                 };
                 if !send_report(&reports, result) {
-                    return;
+                    break;
                 }
                 continue;
             }
@@ -1376,8 +1381,18 @@ async fn sm_worker<C: TypeConfig, S: StateMachine<C>>(
             }
         };
         if !send_report(&reports, result) {
-            return;
+            break;
         }
+    }
+    // A build in flight is finished, never dropped, when the worker stops:
+    // a storage engine's build can go on holding the store (RocksDB's
+    // writes its file on a blocking thread) after its future is dropped,
+    // and whoever reopens the store once `Raft::shutdown` returns must
+    // find it released.
+    if let Some(build) = building
+        && let Err(e) = build.await
+    {
+        warn!(node = %id, error = %e, "snapshot build in flight at shutdown failed");
     }
 }
 

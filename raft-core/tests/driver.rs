@@ -664,3 +664,161 @@ async fn reads_past_max_pending_fail_fast_when_configured_and_room_comes_back() 
         .expect("first read");
     raft.ensure_linearizable().await.expect("room again");
 }
+
+/// A `MemStateMachine` whose snapshot builds wait for `gate` before they
+/// finish, and say whether one was dropped unfinished (`abandoned`): a
+/// storage engine's build (RocksDB's writes its file on a blocking thread)
+/// goes on holding the store after its future is dropped.
+#[derive(Clone)]
+struct GatedBuilds {
+    inner: MemStateMachine,
+    begun: std::sync::Arc<tokio::sync::Notify>,
+    gate: tokio::sync::watch::Receiver<bool>,
+    abandoned: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Marks its build abandoned unless disarmed by the build's end.
+struct Unfinished(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
+
+impl Unfinished {
+    fn finished(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0.take() {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl raft_core::StateMachine<KvConfig> for GatedBuilds {
+    async fn applied(&mut self) -> Result<raft_core::LogId, raft_core::StorageError> {
+        self.inner.applied().await
+    }
+    async fn apply(
+        &mut self,
+        entries: Vec<raft_core::Entry<KvConfig>>,
+    ) -> Result<Vec<KvResponse>, raft_core::StorageError> {
+        self.inner.apply(entries).await
+    }
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<raft_core::SnapshotMeta<KvConfig>, raft_core::StorageError> {
+        self.inner.build_snapshot().await
+    }
+    async fn begin_snapshot(
+        &mut self,
+    ) -> Result<raft_core::SnapshotBuild<KvConfig>, raft_core::StorageError> {
+        let build = self.inner.begin_snapshot().await?;
+        let mut gate = self.gate.clone();
+        let guard = Unfinished(Some(self.abandoned.clone()));
+        self.begun.notify_one();
+        Ok(Box::pin(async move {
+            let _ = gate.wait_for(|open| *open).await;
+            let built = build.await;
+            guard.finished();
+            built
+        }))
+    }
+    async fn current_snapshot(
+        &mut self,
+    ) -> Result<Option<raft_core::SnapshotMeta<KvConfig>>, raft_core::StorageError> {
+        self.inner.current_snapshot().await
+    }
+    async fn read_snapshot_chunk(
+        &mut self,
+        snapshot_id: u64,
+        offset: u64,
+        max_len: usize,
+    ) -> Result<Option<raft_core::SnapshotChunk>, raft_core::StorageError> {
+        self.inner
+            .read_snapshot_chunk(snapshot_id, offset, max_len)
+            .await
+    }
+    async fn write_snapshot_chunk(
+        &mut self,
+        meta: &raft_core::SnapshotMeta<KvConfig>,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<(), raft_core::StorageError> {
+        self.inner.write_snapshot_chunk(meta, offset, data).await
+    }
+    async fn install_snapshot(
+        &mut self,
+        meta: &raft_core::SnapshotMeta<KvConfig>,
+    ) -> Result<(), raft_core::StorageError> {
+        self.inner.install_snapshot(meta).await
+    }
+}
+
+/// `shutdown` returns only once the storage is released: a snapshot build
+/// in flight is finished, not dropped, so whoever reopens the store next
+/// (a restart in the same process) does not find it still held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_snapshot_build_in_flight() {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let sm = GatedBuilds {
+        inner: MemStateMachine::new(),
+        begun: Default::default(),
+        gate,
+        abandoned: Default::default(),
+    };
+    let config = Config {
+        snapshot_every: 5,
+        ..Config::default()
+    };
+    let router = MemRouter::<KvConfig>::new();
+    let id = NodeId(1);
+    let raft = Raft::start(
+        id,
+        config,
+        MemLogStore::new(),
+        sm.clone(),
+        router.factory(id),
+    )
+    .await
+    .expect("start");
+    raft.initialize(BTreeMap::from([(id, "node-1".to_string())]))
+        .await
+        .expect("initialize");
+    let begun = sm.begun.notified();
+    tokio::pin!(begun);
+    for i in 0..10 {
+        let cmd = KvCommand::Put {
+            key: format!("k{i}"),
+            value: "v".into(),
+        };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while let Err(e) = raft.client_write(cmd.clone()).await {
+            assert!(tokio::time::Instant::now() < deadline, "write failed: {e}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    tokio::time::timeout(WAIT, begun)
+        .await
+        .expect("a snapshot build begun");
+    let stopping = raft.clone();
+    let mut shutdown = tokio::spawn(async move { stopping.shutdown().await });
+    // Opened once shutdown has returned (it must not have) or has had time
+    // to; either way the build can then finish, and shutdown with it.
+    let returned = tokio::select! {
+        r = &mut shutdown => Some(r),
+        _ = tokio::time::sleep(Duration::from_millis(200)) => None,
+    };
+    open.send(true).expect("gate");
+    match returned {
+        Some(r) => r.expect("shutdown task"),
+        None => tokio::time::timeout(WAIT, shutdown)
+            .await
+            .expect("shutdown returned once the build could finish")
+            .expect("shutdown task"),
+    }
+    assert!(
+        !sm.abandoned.load(std::sync::atomic::Ordering::SeqCst),
+        "shutdown dropped a snapshot build in flight"
+    );
+}
