@@ -6,7 +6,7 @@
 //!   chaos run against real processes.
 //! - `cargo xtask cluster up|status|down [--nodes 3|5]`: a local cluster
 //!   that stays up (raft ports 7001.., HTTP ports 8001..).
-//! - `cargo xtask chaos [--nodes 5] [--duration 60s] [--faults kill,pause,partition] [--seed S]`.
+//! - `cargo xtask chaos [--nodes 5] [--duration 60s] [--faults kill,pause,partition] [--seed S] [--large-state]`.
 //! - `cargo xtask bench [--clients 1,16,256] [--duration 20s]`: raft-kv
 //!   against etcd on this machine; `cargo xtask bench core` runs the
 //!   in-process benchmark of raft-core with openraft side by side;
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str = "usage: cargo xtask <demo | test | cluster up|status|down [--nodes N] | \
-chaos [--nodes 5] [--duration 60s] [--faults kill,pause,partition] [--seed S] | \
+chaos [--nodes 5] [--duration 60s] [--faults kill,pause,partition] [--seed S] [--large-state] | \
 bench [core | --clients 1,16,256 --duration 20s] | mutants [--seeds N] [--only a,b] [--list] | \
 doctor [--install [--bench]]>";
 
@@ -153,7 +153,16 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         "--seed".into(),
         env::var("CHAOS_SEED").unwrap_or_else(|_| "1".into()),
     ])?;
-    chaos::run(root, opts)
+    chaos::run(root, opts.clone())?;
+    // Again with a state many snapshots deep, so the faults land on
+    // snapshot builds, transfers and installs.
+    chaos::run(
+        root,
+        chaos::Options {
+            large_state: true,
+            ..opts
+        },
+    )
 }
 
 /// `cargo xtask cluster up|status|down [--nodes N]`.

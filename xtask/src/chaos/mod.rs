@@ -14,6 +14,10 @@
 //! key must be readable; the history is checked for linearizability per key.
 //! An HTML report (latency over time with the fault windows shaded, the op
 //! and fault tables, the verdict) is written next to the cluster's logs.
+//! With `--large-state` the run also carries a state many snapshots deep
+//! (see [`large`]).
+
+mod large;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -52,6 +56,7 @@ impl Fault {
     }
 }
 
+#[derive(Clone)]
 pub struct Options {
     pub nodes: u64,
     pub duration: Duration,
@@ -61,6 +66,9 @@ pub struct Options {
     /// Reads with `?consistency=stale`: deliberately not linearizable, to
     /// show that the checker catches what it should.
     pub stale_reads: bool,
+    /// A state well above `snapshot_every` entries and snapshots every
+    /// second or two ([`large`]).
+    pub large_state: bool,
 }
 
 impl Options {
@@ -75,6 +83,7 @@ impl Options {
                 .unwrap_or(1),
             clients: 8,
             stale_reads: false,
+            large_state: false,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -92,9 +101,11 @@ impl Options {
                 "--seed" => o.seed = value()?.parse().context("--seed")?,
                 "--clients" => o.clients = value()?.parse().context("--clients")?,
                 "--stale-reads" => o.stale_reads = true,
+                "--large-state" => o.large_state = true,
                 other => bail!(
                     "unknown option `{other}`; usage: cargo xtask chaos [--nodes 5] [--duration 60s] \
-                     [--faults kill,pause,partition] [--seed S] [--clients 8] [--stale-reads]"
+                     [--faults kill,pause,partition] [--seed S] [--clients 8] [--stale-reads] \
+                     [--large-state]"
                 ),
             }
         }
@@ -131,6 +142,9 @@ impl Options {
         ];
         if self.stale_reads {
             args.push("--stale-reads".into());
+        }
+        if self.large_state {
+            args.push("--large-state".into());
         }
         args
     }
@@ -246,6 +260,8 @@ struct Window {
 struct Verdict {
     problems: Vec<String>,
     durable_checked: usize,
+    /// `--large-state` keys read back and found as written.
+    large_checked: usize,
 }
 
 struct Chaos {
@@ -263,6 +279,8 @@ struct Chaos {
     durable: Mutex<Vec<(String, String)>>,
     windows: Mutex<Vec<Window>>,
     stop: AtomicBool,
+    /// `--large-state`: the keys its writers overwrite.
+    large: Option<large::LargeState>,
 }
 
 /// How long one generation of keys lives.
@@ -274,7 +292,12 @@ const CHECK_BUDGET: usize = 5_000_000;
 impl Chaos {
     fn new(root: &Path, opts: Options) -> Result<Chaos> {
         let dir = root.join("target").join("xtask").join("chaos");
-        let cluster = LocalCluster::create(root, dir, opts.nodes, 7200, "")?;
+        let extra = if opts.large_state {
+            large::RAFT_TOML
+        } else {
+            ""
+        };
+        let cluster = LocalCluster::create(root, dir, opts.nodes, 7200, extra)?;
         let endpoints = cluster
             .ids()
             .iter()
@@ -282,6 +305,7 @@ impl Chaos {
             .collect();
         Ok(Chaos {
             next_id: std::sync::atomic::AtomicU64::new(opts.nodes + 1),
+            large: opts.large_state.then(large::LargeState::new),
             opts,
             cluster: Mutex::new(cluster),
             endpoints: Mutex::new(endpoints),
@@ -317,13 +341,25 @@ impl Chaos {
             c.start_all()?;
             c.wait_leader(&c.ids(), Duration::from_secs(20))?;
         }
+        if let Some(large) = &self.large {
+            let leader = {
+                let c = self.cluster();
+                c.endpoint(c.wait_leader(&c.ids(), Duration::from_secs(20))?)
+            };
+            large.load(&leader)?;
+        }
         self.start = Instant::now();
 
         let outcome = std::thread::scope(|s| -> Result<()> {
             let me = &self;
-            let clients: Vec<_> = (0..me.opts.clients)
+            let mut clients: Vec<_> = (0..me.opts.clients)
                 .map(|c| s.spawn(move || me.client(c)))
                 .collect();
+            if let Some(large) = &me.large {
+                clients.extend((0..large::WRITERS).map(|w| {
+                    s.spawn(move || large.writer(w, me.opts.seed, |rng| me.endpoint(rng), &me.stop))
+                }));
+            }
             let result = s
                 .spawn(move || me.nemesis())
                 .join()
@@ -345,12 +381,29 @@ impl Chaos {
         }
         let verdict = self.check();
         let report = self.report(&verdict)?;
+        if let Some(large) = &self.large {
+            let (sent, installed) = large::snapshot_counts(&self.endpoints.lock().expect("lock"));
+            println!(
+                "chaos: large state: {} overwrites acknowledged, {} unknown; snapshot transfers \
+                 started {sent}, installed {installed} (counted since each node's last start)",
+                large.writes_acked.load(Ordering::Relaxed),
+                large.writes_unknown.load(Ordering::Relaxed),
+            );
+        }
         self.cluster().stop_all()?;
         println!("chaos: report: {}", report.display());
         if verdict.problems.is_empty() {
             println!(
-                "chaos: PASS: history linearizable, all {} acknowledged write-once keys readable",
-                verdict.durable_checked
+                "chaos: PASS: history linearizable, all {} acknowledged write-once keys readable{}",
+                verdict.durable_checked,
+                if self.large.is_some() {
+                    format!(
+                        ", all {} large-state keys hold an acknowledged or unknown-outcome version",
+                        verdict.large_checked
+                    )
+                } else {
+                    String::new()
+                }
             );
             Ok(())
         } else {
@@ -679,6 +732,10 @@ impl Chaos {
         if lost > 10 {
             problems.push(format!("... {lost} acknowledged writes lost in all"));
         }
+        let large_checked = self
+            .large
+            .as_ref()
+            .map_or(0, |large| large.check(ep, &mut problems));
         let ops: Vec<Operation> = self
             .history
             .lock()
@@ -701,6 +758,7 @@ impl Chaos {
         Verdict {
             problems,
             durable_checked: durable.len(),
+            large_checked,
         }
     }
 
