@@ -158,23 +158,77 @@ enum FrameError {
     Read(String),
     #[error("stream write: {0}")]
     Write(String),
+    /// The peer reset or stopped the stream, or the connection went: the
+    /// other side gave up on the call (its timeout, its shutdown), which
+    /// says nothing about the bytes that did arrive.
+    #[error("peer abandoned the call: {0}")]
+    Abandoned(String),
     #[error("decode: {0}")]
     Decode(#[from] raft_core::codec::CodecError),
 }
 
+/// A stream read's failure: the peer's reset or a lost connection is an
+/// abandoned call; a stream finished before the frame's end is a truncated
+/// frame.
+fn read_error(e: quinn::ReadExactError) -> FrameError {
+    use quinn::{ReadError, ReadExactError};
+    match e {
+        ReadExactError::ReadError(e @ (ReadError::Reset(_) | ReadError::ConnectionLost(_))) => {
+            FrameError::Abandoned(e.to_string())
+        }
+        e => FrameError::Read(e.to_string()),
+    }
+}
+
+/// A stream write's failure: the peer stopping the stream or a lost
+/// connection is an abandoned call.
+fn write_error(e: quinn::WriteError) -> FrameError {
+    use quinn::WriteError;
+    match e {
+        e @ (WriteError::Stopped(_) | WriteError::ConnectionLost(_)) => {
+            FrameError::Abandoned(e.to_string())
+        }
+        e => FrameError::Write(e.to_string()),
+    }
+}
+
+/// The error code a caller resets its request stream with when it gives
+/// up on the call before the request is fully written.
+const ABANDONED: quinn::VarInt = quinn::VarInt::from_u32(1);
+
+/// A request stream that is reset if dropped before its frame is written:
+/// quinn finishes a dropped stream, and the peer would then read a
+/// truncated frame, indistinguishable from a malformed one, where it should
+/// see a call given up.
+struct ResetUnlessSent(Option<quinn::SendStream>);
+
+impl ResetUnlessSent {
+    fn stream(&mut self) -> &mut quinn::SendStream {
+        self.0.as_mut().expect("present until sent")
+    }
+
+    fn sent(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ResetUnlessSent {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.0.take() {
+            let _ = s.reset(ABANDONED);
+        }
+    }
+}
+
 async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Vec<u8>, FrameError> {
     let mut len = [0u8; 4];
-    recv.read_exact(&mut len)
-        .await
-        .map_err(|e| FrameError::Read(e.to_string()))?;
+    recv.read_exact(&mut len).await.map_err(read_error)?;
     let len = u32::from_be_bytes(len) as usize;
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
     let mut buf = vec![0u8; len];
-    recv.read_exact(&mut buf)
-        .await
-        .map_err(|e| FrameError::Read(e.to_string()))?;
+    recv.read_exact(&mut buf).await.map_err(read_error)?;
     Ok(buf)
 }
 
@@ -198,7 +252,7 @@ async fn write_frame(
     ];
     send.write_all_chunks(&mut chunks)
         .await
-        .map_err(|e| FrameError::Write(e.to_string()))?;
+        .map_err(write_error)?;
     send.finish().map_err(|e| FrameError::Write(e.to_string()))
 }
 
@@ -340,6 +394,9 @@ async fn serve_connection<C: TypeConfig>(
             match tokio::time::timeout(timeout, serve_stream(peer, send, recv, raft, config)).await
             {
                 Ok(Ok(())) => {}
+                Ok(Err(e @ FrameError::Abandoned(_))) => {
+                    debug!(peer = %peer, error = %e, "call abandoned by peer")
+                }
                 Ok(Err(e)) => warn!(peer = %peer, error = %e, "bad stream from peer"),
                 Err(_) => warn!(peer = %peer, "stream from peer never finished; dropped"),
             }
@@ -508,17 +565,18 @@ impl<C: TypeConfig> QuicNetwork<C> {
         let fut = async {
             let conn = self.connection().await?;
             let transport = |e: String| NetworkError::Unreachable(target, e);
-            let (mut send, mut recv) =
-                conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
+            let (send, mut recv) = conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
             let _ = send.set_priority(priority);
+            let mut send = ResetUnlessSent(Some(send));
             let bytes = raft_core::codec::encode(&WireRequest::<C> {
                 from: self.from,
                 msg,
             })
             .map_err(|e| NetworkError::Transport(Box::new(e)))?;
-            write_frame(&mut send, bytes.into(), self.config.max_frame_bytes)
+            write_frame(send.stream(), bytes.into(), self.config.max_frame_bytes)
                 .await
                 .map_err(|e| transport(e.to_string()))?;
+            send.sent();
             let frame = read_frame(&mut recv, self.config.max_frame_bytes)
                 .await
                 .map_err(|e| transport(e.to_string()))?;
@@ -573,5 +631,38 @@ where
 
     async fn timeout_now(&self, req: TimeoutNowRequest) -> Result<(), NetworkError> {
         self.call(Message::TimeoutNow(req)).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_giving_up_is_an_abandoned_call_and_a_cut_frame_is_not() {
+        use quinn::{ReadError, ReadExactError, WriteError};
+        let code = quinn::VarInt::from_u32(7);
+        assert!(matches!(
+            read_error(ReadExactError::ReadError(ReadError::Reset(code))),
+            FrameError::Abandoned(_)
+        ));
+        assert!(matches!(
+            read_error(ReadExactError::ReadError(ReadError::ConnectionLost(
+                quinn::ConnectionError::TimedOut
+            ))),
+            FrameError::Abandoned(_)
+        ));
+        assert!(matches!(
+            read_error(ReadExactError::FinishedEarly(3)),
+            FrameError::Read(_)
+        ));
+        assert!(matches!(
+            write_error(WriteError::Stopped(code)),
+            FrameError::Abandoned(_)
+        ));
+        assert!(matches!(
+            write_error(WriteError::ClosedStream),
+            FrameError::Write(_)
+        ));
     }
 }
