@@ -822,3 +822,31 @@ async fn shutdown_waits_for_a_snapshot_build_in_flight() {
         "shutdown dropped a snapshot build in flight"
     );
 }
+
+/// A follower whose storage was wiped comes back under its old id with an
+/// empty log: the leader must not go on trusting the entries it had
+/// acknowledged, but start it over from what it now holds, so it catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_lost_its_log_is_caught_up_from_what_it_holds() {
+    let mut c = Cluster::new(3, Config::default()).await;
+    for i in 0..50 {
+        c.write(&format!("k{}", i % 7), &format!("a{i}")).await;
+    }
+    let leader = c.leader().await;
+    let follower = *c.nodes.keys().find(|id| **id != leader).expect("follower");
+    let before = c.write("k0", "before the wipe").await.0;
+    c.wait_applied(follower, before).await;
+    c.stop(follower).await;
+    c.start(follower, MemLogStore::new(), MemStateMachine::new())
+        .await;
+    let mut last = LogIndex(0);
+    for i in 0..20 {
+        last = c.write(&format!("k{}", i % 7), &format!("b{i}")).await.0;
+    }
+    c.wait_applied(follower, last).await;
+    assert_eq!(
+        c.nodes[&follower].sm.get("k0"),
+        c.nodes[&leader].sm.get("k0"),
+        "the wiped follower holds the cluster's state again"
+    );
+}

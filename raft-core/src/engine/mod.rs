@@ -27,7 +27,7 @@ pub mod rng;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::error::{InitializeError, MembershipError, NotLeader, RecoveryError, StepError};
@@ -1657,6 +1657,7 @@ impl<C: TypeConfig> Engine<C> {
         let RoleState::Leader(l) = &mut self.role else {
             return Ok(());
         };
+        let round = l.round;
         let Some(p) = l.progress.get_mut(&from) else {
             return Ok(());
         };
@@ -1671,7 +1672,7 @@ impl<C: TypeConfig> Engine<C> {
         p.last_heard = Some(self.now);
         p.acked_round = p.acked_round.max(resp.round);
         if resp.success {
-            let advanced = p.on_match(resp.index);
+            let advanced = p.on_match(resp.index, round);
             if advanced {
                 p.advanced_at = self.now;
             }
@@ -1690,6 +1691,29 @@ impl<C: TypeConfig> Engine<C> {
                     self.maybe_send_timeout_now(from);
                 }
             }
+        } else if resp.index <= p.matched && resp.round > p.matched_round {
+            // Refused an entry at or below `matched` in a request sent
+            // after `matched` was acknowledged. Within a term a follower
+            // never drops what it acknowledged to the term's leader, so its
+            // storage was wiped or rolled back. Trusting the old `matched`
+            // would count entries it no longer holds toward commits, and
+            // keep probing where it has nothing, so that it never caught
+            // up. Start it over from the end of the log it now has.
+            error!(
+                peer = %from,
+                matched = %p.matched,
+                refused = %resp.index,
+                "follower lost entries it had acknowledged (storage wiped or rolled back?); \
+                 replicating to it from its log's end"
+            );
+            let next = resp
+                .conflict
+                .map_or(resp.index, |c| c.index)
+                .max(LogIndex(1));
+            p.matched = LogIndex(0);
+            p.matched_round = round;
+            p.become_probe();
+            p.next = next.min(resp.index);
         } else if resp.index > p.matched && !matches!(p.state, ProgressState::Snapshot { .. }) {
             // A real rejection (not a reordered stale one): move back using
             // the follower's hint, skipping a whole term at a time. (A
@@ -2075,6 +2099,7 @@ impl<C: TypeConfig> Engine<C> {
         let RoleState::Leader(l) = &mut self.role else {
             return;
         };
+        let round = l.round;
         let Some(p) = l.progress.get_mut(&from) else {
             return;
         };
@@ -2096,7 +2121,7 @@ impl<C: TypeConfig> Engine<C> {
         match snapshot {
             Some(meta) if resp.done => {
                 info!(peer = %from, snapshot = %meta.last_log_id, "snapshot delivered");
-                p.on_match(meta.last_log_id.index);
+                p.on_match(meta.last_log_id.index, round);
                 p.become_probe();
                 self.maybe_commit();
             }

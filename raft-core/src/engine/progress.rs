@@ -73,6 +73,10 @@ pub struct Progress {
     pub advanced_at: u64,
     /// The highest heartbeat round the follower has answered.
     pub acked_round: u64,
+    /// The leader's round when `matched` last moved forward: a request
+    /// sent in a later round reached a follower that had already
+    /// acknowledged `matched`.
+    pub matched_round: u64,
     /// Counts toward quorums (false for learners).
     pub voter: bool,
     /// Entries from this index are being read back from the `LogStore` for
@@ -92,6 +96,7 @@ impl Progress {
             last_heard: None,
             advanced_at: 0,
             acked_round: 0,
+            matched_round: 0,
             voter,
             reading: None,
         }
@@ -109,13 +114,15 @@ impl Progress {
         self.next = self.matched.next();
     }
 
-    /// Records an acknowledged match; returns whether it moved forward.
-    pub fn on_match(&mut self, index: LogIndex) -> bool {
+    /// Records an acknowledged match, heard in the leader's `round`;
+    /// returns whether it moved forward.
+    pub fn on_match(&mut self, index: LogIndex, round: u64) -> bool {
         while self.inflight.front().is_some_and(|f| f.last_index <= index) {
             self.inflight.pop_front();
         }
         if index > self.matched {
             self.matched = index;
+            self.matched_round = round;
             if self.next <= index {
                 self.next = index.next();
             }
@@ -164,14 +171,17 @@ mod tests {
     fn a_match_moves_matched_and_next_forward_only() {
         let mut p = Progress::new(LogIndex(3), true);
         p.matched = LogIndex(2);
-        assert!(p.on_match(LogIndex(5)));
+        assert!(p.on_match(LogIndex(5), 0));
         assert_eq!((p.matched, p.next), (LogIndex(5), LogIndex(6)));
-        assert!(!p.on_match(LogIndex(5)), "a repeated match is no progress");
-        assert!(!p.on_match(LogIndex(4)), "a stale match is no progress");
+        assert!(
+            !p.on_match(LogIndex(5), 0),
+            "a repeated match is no progress"
+        );
+        assert!(!p.on_match(LogIndex(4), 0), "a stale match is no progress");
         assert_eq!((p.matched, p.next), (LogIndex(5), LogIndex(6)));
         // next already ahead (pipelined sends) stays where it is.
         p.next = LogIndex(10);
-        assert!(p.on_match(LogIndex(7)));
+        assert!(p.on_match(LogIndex(7), 0));
         assert_eq!(p.next, LogIndex(10));
     }
 
@@ -185,7 +195,7 @@ mod tests {
                 sent_at: at,
             });
         }
-        p.on_match(LogIndex(5));
+        p.on_match(LogIndex(5), 0);
         assert_eq!(p.inflight.len(), 1);
         assert_eq!(p.inflight[0].last_index, LogIndex(8));
     }
