@@ -48,8 +48,8 @@ fn main() -> ExitCode {
 
 const USAGE: &str = "usage: cargo xtask <demo | test | cluster up|status|down [--nodes N] | \
 chaos [--nodes 5] [--duration 60s] [--faults kill,pause,partition] [--seed S] [--large-state] | \
-bench [core | --clients 1,16,256 --duration 20s] | mutants [--seeds N] [--only a,b] [--list] | \
-doctor [--install [--bench]]>";
+bench [core | join | --clients 1,16,256 --duration 20s] | mutants [--seeds N] [--only a,b] [--list] | \
+doctor [--install [--bench]] | help>";
 
 fn run() -> Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -102,6 +102,10 @@ fn run() -> Result<()> {
         }
         Some("mutants") => mutants::run(&root, mutants::Options::parse(rest)?),
         Some("doctor") => doctor(rest),
+        Some("help" | "-h" | "--help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
         _ => {
             eprintln!("{USAGE}");
             bail!("unknown or missing command")
