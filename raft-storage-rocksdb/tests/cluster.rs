@@ -7,10 +7,9 @@ use std::time::Duration;
 
 mod common;
 
-use common::KvLogic;
 use raft_core::memory::{KvCommand, KvConfig, MemRouter};
 use raft_core::{Config, LogIndex, NodeId, Raft, Role};
-use raft_storage_rocksdb::{RocksDb, RocksOptions, RocksReader, RocksStateMachine};
+use raft_storage_rocksdb::RocksReader;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -23,18 +22,12 @@ struct Node {
 /// Everything (log, hard state, data, snapshots) lives in the node's
 /// RocksDB directory: a restart keeps nothing else.
 async fn start(router: &MemRouter<KvConfig>, id: NodeId, dir: PathBuf) -> Node {
-    let db = RocksDb::open(&dir, RocksOptions::default()).expect("open rocksdb");
-    let log = db.log_store(1).expect("log store");
-    let sm = RocksStateMachine::open(&db, 1, KvLogic).expect("state machine");
-    let reader = sm.reader();
     let config = Config {
         snapshot_every: 100,
         purge_keep: 20,
         ..Config::default()
     };
-    let raft = Raft::start(id, config, log, sm, router.factory(id))
-        .await
-        .expect("start");
+    let (raft, reader) = common::start_node(&dir, id, config, router).await;
     router.register(id, raft.clone());
     Node {
         raft,

@@ -24,11 +24,9 @@ use std::time::Duration;
 
 mod common;
 
-use common::KvLogic;
 use raft_core::engine::rng::Rng;
 use raft_core::memory::{KvCommand, KvConfig, MemRouter};
-use raft_core::{Config, NodeId, Raft};
-use raft_storage_rocksdb::{RocksDb, RocksOptions, RocksStateMachine};
+use raft_core::{Config, NodeId};
 
 const KEYS: u64 = 50;
 
@@ -52,10 +50,6 @@ fn node_crash_child_process() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let db = RocksDb::open(&dir, RocksOptions::default()).expect("child open");
-        let log = db.log_store(1).expect("log store");
-        let sm = RocksStateMachine::open(&db, 1, KvLogic).expect("state machine");
-        let reader = sm.reader();
         let config = Config {
             snapshot_every: 40,
             purge_keep: 10,
@@ -63,9 +57,7 @@ fn node_crash_child_process() {
         };
         let id = NodeId(1);
         let router = MemRouter::<KvConfig>::new();
-        let raft = Raft::start(id, config, log, sm, router.factory(id))
-            .await
-            .expect("start");
+        let (raft, reader) = common::start_node(Path::new(&dir), id, config, &router).await;
         // Refused once the store is initialized: that is every round but
         // the first.
         let _ = raft

@@ -44,3 +44,24 @@ impl KvApply<KvConfig> for KvLogic {
         KvResponse::None
     }
 }
+
+/// A node whose log, data and snapshots all live in one RocksDB directory
+/// (group 1), on `router`'s in-process network: its handle and a reader of
+/// its data.
+pub async fn start_node(
+    dir: &std::path::Path,
+    id: raft_core::NodeId,
+    config: raft_core::Config,
+    router: &raft_core::memory::MemRouter<KvConfig>,
+) -> (raft_core::Raft<KvConfig>, raft_storage_rocksdb::RocksReader) {
+    let db =
+        raft_storage_rocksdb::RocksDb::open(dir, raft_storage_rocksdb::RocksOptions::default())
+            .expect("open rocksdb");
+    let log = db.log_store(1).expect("log store");
+    let sm = raft_storage_rocksdb::RocksStateMachine::open(&db, 1, KvLogic).expect("state machine");
+    let reader = sm.reader();
+    let raft = raft_core::Raft::start(id, config, log, sm, router.factory(id))
+        .await
+        .expect("start");
+    (raft, reader)
+}

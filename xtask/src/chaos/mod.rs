@@ -321,6 +321,15 @@ impl Chaos {
         self.cluster.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The status of a node that says it leads, if one answers.
+    fn leader_status(&self) -> Option<crate::http::Status> {
+        self.cluster()
+            .statuses()
+            .into_values()
+            .flatten()
+            .find(|s| s.role == "leader")
+    }
+
     fn now(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
     }
@@ -336,16 +345,12 @@ impl Chaos {
             o.seed,
             o.args().join(" ")
         );
-        {
+        let leader = {
             let mut c = self.cluster();
             c.start_all()?;
-            c.wait_leader(&c.ids(), Duration::from_secs(20))?;
-        }
+            c.endpoint(c.wait_leader(&c.ids(), Duration::from_secs(20))?)
+        };
         if let Some(large) = &self.large {
-            let leader = {
-                let c = self.cluster();
-                c.endpoint(c.wait_leader(&c.ids(), Duration::from_secs(20))?)
-            };
             large.load(&leader)?;
         }
         self.start = Instant::now();
@@ -509,13 +514,7 @@ impl Chaos {
             sleep(quiet);
             let fault = self.opts.faults[rng.range(0, self.opts.faults.len() as u64) as usize];
             let ids = self.cluster().ids();
-            let leader = self
-                .cluster()
-                .statuses()
-                .into_values()
-                .flatten()
-                .find(|s| s.role == "leader")
-                .map(|s| s.id);
+            let leader = self.leader_status().map(|s| s.id);
             let victim = match leader {
                 Some(l) if rng.chance(0.5) => l,
                 _ => ids[rng.range(0, ids.len() as u64) as usize],
@@ -562,14 +561,7 @@ impl Chaos {
     fn change_membership(&self, rng: &mut Rng, victim: u64) -> Result<String> {
         let http = Http::new(Duration::from_secs(40));
         let ep = self.endpoint(rng);
-        let voters = self
-            .cluster()
-            .statuses()
-            .into_values()
-            .flatten()
-            .find(|s| s.role == "leader")
-            .map(|s| s.voters)
-            .unwrap_or_default();
+        let voters = self.leader_status().map(|s| s.voters).unwrap_or_default();
         let shrink =
             voters.len() > self.opts.nodes as usize || (voters.len() > 3 && rng.chance(0.5));
         if shrink && voters.contains(&victim) {
