@@ -1691,7 +1691,7 @@ impl<C: TypeConfig> Engine<C> {
                     self.maybe_send_timeout_now(from);
                 }
             }
-        } else if resp.index <= p.matched && resp.round > p.matched_round {
+        } else {
             // Refused an entry at or below `matched` in a request sent
             // after `matched` was acknowledged. Within a term a follower
             // never drops what it acknowledged to the term's leader, so its
@@ -1699,47 +1699,47 @@ impl<C: TypeConfig> Engine<C> {
             // would count entries it no longer holds toward commits, and
             // keep probing where it has nothing, so that it never caught
             // up. Start it over from the end of the log it now has.
-            error!(
-                peer = %from,
-                matched = %p.matched,
-                refused = %resp.index,
-                "follower lost entries it had acknowledged (storage wiped or rolled back?); \
-                 replicating to it from its log's end"
-            );
-            let next = resp
-                .conflict
-                .map_or(resp.index, |c| c.index)
-                .max(LogIndex(1));
-            p.matched = LogIndex(0);
-            p.matched_round = round;
-            p.become_probe();
-            p.next = next.min(resp.index);
-        } else if resp.index > p.matched && !matches!(p.state, ProgressState::Snapshot { .. }) {
+            let lost = resp.index <= p.matched && resp.round > p.matched_round;
+            if lost {
+                error!(
+                    peer = %from,
+                    matched = %p.matched,
+                    refused = %resp.index,
+                    "follower lost entries it had acknowledged (storage wiped or rolled back?); \
+                     replicating to it from its log's end"
+                );
+                p.matched = LogIndex(0);
+                p.matched_round = round;
+            }
             // A real rejection (not a reordered stale one): move back using
             // the follower's hint, skipping a whole term at a time. (A
             // rejection at exactly `matched` is left to the stall detector:
             // treating it as real stalled replication under heavy load,
             // see the closing note of the membership work.)
-            let next = match resp.conflict {
-                Some(ConflictHint {
-                    term: Some(t),
-                    index,
-                }) => self
-                    .log
-                    .last_index_of_term(t, resp.index)
-                    .map(|i| i.next())
-                    .unwrap_or(index),
-                Some(ConflictHint { term: None, index }) => index,
-                None => resp.index,
-            };
-            let RoleState::Leader(l) = &mut self.role else {
-                return Ok(());
-            };
-            let Some(p) = l.progress.get_mut(&from) else {
-                return Ok(());
-            };
-            p.become_probe();
-            p.next = next.min(resp.index).max(p.matched.next());
+            if lost
+                || (resp.index > p.matched && !matches!(p.state, ProgressState::Snapshot { .. }))
+            {
+                let next = match resp.conflict {
+                    Some(ConflictHint {
+                        term: Some(t),
+                        index,
+                    }) => self
+                        .log
+                        .last_index_of_term(t, resp.index)
+                        .map(|i| i.next())
+                        .unwrap_or(index),
+                    Some(ConflictHint { term: None, index }) => index,
+                    None => resp.index,
+                };
+                let RoleState::Leader(l) = &mut self.role else {
+                    return Ok(());
+                };
+                let Some(p) = l.progress.get_mut(&from) else {
+                    return Ok(());
+                };
+                p.become_probe();
+                p.next = next.min(resp.index).max(p.matched.next());
+            }
         }
         self.send_append(from);
         Ok(())
