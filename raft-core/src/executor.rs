@@ -747,7 +747,7 @@ mod tests {
     use crate::engine::RecoveredState;
     use crate::memory::kv::KvConfig;
     use crate::message::AppendEntriesRequest;
-    use crate::types::EntryPayload;
+    use crate::types::{EntryPayload, NodeUuid};
 
     /// Handles are plain numbers: which request a reply answers.
     struct Ids;
@@ -757,15 +757,17 @@ mod tests {
         type Rpc = u32;
     }
 
+    /// A follower that started before (its identity is saved), so its
+    /// first log operation is the one a test causes.
     fn follower() -> Executor<KvConfig, Ids> {
-        let engine = Engine::new(
-            NodeId(2),
-            Config::default(),
-            2,
-            0,
-            RecoveredState::default(),
-        )
-        .expect("valid config");
+        let state = RecoveredState {
+            hard_state: HardState {
+                uuid: NodeUuid(2),
+                ..HardState::default()
+            },
+            ..RecoveredState::default()
+        };
+        let engine = Engine::new(NodeId(2), Config::default(), 2, 0, state).expect("valid config");
         Executor::new(engine, LogIndex(0), Mode::Pipelined)
     }
 

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 
 use crate::memory::{KvCommand, KvConfig};
 use crate::storage::{LogState, LogStore};
-use crate::types::{Entry, EntryPayload, HardState, LogId, LogIndex, NodeId, Term};
+use crate::types::{Entry, EntryPayload, HardState, LogId, LogIndex, NodeId, NodeUuid, Term};
 
 /// How the suite gets stores: fresh ones, and the same storage reopened
 /// (as after a process restart).
@@ -258,12 +258,14 @@ async fn hard_state_round_trip<H: LogStoreHarness>(h: &mut H) {
     let a = HardState {
         term: Term(3),
         voted_for: Some(NodeId(2)),
+        uuid: NodeUuid(u128::MAX - 5),
     };
     s.save_hard_state(a).await.expect("save");
     assert_eq!(s.load_hard_state().await.expect("load"), a);
     let b = HardState {
         term: Term(4),
         voted_for: None,
+        uuid: NodeUuid(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
     };
     s.save_hard_state(b).await.expect("save");
     let mut s = h.reopen(s).await;
@@ -307,6 +309,7 @@ async fn reopen_after_every_operation<H: LogStoreHarness>(h: &mut H) {
     s.save_hard_state(HardState {
         term: Term(9),
         voted_for: Some(NodeId(1)),
+        uuid: NodeUuid(1),
     })
     .await
     .expect("save");

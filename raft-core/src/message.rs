@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Entry, LogId, LogIndex, Membership, NodeId, Term, TypeConfig};
+use crate::types::{Entry, LogId, LogIndex, Membership, NodeId, NodeUuid, Term, TypeConfig};
 
 /// AppendEntries (§5.3); also the heartbeat when `entries` is empty.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -40,6 +40,9 @@ pub struct AppendEntriesResponse {
     pub index: LogIndex,
     pub conflict: Option<ConflictHint>,
     pub round: u64,
+    /// The follower's identity: the leader counts the acknowledgement only
+    /// if the membership recognizes it ([`Membership::recognizes`]).
+    pub uuid: NodeUuid,
 }
 
 /// RequestVote (§5.2), or a pre-vote probe (thesis §9.6) that changes no
@@ -54,6 +57,9 @@ pub struct VoteRequest {
     /// Set when the campaign follows a leadership transfer, so receivers
     /// that still hear from the old leader vote anyway.
     pub transfer: bool,
+    /// The candidate's identity: a voter refuses a candidate its
+    /// membership does not recognize (its storage was wiped).
+    pub candidate_uuid: NodeUuid,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +67,9 @@ pub struct VoteResponse {
     pub term: Term,
     pub granted: bool,
     pub pre_vote: bool,
+    /// The voter's identity: a grant counts only if the candidate's
+    /// membership recognizes it.
+    pub voter_uuid: NodeUuid,
 }
 
 /// Describes one snapshot: the last entry it covers and the configuration as
@@ -139,6 +148,8 @@ pub struct InstallSnapshotResponse {
     pub next_offset: u64,
     /// The snapshot is installed.
     pub done: bool,
+    /// The follower's identity, as in [`AppendEntriesResponse::uuid`].
+    pub uuid: NodeUuid,
 }
 
 /// TimeoutNow (thesis §3.10): the leader asks the target to campaign at once.

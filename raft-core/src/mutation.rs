@@ -59,6 +59,10 @@ pub enum Mutation {
     /// A vote granted to an earlier campaign (or a pre-vote) counts toward
     /// the current election.
     StaleVoteCounted,
+    /// A node whose storage was wiped votes, and its votes count: it lost
+    /// the vote it gave before the wipe, so it can elect a second leader
+    /// in that term.
+    WipedVoterCounted,
 }
 
 impl Mutation {
@@ -82,6 +86,7 @@ impl Mutation {
         Mutation::PrevLogTermUnchecked,
         Mutation::AckBeforePersist,
         Mutation::StaleVoteCounted,
+        Mutation::WipedVoterCounted,
     ];
 
     /// The name `RAFT_MUTANT` takes.
@@ -105,6 +110,7 @@ impl Mutation {
             Mutation::PrevLogTermUnchecked => "prev_log_term_unchecked",
             Mutation::AckBeforePersist => "ack_before_persist",
             Mutation::StaleVoteCounted => "stale_vote_counted",
+            Mutation::WipedVoterCounted => "wiped_voter_counted",
         }
     }
 

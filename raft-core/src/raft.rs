@@ -39,7 +39,7 @@ use crate::message::{
 use crate::network::{Network, NetworkError, NetworkFactory};
 use crate::state_machine::{SnapshotBuild, StateMachine};
 use crate::storage::{LogStore, StorageError};
-use crate::types::{Entry, LogId, LogIndex, Membership, NodeId, Term, TypeConfig};
+use crate::types::{Entry, LogId, LogIndex, Membership, NodeId, NodeUuid, Term, TypeConfig};
 
 /// Errors from the [`Raft`] handle.
 #[derive(Debug, Error, Clone)]
@@ -113,6 +113,17 @@ pub enum StartError {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RaftMetrics<N> {
     pub id: NodeId,
+    /// This node's identity ([`NodeUuid`]), drawn at its first start.
+    pub uuid: NodeUuid,
+    /// Whether the configuration recognizes this node as itself
+    /// ([`Engine::recognized`]): `false` after its storage was wiped, until
+    /// it is removed and added back. Such a node neither votes nor
+    /// campaigns.
+    pub recognized: bool,
+    /// Leader only: members that answer under an identity the
+    /// configuration does not recognize (their storage was wiped). Their
+    /// votes and acknowledgements do not count.
+    pub unrecognized: BTreeSet<NodeId>,
     pub role: Role,
     pub term: Term,
     pub leader_id: Option<NodeId>,
@@ -277,11 +288,16 @@ impl<C: TypeConfig> Raft<C> {
             snapshot,
             applied,
         };
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-            ^ id.0;
+        // The seed draws election timeouts and, on a new store, the node's
+        // identity: from the OS where it can, so that two nodes (or one
+        // node before and after a wipe) never share one.
+        let seed = getrandom::u64().unwrap_or_else(|_| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ id.0
+        });
         let start = Instant::now();
         let engine = Engine::new(id, config, seed, 0, state)?;
         info!(node = %id, term = %engine.term(), last_log = %engine.last_log_id(), applied = %applied, "raft node recovered");
@@ -719,6 +735,9 @@ fn metrics_of<C: TypeConfig>(
 ) -> RaftMetrics<C::Node> {
     RaftMetrics {
         id: e.id(),
+        uuid: e.uuid(),
+        recognized: e.recognized(),
+        unrecognized: e.unrecognized_peers(),
         role: e.role(),
         term: e.term(),
         leader_id: e.leader_id(),
@@ -747,6 +766,9 @@ fn update_metrics<C: TypeConfig>(
 ) -> bool {
     let RaftMetrics {
         id: _,
+        uuid: _,
+        recognized,
+        unrecognized,
         role,
         term,
         leader_id,
@@ -775,6 +797,8 @@ fn update_metrics<C: TypeConfig>(
     }
     set!(role, e.role());
     set!(term, e.term());
+    set!(recognized, e.recognized());
+    set!(unrecognized, e.unrecognized_peers());
     // Before `leader_id` takes the new value. Counted as published: a
     // leader that came and went within one driver turn is not seen.
     if e.leader_id().is_some() && *leader_id != e.leader_id() {

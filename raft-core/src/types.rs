@@ -29,6 +29,32 @@ pub struct Term(pub u64);
 )]
 pub struct LogIndex(pub u64);
 
+/// A node's identity: a random number drawn when its storage is first
+/// used and kept with its hard state. [`NodeId`] names a seat in the
+/// cluster; `NodeUuid` names the storage behind it. A node whose storage
+/// was wiped comes back under its old id with a new uuid, and the cluster
+/// (which records each member's uuid in its [`Membership`]) no longer counts
+/// its votes or acknowledgements: it lost the promises it made (its vote,
+/// the entries it acknowledged). `NodeUuid(0)` means "none yet".
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct NodeUuid(pub u128);
+
+impl NodeUuid {
+    pub const NONE: NodeUuid = NodeUuid(0);
+
+    pub fn is_none(self) -> bool {
+        self == NodeUuid::NONE
+    }
+}
+
+impl fmt::Display for NodeUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
@@ -196,11 +222,14 @@ impl<C: TypeConfig> Entry<C> {
 
 /// The state that must survive a crash before a node answers a vote or an
 /// append (Figure 2, "persistent state on all servers"): the current term and
-/// who we voted for in it.
+/// who we voted for in it, and the node's identity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HardState {
     pub term: Term,
     pub voted_for: Option<NodeId>,
+    /// This node's identity, drawn at its first start ([`NodeUuid::NONE`]
+    /// on a new store, or one written before identities existed).
+    pub uuid: NodeUuid,
 }
 
 /// A cluster configuration: one voter set normally, two during a joint
@@ -211,6 +240,11 @@ pub struct Membership<N> {
     /// `[voters]`, or `[new_voters, old_voters]` while joint.
     pub configs: Vec<BTreeSet<NodeId>>,
     pub nodes: BTreeMap<NodeId, N>,
+    /// The identity each member had when the leader first heard from it
+    /// (keys are a subset of `nodes`). Votes and acknowledgements count
+    /// only from a member that still has its recorded identity, or whose
+    /// identity is not recorded yet; see [`Membership::recognizes`].
+    pub uuids: BTreeMap<NodeId, NodeUuid>,
 }
 
 impl<N> Default for Membership<N> {
@@ -218,6 +252,23 @@ impl<N> Default for Membership<N> {
         Membership {
             configs: Vec::new(),
             nodes: BTreeMap::new(),
+            uuids: BTreeMap::new(),
+        }
+    }
+}
+
+impl<N> Membership<N> {
+    /// Whether `id` speaking as `uuid` is the member this configuration
+    /// knows: its identity is the recorded one, or none is recorded yet (a
+    /// member the leader has not heard from since it joined, or a
+    /// configuration written before identities existed). A member whose
+    /// storage was wiped has a new identity and is not recognized: it lost
+    /// its vote and the entries it acknowledged, so counting it again
+    /// could elect two leaders in a term or lose a committed entry.
+    pub fn recognizes(&self, id: NodeId, uuid: NodeUuid) -> bool {
+        match self.uuids.get(&id) {
+            Some(recorded) => *recorded == uuid,
+            None => true,
         }
     }
 }
@@ -229,6 +280,7 @@ impl<N: Clone> Membership<N> {
         Membership {
             configs: vec![voters],
             nodes,
+            uuids: BTreeMap::new(),
         }
     }
 

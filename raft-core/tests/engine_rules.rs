@@ -11,7 +11,7 @@ use common::script::{C, Script, config};
 use raft_core::memory::kv::KvCommand;
 use raft_core::{Action, Entry, LogId, LogIndex, Message, VoteRequest};
 use raft_core::{
-    Config, Engine, HardState, InitializeError, Membership, MembershipError, NodeId,
+    Config, Engine, HardState, InitializeError, Membership, MembershipError, NodeId, NodeUuid,
     RecoveredState, Role, SnapshotMeta, Term,
 };
 
@@ -75,6 +75,7 @@ fn initialize_is_refused_once_the_node_has_a_log_or_a_term() {
         hard_state: HardState {
             term: Term(3),
             voted_for: None,
+            uuid: Default::default(),
         },
         ..RecoveredState::default()
     };
@@ -362,13 +363,15 @@ fn s3_back_behind_snapshot_1(cfg: Config) -> Script {
     s3_back_behind_snapshot_1_of_size(cfg, 0)
 }
 
-/// A follower's answer to a snapshot chunk: go on at `next_offset`.
-fn chunk_answer(term: Term, snapshot_id: u64, next_offset: u64) -> Message<C> {
+/// A follower's answer to a snapshot chunk: go on at `next_offset`. The
+/// follower speaks under its identity `uuid`.
+fn chunk_answer(term: Term, uuid: NodeUuid, snapshot_id: u64, next_offset: u64) -> Message<C> {
     Message::InstallSnapshotResponse(raft_core::InstallSnapshotResponse {
         term,
         snapshot_id,
         next_offset,
         done: false,
+        uuid,
     })
 }
 
@@ -406,8 +409,8 @@ fn a_snapshot_streams_a_window_of_chunks_and_resends_only_what_was_not_acknowled
     s.heartbeat(s1, kept);
     let offsets = |s: &Script| s.snapshot_sends.iter().map(|x| x.2).collect::<Vec<_>>();
     assert_eq!(offsets(&s), [0, 100, 200], "a window of three chunks");
-    let term = s.engines[&s1].term();
-    let answer = |next_offset| chunk_answer(term, 1, next_offset);
+    let (term, uuid) = (s.engines[&s1].term(), s.engines[&s3].uuid());
+    let answer = |next_offset| chunk_answer(term, uuid, 1, next_offset);
     let step = |s: &mut Script, next_offset| {
         s.engines
             .get_mut(&s1)
@@ -485,8 +488,8 @@ fn an_unanswered_snapshot_chunk_is_resent_after_an_election_timeout_not_before()
     // and answers the second with where to go on (the same offset). The
     // leader sends one next chunk, not one per answer, which would run two
     // streams of chunks for the rest of the transfer.
-    let term = s.engines[&s1].term();
-    let answer = |next_offset| chunk_answer(term, 1, next_offset);
+    let (term, uuid) = (s.engines[&s1].term(), s.engines[&s3].uuid());
+    let answer = |next_offset| chunk_answer(term, uuid, 1, next_offset);
     let leader = s.engines.get_mut(&s1).unwrap();
     leader.step(s3, answer(64)).unwrap();
     leader.step(s3, answer(64)).unwrap();
@@ -561,8 +564,8 @@ fn a_leader_builds_no_snapshot_while_a_live_follower_receives_one() {
 fn a_transfer_goes_on_across_one_build_and_starts_over_after_two() {
     let [s1, s3] = [1, 3].map(NodeId);
     let mut s = leader_starting_a_transfer_to_s3();
-    let term = s.engines[&s1].term();
-    let answer = |snapshot_id, next_offset| chunk_answer(term, snapshot_id, next_offset);
+    let (term, uuid) = (s.engines[&s1].term(), s.engines[&s3].uuid());
+    let answer = |snapshot_id, next_offset| chunk_answer(term, uuid, snapshot_id, next_offset);
     // A build that was already running when the transfer began finishes.
     commit(&mut s, s1, put("d"));
     let leader = s.engines.get_mut(&s1).unwrap();
@@ -687,6 +690,7 @@ fn a_restart_keeps_purge_keep_entries_behind_the_snapshot() {
         hard_state: HardState {
             term: Term(1),
             voted_for: None,
+            uuid: Default::default(),
         },
         entries,
         snapshot: Some(SnapshotMeta {
@@ -797,6 +801,7 @@ fn vote_request(
         last_log_id: e.last_log_id(),
         pre_vote,
         transfer,
+        candidate_uuid: NodeUuid(from.0.into()),
     })
 }
 
@@ -964,11 +969,13 @@ fn a_candidate_asked_for_its_own_term_stays_a_candidate() {
     assert_eq!(s.engines[&s1].role(), Role::Candidate);
 }
 
-fn vote_response(term: u64, granted: bool, pre_vote: bool) -> Message<C> {
+/// A vote answer from `from` (under the identity the scripts give it).
+fn vote_response(from: NodeId, term: u64, granted: bool, pre_vote: bool) -> Message<C> {
     Message::VoteResponse(raft_core::VoteResponse {
         term: Term(term),
         granted,
         pre_vote,
+        voter_uuid: NodeUuid(from.0.into()),
     })
 }
 
@@ -996,8 +1003,10 @@ fn pre_candidate() -> (Script, u64) {
 fn a_pre_candidate_refused_by_a_majority_gives_up() {
     let (mut s, term) = pre_candidate();
     let e = s.engines.get_mut(&NodeId(1)).unwrap();
-    e.step(NodeId(2), vote_response(term, false, true)).unwrap();
-    e.step(NodeId(3), vote_response(term, false, true)).unwrap();
+    e.step(NodeId(2), vote_response(NodeId(2), term, false, true))
+        .unwrap();
+    e.step(NodeId(3), vote_response(NodeId(3), term, false, true))
+        .unwrap();
     assert_eq!(e.role(), Role::Follower);
     assert_eq!(e.term().0, term, "a pre-vote round moved the term");
 }
@@ -1006,7 +1015,7 @@ fn a_pre_candidate_refused_by_a_majority_gives_up() {
 fn a_pre_candidate_refused_at_a_higher_term_adopts_it() {
     let (mut s, term) = pre_candidate();
     let e = s.engines.get_mut(&NodeId(1)).unwrap();
-    e.step(NodeId(2), vote_response(term + 3, false, true))
+    e.step(NodeId(2), vote_response(NodeId(2), term + 3, false, true))
         .unwrap();
     assert_eq!(e.role(), Role::Follower);
     assert_eq!(e.term().0, term + 3);
@@ -1018,9 +1027,9 @@ fn a_pre_candidate_counts_no_real_vote() {
     let e = s.engines.get_mut(&NodeId(1)).unwrap();
     // Refusals of a real vote in this term (from an election this node ran
     // in it before) are not answers to its pre-vote.
-    e.step(NodeId(2), vote_response(term, false, false))
+    e.step(NodeId(2), vote_response(NodeId(2), term, false, false))
         .unwrap();
-    e.step(NodeId(3), vote_response(term, false, false))
+    e.step(NodeId(3), vote_response(NodeId(3), term, false, false))
         .unwrap();
     assert_eq!(
         e.role(),
@@ -1171,6 +1180,7 @@ fn follower_from_snapshot() -> Engine<C> {
         hard_state: HardState {
             term: Term(1),
             voted_for: None,
+            uuid: Default::default(),
         },
         log_base: snap.last_log_id,
         entries: Vec::new(),
@@ -1212,6 +1222,7 @@ fn a_rejection_at_the_last_index_hints_the_first_index_of_its_term() {
         hard_state: HardState {
             term: Term(1),
             voted_for: None,
+            uuid: Default::default(),
         },
         entries: vec![
             entry(0, 1, raft_core::EntryPayload::Membership(membership)),
@@ -1267,6 +1278,7 @@ fn a_truncated_membership_entry_takes_its_configuration_with_it() {
         hard_state: HardState {
             term: Term(1),
             voted_for: None,
+            uuid: Default::default(),
         },
         entries: vec![
             entry(0, 1, raft_core::EntryPayload::Membership(three.clone())),
@@ -1334,6 +1346,7 @@ fn a_rejection_at_the_matched_index_does_not_stop_pipelining() {
                 index: matched,
                 conflict: None,
                 round: 0,
+                uuid: NodeUuid(s2.0.into()),
             }),
         )
         .unwrap();
@@ -1547,6 +1560,7 @@ fn follower_with_log() -> Engine<C> {
         hard_state: HardState {
             term: Term(2),
             voted_for: None,
+            uuid: Default::default(),
         },
         entries,
         ..RecoveredState::default()
@@ -1732,6 +1746,7 @@ fn a_configuration_after_an_installed_snapshot_stays_in_force() {
         hard_state: HardState {
             term: Term(2),
             voted_for: None,
+            uuid: Default::default(),
         },
         entries,
         ..RecoveredState::default()
@@ -1821,6 +1836,7 @@ fn purging_the_log_keeps_an_uncommitted_configuration_after_it_revocable() {
         hard_state: HardState {
             term: Term(1),
             voted_for: None,
+            uuid: Default::default(),
         },
         log_base: snap.last_log_id,
         entries,
@@ -1862,6 +1878,7 @@ fn recovered(entries: Vec<raft_core::Entry<C>>) -> RecoveredState<C> {
         hard_state: HardState {
             term: Term(3),
             voted_for: None,
+            uuid: Default::default(),
         },
         entries,
         ..RecoveredState::default()

@@ -199,6 +199,7 @@ fn acknowledgement_past_the_leaders_log_is_refused() {
         term: e.term(),
         granted: true,
         pre_vote: false,
+        voter_uuid: raft_core::NodeUuid(2),
     });
     e.step(NodeId(2), vote).unwrap();
     assert!(e.is_leader());
@@ -209,6 +210,7 @@ fn acknowledgement_past_the_leaders_log_is_refused() {
         index: LogIndex(1_000_000),
         conflict: None,
         round: 0,
+        uuid: raft_core::NodeUuid(2),
     });
     assert!(matches!(
         e.step(NodeId(2), bogus.clone()),

@@ -133,6 +133,7 @@ fn late_vote_rejections_from_an_earlier_campaign_do_not_end_the_current_one() {
             term: raft_core::Term(term),
             granted: false,
             pre_vote,
+            voter_uuid: raft_core::NodeUuid(1),
         })
     };
     // S1 campaigns again, in term 2.

@@ -435,6 +435,23 @@ pub struct Status {
     pub last_log_index: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
+    /// This node's identity (32 hex digits), drawn when its data
+    /// directory was new.
+    #[serde(default)]
+    pub uuid: String,
+    /// `false` when the cluster recorded another identity for this node's
+    /// id: its data was wiped or replaced. It then neither votes nor
+    /// campaigns; remove it (`DELETE /v1/members/{id}`) and add it back.
+    #[serde(default = "yes")]
+    pub recognized: bool,
+    /// Leader only: members answering under an identity the cluster does
+    /// not recognize (their data was wiped).
+    #[serde(default)]
+    pub unrecognized: Vec<u64>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 async fn status(State(state): State<AppState>) -> Response {
@@ -454,6 +471,9 @@ async fn status(State(state): State<AppState>) -> Response {
         last_log_index: m.last_log_index.0,
         voters: ids(m.membership.voter_ids()),
         learners: ids(m.membership.learner_ids()),
+        uuid: m.uuid.to_string(),
+        recognized: m.recognized,
+        unrecognized: ids(m.unrecognized.clone()),
     })
     .into_response()
 }

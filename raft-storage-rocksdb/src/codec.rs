@@ -2,7 +2,8 @@
 //! (`raft_core::codec`) and sealed with a CRC32 that also covers the key.
 
 use serde::Serialize;
-use serde::de::DeserializeOwned;
+
+use crate::legacy::Record;
 
 pub const TAG_HARD_STATE: &[u8] = b"hs";
 pub const TAG_PURGED: &[u8] = b"purged";
@@ -42,8 +43,10 @@ pub fn seal_record<T: Serialize>(key: &[u8], value: &T) -> Result<Vec<u8>, Strin
     Ok(out)
 }
 
-/// Verifies and decodes a record written by [`seal_record`].
-pub fn open_record<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, String> {
+/// Verifies and decodes a record written by [`seal_record`], by this
+/// build or, for a type whose format changed, an older one
+/// ([`Record::legacy`]).
+pub fn open_record<T: Record>(key: &[u8], bytes: &[u8]) -> Result<T, String> {
     let (sum, payload) = bytes
         .split_at_checked(4)
         .ok_or("record shorter than its checksum")?;
@@ -51,7 +54,7 @@ pub fn open_record<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, S
     if sum != crc(key, payload) {
         return Err("checksum mismatch".into());
     }
-    raft_core::codec::decode(payload).map_err(|e| e.to_string())
+    raft_core::codec::decode(payload).or_else(|e| T::legacy(payload).ok_or_else(|| e.to_string()))
 }
 
 pub fn decode_u32(bytes: &[u8]) -> Option<u32> {
@@ -61,6 +64,8 @@ pub fn decode_u32(bytes: &[u8]) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Record for (u64, String) {}
 
     #[test]
     fn records_detect_flips_and_moves() {

@@ -30,6 +30,7 @@
 //! records.
 
 mod codec;
+mod legacy;
 mod state_machine;
 mod writer;
 
@@ -53,8 +54,10 @@ use self::writer::{Op, Writer};
 /// without the size) and marked version 2 on open, since what this build
 /// writes next a version 1 build could not read. Version 3 added the
 /// install marker (a snapshot install in progress, finished at open): an
-/// older build would serve the half-replaced data it guards.
-pub const FORMAT_VERSION: u32 = 3;
+/// older build would serve the half-replaced data it guards. Version 4
+/// added node identities (`HardState::uuid`, `Membership::uuids`); older
+/// records are read as they were written and converted (`legacy`).
+pub const FORMAT_VERSION: u32 = 4;
 
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
@@ -296,7 +299,7 @@ impl RocksDb {
     }
 
     /// Reads and verifies a checksummed metadata record of `group`.
-    pub(crate) fn meta_get<T: serde::de::DeserializeOwned>(
+    pub(crate) fn meta_get<T: legacy::Record>(
         &self,
         group: u64,
         tag: &[u8],
@@ -305,7 +308,7 @@ impl RocksDb {
     }
 
     /// Reads and verifies a checksummed record of `group` in column family `cf`.
-    pub(crate) fn record_get<T: serde::de::DeserializeOwned>(
+    pub(crate) fn record_get<T: legacy::Record>(
         &self,
         cf: &'static str,
         group: u64,

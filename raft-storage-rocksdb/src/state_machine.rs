@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::codec;
+use crate::legacy::{MembershipV3, Record, SnapshotMetaV1};
 use crate::writer::Op;
 use crate::{CF_META, CF_SM, RocksDb, RocksError, joined};
 
@@ -115,6 +116,24 @@ struct Applied<C: TypeConfig> {
     membership: Membership<C::Node>,
 }
 
+/// `Applied` before identities (formats 1 to 3).
+#[derive(Deserialize)]
+#[serde(bound = "")]
+struct AppliedV3<C: TypeConfig> {
+    log_id: LogId,
+    membership: MembershipV3<C::Node>,
+}
+
+impl<C: TypeConfig> Record for Applied<C> {
+    fn legacy(payload: &[u8]) -> Option<Self> {
+        let old: AppliedV3<C> = raft_core::codec::decode(payload).ok()?;
+        Some(Applied {
+            log_id: old.log_id,
+            membership: old.membership.into(),
+        })
+    }
+}
+
 /// A [`StateMachine`] over RocksDB for one Raft group.
 pub struct RocksStateMachine<C: TypeConfig, A: KvApply<C>> {
     db: RocksDb,
@@ -152,7 +171,7 @@ impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
                     size: std::fs::metadata(snapshot_dir.join(snapshot_name(old.id)))
                         .map_or(0, |m| m.len()),
                     last_log_id: old.last_log_id,
-                    membership: old.membership,
+                    membership: old.membership.into(),
                     id: old.id,
                 }),
                 _ => return Err(e.into()),
@@ -295,15 +314,6 @@ type Pair = (Vec<u8>, Vec<u8>);
 /// A snapshot's file name in the group's snapshot directory.
 fn snapshot_name(id: u64) -> String {
     format!("{id}.snap")
-}
-
-/// What format 1 stored as a snapshot's meta (no `size`).
-#[derive(Deserialize)]
-#[serde(bound = "")]
-struct SnapshotMetaV1<C: TypeConfig> {
-    last_log_id: LogId,
-    membership: Membership<C::Node>,
-    id: u64,
 }
 
 /// Deletes what a crash or an abandoned transfer left in the snapshot
@@ -716,10 +726,26 @@ mod tests {
         }
     }
 
+    /// `Membership` as formats 1 to 3 wrote it.
+    #[derive(Serialize)]
+    struct V3Membership {
+        configs: Vec<std::collections::BTreeSet<raft_core::NodeId>>,
+        nodes: BTreeMap<raft_core::NodeId, String>,
+    }
+
+    impl From<&Membership<String>> for V3Membership {
+        fn from(m: &Membership<String>) -> Self {
+            V3Membership {
+                configs: m.configs.clone(),
+                nodes: m.nodes.clone(),
+            }
+        }
+    }
+
     #[derive(Serialize)]
     struct V1Meta {
         last_log_id: LogId,
-        membership: Membership<String>,
+        membership: V3Membership,
         id: u64,
     }
 
@@ -735,7 +761,7 @@ mod tests {
         let key = codec::meta_key(1, TAG_SNAPSHOT);
         let v1 = V1Meta {
             last_log_id: meta.last_log_id,
-            membership: meta.membership.clone(),
+            membership: (&meta.membership).into(),
             id: meta.id,
         };
         let cf = db.cf(CF_META).expect("cf");
@@ -753,6 +779,145 @@ mod tests {
         );
         let mut sm: Sm = RocksStateMachine::open(&db, 1, Ignore).expect("sm");
         assert_eq!(sm.current_snapshot().await.expect("meta"), Some(meta));
+    }
+
+    /// A store written by format 3 (before node identities): its hard
+    /// state, log entries (a membership among them), applied record and
+    /// snapshot meta read back as they were written, with no identity
+    /// recorded, and the store is marked format 4.
+    #[tokio::test]
+    async fn a_format_3_store_reads_back_without_identities() {
+        use raft_core::{HardState, LogIndex, LogStore, NodeId, Term};
+        #[derive(Serialize)]
+        struct V3HardState {
+            term: Term,
+            voted_for: Option<NodeId>,
+        }
+        #[derive(Serialize)]
+        enum V3Payload {
+            #[allow(dead_code)]
+            Blank,
+            Command(raft_core::memory::KvCommand),
+            Membership(V3Membership),
+        }
+        #[derive(Serialize)]
+        struct V3Entry {
+            log_id: LogId,
+            payload: V3Payload,
+        }
+        #[derive(Serialize)]
+        struct V3Applied {
+            log_id: LogId,
+            membership: V3Membership,
+        }
+        #[derive(Serialize)]
+        struct V3Meta {
+            last_log_id: LogId,
+            membership: V3Membership,
+            id: u64,
+            size: u64,
+        }
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (db, mut sm) = open_sm(dir.path());
+        let meta = snapshot_after_blank(&mut sm, LogId::new(1, 1)).await;
+        let members: BTreeMap<NodeId, String> =
+            (1..=3).map(|i| (NodeId(i), format!("n{i}"))).collect();
+        let membership = Membership::new_voters(members);
+        let command = raft_core::memory::KvCommand::Put {
+            key: "k".into(),
+            value: "v".into(),
+        };
+        let mut ops = Vec::new();
+        let mut record = |cf: &'static str, key: Vec<u8>, value: &dyn erased::Sealable| {
+            let value = value.seal(&key);
+            ops.push(Op::Put { cf, key, value });
+        };
+        let hard_state = V3HardState {
+            term: Term(5),
+            voted_for: Some(NodeId(2)),
+        };
+        record(
+            crate::CF_HARD_STATE,
+            codec::meta_key(1, codec::TAG_HARD_STATE),
+            &hard_state,
+        );
+        let entries = [
+            V3Entry {
+                log_id: LogId::new(1, 1),
+                payload: V3Payload::Membership((&membership).into()),
+            },
+            V3Entry {
+                log_id: LogId::new(1, 2),
+                payload: V3Payload::Command(command.clone()),
+            },
+        ];
+        for e in &entries {
+            record(crate::CF_LOG, codec::log_key(1, e.log_id.index.0), e);
+        }
+        let applied = V3Applied {
+            log_id: LogId::new(1, 2),
+            membership: (&membership).into(),
+        };
+        record(CF_META, codec::meta_key(1, TAG_APPLIED), &applied);
+        let old_meta = V3Meta {
+            last_log_id: meta.last_log_id,
+            membership: (&membership).into(),
+            id: meta.id,
+            size: meta.size,
+        };
+        record(CF_META, codec::meta_key(1, TAG_SNAPSHOT), &old_meta);
+        db.writer.write_blocking(&ops, true).expect("write");
+        let cf = db.cf(CF_META).expect("cf");
+        db.shared
+            .db
+            .put_cf(cf, KEY_FORMAT, 3u32.to_le_bytes())
+            .expect("put");
+        drop((sm, db));
+
+        let db = RocksDb::open(dir.path(), RocksOptions::default()).expect("reopen");
+        let format = db.shared.db.get_cf(db.cf(CF_META).unwrap(), KEY_FORMAT);
+        assert_eq!(
+            format.expect("get").as_deref(),
+            Some(&4u32.to_le_bytes()[..])
+        );
+        let mut log = db.log_store::<KvConfig>(1).expect("log");
+        assert_eq!(
+            log.load_hard_state().await.expect("hard state"),
+            HardState {
+                term: Term(5),
+                voted_for: Some(NodeId(2)),
+                uuid: raft_core::NodeUuid::NONE,
+            }
+        );
+        let read = log.read(LogIndex(1), LogIndex(2)).await.expect("read");
+        assert_eq!(
+            read[0].payload,
+            EntryPayload::Membership(membership.clone())
+        );
+        assert_eq!(read[1].payload, EntryPayload::command(command));
+        let mut sm: Sm = RocksStateMachine::open(&db, 1, Ignore).expect("sm");
+        assert_eq!(sm.applied().await.expect("applied"), LogId::new(1, 2));
+        let snapshot = sm
+            .current_snapshot()
+            .await
+            .expect("meta")
+            .expect("a snapshot");
+        assert_eq!(snapshot.membership, membership);
+        assert!(snapshot.membership.uuids.is_empty());
+        assert_eq!((snapshot.id, snapshot.size), (meta.id, meta.size));
+    }
+
+    /// Seals any serializable value behind one object-safe call.
+    mod erased {
+        pub trait Sealable {
+            fn seal(&self, key: &[u8]) -> Vec<u8>;
+        }
+        impl<T: serde::Serialize> Sealable for T {
+            fn seal(&self, key: &[u8]) -> Vec<u8> {
+                crate::codec::seal_record(key, self).expect("seal")
+            }
+        }
     }
 
     type Sm = RocksStateMachine<KvConfig, Ignore>;

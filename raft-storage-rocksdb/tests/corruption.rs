@@ -49,6 +49,7 @@ fn build(dir: &Path) {
         s.save_hard_state(HardState {
             term: Term(4),
             voted_for: Some(NodeId(2)),
+            uuid: Default::default(),
         })
         .await
         .expect("hs");
@@ -74,6 +75,7 @@ fn verify(dir: &Path) -> Result<bool, String> {
                 == HardState {
                     term: Term(4),
                     voted_for: Some(NodeId(2)),
+                    uuid: Default::default(),
                 })
     })
 }

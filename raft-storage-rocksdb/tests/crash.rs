@@ -53,6 +53,7 @@ impl Model {
             8 | 9 => Op::Vote(HardState {
                 term: Term(self.hs.term.0 + 1),
                 voted_for: Some(NodeId(rng.range(1, 6))),
+                uuid: Default::default(),
             }),
             _ => {
                 let term = last.term.0.max(1) + u64::from(rng.chance(0.2));

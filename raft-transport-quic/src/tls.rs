@@ -275,4 +275,6 @@ impl TlsIdentity {
 /// `raft/2`: `SnapshotMeta` carries the snapshot's size; a `raft/1` peer
 /// could not decode it, so the two refuse each other at the handshake.
 /// `raft/3`: snapshot chunks carry a checksum.
-pub const ALPN: &[u8] = b"raft/3";
+/// `raft/4`: responses and vote requests carry the sender's identity
+/// (`NodeUuid`), and a configuration the members' recorded identities.
+pub const ALPN: &[u8] = b"raft/4";

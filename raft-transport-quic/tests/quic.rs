@@ -309,6 +309,7 @@ async fn hostile_peers_are_refused_and_the_cluster_keeps_replicating() {
             term: raft_core::Term(1),
             granted: true,
             pre_vote: false,
+            voter_uuid: raft_core::NodeUuid(9),
         }),
     ))
     .expect("encode");
@@ -356,6 +357,7 @@ async fn hostile_peers_are_refused_and_the_cluster_keeps_replicating() {
         last_log_id: raft_core::LogId::new(1_000, 1_000),
         pre_vote: false,
         transfer: true,
+        candidate_uuid: raft_core::NodeUuid(1),
     };
     let bytes = raft_core::codec::encode(&(NodeId(1), raft_core::Message::<KvConfig>::Vote(vote)))
         .expect("encode");

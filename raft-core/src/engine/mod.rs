@@ -20,6 +20,7 @@
 //! exactly the state each role owns. Comments cite the extended Raft paper
 //! (§) and Ongaro's thesis where a rule comes from.
 
+mod identity;
 pub mod log;
 pub mod progress;
 pub mod quorum;
@@ -37,7 +38,7 @@ use crate::message::{
 };
 use crate::mutation::{Mutation, active as mutant};
 use crate::types::{
-    Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Term, TypeConfig,
+    Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, NodeUuid, Term, TypeConfig,
 };
 
 use self::log::RaftLog;
@@ -206,6 +207,13 @@ pub struct Engine<C: TypeConfig> {
     snapshot_stretch: u64,
     now: u64,
 
+    /// This node's identity (kept with the hard state; see [`NodeUuid`]).
+    uuid: NodeUuid,
+    /// The configuration records another identity for this node: its
+    /// storage was wiped or replaced. It neither votes nor campaigns until
+    /// it is removed and added back. Logged once per change.
+    unrecognized_logged: bool,
+
     // Persistent state (Figure 2).
     term: Term,
     voted_for: Option<NodeId>,
@@ -357,8 +365,22 @@ impl<C: TypeConfig> Engine<C> {
             }
         }
 
+        // A store that never held an identity (new, or written before
+        // identities existed) gets one now, saved before anything else this
+        // node does: every later write queues behind it.
+        let mut uuid = hard_state.uuid;
+        if uuid.is_none() {
+            let mut r = Rng::new(seed ^ id.0.wrapping_mul(0x94D0_49BB_1331_11EB) ^ 0x1D);
+            while uuid.is_none() {
+                uuid = NodeUuid(u128::from(r.next_u64()) << 64 | u128::from(r.next_u64()));
+            }
+            actions.insert(0, Action::SaveHardState(HardState { uuid, ..hard_state }));
+        }
+
         let mut engine = Engine {
             id,
+            uuid,
+            unrecognized_logged: false,
             rng: Rng::new(seed ^ id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             snapshot_rng: Rng::new(seed ^ id.0.wrapping_mul(0xC2B2_AE3D_27D4_EB4F) ^ 0x5EED),
             snapshot_stretch: 100,
@@ -591,7 +613,10 @@ impl<C: TypeConfig> Engine<C> {
         if now >= l.check_quorum_due {
             let progress = &l.progress;
             let active = quorum::has_quorum(&configs, |p| {
-                p == id || progress.get(&p).is_some_and(|p| p.recent_active)
+                p == id
+                    || progress
+                        .get(&p)
+                        .is_some_and(|p| p.recent_active && p.recognized)
             });
             for p in l.progress.values_mut() {
                 p.recent_active = false;
@@ -741,6 +766,9 @@ impl<C: TypeConfig> Engine<C> {
         if next.nodes.remove(&id).is_none() {
             return Err(MembershipError::UnknownNode(id).into());
         }
+        // Added back later, it is a new member: whatever identity it then
+        // has is recorded afresh.
+        next.uuids.remove(&id);
         self.propose_payload(EntryPayload::Membership(next))
     }
 
@@ -768,7 +796,7 @@ impl<C: TypeConfig> Engine<C> {
         }
         let joint = Membership {
             configs: vec![voters, old],
-            nodes: current.nodes,
+            ..current
         };
         self.propose_payload(EntryPayload::Membership(joint))
     }
@@ -781,8 +809,27 @@ impl<C: TypeConfig> Engine<C> {
             return Err(self.not_leader().into());
         }
         let index = self.membership_log_id().index;
-        if self.membership().is_joint() || index > self.commit {
+        if self.membership().is_joint() {
             return Err(MembershipError::InProgress { index }.into());
+        }
+        // One change at a time: nothing appended since the last committed
+        // configuration may change voters or members. An entry that only
+        // records identities ([`Self::record_identities`]) changes no
+        // quorum, so a change may follow it before it commits.
+        let commit = self.commit;
+        let committed = self
+            .log_memberships
+            .iter()
+            .rev()
+            .find(|(id, _)| id.index <= commit)
+            .unwrap_or(&self.base_membership);
+        if let Some((pending, _)) = self.log_memberships.iter().find(|(id, m)| {
+            id.index > commit && (m.configs != committed.1.configs || m.nodes != committed.1.nodes)
+        }) {
+            return Err(MembershipError::InProgress {
+                index: pending.index,
+            }
+            .into());
         }
         Ok(self.membership().clone())
     }
@@ -978,7 +1025,7 @@ impl<C: TypeConfig> Engine<C> {
 
     fn campaign(&mut self, kind: CampaignKind) {
         self.reset_election_timer();
-        if !self.membership().is_voter(self.id) {
+        if !self.membership().is_voter(self.id) || !self.check_recognized() {
             return;
         }
         let Some(next_term) = self.term.next() else {
@@ -1014,6 +1061,7 @@ impl<C: TypeConfig> Engine<C> {
             last_log_id: self.log.last_log_id(),
             pre_vote,
             transfer: kind == CampaignKind::Transfer,
+            candidate_uuid: self.uuid,
         };
         for peer in self.membership().voter_ids() {
             if peer != self.id {
@@ -1039,10 +1087,23 @@ impl<C: TypeConfig> Engine<C> {
                 term,
                 granted,
                 pre_vote: req.pre_vote,
+                voter_uuid: this.uuid,
             });
             this.actions.push(Action::Respond { to: from, msg });
         };
         if req.term < self.term {
+            respond(self, false, self.term);
+            return Ok(());
+        }
+        // A node the configuration does not recognize lost its earlier
+        // votes with its storage; a candidate it does not recognize lost
+        // its log and its vote. Neither takes part in an election, and the
+        // refusal changes no state here (no term is adopted), so a wiped
+        // node cannot disturb the cluster either.
+        let unrecognized =
+            !self.check_recognized() || !self.membership().recognizes(from, req.candidate_uuid);
+        if unrecognized && !mutant(Mutation::WipedVoterCounted) {
+            debug!(node = %self.id, candidate = %from, "vote refused: identity not recognized");
             respond(self, false, self.term);
             return Ok(());
         }
@@ -1108,7 +1169,12 @@ impl<C: TypeConfig> Engine<C> {
         if !current && !mutant(Mutation::StaleVoteCounted) {
             return;
         }
-        self.record_vote(from, resp.granted);
+        // A grant from a voter whose storage was wiped is no vote: the
+        // node before the wipe may have given its vote in this term away.
+        let granted = resp.granted
+            && (self.membership().recognizes(from, resp.voter_uuid)
+                || mutant(Mutation::WipedVoterCounted));
+        self.record_vote(from, granted);
     }
 
     fn record_vote(&mut self, from: NodeId, granted: bool) {
@@ -1226,6 +1292,7 @@ impl<C: TypeConfig> Engine<C> {
                     .cloned()
                     .unwrap_or_else(|| Progress::new(next, voter));
                 p.voter = voter;
+                p.recognized = m.recognizes(*id, p.uuid);
                 (*id, p)
             })
             .collect()
@@ -1250,6 +1317,7 @@ impl<C: TypeConfig> Engine<C> {
         self.actions.push(Action::SaveHardState(HardState {
             term: self.term,
             voted_for: self.voted_for,
+            uuid: self.uuid,
         }));
     }
 
@@ -1505,6 +1573,7 @@ impl<C: TypeConfig> Engine<C> {
                     index,
                     conflict,
                     round,
+                    uuid: this.uuid,
                 });
                 this.actions.push(Action::Respond { to: from, msg });
             };
@@ -1654,13 +1723,12 @@ impl<C: TypeConfig> Engine<C> {
         resp: AppendEntriesResponse,
     ) -> Result<(), StepError> {
         let last = self.log.last_index();
-        let RoleState::Leader(l) = &mut self.role else {
+        let RoleState::Leader(l) = &self.role else {
             return Ok(());
         };
-        let round = l.round;
-        let Some(p) = l.progress.get_mut(&from) else {
+        if !l.progress.contains_key(&from) {
             return Ok(());
-        };
+        }
         if resp.success && resp.index > last {
             return Err(StepError::Malformed {
                 from,
@@ -1668,6 +1736,14 @@ impl<C: TypeConfig> Engine<C> {
                 reason: "acknowledges past our log",
             });
         }
+        self.answered_by(from, resp.uuid);
+        let round = self.leader().round;
+        let RoleState::Leader(l) = &mut self.role else {
+            return Ok(());
+        };
+        let Some(p) = l.progress.get_mut(&from) else {
+            return Ok(());
+        };
         p.recent_active = true;
         p.last_heard = Some(self.now);
         p.acked_round = p.acked_round.max(resp.round);
@@ -1763,7 +1839,11 @@ impl<C: TypeConfig> Engine<C> {
             if id == me {
                 durable
             } else {
-                l.progress.get(&id).map(|p| p.matched).unwrap_or_default()
+                l.progress
+                    .get(&id)
+                    .filter(|p| p.recognized)
+                    .map(|p| p.matched)
+                    .unwrap_or_default()
             }
         });
         if index > self.commit
@@ -1778,16 +1858,24 @@ impl<C: TypeConfig> Engine<C> {
                 let joint = self.membership();
                 let new_voters = joint.configs[0].clone();
                 let learners = joint.learner_ids();
+                let stays = |id: &NodeId| new_voters.contains(id) || learners.contains(id);
                 let nodes = joint
                     .nodes
                     .iter()
-                    .filter(|(id, _)| new_voters.contains(id) || learners.contains(id))
+                    .filter(|(id, _)| stays(id))
                     .map(|(id, n)| (*id, n.clone()))
+                    .collect();
+                let uuids = joint
+                    .uuids
+                    .iter()
+                    .filter(|(id, _)| stays(id))
+                    .map(|(id, u)| (*id, *u))
                     .collect();
                 info!(node = %self.id, term = %self.term, voters = ?new_voters, "joint configuration committed; appending the new one");
                 self.leader_append(EntryPayload::Membership(Membership {
                     configs: vec![new_voters],
                     nodes,
+                    uuids,
                 }));
             }
             // A leader that is not in the configuration it just committed
@@ -1919,7 +2007,10 @@ impl<C: TypeConfig> Engine<C> {
             let confirmed = r.index.is_some()
                 && (mutant(Mutation::ReadWithoutQuorumRound)
                     || quorum::has_quorum(&configs, |id| {
-                        id == me || progress.get(&id).is_some_and(|p| p.acked_round >= r.round)
+                        id == me
+                            || progress
+                                .get(&id)
+                                .is_some_and(|p| p.recognized && p.acked_round >= r.round)
                     }));
             if confirmed {
                 ready.push((r.id, r.index.unwrap_or_default()));
@@ -1983,6 +2074,7 @@ impl<C: TypeConfig> Engine<C> {
                 snapshot_id,
                 next_offset,
                 done,
+                uuid: this.uuid,
             });
             this.actions.push(Action::Respond { to: from, msg });
         };
@@ -2094,6 +2186,9 @@ impl<C: TypeConfig> Engine<C> {
     }
 
     fn on_snapshot_response(&mut self, from: NodeId, resp: InstallSnapshotResponse) {
+        if !self.answered_by(from, resp.uuid) {
+            return;
+        }
         let (now, chunk) = (self.now, self.config.snapshot_chunk_bytes);
         let snapshot = self.sendable_snapshot(resp.snapshot_id);
         let RoleState::Leader(l) = &mut self.role else {
@@ -2155,7 +2250,7 @@ impl<C: TypeConfig> Engine<C> {
     // -------------------------------------------------------------- helpers
 
     fn reject_stale(&mut self, from: NodeId, msg: &Message<C>) {
-        let term = self.term;
+        let (term, uuid) = (self.term, self.uuid);
         let resp = match msg {
             Message::AppendEntries(req) => Message::AppendEntriesResponse(AppendEntriesResponse {
                 term,
@@ -2163,6 +2258,7 @@ impl<C: TypeConfig> Engine<C> {
                 index: req.prev_log_id.index,
                 conflict: None,
                 round: req.round,
+                uuid,
             }),
             Message::InstallSnapshot(req) => {
                 Message::InstallSnapshotResponse(InstallSnapshotResponse {
@@ -2170,6 +2266,7 @@ impl<C: TypeConfig> Engine<C> {
                     snapshot_id: req.meta.id,
                     next_offset: 0,
                     done: false,
+                    uuid,
                 })
             }
             _ => return,

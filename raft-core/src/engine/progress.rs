@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use crate::types::LogIndex;
+use crate::types::{LogIndex, NodeUuid};
 
 /// How the leader is currently sending to a follower.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +79,14 @@ pub struct Progress {
     pub matched_round: u64,
     /// Counts toward quorums (false for learners).
     pub voter: bool,
+    /// The identity the follower last answered with (none before its
+    /// first answer).
+    pub uuid: NodeUuid,
+    /// The configuration recognizes `uuid` as this member
+    /// ([`crate::Membership::recognizes`]). Only then do its answers count
+    /// toward commits, reads and check-quorum; a follower that is not
+    /// recognized (its storage was wiped) is still sent the log.
+    pub recognized: bool,
     /// Entries from this index are being read back from the `LogStore` for
     /// this follower (they were evicted from the engine's cache); nothing
     /// is sent from `next` until they arrive.
@@ -98,8 +106,29 @@ impl Progress {
             acked_round: 0,
             matched_round: 0,
             voter,
+            uuid: NodeUuid::NONE,
+            recognized: true,
             reading: None,
         }
+    }
+
+    /// Notes the identity an answer came with. A follower that answers
+    /// under another identity than before lost its storage: nothing it
+    /// acknowledged holds any more, so it is probed again from scratch.
+    /// Returns whether that happened.
+    pub fn on_identity(&mut self, uuid: NodeUuid) -> bool {
+        if self.uuid == uuid {
+            return false;
+        }
+        let changed = !self.uuid.is_none();
+        self.uuid = uuid;
+        if changed {
+            self.matched = LogIndex(0);
+            self.acked_round = 0;
+            self.reading = None;
+            self.become_probe();
+        }
+        changed
     }
 
     pub fn become_probe(&mut self) {
@@ -183,6 +212,25 @@ mod tests {
         p.next = LogIndex(10);
         assert!(p.on_match(LogIndex(7), 0));
         assert_eq!(p.next, LogIndex(10));
+    }
+
+    #[test]
+    fn a_new_identity_forgets_what_the_old_one_acknowledged() {
+        let mut p = Progress::new(LogIndex(1), true);
+        assert!(
+            !p.on_identity(NodeUuid(7)),
+            "a first answer changes nothing"
+        );
+        p.on_match(LogIndex(9), 3);
+        p.acked_round = 3;
+        assert!(!p.on_identity(NodeUuid(7)));
+        assert_eq!(p.matched, LogIndex(9));
+        assert!(p.on_identity(NodeUuid(8)));
+        assert_eq!(
+            (p.matched, p.next, p.acked_round),
+            (LogIndex(0), LogIndex(1), 0)
+        );
+        assert_eq!(p.state, ProgressState::Probe { sent: false });
     }
 
     #[test]

@@ -64,6 +64,25 @@ pub fn wait_leader(sim: &mut Sim) -> NodeId {
     l.unwrap_or_default()
 }
 
+/// Runs until the leader has recorded every member's identity and
+/// committed the record (at most 10 election timeouts), so that no entry
+/// of the leader's own is in flight when a test cuts the network. Returns
+/// the leader.
+pub fn wait_identities_recorded(sim: &mut Sim) -> NodeId {
+    let recorded = |s: &Sim| {
+        s.leader().and_then(|l| s.engine(l)).is_some_and(|e| {
+            let m = e.membership();
+            m.nodes.keys().all(|id| m.uuids.contains_key(id))
+                && e.membership_log_id().index <= e.commit_index()
+        })
+    };
+    sim.run_until(10 * ET, recorded);
+    sim.expect(recorded(sim), || {
+        "member identities not recorded within 10 election timeouts".into()
+    });
+    sim.leader().unwrap_or_default()
+}
+
 /// Heals everything, restarts every node, and requires convergence within
 /// 10 election timeouts.
 pub fn heal_and_converge(sim: &mut Sim) {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use raft_core::memory::kv::KvConfig;
 use raft_core::{
     Action, Config, Engine, Entry, HardState, LogId, LogIndex, Membership, Message, NodeId,
-    RecoveredState,
+    NodeUuid, RecoveredState,
 };
 
 pub type C = KvConfig;
@@ -56,9 +56,26 @@ impl Script {
         Script::with_config(n, config())
     }
 
+    /// `n` voters whose identities (node `i` is `NodeUuid(i)`) the first
+    /// configuration already records, so that no leader appends a record
+    /// of them and the scripts' indexes are Raft's alone.
     pub fn with_config(n: u64, cfg: Config) -> Script {
+        Script::build(n, cfg, true)
+    }
+
+    /// As [`Script::with_config`], the first configuration recording no
+    /// identity: the first leader records them.
+    pub fn unrecorded(n: u64, cfg: Config) -> Script {
+        Script::build(n, cfg, false)
+    }
+
+    fn build(n: u64, cfg: Config, recorded: bool) -> Script {
         let members: BTreeMap<NodeId, String> =
             (1..=n).map(|i| (NodeId(i), format!("n{i}"))).collect();
+        let mut first = Membership::new_voters(members);
+        if recorded {
+            first.uuids = (1..=n).map(|i| (NodeId(i), NodeUuid(i.into()))).collect();
+        }
         let mut s = Script {
             engines: BTreeMap::new(),
             disks: BTreeMap::new(),
@@ -76,10 +93,17 @@ impl Script {
         };
         for i in 1..=n {
             let id = NodeId(i);
-            let mut e = Engine::new(id, cfg.clone(), i, 0, RecoveredState::default()).unwrap();
-            e.initialize(Membership::new_voters(members.clone()))
-                .unwrap();
-            s.disks.insert(id, (HardState::default(), Vec::new()));
+            let hard_state = HardState {
+                uuid: NodeUuid(i.into()),
+                ..HardState::default()
+            };
+            let state = RecoveredState {
+                hard_state,
+                ..RecoveredState::default()
+            };
+            let mut e = Engine::new(id, cfg.clone(), i, 0, state).unwrap();
+            e.initialize(first.clone()).unwrap();
+            s.disks.insert(id, (hard_state, Vec::new()));
             s.engines.insert(id, e);
             s.flush(id);
         }
@@ -236,6 +260,19 @@ impl Script {
             id,
             Engine::new(id, self.cfg.clone(), id.0 + 100, 0, state).unwrap(),
         );
+    }
+
+    /// Replaces `id`'s storage with an empty one that holds only the
+    /// identity `uuid` (a disk wiped or swapped, the node started again
+    /// under its old id), and starts it.
+    pub fn wipe(&mut self, id: NodeId, uuid: NodeUuid) {
+        self.crash(id);
+        let hard_state = HardState {
+            uuid,
+            ..HardState::default()
+        };
+        self.disks.insert(id, (hard_state, Vec::new()));
+        self.restart(id);
     }
 
     /// Lets a heartbeat interval pass on `id` only, and delivers the result.

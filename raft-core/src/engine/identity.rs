@@ -1,0 +1,144 @@
+//! Node identities: the rules that keep a node whose storage was wiped
+//! from counting as the member it was.
+//!
+//! A node draws a [`NodeUuid`] when its store is new and keeps it with its
+//! hard state. The leader records each member's identity in the
+//! configuration ([`crate::Membership::uuids`]) when it first hears from it, and
+//! from then on:
+//! - a candidate counts a vote only from a voter the configuration
+//!   recognizes, and a voter refuses a candidate it does not recognize
+//!   (`on_vote_request`, `on_vote_response`);
+//! - a leader counts an acknowledgement toward commits, reads and
+//!   check-quorum only from a recognized follower, and forgets what a
+//!   follower acknowledged when it answers under a new identity
+//!   ([`Engine::answered_by`]);
+//! - a node that finds another identity recorded for its id neither votes
+//!   nor campaigns ([`Engine::recognized`]); it follows the leader like a
+//!   learner until it is removed and added back, when its new identity is
+//!   recorded.
+//!
+//! What it cannot see: a wipe before the member's identity was recorded
+//! (the window between its first answer to a leader and the commit of the
+//! record).
+
+use std::collections::BTreeSet;
+
+use tracing::{error, info, warn};
+
+use super::{Engine, RoleState};
+use crate::types::{EntryPayload, NodeId, NodeUuid, TypeConfig};
+
+impl<C: TypeConfig> Engine<C> {
+    /// This node's identity.
+    pub fn uuid(&self) -> NodeUuid {
+        self.uuid
+    }
+
+    /// Whether the configuration in force recognizes this node as itself.
+    /// `false` means it records another identity for this id: this node's
+    /// storage was wiped or replaced since it joined. Such a node follows
+    /// the leader (it receives the log like a learner) but neither votes
+    /// nor campaigns, and the leader counts none of its acknowledgements;
+    /// an operator removes it and adds it back to make it a voter again.
+    pub fn recognized(&self) -> bool {
+        self.membership().recognizes(self.id, self.uuid)
+    }
+
+    /// Leader: the members that answered under an identity the
+    /// configuration does not recognize (empty on other roles).
+    pub fn unrecognized_peers(&self) -> BTreeSet<NodeId> {
+        match &self.role {
+            RoleState::Leader(l) => l
+                .progress
+                .iter()
+                .filter(|(_, p)| !p.recognized)
+                .map(|(id, _)| *id)
+                .collect(),
+            _ => BTreeSet::new(),
+        }
+    }
+
+    /// [`Engine::recognized`], logging (once per change) when it is not.
+    pub(super) fn check_recognized(&mut self) -> bool {
+        let recognized = self.recognized();
+        if !recognized && !self.unrecognized_logged {
+            error!(
+                node = %self.id,
+                uuid = %self.uuid,
+                recorded = %self.membership().uuids.get(&self.id).copied().unwrap_or_default(),
+                "the configuration records another identity for this node id (was its storage \
+                 wiped or replaced?): it will neither vote nor campaign; remove it from the \
+                 cluster and add it back"
+            );
+        }
+        self.unrecognized_logged = !recognized;
+        recognized
+    }
+
+    /// Leader: notes who answered, under which identity, before the answer
+    /// is read. An identity other than the last one seen means the
+    /// follower's storage was replaced; one the configuration does not
+    /// recognize makes its answers count toward nothing; one not recorded
+    /// yet is recorded ([`Self::record_identities`]). Returns whether
+    /// `from` is a member this leader replicates to.
+    pub(super) fn answered_by(&mut self, from: NodeId, uuid: NodeUuid) -> bool {
+        let recognized = self.membership().recognizes(from, uuid);
+        let unrecorded = self.membership().nodes.contains_key(&from)
+            && !self.membership().uuids.contains_key(&from);
+        let RoleState::Leader(l) = &mut self.role else {
+            return false;
+        };
+        let Some(p) = l.progress.get_mut(&from) else {
+            return false;
+        };
+        if p.on_identity(uuid) {
+            error!(
+                node = %self.id,
+                peer = %from,
+                uuid = %uuid,
+                "follower answers under a new identity (storage wiped or replaced): \
+                 forgetting what it acknowledged and replicating to it from scratch"
+            );
+        }
+        if !recognized && p.recognized {
+            warn!(
+                node = %self.id,
+                peer = %from,
+                uuid = %uuid,
+                "the configuration records another identity for this member: \
+                 its votes and acknowledgements do not count until it is removed and added back"
+            );
+        }
+        p.recognized = recognized;
+        if unrecorded && !uuid.is_none() {
+            self.record_identities();
+        }
+        true
+    }
+
+    /// Leader: records the identity of every member it has heard from that
+    /// has none recorded (and its own) with a membership entry that changes
+    /// nothing else, once no other change is under way. Until a member's
+    /// identity is recorded, a wipe of its storage goes unnoticed: the
+    /// window between a member's first answer and this entry's commit.
+    fn record_identities(&mut self) {
+        if self.leader().transfer.is_some() {
+            return;
+        }
+        let Ok(mut next) = self.membership_change_base() else {
+            return;
+        };
+        let answers = self.leader().progress.iter().map(|(id, p)| (*id, p.uuid));
+        let mut recorded = Vec::new();
+        for (id, uuid) in answers.chain([(self.id, self.uuid)]) {
+            if !uuid.is_none() && next.nodes.contains_key(&id) && !next.uuids.contains_key(&id) {
+                next.uuids.insert(id, uuid);
+                recorded.push(id);
+            }
+        }
+        if !recorded.is_empty() {
+            info!(node = %self.id, term = %self.term, members = ?recorded, "recording member identities");
+            self.leader_append(EntryPayload::Membership(next));
+        }
+    }
+}
