@@ -8,7 +8,8 @@
 //! writes, and brought back when the new leader is gone; a leader crashed
 //! right after it commits, its successor read from at once; a candidate
 //! crashed right after it wins; a node crashed between persisting and
-//! replying; elections forced in quick succession.
+//! replying; elections forced in quick succession; a follower's storage
+//! wiped while the rest of the cluster lags behind it.
 //!
 //! Every step of every node goes through the simulator's protocol monitor,
 //! and every run ends healed: convergence within 10 election timeouts, a
@@ -107,6 +108,7 @@ enum Fault {
     CrashWinner,
     CrashAfterPersist,
     ElectionStorm,
+    Wipe,
     Heal,
 }
 
@@ -127,6 +129,7 @@ const FAULTS: &[Fault] = &[
     Fault::CrashWinner,
     Fault::CrashAfterPersist,
     Fault::ElectionStorm,
+    Fault::Wipe,
 ];
 
 /// The leader cut off with a minority of the cluster (exactly at the
@@ -219,6 +222,43 @@ fn crash_winner(sim: &mut Sim, r: &mut Rng) {
     }
 }
 
+/// A follower's storage wiped at the worst moment: a minority of
+/// followers is cut off while the leader commits with the rest, one of
+/// those is wiped, and (half the time) the leader crashes before the cut
+/// heals. The lagging followers and the wiped one together are a majority
+/// of the members; if the wiped one's vote counted, one of the laggards
+/// could win without the entries just committed.
+///
+/// Only a follower whose identity every live node's log already records:
+/// a candidate whose log ends before that record cannot tell the wiped
+/// node from a new one (the limit `raft_core::engine::identity` states).
+fn wipe_in_sync_follower(sim: &mut Sim, r: &mut Rng) {
+    let Some(leader) = sim.leader() else { return };
+    let mut followers = others(sim, leader);
+    shuffle(&mut followers, r);
+    let lagging = followers.len() / 2;
+    let victim = followers[lagging];
+    let Some(uuid) = sim.engine(victim).map(|e| e.uuid()) else {
+        return;
+    };
+    let recorded_everywhere = sim.ids().into_iter().all(|id| {
+        sim.engine(id)
+            .is_none_or(|e| e.membership().uuids.get(&victim) == Some(&uuid))
+    });
+    if !recorded_everywhere {
+        return;
+    }
+    for id in &followers[..lagging] {
+        sim.isolate(*id);
+    }
+    sim.run_for(r.range(50, 300));
+    sim.wipe(victim);
+    if r.chance(0.5) {
+        sim.crash(leader);
+    }
+    sim.heal();
+}
+
 fn run_seed(seed: u64) -> BTreeSet<Reach> {
     let mut r = Rng::new(seed ^ 0x5EED);
     let voter_churn = r.chance(0.4);
@@ -267,6 +307,7 @@ fn run_seed(seed: u64) -> BTreeSet<Reach> {
     sim.start_clients(r.range(2, 7) as usize, r.range(1, 4) as usize);
     let ids = sim.ids();
     let pick = |r: &mut Rng| ids[r.range(0, ids.len() as u64) as usize];
+    let mut wiped = false;
     for _ in 0..r.range(8, 16) {
         match pick_fault(&mut r) {
             Fault::Isolate => {
@@ -345,6 +386,14 @@ fn run_seed(seed: u64) -> BTreeSet<Reach> {
                     sim.crash_mid_append(a);
                 }
             }
+            // Once a run: every wipe leaves a member its cluster no longer
+            // counts (until it is removed and added back, which this sweep
+            // does not do), and two of three would leave no quorum.
+            Fault::Wipe if !wiped => {
+                wiped = true;
+                wipe_in_sync_follower(&mut sim, &mut r);
+            }
+            Fault::Wipe => {}
             Fault::ElectionStorm => {
                 for _ in 0..r.range(2, 5) {
                     let a = pick(&mut r);

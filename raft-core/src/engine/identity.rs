@@ -3,11 +3,11 @@
 //!
 //! A node draws a [`NodeUuid`] when its store is new and keeps it with its
 //! hard state. The leader records each member's identity in the
-//! configuration ([`crate::Membership::uuids`]) when it first hears from it, and
+//! configuration ([`Membership::uuids`]) when it first hears from it, and
 //! from then on:
 //! - a candidate counts a vote only from a voter the configuration
 //!   recognizes, and a voter refuses a candidate it does not recognize
-//!   (`on_vote_request`, `on_vote_response`);
+//!   ([`Engine::identities_allow_vote`], `on_vote_response`);
 //! - a leader counts an acknowledgement toward commits, reads and
 //!   check-quorum only from a recognized follower, and forgets what a
 //!   follower acknowledged when it answers under a new identity
@@ -17,16 +17,20 @@
 //!   learner until it is removed and added back, when its new identity is
 //!   recorded.
 //!
-//! What it cannot see: a wipe before the member's identity was recorded
-//! (the window between its first answer to a leader and the commit of the
-//! record).
+//! What it cannot see: a member wiped before its identity was recorded, or
+//! a candidate whose log ends before that record (one that received
+//! nothing since about when the member joined) elected with the wiped
+//! member's vote. The simulator's wipes stay out of that window
+//! (`tests/sweep.rs`, `wipe_in_sync_follower`); the sweep found the window
+//! at once when they did not.
 
 use std::collections::BTreeSet;
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{Engine, RoleState};
-use crate::types::{EntryPayload, NodeId, NodeUuid, TypeConfig};
+use crate::message::VoteRequest;
+use crate::types::{EntryPayload, Membership, NodeId, NodeUuid, TypeConfig};
 
 impl<C: TypeConfig> Engine<C> {
     /// This node's identity.
@@ -56,6 +60,31 @@ impl<C: TypeConfig> Engine<C> {
                 .collect(),
             _ => BTreeSet::new(),
         }
+    }
+
+    /// Whether this node may vote for candidate `from` as far as
+    /// identities go. Not if the configuration does not recognize this
+    /// node (it lost its earlier votes with its storage) or the candidate
+    /// (it lost its log and its vote).
+    ///
+    /// A wiped node whose log does not yet hold its old identity's record
+    /// cannot know it was wiped: a new store looks the same. Refusing
+    /// every candidate while it holds nothing would close that gap, but a
+    /// majority of voters that never received anything (learners promoted
+    /// before they caught up, members down since the cluster formed) would
+    /// then never elect anyone, although every node is up. The candidate's
+    /// side ([`Membership::recognizes`] in `on_vote_response`) is what
+    /// catches the wiped voter.
+    pub(super) fn identities_allow_vote(&mut self, from: NodeId, req: &VoteRequest) -> bool {
+        let reason = if !self.check_recognized() {
+            "this node is not recognized"
+        } else if !self.membership().recognizes(from, req.candidate_uuid) {
+            "the candidate is not recognized"
+        } else {
+            return true;
+        };
+        debug!(node = %self.id, candidate = %from, reason, "vote refused: identity");
+        false
     }
 
     /// [`Engine::recognized`], logging (once per change) when it is not.

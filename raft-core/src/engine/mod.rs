@@ -1095,15 +1095,9 @@ impl<C: TypeConfig> Engine<C> {
             respond(self, false, self.term);
             return Ok(());
         }
-        // A node the configuration does not recognize lost its earlier
-        // votes with its storage; a candidate it does not recognize lost
-        // its log and its vote. Neither takes part in an election, and the
-        // refusal changes no state here (no term is adopted), so a wiped
-        // node cannot disturb the cluster either.
-        let unrecognized =
-            !self.check_recognized() || !self.membership().recognizes(from, req.candidate_uuid);
-        if unrecognized && !mutant(Mutation::WipedVoterCounted) {
-            debug!(node = %self.id, candidate = %from, "vote refused: identity not recognized");
+        // The refusal changes no state here (no term is adopted), so a
+        // wiped node cannot disturb the cluster either.
+        if !self.identities_allow_vote(from, &req) && !mutant(Mutation::WipedVoterCounted) {
             respond(self, false, self.term);
             return Ok(());
         }

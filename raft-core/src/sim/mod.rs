@@ -43,7 +43,9 @@ use crate::engine::{Engine, ProposeError, RecoveredState};
 use crate::executor::{Callers, Executor, LogOp, Mode, SmOp};
 use crate::memory::kv::{KvCommand, KvConfig, KvStore};
 use crate::message::{Message, SnapshotMeta};
-use crate::types::{Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Term};
+use crate::types::{
+    Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, NodeUuid, Term,
+};
 
 use self::linearizability::{OpKind, OpOutput, Operation};
 
@@ -206,6 +208,10 @@ struct Node {
     /// Bumped on every crash so completions of lost storage actions are ignored.
     epoch: u64,
     disk: Disk,
+    /// The disks this node had before each wipe ([`Sim::wipe`]): what its
+    /// earlier identities acknowledged holding. A leader that heard an
+    /// acknowledgement before the wipe may still count it.
+    wiped_disks: Vec<Disk>,
     sm: KvStore,
     staging: Vec<u8>,
     inbox: VecDeque<Input>,
@@ -315,6 +321,8 @@ pub struct SimStats {
     pub ops_failed: u64,
     pub ops_unknown: u64,
     pub crashes: u64,
+    /// Crashes that also wiped the node's storage ([`Sim::wipe`]).
+    pub wipes: u64,
     pub elections_won: u64,
     pub snapshots_installed: u64,
     pub append_rejections: u64,
@@ -336,7 +344,10 @@ pub struct Sim {
     leaders: BTreeMap<Term, NodeId>,
     entry_ids: HashMap<LogId, (Term, u64)>,
     committed: BTreeMap<LogIndex, LogId>,
-    votes: HashMap<(NodeId, Term), NodeId>,
+    /// Every vote granted: (voter, the voter's identity, term) ->
+    /// candidate. A voter whose storage was wiped is a new identity, with
+    /// votes of its own.
+    votes: HashMap<(NodeId, NodeUuid, Term), NodeId>,
     // Clients.
     ops: Vec<OpRecord>,
     clients: Vec<Client>,
@@ -420,6 +431,7 @@ impl Sim {
                     x: Some(Executor::new(engine, LogIndex(0), mode_of(&opts))),
                     epoch: 0,
                     disk: Disk::default(),
+                    wiped_disks: Vec::new(),
                     sm: KvStore::default(),
                     staging: Vec::new(),
                     inbox: VecDeque::new(),
@@ -717,6 +729,19 @@ impl Sim {
         self.nodes[i].membership_seen = engine.membership().clone();
         self.nodes[i].x = Some(Executor::new(engine, applied, mode_of(&self.opts)));
         self.process(i);
+    }
+
+    /// Crashes `id` and replaces its storage with an empty one (a disk
+    /// wiped or swapped), then starts it again under its old id: it has
+    /// lost its vote and every entry it acknowledged, and draws a new
+    /// identity ([`crate::NodeUuid`]).
+    pub fn wipe(&mut self, id: NodeId) {
+        self.crash(id);
+        let i = self.idx(id);
+        let old = std::mem::take(&mut self.nodes[i].disk);
+        self.nodes[i].wiped_disks.push(old);
+        self.stats.wipes += 1;
+        self.restart(id);
     }
 
     /// Crash and restart in one step.

@@ -15,7 +15,9 @@
 //!   vote only once that vote is durable (Figure 2);
 //! - a follower acknowledges entries only once they are on its disk;
 //! - a leader becomes leader only with votes from a majority of every
-//!   configuration in force (§5.2, §6);
+//!   configuration in force (§5.2, §6), each from a voter the configuration
+//!   recognizes: a node whose storage was wiped votes again, as a new
+//!   identity, and its votes must not count;
 //! - a leader commits only an entry of its own term (§5.4.2), and only once
 //!   a majority of every configuration holds it on disk (§5.3, §6);
 //! - a follower commits only what a leader committed (Figure 2, rule 5);
@@ -76,6 +78,9 @@ pub enum Reach {
     /// A granted vote from an earlier campaign (or a pre-vote) reaches a
     /// candidate.
     LateVoteGrant,
+    /// A grant from a voter whose storage was wiped (an identity the
+    /// candidate's configuration does not recognize) reaches a candidate.
+    WipedVoterGrant,
     /// A crash during a log append leaves part of it on disk.
     TornAppend,
     /// A leader reads entries evicted from its cache back from its log
@@ -105,6 +110,7 @@ impl Reach {
         Reach::CrashBetweenPersistAndReply,
         Reach::SecondCandidateInVotedTerm,
         Reach::LateVoteGrant,
+        Reach::WipedVoterGrant,
         Reach::TornAppend,
         Reach::EntriesReadBack,
         Reach::AppliedDuringBuild,
@@ -129,6 +135,7 @@ impl Reach {
             Reach::CrashBetweenPersistAndReply => "crash between persisting and replying",
             Reach::SecondCandidateInVotedTerm => "second candidate in a voted term",
             Reach::LateVoteGrant => "late vote grant reaches a candidate",
+            Reach::WipedVoterGrant => "wiped voter's grant reaches a candidate",
             Reach::TornAppend => "torn append on crash",
             Reach::EntriesReadBack => "evicted entries read back for a follower",
             Reach::AppliedDuringBuild => "entries applied while a snapshot is built",
@@ -205,7 +212,7 @@ impl Sim {
         let before = Before { term: e.term() };
         let mut hits = Vec::new();
         match input {
-            Input::Message { msg, .. } => match msg {
+            Input::Message { from, msg } => match msg {
                 Message::Vote(req) => {
                     let mine = e.last_log_id();
                     if req.last_log_id.term < mine.term && req.last_log_id.index > mine.index {
@@ -229,6 +236,9 @@ impl Sim {
                     let campaigning = matches!(e.role(), Role::PreCandidate | Role::Candidate);
                     if campaigning && expected != Some(resp.term) {
                         hits.push(Reach::LateVoteGrant);
+                    }
+                    if campaigning && !e.membership().recognizes(*from, resp.voter_uuid) {
+                        hits.push(Reach::WipedVoterGrant);
                     }
                 }
                 Message::AppendEntries(req) if req.term < e.term() => {
@@ -363,9 +373,11 @@ impl Sim {
         let m = e.membership();
         let voted = |v: NodeId| {
             if v == id {
-                e.voted_for() == Some(id)
+                e.voted_for() == Some(id) && m.recognizes(id, e.uuid())
             } else {
-                self.votes.get(&(v, term)) == Some(&id)
+                self.votes.iter().any(|((voter, uuid, t), c)| {
+                    *voter == v && *t == term && *c == id && m.recognizes(v, *uuid)
+                })
             }
         };
         if let Some(c) = m.configs.iter().find(|c| !majority(c, voted)) {
@@ -413,7 +425,17 @@ impl Sim {
                 e.term()
             ));
         }
-        let holds = |v: NodeId| disk_holds(&self.nodes[self.idx(v)].disk, id);
+        // On the node's disk, or on the disk it had under an identity the
+        // configuration still recognizes (acknowledged before a wipe the
+        // leader has not heard of yet).
+        let holds = |v: NodeId| {
+            let node = &self.nodes[self.idx(v)];
+            disk_holds(&node.disk, id)
+                || node
+                    .wiped_disks
+                    .iter()
+                    .any(|d| membership.recognizes(v, d.hard_state.uuid) && disk_holds(d, id))
+        };
         if let Some(c) = membership.configs.iter().find(|c| !majority(c, holds)) {
             self.fail(format!(
                 "leader {} committed {id} but only {:?} of {c:?} hold it on disk",

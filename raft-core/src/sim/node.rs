@@ -211,12 +211,12 @@ impl Sim {
         if let Message::VoteResponse(v) = &msg
             && v.granted
             && !v.pre_vote
-            && let Some(prev) = self.votes.insert((id, v.term), to)
+            && let Some(prev) = self.votes.insert((id, v.voter_uuid, v.term), to)
             && prev != to
         {
             self.fail(format!(
-                "node {id} voted for both {prev} and {to} in term {}",
-                v.term
+                "node {id} (identity {}) voted for both {prev} and {to} in term {}",
+                v.voter_uuid, v.term
             ));
         }
         self.send(id, to, msg);
