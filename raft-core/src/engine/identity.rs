@@ -3,7 +3,7 @@
 //!
 //! A node draws a [`NodeUuid`] when its store is new and keeps it with its
 //! hard state. The leader records each member's identity in the
-//! configuration ([`Membership::uuids`]) when it first hears from it, and
+//! configuration ([`crate::Membership::uuids`]) when it first hears from it, and
 //! from then on:
 //! - a candidate counts a vote only from a voter the configuration
 //!   recognizes, and a voter refuses a candidate it does not recognize
@@ -30,7 +30,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{Engine, RoleState};
 use crate::message::VoteRequest;
-use crate::types::{EntryPayload, Membership, NodeId, NodeUuid, TypeConfig};
+use crate::types::{EntryPayload, NodeId, NodeUuid, TypeConfig};
 
 impl<C: TypeConfig> Engine<C> {
     /// This node's identity.
@@ -73,7 +73,7 @@ impl<C: TypeConfig> Engine<C> {
     /// majority of voters that never received anything (learners promoted
     /// before they caught up, members down since the cluster formed) would
     /// then never elect anyone, although every node is up. The candidate's
-    /// side ([`Membership::recognizes`] in `on_vote_response`) is what
+    /// side ([`crate::Membership::recognizes`] in `on_vote_response`) is what
     /// catches the wiped voter.
     pub(super) fn identities_allow_vote(&mut self, from: NodeId, req: &VoteRequest) -> bool {
         let reason = if !self.check_recognized() {
