@@ -178,3 +178,63 @@ async fn a_node_joins_is_promoted_takes_over_and_the_old_leader_is_removed() {
     four.stop().await;
     cluster.shutdown().await;
 }
+
+/// A node whose data directory was wiped comes back under its old id. The
+/// cluster recorded its old identity, so the node says it is not
+/// recognized and the leader lists it as such: it follows the log but
+/// neither votes nor counts toward commits. The operator removes it and
+/// adds it back, and it is a voter again under its new identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_node_counts_again_only_once_removed_and_added_back() {
+    let mut cluster = Cluster::start(3, "").await;
+    let leader = cluster.leader().await;
+    let wiped = cluster.follower().await;
+    let c =
+        Client::with_timeout(&cluster.endpoint(leader), Duration::from_secs(60)).expect("client");
+    for i in 0..20 {
+        c.put(&format!("k{i}"), b"v").await.expect("put");
+    }
+    let cw = Client::new(&cluster.endpoint(wiped)).expect("client");
+    let before = cw.status().await.expect("status").uuid;
+    assert_eq!(before.len(), 32, "a uuid of 32 hex digits: {before:?}");
+
+    cluster.stop_node(wiped).await;
+    std::fs::remove_dir_all(cluster.data_dir(wiped)).expect("wipe the data dir");
+    cluster.start_node(wiped).await;
+    let after = cw.status().await.expect("status").uuid;
+    assert_ne!(after, before, "a wiped node draws a new identity");
+    wait_status(&cw, "the wiped node not recognized", |s| !s.recognized).await;
+    wait_status(&c, "the leader listing the wiped node", |s| {
+        s.unrecognized == [wiped.0]
+    })
+    .await;
+    // It still receives the log, like a learner.
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while cw.get("k19", true).await.expect("stale read").is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the wiped node never received the log again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The operator removes it and adds it back.
+    let me = &cluster.file.nodes[&wiped];
+    let (raft_addr, http_addr) = (me.raft_addr.to_string(), me.http_addr.to_string());
+    c.remove_member(wiped.0).await.expect("remove");
+    c.add_member(wiped.0, &raft_addr, &http_addr)
+        .await
+        .expect("add back");
+    c.promote_member(wiped.0).await.expect("promote");
+    wait_status(&cw, "the node recognized as a voter", |s| {
+        s.recognized && s.voters == [1, 2, 3] && s.role == "follower"
+    })
+    .await;
+    wait_status(&c, "the leader recognizing everyone", |s| {
+        s.unrecognized.is_empty() && s.voters == [1, 2, 3]
+    })
+    .await;
+    assert_eq!(cw.status().await.expect("status").uuid, after);
+    c.put("after", b"re-added").await.expect("put");
+    cluster.shutdown().await;
+}
