@@ -113,8 +113,15 @@ fn run() -> Result<()> {
     }
 }
 
+/// The workspace this xtask runs for. `cargo run` (what `cargo xtask` is)
+/// tells the running binary where its manifest is; the path baked in at
+/// build time is only the fallback. With a target directory shared by two
+/// checkouts (CI's cache), the binary built for one checkout would
+/// otherwise act on the other, or on a clone that no longer exists.
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .parent()
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."))
