@@ -299,6 +299,12 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Node `id`'s data directory (the cluster files' default,
+    /// `data/<id>` beside them).
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.join("data").join(id.to_string())
+    }
+
     /// Kills node `id` and drops it from this cluster (it was removed).
     pub fn forget(&mut self, id: u64) -> Result<()> {
         self.kill(id)?;

@@ -42,6 +42,9 @@ pub struct Status {
     pub last_log_index: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
+    /// `false` once the cluster recorded another identity for this node's
+    /// id (its data was wiped); `true` from nodes that do not say.
+    pub recognized: bool,
 }
 
 /// Resolves IP-literal hosts in place. ureq resolves the host on every
@@ -196,6 +199,7 @@ impl Http {
             last_log_index: n("last_log_index"),
             voters: ids("voters"),
             learners: ids("learners"),
+            recognized: v.get("recognized").and_then(Value::as_bool).unwrap_or(true),
         })
     }
 

@@ -6,7 +6,7 @@
 //!   chaos run against real processes.
 //! - `cargo xtask cluster up|status|down [--nodes 3|5]`: a local cluster
 //!   that stays up (raft ports 7001.., HTTP ports 8001..).
-//! - `cargo xtask chaos [--nodes 5] [--duration 60s] [--faults kill,pause,partition] [--seed S] [--large-state]`.
+//! - `cargo xtask chaos [--nodes 5] [--duration 60s] [--faults kill,pause,partition,membership,wipe] [--seed S] [--large-state]`.
 //! - `cargo xtask bench [--clients 1,16,256] [--duration 20s]`: raft-kv
 //!   against etcd on this machine; `cargo xtask bench core` runs the
 //!   in-process benchmark of raft-core with openraft side by side;
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str = "usage: cargo xtask <demo | test | cluster up|status|down [--nodes N] | \
-chaos [--nodes 5] [--duration 60s] [--faults kill,pause,partition] [--seed S] [--large-state] | \
+chaos [--nodes 5] [--duration 60s] [--faults kill,pause,partition,membership,wipe] [--seed S] [--large-state] | \
 bench [core | join | --clients 1,16,256 --duration 20s] | mutants [--seeds N] [--only a,b] [--list] | \
 doctor [--install [--bench]] | help>";
 
@@ -160,7 +160,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         "--duration".into(),
         format!("{secs}s"),
         "--faults".into(),
-        "kill,pause,partition,membership".into(),
+        "kill,pause,partition,membership,wipe".into(),
         "--seed".into(),
         env::var("CHAOS_SEED").unwrap_or_else(|_| "1".into()),
     ])?;

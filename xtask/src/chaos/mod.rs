@@ -42,6 +42,7 @@ pub enum Fault {
     Pause,
     Partition,
     Membership,
+    Wipe,
 }
 
 impl Fault {
@@ -51,7 +52,8 @@ impl Fault {
             "pause" => Fault::Pause,
             "partition" => Fault::Partition,
             "membership" => Fault::Membership,
-            other => bail!("unknown fault `{other}` (kill, pause, partition, membership)"),
+            "wipe" => Fault::Wipe,
+            other => bail!("unknown fault `{other}` (kill, pause, partition, membership, wipe)"),
         })
     }
 }
@@ -126,6 +128,7 @@ impl Options {
                 Fault::Pause => "pause",
                 Fault::Partition => "partition",
                 Fault::Membership => "membership",
+                Fault::Wipe => "wipe",
             })
             .collect();
         let mut args = vec![
@@ -534,6 +537,7 @@ impl Chaos {
                     format!("pause node {victim}")
                 }
                 Fault::Membership => self.change_membership(&mut rng, victim)?,
+                Fault::Wipe => self.wipe(&mut rng, victim)?,
                 Fault::Partition => {
                     let (label, cuts) = self.partition_plan(&mut rng, leader.unwrap_or(victim));
                     for (from, to) in cuts {
@@ -612,6 +616,84 @@ impl Chaos {
                 ),
             },
         )
+    }
+
+    /// Kills a voter from the cluster file (`victim` if it is one),
+    /// deletes its data directory and starts it again: it rebuilds the
+    /// file's first configuration, as a new node would, and comes back
+    /// under its old id with a new identity. It must then say it is not
+    /// recognized; the operator's path follows: remove it, add it back,
+    /// promote it. Outcomes that are not clean successes are reported in
+    /// the label.
+    fn wipe(&self, rng: &mut Rng, victim: u64) -> Result<String> {
+        let http = Http::new(Duration::from_secs(40));
+        let voters = self.leader_status().map(|s| s.voters).unwrap_or_default();
+        let own = |id: &u64| *id <= self.opts.nodes && voters.contains(id);
+        let victim = match voters.iter().copied().find(|_| own(&victim)) {
+            Some(_) => victim,
+            None => match voters.iter().copied().find(own) {
+                Some(v) => v,
+                None => return Ok("wipe: no voter from the cluster file to wipe".into()),
+            },
+        };
+        let (node_ep, raft_addr, http_addr) = {
+            let mut c = self.cluster();
+            c.kill(victim)?;
+            let dir = c.data_dir(victim);
+            std::fs::remove_dir_all(&dir).with_context(|| format!("wiping {}", dir.display()))?;
+            c.start(victim)?;
+            let n = &c.nodes[&victim];
+            (
+                c.endpoint(victim),
+                format!("127.0.0.1:{}", n.raft_port),
+                format!("127.0.0.1:{}", n.http_port),
+            )
+        };
+        let refused = retry_for(Duration::from_secs(30), || match http.status(&node_ep) {
+            Ok(s) if !s.recognized => Outcome::Ok(()),
+            Ok(s) => Outcome::Fail(format!("still recognized as a {}", s.role)),
+            Err(e) => Outcome::Fail(e.to_string()),
+        });
+        if let Outcome::Fail(why) | Outcome::Unknown(why) = &refused {
+            return Ok(format!(
+                "wipe node {victim}: never reported itself unrecognized ({why})"
+            ));
+        }
+        let ep = self.endpoint(rng);
+        let step = |what: &str, method: &str, path: String, body: Option<&[u8]>| match retry_for(
+            Duration::from_secs(20),
+            || match http.call(method, &format!("{ep}{path}"), body) {
+                Outcome::Ok(a) if a.status == 200 => Outcome::Ok(()),
+                other => Outcome::Fail(format!("{what}: {}", describe(&other))),
+            },
+        ) {
+            Outcome::Ok(()) => None,
+            Outcome::Fail(e) | Outcome::Unknown(e) => Some(e),
+        };
+        let member = format!(
+            r#"{{"id": {victim}, "raft_addr": "{raft_addr}", "http_addr": "{http_addr}"}}"#
+        );
+        let failed = step("remove", "DELETE", format!("/v1/members/{victim}"), None)
+            .or_else(|| {
+                step(
+                    "add back",
+                    "POST",
+                    "/v1/members".into(),
+                    Some(member.as_bytes()),
+                )
+            })
+            .or_else(|| {
+                step(
+                    "promote",
+                    "POST",
+                    format!("/v1/members/{victim}/promote"),
+                    Some(&[][..]),
+                )
+            });
+        Ok(match failed {
+            None => format!("wipe node {victim} (unrecognized; removed, added back, promoted)"),
+            Some(e) => format!("wipe node {victim}: unrecognized; re-adding not done ({e})"),
+        })
     }
 
     /// Which directed links to cut: an isolated leader, a random
