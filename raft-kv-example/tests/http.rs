@@ -69,14 +69,7 @@ async fn every_operation_works_through_any_node() {
 
     // A stale read is served locally, by the follower, once it has applied.
     c.put("stale", b"x").await.expect("put");
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    while c.get("stale", true).await.expect("stale get").is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "follower never applied"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_applied(&c, "stale", "follower never applied").await;
 
     let status = c.status().await.expect("status");
     assert_eq!(status.id, follower.0);

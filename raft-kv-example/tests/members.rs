@@ -84,19 +84,7 @@ async fn a_node_joins_is_promoted_takes_over_and_the_old_leader_is_removed() {
     })
     .await;
     let c4 = Client::new(&format!("http://{http4}")).expect("client");
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    while c4
-        .get("k49", true)
-        .await
-        .expect("stale read on 4")
-        .is_none()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "learner never applied k49"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_applied(&c4, "k49", "learner never applied k49").await;
     assert_eq!(c4.status().await.expect("status").role, "learner");
 
     // Refusals are typed and leave the cluster as it was.
@@ -163,14 +151,7 @@ async fn a_node_joins_is_promoted_takes_over_and_the_old_leader_is_removed() {
         .await
         .expect("restart 4");
     cs.put("while", b"restarted").await.expect("put");
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    while c4.get("while", true).await.expect("stale read").is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "restarted node 4 never caught up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_applied(&c4, "while", "restarted node 4 never caught up").await;
     wait_status(&c4, "node 4 recovered as a voter", |s| {
         s.voters == remaining
     })
@@ -209,14 +190,7 @@ async fn a_wiped_node_counts_again_only_once_removed_and_added_back() {
     })
     .await;
     // It still receives the log, like a learner.
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    while cw.get("k19", true).await.expect("stale read").is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the wiped node never received the log again"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_applied(&cw, "k19", "the wiped node never received the log again").await;
 
     // The operator removes it and adds it back.
     let me = &cluster.file.nodes[&wiped];

@@ -14,6 +14,16 @@ use raft_transport_quic::tls::DevCerts;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// Polls `c` with stale (local) reads until it holds `key`: the node has
+/// applied that far. Panics with `what` after [`WAIT`].
+pub async fn wait_applied(c: &raft_kv_example::client::Client, key: &str, what: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while c.get(key, true).await.expect("stale read").is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub file: ClusterFile,
