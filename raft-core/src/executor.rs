@@ -784,6 +784,7 @@ mod tests {
                 .collect(),
             leader_commit: LogIndex(0),
             round,
+            keep_from: LogIndex(0),
         })
     }
 

@@ -18,6 +18,11 @@ pub struct AppendEntriesRequest<C: TypeConfig> {
     /// The leader's heartbeat round, echoed back; confirms leadership for
     /// ReadIndex reads.
     pub round: u64,
+    /// Where the leader's log begins: what it kept behind its snapshot for
+    /// followers that lag. A follower purges no further, so that whichever
+    /// node leads next still holds what those followers need, instead of
+    /// sending each of them a snapshot.
+    pub keep_from: LogIndex,
 }
 
 /// Where a follower's log diverges, so the leader skips a whole term per

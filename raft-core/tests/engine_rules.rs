@@ -639,6 +639,16 @@ fn a_follower_that_acknowledges_slowly_is_not_sent_its_window_again() {
 /// with s2 and builds a snapshot at the last one, `purge_keep` 0. Returns
 /// s1's log base afterwards and s3's match index.
 fn purge_with_a_live_follower_behind(purge_keep_max: u64) -> (LogIndex, LogIndex) {
+    let (mut s, s3_matched) = leader_snapshots_with_a_live_follower_behind(purge_keep_max);
+    (
+        s.engines.get_mut(&NodeId(1)).unwrap().log().base().index,
+        s3_matched,
+    )
+}
+
+/// The scene of [`purge_with_a_live_follower_behind`]; returns it and
+/// s3's match index.
+fn leader_snapshots_with_a_live_follower_behind(purge_keep_max: u64) -> (Script, LogIndex) {
     let cfg = Config {
         purge_keep: 0,
         purge_keep_max,
@@ -661,7 +671,38 @@ fn purge_with_a_live_follower_behind(purge_keep_max: u64) -> (LogIndex, LogIndex
     }
     let leader = s.engines.get_mut(&s1).unwrap();
     snapshot_built_at_last_entry(leader, 1);
-    (leader.log().base().index, leader.matched()[&s3])
+    let s3_matched = leader.matched()[&s3];
+    (s, s3_matched)
+}
+
+/// A follower keeps what its leader keeps for a follower that lags: if it
+/// leads next, it repairs that follower with entries. Purging to its own
+/// `purge_keep`, it turned every laggard into a snapshot transfer at each
+/// leader change (`cargo xtask bench join`: two 300 MB snapshots at once).
+#[test]
+fn a_follower_keeps_what_its_leader_keeps_for_a_follower_that_lags() {
+    let [s1, s2, s3] = [1, 2, 3].map(NodeId);
+    let (mut s, s3_matched) = leader_snapshots_with_a_live_follower_behind(100);
+    let leader_base = s.engines[&s1].log().base().index;
+    assert!(leader_base <= s3_matched, "the leader kept what s3 needs");
+    // The next heartbeat tells s2 where the leader's log begins.
+    s.heartbeat(s1, |_, to, m| {
+        to == s3 && matches!(m, Message::AppendEntries(r) if !r.entries.is_empty())
+    });
+    let follower = s.engines.get_mut(&s2).unwrap();
+    snapshot_built_at_last_entry(follower, 1);
+    assert_eq!(
+        follower.log().base().index,
+        leader_base,
+        "s2 purged entries its leader keeps for s3"
+    );
+    // Past `purge_keep_max`, a follower purges as its leader would.
+    let (mut s, _) = leader_snapshots_with_a_live_follower_behind(3);
+    s.heartbeat(s1, |_, _, _| false);
+    let follower = s.engines.get_mut(&s2).unwrap();
+    snapshot_built_at_last_entry(follower, 1);
+    let last = follower.last_log_id().index;
+    assert_eq!(follower.log().base().index, LogIndex(last.0 - 3));
 }
 
 #[test]
@@ -1120,6 +1161,7 @@ fn append(term: u64, prev: LogId, entries: Vec<raft_core::Entry<C>>) -> Message<
         entries,
         leader_commit: LogIndex(0),
         round: 0,
+        keep_from: LogIndex(0),
     })
 }
 

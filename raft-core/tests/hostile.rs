@@ -45,6 +45,7 @@ fn append(term: u64, prev: LogId, entries: Vec<Entry<C>>, commit: u64) -> Messag
         entries,
         leader_commit: LogIndex(commit),
         round: 0,
+        keep_from: LogIndex(0),
     })
 }
 

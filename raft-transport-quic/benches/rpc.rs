@@ -58,6 +58,7 @@ fn heartbeat() -> AppendEntriesRequest<KvConfig> {
         entries: Vec::new(),
         leader_commit: Default::default(),
         round: 0,
+        keep_from: Default::default(),
     }
 }
 

@@ -230,6 +230,10 @@ pub struct Engine<C: TypeConfig> {
     election_due: u64,
     /// When we last heard from `leader_id` (for the lease check of thesis §4.2.3).
     leader_contact: u64,
+    /// Follower: where the leader's log began when it last said
+    /// (`AppendEntriesRequest::keep_from`); this node purges no further.
+    /// 0 until a leader has said.
+    leader_keeps_from: LogIndex,
 
     /// The configuration in force at `base_membership.0` (from a snapshot or
     /// a purged entry) and every membership entry in the log after it.
@@ -395,6 +399,7 @@ impl<C: TypeConfig> Engine<C> {
             leader_id: None,
             election_due: 0,
             leader_contact: 0,
+            leader_keeps_from: LogIndex(0),
             base_membership,
             log_memberships,
             snapshot,
@@ -871,6 +876,7 @@ impl<C: TypeConfig> Engine<C> {
     /// this log's (purged or replaced since) are dropped.
     pub fn entries_read(&mut self, peer: NodeId, from: LogIndex, entries: Vec<Entry<C>>) {
         let (term, id, commit, now) = (self.term, self.id, self.commit, self.now);
+        let keep_from = self.log.base().index.next();
         let (max_n, max_bytes, max_inflight) = (
             self.config.max_entries_per_message,
             self.config.max_bytes_per_message,
@@ -917,6 +923,7 @@ impl<C: TypeConfig> Engine<C> {
                         entries: batch,
                         leader_commit: commit,
                         round,
+                        keep_from,
                     }),
                 });
                 prev_log_id = next_prev;
@@ -956,8 +963,17 @@ impl<C: TypeConfig> Engine<C> {
         self.log_bytes_at_snapshot = self.log_bytes_at_build;
         let snap = meta.last_log_id.index.0;
         let mut purge_to = LogIndex(snap.saturating_sub(self.config.purge_keep));
+        // A follower keeps what its leader keeps for followers that lag
+        // (never more than `purge_keep_max` behind the snapshot): if it
+        // leads next, it can still send them entries. Otherwise a leader
+        // change turned every laggard into a snapshot transfer (seen in
+        // `cargo xtask bench join`: the new leader, which had purged to
+        // `purge_keep`, sent two 300 MB snapshots at once).
+        let floor = LogIndex(snap.saturating_sub(self.config.purge_keep_max));
+        if !self.is_leader() && self.leader_keeps_from > LogIndex(0) {
+            purge_to = purge_to.min(self.leader_keeps_from.prev().max(floor));
+        }
         if let RoleState::Leader(l) = &self.role {
-            let floor = LogIndex(snap.saturating_sub(self.config.purge_keep_max));
             let live_since = self.live_since();
             let live_needs = l
                 .progress
@@ -1490,6 +1506,7 @@ impl<C: TypeConfig> Engine<C> {
                 entries,
                 leader_commit: commit,
                 round,
+                keep_from: base.next(),
             };
             self.actions.push(Action::Send {
                 to: peer,
@@ -1536,6 +1553,7 @@ impl<C: TypeConfig> Engine<C> {
                 entries: Vec::new(),
                 leader_commit: commit,
                 round,
+                keep_from: base.index.next(),
             };
             self.actions.push(Action::Send {
                 to: peer,
@@ -1558,6 +1576,7 @@ impl<C: TypeConfig> Engine<C> {
         }
         validate_incoming(from, &req)?;
         self.accept_leader(from)?;
+        self.leader_keeps_from = req.keep_from;
         let round = req.round;
         let respond =
             |this: &mut Self, success: bool, index: LogIndex, conflict: Option<ConflictHint>| {
