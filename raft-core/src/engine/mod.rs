@@ -876,7 +876,7 @@ impl<C: TypeConfig> Engine<C> {
     /// this log's (purged or replaced since) are dropped.
     pub fn entries_read(&mut self, peer: NodeId, from: LogIndex, entries: Vec<Entry<C>>) {
         let (term, id, commit, now) = (self.term, self.id, self.commit, self.now);
-        let keep_from = self.log.base().index.next();
+        let keep_from = self.log.first_index();
         let (max_n, max_bytes, max_inflight) = (
             self.config.max_entries_per_message,
             self.config.max_bytes_per_message,
@@ -1506,7 +1506,7 @@ impl<C: TypeConfig> Engine<C> {
                 entries,
                 leader_commit: commit,
                 round,
-                keep_from: base.next(),
+                keep_from: self.log.first_index(),
             };
             self.actions.push(Action::Send {
                 to: peer,
@@ -1553,7 +1553,7 @@ impl<C: TypeConfig> Engine<C> {
                 entries: Vec::new(),
                 leader_commit: commit,
                 round,
-                keep_from: base.index.next(),
+                keep_from: self.log.first_index(),
             };
             self.actions.push(Action::Send {
                 to: peer,
