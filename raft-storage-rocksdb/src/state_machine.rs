@@ -829,15 +829,16 @@ mod tests {
             value: "v".into(),
         };
         let mut ops = Vec::new();
-        let mut record = |cf: &'static str, key: Vec<u8>, value: &dyn erased::Sealable| {
-            let value = value.seal(&key);
+        fn record(ops: &mut Vec<Op>, cf: &'static str, key: Vec<u8>, value: &impl Serialize) {
+            let value = codec::seal_record(&key, value).expect("seal");
             ops.push(Op::Put { cf, key, value });
-        };
+        }
         let hard_state = V3HardState {
             term: Term(5),
             voted_for: Some(NodeId(2)),
         };
         record(
+            &mut ops,
             crate::CF_HARD_STATE,
             codec::meta_key(1, codec::TAG_HARD_STATE),
             &hard_state,
@@ -853,20 +854,30 @@ mod tests {
             },
         ];
         for e in &entries {
-            record(crate::CF_LOG, codec::log_key(1, e.log_id.index.0), e);
+            record(
+                &mut ops,
+                crate::CF_LOG,
+                codec::log_key(1, e.log_id.index.0),
+                e,
+            );
         }
         let applied = V3Applied {
             log_id: LogId::new(1, 2),
             membership: (&membership).into(),
         };
-        record(CF_META, codec::meta_key(1, TAG_APPLIED), &applied);
+        record(&mut ops, CF_META, codec::meta_key(1, TAG_APPLIED), &applied);
         let old_meta = V3Meta {
             last_log_id: meta.last_log_id,
             membership: (&membership).into(),
             id: meta.id,
             size: meta.size,
         };
-        record(CF_META, codec::meta_key(1, TAG_SNAPSHOT), &old_meta);
+        record(
+            &mut ops,
+            CF_META,
+            codec::meta_key(1, TAG_SNAPSHOT),
+            &old_meta,
+        );
         db.writer.write_blocking(&ops, true).expect("write");
         let cf = db.cf(CF_META).expect("cf");
         db.shared
@@ -906,18 +917,6 @@ mod tests {
         assert_eq!(snapshot.membership, membership);
         assert!(snapshot.membership.uuids.is_empty());
         assert_eq!((snapshot.id, snapshot.size), (meta.id, meta.size));
-    }
-
-    /// Seals any serializable value behind one object-safe call.
-    mod erased {
-        pub trait Sealable {
-            fn seal(&self, key: &[u8]) -> Vec<u8>;
-        }
-        impl<T: serde::Serialize> Sealable for T {
-            fn seal(&self, key: &[u8]) -> Vec<u8> {
-                crate::codec::seal_record(key, self).expect("seal")
-            }
-        }
     }
 
     type Sm = RocksStateMachine<KvConfig, Ignore>;
