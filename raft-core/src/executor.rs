@@ -33,6 +33,22 @@
 //! - a log operation waits for an earlier snapshot install (the log is never
 //!   purged past what the state machine holds).
 //!
+//! # Reordered appends
+//! Transports may reorder messages (each QUIC stream is ordered, the
+//! streams among themselves are not), and a leader pipelines up to
+//! `Config::max_inflight` AppendEntries per follower. A follower that
+//! stepped a request before the one carrying the entries it follows would
+//! refuse it (§5.3), and the refusal sends the leader back to probing and
+//! resending the whole window: under load, on loopback QUIC, followers
+//! refused thousands of requests a minute this way, and a follower past the
+//! leader's log cache was fed one message per round trip, no faster than
+//! clients wrote, so it never caught up (`cargo xtask bench join`). So a
+//! request from this term's leader whose previous entry is past the end of
+//! the log is held (at most `max_inflight` of them, for at most half the
+//! minimum election timeout) and stepped once the log reaches it; one that
+//! waits longer, or does not fit, is stepped as it is and refused as before.
+//! Holding a message is only delaying it, which Raft allows of any message.
+//!
 //! In [`Mode::Serial`] every operation waits for every earlier log and
 //! state-machine operation instead: the engine's original contract, one
 //! action at a time.
@@ -41,7 +57,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::engine::{Action, Engine, ProposeError, ReadId, Role};
 use crate::error::{MembershipError, NotLeader, StepError};
-use crate::message::{Message, SnapshotMeta};
+use crate::message::{AppendEntriesRequest, Message, SnapshotMeta};
 use crate::types::{Entry, HardState, LogId, LogIndex, NodeId, Term, TypeConfig};
 
 /// The handles a runtime uses to answer its callers.
@@ -99,6 +115,14 @@ pub enum Done<C: TypeConfig, K: Callers> {
     Write(K::Write, WriteError<C::Node>),
     /// The read may be served: the state machine has applied its index.
     Read(K::Read, Result<LogIndex, NotLeader<C::Node>>),
+    /// A request from `from` that was held back (see "Reordered appends")
+    /// was refused when its turn came, as [`Executor::step`] refuses one
+    /// at once.
+    Refused {
+        from: NodeId,
+        reply: Option<K::Rpc>,
+        error: StepError,
+    },
 }
 
 /// An operation on the `LogStore`, in the engine's order.
@@ -213,6 +237,15 @@ struct Queued<C: TypeConfig, K: Callers> {
     needs_sm: u64,
 }
 
+/// An AppendEntries request held until the log reaches its previous entry.
+struct Held<C: TypeConfig, K: Callers> {
+    from: NodeId,
+    req: AppendEntriesRequest<C>,
+    reply: Option<K::Rpc>,
+    /// When it arrived (engine time).
+    at: u64,
+}
+
 /// Counts of operations handed to a lane and completed by it.
 #[derive(Default)]
 struct Counter {
@@ -249,6 +282,13 @@ pub struct Executor<C: TypeConfig, K: Callers> {
     waiting_reads: Vec<(LogIndex, K::Read)>,
     io: Vec<Io<C, K>>,
     done: Vec<Done<C, K>>,
+    /// Appends that arrived ahead of the entries they follow, in arrival
+    /// order (see "Reordered appends").
+    held: Vec<Held<C, K>>,
+    /// How many appends were ever held.
+    held_total: u64,
+    /// The latest time a tick told.
+    now: u64,
 }
 
 impl<C: TypeConfig, K: Callers> Executor<C, K> {
@@ -275,6 +315,9 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
             waiting_reads: Vec::new(),
             io: Vec::new(),
             done: Vec::new(),
+            held: Vec::new(),
+            held_total: 0,
+            now: 0,
         };
         // Repair actions from recovery.
         x.collect();
@@ -325,7 +368,15 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
     // ------------------------------------------------------------- inputs
 
     pub fn tick(&mut self, now: u64) {
+        self.now = self.now.max(now);
         self.engine.tick(now);
+        self.release_held();
+    }
+
+    /// How many AppendEntries requests arrived ahead of the entries they
+    /// follow and were held for them (see "Reordered appends").
+    pub fn held_appends(&self) -> u64 {
+        self.held_total
     }
 
     /// Proposes a command; `reply` is answered once it is applied (or
@@ -373,6 +424,27 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
         msg: Message<C>,
         reply: Option<K::Rpc>,
     ) -> Result<(), (StepError, Option<K::Rpc>)> {
+        let msg = match msg {
+            Message::AppendEntries(req) if self.holds(from, &req) => {
+                self.hold(from, req, reply);
+                return Ok(());
+            }
+            msg => msg,
+        };
+        let appends = matches!(msg, Message::AppendEntries(_));
+        self.step_now(from, msg, reply)?;
+        if appends || !self.held.is_empty() {
+            self.release_held();
+        }
+        Ok(())
+    }
+
+    fn step_now(
+        &mut self,
+        from: NodeId,
+        msg: Message<C>,
+        reply: Option<K::Rpc>,
+    ) -> Result<(), (StepError, Option<K::Rpc>)> {
         let request = msg.is_request();
         if let Err(e) = self.engine.step(from, msg) {
             return Err((e, reply));
@@ -382,6 +454,63 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
             self.collect_with_reply(reply);
         }
         Ok(())
+    }
+
+    /// Whether `req` is to be held: it carries entries from this term's
+    /// leader, and its previous entry is past the end of our log.
+    fn holds(&self, from: NodeId, req: &AppendEntriesRequest<C>) -> bool {
+        let e = &self.engine;
+        !req.entries.is_empty()
+            && req.term == e.term()
+            && e.leader_id() == Some(from)
+            && matches!(e.role(), Role::Follower | Role::Learner)
+            && req.prev_log_id.index > e.log().last_index()
+    }
+
+    fn hold(&mut self, from: NodeId, req: AppendEntriesRequest<C>, reply: Option<K::Rpc>) {
+        self.held_total += 1;
+        self.held.push(Held {
+            from,
+            req,
+            reply,
+            at: self.now,
+        });
+        if self.held.len() > self.engine.config().max_inflight.max(1) {
+            // Full: the one furthest ahead waits longest anyway.
+            let furthest = (0..self.held.len())
+                .max_by_key(|&i| self.held[i].req.prev_log_id.index)
+                .expect("not empty");
+            let h = self.held.remove(furthest);
+            self.step_held(h);
+        }
+    }
+
+    /// Steps every held request whose turn came (the log reached its
+    /// previous entry), that waited too long, or that is no longer to be
+    /// held (a new term or leader): lowest previous index first, each
+    /// possibly letting the next one in.
+    fn release_held(&mut self) {
+        let expiry = self.engine.config().election_timeout_min_ms / 2;
+        loop {
+            let due = (0..self.held.len())
+                .filter(|&i| {
+                    let h = &self.held[i];
+                    !self.holds(h.from, &h.req) || h.at + expiry <= self.now
+                })
+                .min_by_key(|&i| self.held[i].req.prev_log_id.index);
+            let Some(i) = due else { return };
+            let h = self.held.remove(i);
+            self.step_held(h);
+        }
+    }
+
+    fn step_held(&mut self, h: Held<C, K>) {
+        let Held {
+            from, req, reply, ..
+        } = h;
+        if let Err((error, reply)) = self.step_now(from, Message::AppendEntries(req), reply) {
+            self.done.push(Done::Refused { from, reply, error });
+        }
     }
 
     // --------------------------------------------------------- completions
@@ -825,6 +954,111 @@ mod tests {
         assert_eq!(x.engine().durable_index(), LogIndex(3));
         x.step(NodeId(1), append(3, 0, 4), Some(4)).ok().unwrap();
         assert_eq!(replies(x.poll_io()), vec![(4, 3, false)]);
+    }
+
+    /// The AppendEntries answers among `io`: (handle, index, success).
+    fn answers(io: Vec<Io<KvConfig, Ids>>) -> Vec<(u32, u64, bool)> {
+        io.into_iter()
+            .filter_map(|io| match io {
+                Io::Reply {
+                    to,
+                    msg: Message::AppendEntriesResponse(r),
+                }
+                | Io::ReplyAfterLog {
+                    to,
+                    msg: Message::AppendEntriesResponse(r),
+                } => Some((to, r.index.0, r.success)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A follower that knows node 1 leads term 1, with the term saved.
+    fn led_follower() -> Executor<KvConfig, Ids> {
+        let mut x = follower();
+        x.step(NodeId(1), append(0, 0, 1), Some(1)).ok().unwrap();
+        assert_eq!(answers(x.poll_io()), vec![(1, 0, true)]);
+        x.log_done();
+        x
+    }
+
+    #[test]
+    fn an_append_ahead_of_its_predecessor_waits_for_it_instead_of_being_refused() {
+        let mut x = led_follower();
+        // The second and third of a window overtake the first.
+        x.step(NodeId(1), append(4, 2, 1), Some(3)).ok().unwrap();
+        x.step(NodeId(1), append(2, 2, 1), Some(2)).ok().unwrap();
+        assert_eq!(answers(x.poll_io()), vec![], "held, not refused");
+        assert_eq!(x.held_appends(), 2);
+        x.step(NodeId(1), append(0, 2, 1), Some(1)).ok().unwrap();
+        assert_eq!(
+            answers(x.poll_io()),
+            vec![(1, 2, true), (2, 4, true), (3, 6, true)]
+        );
+        assert_eq!(x.engine().log().last_index(), LogIndex(6));
+    }
+
+    #[test]
+    fn a_held_append_whose_predecessor_never_comes_is_refused_after_a_while() {
+        let mut x = led_follower();
+        x.step(NodeId(1), append(2, 2, 1), Some(2)).ok().unwrap();
+        let wait = Config::default().election_timeout_min_ms / 2;
+        x.tick(wait - 1);
+        assert_eq!(answers(x.poll_io()), vec![]);
+        x.tick(wait);
+        // Refused as it would have been at once: the leader probes.
+        assert_eq!(answers(x.poll_io()), vec![(2, 2, false)]);
+    }
+
+    #[test]
+    fn appends_held_past_the_window_refuse_the_one_furthest_ahead() {
+        let mut x = led_follower();
+        let window = Config::default().max_inflight as u64;
+        for i in 1..=window + 1 {
+            x.step(NodeId(1), append(i * 2, 2, 1), Some(i as u32))
+                .ok()
+                .unwrap();
+        }
+        assert_eq!(
+            answers(x.poll_io()),
+            vec![(window as u32 + 1, (window + 1) * 2, false)]
+        );
+        // The rest still fill in once the first arrives.
+        x.step(NodeId(1), append(0, 2, 1), Some(0)).ok().unwrap();
+        let acks = answers(x.poll_io());
+        assert_eq!(acks.len(), window as usize + 1);
+        assert!(acks.iter().all(|a| a.2));
+        assert_eq!(x.engine().log().last_index(), LogIndex((window + 1) * 2));
+    }
+
+    #[test]
+    fn a_held_append_from_a_deposed_leader_is_answered_in_the_new_term() {
+        let mut x = led_follower();
+        x.step(NodeId(1), append(2, 2, 1), Some(2)).ok().unwrap();
+        // Node 3 leads term 2 now: the held request is stale, answered at
+        // once (refused, in term 2).
+        let mut hb = append(0, 0, 1);
+        if let Message::AppendEntries(r) = &mut hb {
+            r.term = Term(2);
+            r.leader_id = NodeId(3);
+        }
+        x.step(NodeId(3), hb, Some(9)).ok().unwrap();
+        let io = x.poll_io();
+        let stale: Vec<_> = io
+            .iter()
+            .filter_map(|io| match io {
+                Io::Reply {
+                    to: 2,
+                    msg: Message::AppendEntriesResponse(r),
+                }
+                | Io::ReplyAfterLog {
+                    to: 2,
+                    msg: Message::AppendEntriesResponse(r),
+                } => Some((r.term, r.success)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(stale, vec![(Term(2), false)]);
     }
 
     #[test]

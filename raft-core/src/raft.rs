@@ -1129,6 +1129,12 @@ where
                 Done::Read(reply, r) => {
                     let _ = reply.send(r.map_err(RaftError::NotLeader));
                 }
+                Done::Refused { from, reply, error } => {
+                    warn!(peer = %from, kind = "append", error = %error, "refused message");
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(RaftError::Refused(error)));
+                    }
+                }
             }
         }
         if self.x.log_idle()

@@ -1633,6 +1633,7 @@ impl<C: TypeConfig> Engine<C> {
                     index: prev.index,
                 });
             }
+            debug!(node = %self.id, leader = %from, prev = %prev, last = %self.log.last_index(), "append refused: previous entry missing");
             respond(self, false, prev.index, Some(conflict));
             return Ok(());
         }
@@ -1828,6 +1829,7 @@ impl<C: TypeConfig> Engine<C> {
                 };
                 p.become_probe();
                 p.next = next.min(resp.index).max(p.matched.next());
+                debug!(node = %self.id, peer = %from, refused = %resp.index, next = %p.next, "append refused; probing");
             }
         }
         self.send_append(from);

@@ -89,6 +89,9 @@ pub enum Reach {
     /// Entries are applied while a snapshot is being built from an earlier
     /// state, so the snapshot lands behind the applied index.
     AppliedDuringBuild,
+    /// An AppendEntries arrives ahead of the one carrying the entries it
+    /// follows and is held for them.
+    ReorderedAppendHeld,
 }
 
 impl Reach {
@@ -114,6 +117,7 @@ impl Reach {
         Reach::TornAppend,
         Reach::EntriesReadBack,
         Reach::AppliedDuringBuild,
+        Reach::ReorderedAppendHeld,
     ];
 
     pub fn name(self) -> &'static str {
@@ -139,6 +143,7 @@ impl Reach {
             Reach::TornAppend => "torn append on crash",
             Reach::EntriesReadBack => "evicted entries read back for a follower",
             Reach::AppliedDuringBuild => "entries applied while a snapshot is built",
+            Reach::ReorderedAppendHeld => "append ahead of its predecessor held for it",
         }
     }
 }

@@ -138,7 +138,12 @@ impl Sim {
                 }
                 // Requests carry their sender as the reply handle, as the
                 // driver's carry a channel back to the caller.
-                if let Err((e, _)) = x.step(from, msg, Some(from)) {
+                let held = x.held_appends();
+                let stepped = x.step(from, msg, Some(from));
+                if x.held_appends() > held {
+                    self.coverage.hit(Reach::ReorderedAppendHeld);
+                }
+                if let Err((e, _)) = stepped {
                     let id = self.nodes[i].id;
                     self.fail(format!(
                         "node {id} refused a message from an honest peer: {e}"
@@ -255,6 +260,12 @@ impl Sim {
             Done::Read(op, Err(nl)) => {
                 self.finish_op(op, OpState::Failed);
                 self.redirect(op, nl.leader_id);
+            }
+            Done::Refused { from, error, .. } => {
+                let id = self.nodes[i].id;
+                self.fail(format!(
+                    "node {id} refused a held append from an honest peer {from}: {error}"
+                ));
             }
         }
     }
