@@ -52,8 +52,10 @@ pub struct Config {
     pub purge_keep: u64,
     /// Most entries a leader keeps behind a snapshot for a live follower
     /// (one that answered lately, or is being replicated to) that has not
-    /// received them yet. Within this bound a slow follower is repaired by
-    /// entries; past it a snapshot is the cheaper path.
+    /// received them yet, or, if more, as many entries as weigh twice that
+    /// snapshot (by the mean size of the cached entries). Within this bound
+    /// a slow follower is repaired by entries; past it a snapshot is the
+    /// cheaper path.
     pub purge_keep_max: u64,
     /// Bytes per InstallSnapshot chunk.
     pub snapshot_chunk_bytes: usize,

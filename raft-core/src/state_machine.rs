@@ -108,7 +108,7 @@ pub trait StateMachine<C: TypeConfig>: Send + Sync + 'static {
     /// started on it finishes instead of starting over on the new one
     /// (the engine reads no older one, and builds no new one while a live
     /// follower receives a transfer, up to `Config::purge_keep_max`
-    /// entries). `None` if that snapshot is gone: correct, but the
+    /// entries or twice the snapshot's weight in entries). `None` if that snapshot is gone: correct, but the
     /// transfer then starts over.
     async fn read_snapshot_chunk(
         &mut self,

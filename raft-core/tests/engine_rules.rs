@@ -639,16 +639,19 @@ fn a_follower_that_acknowledges_slowly_is_not_sent_its_window_again() {
 /// with s2 and builds a snapshot at the last one, `purge_keep` 0. Returns
 /// s1's log base afterwards and s3's match index.
 fn purge_with_a_live_follower_behind(purge_keep_max: u64) -> (LogIndex, LogIndex) {
-    let (mut s, s3_matched) = leader_snapshots_with_a_live_follower_behind(purge_keep_max);
+    let (mut s, s3_matched) = leader_snapshots_with_a_live_follower_behind(purge_keep_max, 0);
     (
         s.engines.get_mut(&NodeId(1)).unwrap().log().base().index,
         s3_matched,
     )
 }
 
-/// The scene of [`purge_with_a_live_follower_behind`]; returns it and
-/// s3's match index.
-fn leader_snapshots_with_a_live_follower_behind(purge_keep_max: u64) -> (Script, LogIndex) {
+/// The scene of [`purge_with_a_live_follower_behind`], the snapshot
+/// weighing `snapshot_bytes`; returns it and s3's match index.
+fn leader_snapshots_with_a_live_follower_behind(
+    purge_keep_max: u64,
+    snapshot_bytes: u64,
+) -> (Script, LogIndex) {
     let cfg = Config {
         purge_keep: 0,
         purge_keep_max,
@@ -670,7 +673,7 @@ fn leader_snapshots_with_a_live_follower_behind(purge_keep_max: u64) -> (Script,
         s.heartbeat(s1, entries_to_s3);
     }
     let leader = s.engines.get_mut(&s1).unwrap();
-    snapshot_built_at_last_entry(leader, 1);
+    snapshot_of_size_built_at_last_entry(leader, 1, snapshot_bytes);
     let s3_matched = leader.matched()[&s3];
     (s, s3_matched)
 }
@@ -682,7 +685,7 @@ fn leader_snapshots_with_a_live_follower_behind(purge_keep_max: u64) -> (Script,
 #[test]
 fn a_follower_keeps_what_its_leader_keeps_for_a_follower_that_lags() {
     let [s1, s2, s3] = [1, 2, 3].map(NodeId);
-    let (mut s, s3_matched) = leader_snapshots_with_a_live_follower_behind(100);
+    let (mut s, s3_matched) = leader_snapshots_with_a_live_follower_behind(100, 0);
     let leader_base = s.engines[&s1].log().base().index;
     assert!(leader_base <= s3_matched, "the leader kept what s3 needs");
     // The next heartbeat tells s2 where the leader's log begins.
@@ -697,7 +700,7 @@ fn a_follower_keeps_what_its_leader_keeps_for_a_follower_that_lags() {
         "s2 purged entries its leader keeps for s3"
     );
     // Past `purge_keep_max`, a follower purges as its leader would.
-    let (mut s, _) = leader_snapshots_with_a_live_follower_behind(3);
+    let (mut s, _) = leader_snapshots_with_a_live_follower_behind(3, 0);
     s.heartbeat(s1, |_, _, _| false);
     let follower = s.engines.get_mut(&s2).unwrap();
     snapshot_built_at_last_entry(follower, 1);
@@ -722,6 +725,27 @@ fn a_leader_keeps_the_entries_a_live_follower_still_needs_up_to_purge_keep_max()
         LogIndex(12 - 3),
         "past purge_keep_max entries, a snapshot is the cheaper path"
     );
+}
+
+/// Past `purge_keep_max` entries, the leader still keeps what a live
+/// follower lacks while it weighs less than twice the snapshot: sending the
+/// state again would cost more, and the follower would then also lack
+/// everything written during that transfer (`cargo xtask bench join`: a
+/// learner that had just installed 312 MB lacked 330,000 entries, and was
+/// sent the whole state again).
+#[test]
+fn a_leader_keeps_what_a_live_follower_lacks_while_it_weighs_less_than_the_snapshot_twice() {
+    let s1 = NodeId(1);
+    let (s, s3_matched) = leader_snapshots_with_a_live_follower_behind(3, 1 << 20);
+    assert_eq!(
+        s.engines[&s1].log().base().index,
+        s3_matched,
+        "a 1 MiB state outweighs a dozen small entries: they stay for s3"
+    );
+    // A snapshot lighter than the entries s3 lacks is the cheaper path.
+    let (s, _) = leader_snapshots_with_a_live_follower_behind(3, 2);
+    let last = s.engines[&s1].last_log_id().index;
+    assert_eq!(s.engines[&s1].log().base().index, LogIndex(last.0 - 3));
 }
 
 #[test]

@@ -18,7 +18,7 @@
 //! snapshot_log_percent = 100     # and a log of at least this % of the last snapshot's bytes
 //! snapshot_jitter_percent = 50   # each node stretches both by a random 0-50%, so nodes build apart
 //! purge_keep = 1000              # entries kept behind a snapshot
-//! purge_keep_max = 100000        # and at most this many for a live follower behind
+//! purge_keep_max = 100000        # and up to this many (or twice the snapshot's bytes) for a live follower behind
 //! snapshot_window = 8            # snapshot chunks (256 KiB each) in flight per follower
 //! max_inflight = 8               # AppendEntries in flight per follower
 //! max_entries_per_message = 512

@@ -85,6 +85,13 @@ impl<C: TypeConfig> RaftLog<C> {
         self.cached_bytes
     }
 
+    /// The mean size of a cached entry (by `Entry::size_hint`), if any is
+    /// cached.
+    pub fn mean_cached_bytes(&self) -> Option<usize> {
+        let cached = (self.last.0 + 1).saturating_sub(self.cached_from.0) as usize;
+        self.cached_bytes.checked_div(cached)
+    }
+
     fn offset(&self, index: LogIndex) -> Option<usize> {
         if index < self.cached_from || index > self.last {
             return None;

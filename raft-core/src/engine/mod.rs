@@ -964,12 +964,12 @@ impl<C: TypeConfig> Engine<C> {
         let snap = meta.last_log_id.index.0;
         let mut purge_to = LogIndex(snap.saturating_sub(self.config.purge_keep));
         // A follower keeps what its leader keeps for followers that lag
-        // (never more than `purge_keep_max` behind the snapshot): if it
+        // (never more than `keep_max` behind the snapshot): if it
         // leads next, it can still send them entries. Otherwise a leader
         // change turned every laggard into a snapshot transfer (seen in
         // `cargo xtask bench join`: the new leader, which had purged to
         // `purge_keep`, sent two 300 MB snapshots at once).
-        let floor = LogIndex(snap.saturating_sub(self.config.purge_keep_max));
+        let floor = LogIndex(snap.saturating_sub(self.keep_max(meta.size)));
         if !self.is_leader() && self.leader_keeps_from > LogIndex(0) {
             purge_to = purge_to.min(self.leader_keeps_from.prev().max(floor));
         }
@@ -1480,8 +1480,7 @@ impl<C: TypeConfig> Engine<C> {
                     ProgressState::Probe { .. } => 1,
                     _ => max_inflight.saturating_sub(p.inflight.len()).max(1),
                 };
-                let cached = (self.log.last_index().0 + 1 - self.log.cached_from().0) as usize;
-                let n = match self.log.cached_bytes().checked_div(cached) {
+                let n = match self.log.mean_cached_bytes() {
                     Some(mean) => (max_n * room)
                         .min(max_bytes.saturating_mul(room) / mean.max(1))
                         .max(max_n),
@@ -1943,19 +1942,38 @@ impl<C: TypeConfig> Engine<C> {
     /// election timeout) receives a snapshot: the follower needs the log
     /// after that snapshot, not a newer one, and each build frees a
     /// snapshot file a transfer may still read (only the one before the
-    /// current stays readable). Past `purge_keep_max` entries since the
-    /// snapshot the build goes ahead: the log must not grow without bound
-    /// for a transfer that crawls.
+    /// current stays readable). Past `keep_max` entries since the snapshot
+    /// the build goes ahead: the log must not grow without bound for a
+    /// transfer that crawls.
     fn deferred_for_transfer(&self) -> bool {
         let RoleState::Leader(l) = &self.role else {
             return false;
         };
-        let since = self.snapshot.as_ref().map_or(0, |s| s.last_log_id.index.0);
+        let (since, size) = self
+            .snapshot
+            .as_ref()
+            .map_or((0, 0), |s| (s.last_log_id.index.0, s.size));
         let live_since = self.live_since();
-        self.applied.0.saturating_sub(since) < self.config.purge_keep_max
+        self.applied.0.saturating_sub(since) < self.keep_max(size)
             && l.progress.values().any(|p| {
                 matches!(p.state, ProgressState::Snapshot { .. }) && p.heard_since(live_since)
             })
+    }
+
+    /// Most entries kept behind a snapshot of `snapshot_bytes` for a live
+    /// follower that lacks them: `purge_keep_max`, or as many as weigh
+    /// twice the snapshot if that is more. Past that, sending a snapshot
+    /// again is the cheaper path; short of it, entries are: a follower
+    /// sent a snapshot instead also needs every entry written while that
+    /// transfer ran. With a bound in entries alone, a learner that had just
+    /// installed a 312 MB snapshot lacked 330,000 entries of 1 KiB when the
+    /// leader's next build purged them, and was sent the whole state again
+    /// (`cargo xtask bench join`).
+    fn keep_max(&self, snapshot_bytes: u64) -> u64 {
+        let by_size = self.log.mean_cached_bytes().map_or(0, |mean| {
+            snapshot_bytes.saturating_mul(2) / mean.max(1) as u64
+        });
+        self.config.purge_keep_max.max(by_size)
     }
 
     /// A follower is live if it answered since then: within the last
