@@ -150,6 +150,11 @@ pub struct RaftMetrics<N> {
     pub snapshots_sent: u64,
     /// Snapshots this node received and installed since it started.
     pub snapshots_installed: u64,
+    /// Bytes of the snapshots this node delivered as leader since it
+    /// started (the follower installed them).
+    pub snapshot_bytes_delivered: u64,
+    /// How long those deliveries took in all, first chunk to install.
+    pub snapshot_delivery_millis: u64,
 }
 
 type Reply<T, N> = oneshot::Sender<Result<T, RaftError<N>>>;
@@ -753,6 +758,8 @@ fn metrics_of<C: TypeConfig>(
         leader_changes: u64::from(e.leader_id().is_some()),
         snapshots_sent: e.snapshots_sent(),
         snapshots_installed: e.snapshots_installed(),
+        snapshot_bytes_delivered: e.snapshot_deliveries().0,
+        snapshot_delivery_millis: e.snapshot_deliveries().1,
     }
 }
 
@@ -784,6 +791,8 @@ fn update_metrics<C: TypeConfig>(
         leader_changes,
         snapshots_sent,
         snapshots_installed,
+        snapshot_bytes_delivered,
+        snapshot_delivery_millis,
     } = m;
     let mut changed = false;
     macro_rules! set {
@@ -814,6 +823,8 @@ fn update_metrics<C: TypeConfig>(
     set!(elections, e.elections());
     set!(snapshots_sent, e.snapshots_sent());
     set!(snapshots_installed, e.snapshots_installed());
+    set!(snapshot_bytes_delivered, e.snapshot_deliveries().0);
+    set!(snapshot_delivery_millis, e.snapshot_deliveries().1);
     if *membership != *e.membership() {
         *membership = e.membership().clone();
         changed = true;

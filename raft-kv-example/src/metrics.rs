@@ -165,6 +165,18 @@ impl Metrics {
             "counter",
             raft.snapshots_installed,
         );
+        gauge(
+            "raft_snapshot_delivered_bytes_total",
+            "Bytes of the snapshots this node delivered as leader (installed by the follower).",
+            "counter",
+            raft.snapshot_bytes_delivered,
+        );
+        gauge(
+            "raft_snapshot_delivery_milliseconds_total",
+            "Time those deliveries took, first chunk to install.",
+            "counter",
+            raft.snapshot_delivery_millis,
+        );
         let roles = ["follower", "precandidate", "candidate", "leader", "learner"];
         let _ = writeln!(
             out,

@@ -7,6 +7,10 @@
 //!   raw stream carrying 64 KiB out and a small reply back.
 //! - Heartbeat latency (p50/p99) while a snapshot streams in chunks of the
 //!   default size on the same connection.
+//! - Raw snapshot-shaped throughput: streams of one default chunk each,
+//!   `snapshot_window` of them in flight: the loopback rate a snapshot
+//!   transfer could reach. `RPC_BENCH=chunks` measures only this, for
+//!   `cargo xtask bench join`, which reports a transfer against it.
 //!
 //! The receiver is a real `Raft` node reached through `QuicTransport::serve`;
 //! its log does not match the sender's, so it answers every append with a
@@ -192,6 +196,26 @@ async fn main() {
         "raft-transport-quic bench: {} s per cell; heartbeat frame {hb_bytes} B, batch frame {batch_bytes} B",
         secs().as_secs()
     );
+
+    // Raw QUIC in a snapshot transfer's shape.
+    let defaults = Config::default();
+    let (chunk, window) = (defaults.snapshot_chunk_bytes, defaults.snapshot_window);
+    let conn = echo_conn.clone();
+    let payload = vec![7u8; chunk];
+    let (chunks, _) = drive(window, move || {
+        let (conn, payload) = (conn.clone(), payload.clone());
+        async move { echo_once(&conn, &payload).await }
+    })
+    .await;
+    println!(
+        "raw QUIC, {} KiB streams x {window} in flight: {:.1} MB/s",
+        chunk >> 10,
+        chunks * chunk as f64 / 1e6
+    );
+    if std::env::var("RPC_BENCH").is_ok_and(|v| v == "chunks") {
+        raft.shutdown().await;
+        return;
+    }
 
     // Round trips: heartbeats vs small echoes.
     println!(

@@ -4,7 +4,10 @@
 //! `--phase` before a fourth node joins (`serve --join`, then promote) and
 //! for at least `--phase` after; the report compares committed writes/s
 //! before and during the join, and counts elections, snapshot transfers,
-//! installs and peak memory per node.
+//! installs and peak memory per node. The rate the snapshot moved at is
+//! set next to the machine's raw rates measured in the same run, before the
+//! load: a sequential write to the bench's disk, and loopback QUIC in the
+//! transfer's shape (the transport bench's `RPC_BENCH=chunks` cell).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -104,6 +107,9 @@ struct NodeReport {
     elections: u64,
     snapshots_sent: u64,
     snapshots_installed: u64,
+    /// Snapshot bytes delivered as leader, and how long that took.
+    snapshot_bytes: u64,
+    snapshot_millis: u64,
     peak_rss_mib: u64,
 }
 
@@ -114,6 +120,9 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
         false => format!("[raft]\n{}\n", opts.raft.join("\n")),
     };
     let mut c = LocalCluster::create(root, dir.clone(), 3, 7500, &raft)?;
+    let disk_mb_s = disk_rate(&dir)?;
+    let quic_mb_s = quic_rate(root)?;
+    println!("bench join: raw disk {disk_mb_s:.0} MB/s, loopback QUIC {quic_mb_s:.0} MB/s");
     c.start_all()?;
     let leader = c.wait_leader(&c.ids(), Duration::from_secs(20))?;
     let ep = c.endpoint(leader);
@@ -216,6 +225,22 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
         "| leader | node {leader} before, {} after |",
         final_leader.map_or("none".into(), |l| format!("node {l}"))
     );
+    let (mut bytes, mut millis) = (0, 0);
+    for (id, r) in &after {
+        let b = before.get(id);
+        bytes += r.snapshot_bytes - b.map_or(0, |b| b.snapshot_bytes);
+        millis += r.snapshot_millis - b.map_or(0, |b| b.snapshot_millis);
+    }
+    if bytes > 0 {
+        let rate = bytes as f64 / 1e6 / (millis.max(1) as f64 / 1e3);
+        let slower = disk_mb_s.min(quic_mb_s);
+        println!(
+            "| snapshot delivered | {:.0} MB in {:.1} s: {rate:.0} MB/s, {:.2}x the slower of raw disk ({disk_mb_s:.0} MB/s) and loopback QUIC ({quic_mb_s:.0} MB/s) |",
+            bytes as f64 / 1e6,
+            millis as f64 / 1e3,
+            rate / slower.max(1.0)
+        );
+    }
     let mut elections = 0;
     for (id, r) in &after {
         let b = before.get(id).map_or(0, |b| b.elections);
@@ -346,11 +371,59 @@ fn reports(c: &LocalCluster) -> BTreeMap<u64, NodeReport> {
                 r.elections = counter("raft_elections_total");
                 r.snapshots_sent = counter("raft_snapshots_sent_total");
                 r.snapshots_installed = counter("raft_snapshots_installed_total");
+                r.snapshot_bytes = counter("raft_snapshot_delivered_bytes_total");
+                r.snapshot_millis = counter("raft_snapshot_delivery_milliseconds_total");
             }
             r.peak_rss_mib = c.pid(id).map_or(0, peak_rss_mib);
             (id, r)
         })
         .collect()
+}
+
+/// The disk's sequential write rate in MB/s: 512 MiB in 1 MiB writes to a
+/// file in `dir`, synced, as a snapshot's file is written.
+fn disk_rate(dir: &Path) -> Result<f64> {
+    use std::io::Write;
+    let path = dir.join("disk-probe");
+    let chunk = vec![0x5Au8; 1 << 20];
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&path).context("disk probe")?;
+    for _ in 0..512 {
+        f.write_all(&chunk).context("disk probe")?;
+    }
+    f.sync_all().context("disk probe")?;
+    let rate = 512.0 * (1 << 20) as f64 / 1e6 / t.elapsed().as_secs_f64();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    Ok(rate)
+}
+
+/// Loopback QUIC's rate in MB/s in a snapshot transfer's shape, from the
+/// transport bench's `RPC_BENCH=chunks` cell.
+fn quic_rate(root: &Path) -> Result<f64> {
+    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root)
+        .args(["bench", "-q", "-p", "raft-transport-quic", "--bench", "rpc"])
+        .env("RPC_BENCH", "chunks")
+        .output()
+        .context("running the transport bench")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("raw QUIC")?
+                .rsplit_once(": ")?
+                .1
+                .strip_suffix(" MB/s")?
+                .parse()
+                .ok()
+        })
+        .with_context(|| {
+            format!(
+                "the transport bench printed no rate ({}):\n{text}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
 }
 
 /// A process's peak resident set (`VmHWM`), in MiB.

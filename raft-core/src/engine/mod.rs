@@ -266,6 +266,10 @@ pub struct Engine<C: TypeConfig> {
     /// Snapshot transfers this engine started as leader, and snapshots it
     /// installed as follower.
     snapshots_sent: u64,
+    /// Bytes of the snapshots this node delivered as leader, and how long
+    /// those transfers took (engine milliseconds, first chunk to install).
+    snapshot_bytes_delivered: u64,
+    snapshot_delivery_ms: u64,
     snapshots_installed: u64,
 
     actions: Vec<Action<C>>,
@@ -413,6 +417,8 @@ impl<C: TypeConfig> Engine<C> {
             read_round_wanted: false,
             elections: 0,
             snapshots_sent: 0,
+            snapshot_bytes_delivered: 0,
+            snapshot_delivery_ms: 0,
             snapshots_installed: 0,
             actions,
             config,
@@ -473,6 +479,14 @@ impl<C: TypeConfig> Engine<C> {
     /// restarts included) since it was built.
     pub fn snapshots_sent(&self) -> u64 {
         self.snapshots_sent
+    }
+
+    /// Bytes of the snapshots this node delivered (a follower installed
+    /// them) as leader since it started, and the milliseconds those
+    /// transfers took from their first chunk to the follower's install: the
+    /// rate a snapshot moves at.
+    pub fn snapshot_deliveries(&self) -> (u64, u64) {
+        (self.snapshot_bytes_delivered, self.snapshot_delivery_ms)
     }
     /// Snapshots this engine received whole and installed since it was
     /// built.
@@ -1446,6 +1460,7 @@ impl<C: TypeConfig> Engine<C> {
                     acked: 0,
                     sent: 0,
                     active_at: now,
+                    started_at: now,
                 };
                 p.inflight.clear();
                 continue; // its first window
@@ -2238,6 +2253,7 @@ impl<C: TypeConfig> Engine<C> {
             acked,
             sent,
             active_at,
+            started_at,
             ..
         } = &mut p.state
         else {
@@ -2248,7 +2264,10 @@ impl<C: TypeConfig> Engine<C> {
         }
         match snapshot {
             Some(meta) if resp.done => {
-                info!(peer = %from, snapshot = %meta.last_log_id, "snapshot delivered");
+                let took = now.saturating_sub(*started_at);
+                self.snapshot_bytes_delivered += meta.size;
+                self.snapshot_delivery_ms += took;
+                info!(peer = %from, snapshot = %meta.last_log_id, bytes = meta.size, ms = took, "snapshot delivered");
                 p.on_match(meta.last_log_id.index, round);
                 p.become_probe();
                 self.maybe_commit();

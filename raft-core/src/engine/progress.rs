@@ -31,6 +31,8 @@ pub enum ProgressState {
         sent: u64,
         /// When a chunk last went out or `acked` last moved.
         active_at: u64,
+        /// When the transfer started.
+        started_at: u64,
     },
 }
 
@@ -257,6 +259,7 @@ mod tests {
                 acked,
                 sent,
                 active_at: 0,
+                started_at: 0,
             }
             .snapshot_chunk_due(2, 10)
         };
