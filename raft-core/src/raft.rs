@@ -916,6 +916,11 @@ struct Driver<C: TypeConfig, F: NetworkFactory<C>> {
 
 const BATCH: usize = 1024;
 
+/// A driver turn this long, or a wake-up this late, is logged: every timer
+/// of the node (heartbeats, elections) waits on it, so a node whose
+/// runtime is starved or whose turn blocks looks dead to its peers.
+const SLOW_TURN: Duration = Duration::from_millis(50);
+
 impl<C, F> Driver<C, F>
 where
     C: TypeConfig,
@@ -926,6 +931,8 @@ where
     }
 
     async fn run(mut self) {
+        // When a slow turn or late wake-up was last logged: once a second.
+        let mut warned: Option<Instant> = None;
         loop {
             let deadline = self.start + Duration::from_millis(self.x.engine().next_deadline());
             // Storage reports first: they unblock replies and commits; then
@@ -951,6 +958,7 @@ where
                     _ = tokio::time::sleep_until(deadline) => None,
                 },
             };
+            let woke = Instant::now();
             // Time moves first, timers fire last: what queued up while this
             // task waited (a pause, a busy runtime) counts before a timer
             // judges its absence.
@@ -990,6 +998,19 @@ where
             self.pump();
             self.start_rpcs().await;
             self.publish(None);
+            let (late, took) = (woke.saturating_duration_since(deadline), woke.elapsed());
+            if (late >= SLOW_TURN || took >= SLOW_TURN)
+                && warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(1))
+            {
+                warned = Some(Instant::now());
+                warn!(
+                    node = %self.x.engine().id(),
+                    late_ms = late.as_millis() as u64,
+                    took_ms = took.as_millis() as u64,
+                    events = n,
+                    "driver turn slow or late: peers may miss this node's heartbeats"
+                );
+            }
             if stop {
                 break;
             }
