@@ -383,8 +383,10 @@ fn s3_back_behind_snapshot_1_of_size(cfg: Config, size: u64) -> Script {
     for v in ["a", "b", "c"] {
         commit(&mut s, s1, put(v));
     }
+    // Down long enough that the leader keeps nothing for it: ten election
+    // timeouts.
     let silent_from = s.clock;
-    while s.clock <= silent_from + cfg.election_timeout_min_ms {
+    while s.clock <= silent_from + 10 * cfg.election_timeout_max_ms {
         s.heartbeat(s1, |_, _, _| false);
     }
     snapshot_of_size_built_at_last_entry(s.engines.get_mut(&s1).unwrap(), 1, size);
@@ -545,11 +547,11 @@ fn a_leader_builds_no_snapshot_while_a_live_follower_receives_one() {
         before,
         "a build during the transfer would free the snapshot s3 is reading"
     );
-    // s3 goes silent for an election timeout: the transfer no longer
+    // s3 goes silent for ten election timeouts: the transfer no longer
     // holds snapshots back.
     s.crash(NodeId(3));
     let silent_from = s.clock;
-    while s.clock <= silent_from + s.cfg.election_timeout_min_ms {
+    while s.clock <= silent_from + 10 * s.cfg.election_timeout_max_ms {
         s.heartbeat(s1, |_, _, _| false);
     }
     commit(&mut s, s1, put("g"));
@@ -652,6 +654,16 @@ fn leader_snapshots_with_a_live_follower_behind(
     purge_keep_max: u64,
     snapshot_bytes: u64,
 ) -> (Script, LogIndex) {
+    leader_snapshots_with_a_follower_behind(purge_keep_max, snapshot_bytes, 0)
+}
+
+/// As [`leader_snapshots_with_a_live_follower_behind`], s3 silent for
+/// `quiet_ms` before the build.
+fn leader_snapshots_with_a_follower_behind(
+    purge_keep_max: u64,
+    snapshot_bytes: u64,
+    quiet_ms: u64,
+) -> (Script, LogIndex) {
     let cfg = Config {
         purge_keep: 0,
         purge_keep_max,
@@ -671,6 +683,13 @@ fn leader_snapshots_with_a_live_follower_behind(
         s.flush(s1);
         s.deliver(entries_to_s3);
         s.heartbeat(s1, entries_to_s3);
+    }
+    if quiet_ms > 0 {
+        s.crash(s3);
+        let quiet_from = s.clock;
+        while s.clock <= quiet_from + quiet_ms {
+            s.heartbeat(s1, |_, _, _| false);
+        }
     }
     let leader = s.engines.get_mut(&s1).unwrap();
     snapshot_of_size_built_at_last_entry(leader, 1, snapshot_bytes);
@@ -746,6 +765,21 @@ fn a_leader_keeps_what_a_live_follower_lacks_while_it_weighs_less_than_the_snaps
     let (s, _) = leader_snapshots_with_a_live_follower_behind(3, 2);
     let last = s.engines[&s1].last_log_id().index;
     assert_eq!(s.engines[&s1].log().base().index, LogIndex(last.0 - 3));
+}
+
+/// A follower busy installing a snapshot or catching up can go an
+/// election timeout without answering; purging what it is being sent then
+/// cost a second transfer of the whole state (`cargo xtask bench join`, 1
+/// GiB of state). Ten election timeouts of silence make it dead to the
+/// purge.
+#[test]
+fn a_follower_silent_for_a_few_election_timeouts_still_has_its_entries_kept() {
+    let s1 = NodeId(1);
+    let timeout = config().election_timeout_max_ms;
+    let (s, s3_matched) = leader_snapshots_with_a_follower_behind(100, 0, 2 * timeout);
+    assert_eq!(s.engines[&s1].log().base().index, s3_matched);
+    let (s, s3_matched) = leader_snapshots_with_a_follower_behind(100, 0, 11 * timeout);
+    assert!(s.engines[&s1].log().base().index > s3_matched);
 }
 
 #[test]
