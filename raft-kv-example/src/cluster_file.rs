@@ -19,7 +19,8 @@
 //! snapshot_jitter_percent = 50   # each node stretches both by a random 0-50%, so nodes build apart
 //! purge_keep = 1000              # entries kept behind a snapshot
 //! purge_keep_max = 100000        # and up to this many (or twice the snapshot's bytes) for a live follower behind
-//! snapshot_window = 8            # snapshot chunks (256 KiB each) in flight per follower
+//! snapshot_window = 8            # snapshot chunks in flight per follower
+//! snapshot_chunk_bytes = 262144  # bytes per snapshot chunk (at most 8 MiB)
 //! max_inflight = 8               # AppendEntries in flight per follower
 //! max_entries_per_message = 512
 //!
@@ -44,6 +45,11 @@ use raft_core::{Config, NodeId};
 use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
+
+/// The largest `snapshot_chunk_bytes` a cluster file may set: a chunk and
+/// its request travel in one QUIC frame (`QuicConfig::max_frame_bytes`,
+/// 16 MiB).
+const MAX_SNAPSHOT_CHUNK_BYTES: usize = 8 << 20;
 
 use crate::types::NodeAddr;
 
@@ -176,6 +182,7 @@ struct RawRaft {
     purge_keep: Option<u64>,
     purge_keep_max: Option<u64>,
     snapshot_window: Option<usize>,
+    snapshot_chunk_bytes: Option<usize>,
     max_inflight: Option<usize>,
     max_entries_per_message: Option<usize>,
 }
@@ -279,6 +286,16 @@ impl ClusterFile {
             raft.purge_keep = r.purge_keep.unwrap_or(raft.purge_keep);
             raft.purge_keep_max = r.purge_keep_max.unwrap_or(raft.purge_keep_max);
             raft.snapshot_window = r.snapshot_window.unwrap_or(raft.snapshot_window);
+            raft.snapshot_chunk_bytes = r.snapshot_chunk_bytes.unwrap_or(raft.snapshot_chunk_bytes);
+            if raft.snapshot_chunk_bytes > MAX_SNAPSHOT_CHUNK_BYTES {
+                return Err(at(
+                    Some(span.clone()),
+                    "raft",
+                    format!(
+                        "snapshot_chunk_bytes must be at most {MAX_SNAPSHOT_CHUNK_BYTES} (a chunk travels in one transport frame of 16 MiB)"
+                    ),
+                ));
+            }
             raft.max_inflight = r.max_inflight.unwrap_or(raft.max_inflight);
             raft.max_entries_per_message = r
                 .max_entries_per_message
@@ -375,6 +392,17 @@ election_timeout_ms = [300, 600]
         assert_eq!(f.raft.election_timeout_min_ms, 300);
         assert_eq!(f.raft.heartbeat_interval_ms, 50);
         assert_eq!(f.limits, Limits::default());
+    }
+
+    #[test]
+    fn snapshot_chunks_are_set_and_bounded_by_the_transport_frame() {
+        let f = parse(&format!("{GOOD}snapshot_chunk_bytes = 1048576\n")).expect("valid");
+        assert_eq!(f.raft.snapshot_chunk_bytes, 1 << 20);
+        let e = error(&format!("{GOOD}snapshot_chunk_bytes = 16777216\n"));
+        assert!(
+            e.contains("snapshot_chunk_bytes must be at most 8388608"),
+            "{e}"
+        );
     }
 
     #[test]
