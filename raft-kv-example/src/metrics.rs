@@ -73,6 +73,9 @@ pub struct Metrics {
     /// `LogStore::save_hard_state` (term and vote, synced).
     pub hard_state_sync: Histogram,
     rpc_errors: Mutex<BTreeMap<(NodeId, &'static str), u64>>,
+    /// Bytes the configuration budgets for caches (RocksDB's block cache
+    /// and memtables, the Raft log cache); set at start.
+    pub memory_budget: AtomicU64,
 }
 
 impl Metrics {
@@ -92,6 +95,12 @@ impl Metrics {
             );
         };
         gauge("raft_term", "Current term.", "gauge", raft.term.0);
+        gauge(
+            "raft_kv_memory_budget_bytes",
+            "Memory the configuration budgets for caches: RocksDB block cache and memtables, and the Raft log cache.",
+            "gauge",
+            self.memory_budget.load(Relaxed),
+        );
         gauge(
             "raft_commit_index",
             "Highest log index known to be committed.",

@@ -78,7 +78,12 @@ impl Node {
         let me = file.node(id).ok_or(ServeError::UnknownNode(id))?;
         let metrics = Arc::new(Metrics::default());
 
-        let db = RocksDb::open(&me.data_dir, RocksOptions::default())?;
+        let rocks = RocksOptions::default();
+        metrics.memory_budget.store(
+            (rocks.memory_budget() + file.raft.log_cache_bytes) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let db = RocksDb::open(&me.data_dir, rocks)?;
         let log = MeteredLogStore {
             inner: db.log_store::<Kv>(GROUP)?,
             metrics: metrics.clone(),

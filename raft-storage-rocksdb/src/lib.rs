@@ -75,6 +75,11 @@ pub struct RocksOptions {
     pub sync: bool,
     /// Memtable size per column family (default 64 MiB).
     pub write_buffer_size: usize,
+    /// Most memory all column families' memtables hold together before
+    /// the largest is flushed (RocksDB's `db_write_buffer_size`; default
+    /// 128 MiB). Without it four column families of two 64 MiB memtables
+    /// each could hold 512 MiB.
+    pub memtable_budget_bytes: usize,
     /// Shared block cache (default 64 MiB).
     pub block_cache_bytes: usize,
     /// LZ4-compress SST blocks (default on).
@@ -84,11 +89,22 @@ pub struct RocksOptions {
     pub manual_wal_flush: bool,
 }
 
+impl RocksOptions {
+    /// The memory these options budget for caches: the block cache and the
+    /// memtables. (RocksDB's index and filter blocks live in the block
+    /// cache only when so configured; these options do not, so they come
+    /// on top, a few bytes per key.)
+    pub fn memory_budget(&self) -> usize {
+        self.block_cache_bytes + self.memtable_budget_bytes
+    }
+}
+
 impl Default for RocksOptions {
     fn default() -> Self {
         RocksOptions {
             sync: true,
             write_buffer_size: 64 << 20,
+            memtable_budget_bytes: 128 << 20,
             block_cache_bytes: 64 << 20,
             compression: true,
             manual_wal_flush: false,
@@ -228,6 +244,7 @@ impl RocksDb {
         opts.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
         opts.set_track_and_verify_wals_in_manifest(true);
         opts.set_write_buffer_size(options.write_buffer_size);
+        opts.set_db_write_buffer_size(options.memtable_budget_bytes);
         opts.set_manual_wal_flush(options.manual_wal_flush);
         let cache = Cache::new_lru_cache(options.block_cache_bytes);
         let mut table = BlockBasedOptions::default();

@@ -110,6 +110,8 @@ struct NodeReport {
     /// Snapshot bytes delivered as leader, and how long that took.
     snapshot_bytes: u64,
     snapshot_millis: u64,
+    /// What the node's configuration budgets for caches, in MiB.
+    budget_mib: u64,
     peak_rss_mib: u64,
 }
 
@@ -247,9 +249,17 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
         elections += r.elections - b.min(r.elections);
         let installs = r.snapshots_installed - before.get(id).map_or(0, |b| b.snapshots_installed);
         let sent = r.snapshots_sent - before.get(id).map_or(0, |b| b.snapshots_sent);
+        // Issue 13's bound: twice the configured caches plus 256 MiB.
+        let bound = 2 * r.budget_mib + 256;
         println!(
-            "| node {id} | {installs} snapshots installed, {sent} transfers started, peak RSS {} MiB |",
-            r.peak_rss_mib
+            "| node {id} | {installs} snapshots installed, {sent} transfers started, peak RSS {} MiB ({} the bound of 2 x {} MiB of caches + 256 = {bound} MiB) |",
+            r.peak_rss_mib,
+            if r.peak_rss_mib <= bound {
+                "within"
+            } else {
+                "OVER"
+            },
+            r.budget_mib
         );
     }
     println!("| elections during the run | {elections} |");
@@ -373,6 +383,7 @@ fn reports(c: &LocalCluster) -> BTreeMap<u64, NodeReport> {
                 r.snapshots_installed = counter("raft_snapshots_installed_total");
                 r.snapshot_bytes = counter("raft_snapshot_delivered_bytes_total");
                 r.snapshot_millis = counter("raft_snapshot_delivery_milliseconds_total");
+                r.budget_mib = counter("raft_kv_memory_budget_bytes") >> 20;
             }
             r.peak_rss_mib = c.pid(id).map_or(0, peak_rss_mib);
             (id, r)
