@@ -875,7 +875,7 @@ mod tests {
     use crate::config::Config;
     use crate::engine::RecoveredState;
     use crate::memory::kv::KvConfig;
-    use crate::message::AppendEntriesRequest;
+    use crate::message::{AppendEntriesRequest, AppendEntriesResponse};
     use crate::types::{EntryPayload, NodeUuid};
 
     /// Handles are plain numbers: which request a reply answers.
@@ -917,20 +917,29 @@ mod tests {
         })
     }
 
-    /// The replies among `io`: (handle, acknowledged index, after the log?).
-    fn replies(io: Vec<Io<KvConfig, Ids>>) -> Vec<(u32, u64, bool)> {
+    /// The AppendEntries answers among `io`: (handle, answer, after the
+    /// log?).
+    fn append_answers(io: Vec<Io<KvConfig, Ids>>) -> Vec<(u32, AppendEntriesResponse, bool)> {
         io.into_iter()
             .filter_map(|io| match io {
                 Io::Reply {
                     to,
                     msg: Message::AppendEntriesResponse(r),
-                } => Some((to, r.index.0, false)),
+                } => Some((to, r, false)),
                 Io::ReplyAfterLog {
                     to,
                     msg: Message::AppendEntriesResponse(r),
-                } => Some((to, r.index.0, true)),
+                } => Some((to, r, true)),
                 _ => None,
             })
+            .collect()
+    }
+
+    /// The replies among `io`: (handle, acknowledged index, after the log?).
+    fn replies(io: Vec<Io<KvConfig, Ids>>) -> Vec<(u32, u64, bool)> {
+        append_answers(io)
+            .into_iter()
+            .map(|(to, r, after)| (to, r.index.0, after))
             .collect()
     }
 
@@ -958,18 +967,9 @@ mod tests {
 
     /// The AppendEntries answers among `io`: (handle, index, success).
     fn answers(io: Vec<Io<KvConfig, Ids>>) -> Vec<(u32, u64, bool)> {
-        io.into_iter()
-            .filter_map(|io| match io {
-                Io::Reply {
-                    to,
-                    msg: Message::AppendEntriesResponse(r),
-                }
-                | Io::ReplyAfterLog {
-                    to,
-                    msg: Message::AppendEntriesResponse(r),
-                } => Some((to, r.index.0, r.success)),
-                _ => None,
-            })
+        append_answers(io)
+            .into_iter()
+            .map(|(to, r, _)| (to, r.index.0, r.success))
             .collect()
     }
 
@@ -1043,20 +1043,10 @@ mod tests {
             r.leader_id = NodeId(3);
         }
         x.step(NodeId(3), hb, Some(9)).ok().unwrap();
-        let io = x.poll_io();
-        let stale: Vec<_> = io
-            .iter()
-            .filter_map(|io| match io {
-                Io::Reply {
-                    to: 2,
-                    msg: Message::AppendEntriesResponse(r),
-                }
-                | Io::ReplyAfterLog {
-                    to: 2,
-                    msg: Message::AppendEntriesResponse(r),
-                } => Some((r.term, r.success)),
-                _ => None,
-            })
+        let stale: Vec<_> = append_answers(x.poll_io())
+            .into_iter()
+            .filter(|(to, _, _)| *to == 2)
+            .map(|(_, r, _)| (r.term, r.success))
             .collect();
         assert_eq!(stale, vec![(Term(2), false)]);
     }
