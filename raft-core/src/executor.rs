@@ -287,8 +287,6 @@ pub struct Executor<C: TypeConfig, K: Callers> {
     held: Vec<Held<C, K>>,
     /// How many appends were ever held.
     held_total: u64,
-    /// The latest time a tick told.
-    now: u64,
 }
 
 impl<C: TypeConfig, K: Callers> Executor<C, K> {
@@ -317,7 +315,6 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
             done: Vec::new(),
             held: Vec::new(),
             held_total: 0,
-            now: 0,
         };
         // Repair actions from recovery.
         x.collect();
@@ -368,7 +365,6 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
     // ------------------------------------------------------------- inputs
 
     pub fn tick(&mut self, now: u64) {
-        self.now = self.now.max(now);
         self.engine.tick(now);
         self.release_held();
     }
@@ -473,7 +469,7 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
             from,
             req,
             reply,
-            at: self.now,
+            at: self.engine.now(),
         });
         if self.held.len() > self.engine.config().max_inflight.max(1) {
             // Full: the one furthest ahead waits longest anyway.
@@ -491,11 +487,12 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
     /// possibly letting the next one in.
     fn release_held(&mut self) {
         let expiry = self.engine.config().election_timeout_min_ms / 2;
+        let now = self.engine.now();
         loop {
             let due = (0..self.held.len())
                 .filter(|&i| {
                     let h = &self.held[i];
-                    !self.holds(h.from, &h.req) || h.at + expiry <= self.now
+                    !self.holds(h.from, &h.req) || h.at + expiry <= now
                 })
                 .min_by_key(|&i| self.held[i].req.prev_log_id.index);
             let Some(i) = due else { return };

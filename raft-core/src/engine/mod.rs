@@ -598,6 +598,11 @@ impl<C: TypeConfig> Engine<C> {
         self.now = self.now.max(now);
     }
 
+    /// The engine's time: the latest `advance_clock` or `tick`.
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
     /// Advances time to `now` (milliseconds) and fires due timers: elections
     /// on followers and candidates; heartbeats, check-quorum and
     /// retransmission on leaders.
