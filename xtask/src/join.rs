@@ -230,8 +230,13 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
     let (mut bytes, mut millis) = (0, 0);
     for (id, r) in &after {
         let b = before.get(id);
-        bytes += r.snapshot_bytes - b.map_or(0, |b| b.snapshot_bytes);
-        millis += r.snapshot_millis - b.map_or(0, |b| b.snapshot_millis);
+        // A node that restarted, or did not answer, reads 0.
+        bytes += r
+            .snapshot_bytes
+            .saturating_sub(b.map_or(0, |b| b.snapshot_bytes));
+        millis += r
+            .snapshot_millis
+            .saturating_sub(b.map_or(0, |b| b.snapshot_millis));
     }
     if bytes > 0 {
         let rate = bytes as f64 / 1e6 / (millis.max(1) as f64 / 1e3);
@@ -247,8 +252,13 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
     for (id, r) in &after {
         let b = before.get(id).map_or(0, |b| b.elections);
         elections += r.elections - b.min(r.elections);
-        let installs = r.snapshots_installed - before.get(id).map_or(0, |b| b.snapshots_installed);
-        let sent = r.snapshots_sent - before.get(id).map_or(0, |b| b.snapshots_sent);
+        // Saturating: a node that restarted, or did not answer, reads 0.
+        let installs = r
+            .snapshots_installed
+            .saturating_sub(before.get(id).map_or(0, |b| b.snapshots_installed));
+        let sent = r
+            .snapshots_sent
+            .saturating_sub(before.get(id).map_or(0, |b| b.snapshots_sent));
         // Issue 13's bound: twice the configured caches plus 256 MiB.
         let bound = 2 * r.budget_mib + 256;
         println!(
@@ -412,7 +422,7 @@ fn disk_rate(dir: &Path) -> Result<f64> {
 /// Loopback QUIC's rate in MB/s in a snapshot transfer's shape, from the
 /// transport bench's `RPC_BENCH=chunks` cell.
 fn quic_rate(root: &Path) -> Result<f64> {
-    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let out = crate::cargo()
         .current_dir(root)
         .args(["bench", "-q", "-p", "raft-transport-quic", "--bench", "rpc"])
         .env("RPC_BENCH", "chunks")
