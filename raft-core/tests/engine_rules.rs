@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::script::{C, Script, config};
+use common::script::{C, Script, config, put};
 use raft_core::memory::kv::KvCommand;
 use raft_core::{Action, Entry, LogId, LogIndex, Message, VoteRequest};
 use raft_core::{
@@ -23,13 +23,6 @@ fn pristine(id: u64) -> Engine<C> {
     Engine::new(NodeId(id), config(), id, 0, RecoveredState::default()).unwrap()
 }
 
-fn put(v: &str) -> KvCommand {
-    KvCommand::Put {
-        key: "k".into(),
-        value: v.into(),
-    }
-}
-
 /// A 3-node script (with `cfg`) in which s1 leads.
 fn led_by_s1(cfg: Config) -> Script {
     let mut s = Script::with_config(3, cfg);
@@ -39,9 +32,7 @@ fn led_by_s1(cfg: Config) -> Script {
 
 /// Proposes `cmd` at `leader` and delivers everything that follows.
 fn commit(s: &mut Script, leader: NodeId, cmd: KvCommand) {
-    s.engines.get_mut(&leader).unwrap().propose(cmd).unwrap();
-    s.flush(leader);
-    s.deliver(|_, _, _| false);
+    s.propose(leader, cmd, |_, _, _| false);
 }
 
 /// `led_by_s1`, and node 4 (not running) added as a learner, committed.
@@ -617,9 +608,7 @@ fn a_follower_that_acknowledges_slowly_is_not_sent_its_window_again() {
         false
     };
     for v in ["b", "c", "d", "e"] {
-        s.engines.get_mut(&s1).unwrap().propose(put(v)).unwrap();
-        s.flush(s1);
-        s.deliver(observe);
+        s.propose(s1, put(v), observe);
     }
     let step = cfg.election_timeout_min_ms * 6 / 10;
     for _ in 0..4 {
@@ -675,13 +664,7 @@ fn leader_snapshots_with_a_follower_behind(
         to == s3 && matches!(m, Message::AppendEntries(r) if !r.entries.is_empty())
     };
     for i in 0..10 {
-        s.engines
-            .get_mut(&s1)
-            .unwrap()
-            .propose(put(&format!("v{i}")))
-            .unwrap();
-        s.flush(s1);
-        s.deliver(entries_to_s3);
+        s.propose(s1, put(&format!("v{i}")), entries_to_s3);
         s.heartbeat(s1, entries_to_s3);
     }
     if quiet_ms > 0 {
@@ -2051,13 +2034,7 @@ fn s3_behind_a_cache(n: usize, cache_bytes: usize) -> Script {
     };
     let mut s = led_by_s1(cfg);
     for i in 0..n {
-        s.engines
-            .get_mut(&s1)
-            .unwrap()
-            .propose(put(&format!("v{i}")))
-            .unwrap();
-        s.flush(s1);
-        s.deliver(|_, to, _| to == s3);
+        s.propose(s1, put(&format!("v{i}")), |_, to, _| to == s3);
     }
     s
 }

@@ -10,19 +10,11 @@
 
 mod common;
 
-use common::script::{C, Script, config};
-use raft_core::memory::kv::KvCommand;
+use common::script::{C, Script, config, put};
 use raft_core::{LogIndex, Message, NodeId, NodeUuid, Role};
 
 /// The identity a wiped node comes back with.
 const NEW: NodeUuid = NodeUuid(0xdead_beef);
-
-fn put(v: &str) -> KvCommand {
-    KvCommand::Put {
-        key: "k".into(),
-        value: v.into(),
-    }
-}
 
 #[test]
 fn a_wiped_voter_cannot_elect_a_second_leader_in_its_term() {
@@ -58,9 +50,7 @@ fn a_wiped_voter_cannot_elect_a_leader_that_lacks_a_committed_entry() {
     s.elect(s1, |_, _, _| false);
     // E commits on s1 and s2; s3 never receives it.
     let s3_out = |from: NodeId, to: NodeId, _: &Message<C>| from == s3 || to == s3;
-    s.engines.get_mut(&s1).unwrap().propose(put("E")).unwrap();
-    s.flush(s1);
-    s.deliver(s3_out);
+    s.propose(s1, put("E"), s3_out);
     let e = s.engines[&s1].last_log_id();
     assert_eq!(s.engines[&s1].commit_index(), e.index, "E committed");
     assert!(!s.engines[&s3].log().matches(e));
@@ -82,9 +72,7 @@ fn a_leader_forgets_what_a_wiped_follower_acknowledged_and_counts_it_for_nothing
     let [s1, s2, s3] = [1, 2, 3].map(NodeId);
     let mut s = Script::new(3);
     s.elect(s1, |_, _, _| false);
-    s.engines.get_mut(&s1).unwrap().propose(put("a")).unwrap();
-    s.flush(s1);
-    s.deliver(|_, _, _| false);
+    s.propose(s1, put("a"), |_, _, _| false);
     let a = s.engines[&s1].last_log_id().index;
     assert_eq!(s.engines[&s1].matched()[&s2], a);
 
@@ -101,9 +89,7 @@ fn a_leader_forgets_what_a_wiped_follower_acknowledged_and_counts_it_for_nothing
     assert_eq!(s.engines[&s2].last_log_id(), s.engines[&s1].last_log_id());
     // ...but its acknowledgements commit nothing: with s3 down, no
     // majority of the members the configuration knows holds `b`.
-    s.engines.get_mut(&s1).unwrap().propose(put("b")).unwrap();
-    s.flush(s1);
-    s.deliver(|_, _, _| false);
+    s.propose(s1, put("b"), |_, _, _| false);
     let b = s.engines[&s1].last_log_id().index;
     assert!(s.engines[&s2].log().matches(s.engines[&s1].last_log_id()));
     assert_eq!(

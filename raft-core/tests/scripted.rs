@@ -4,8 +4,7 @@
 
 mod common;
 
-use common::script::{C, Script};
-use raft_core::memory::kv::KvCommand;
+use common::script::{C, Script, put};
 use raft_core::{LogId, LogIndex, Message, NodeId};
 
 fn append_to(msg: &Message<C>, index: u64) -> bool {
@@ -22,16 +21,7 @@ fn leader_never_commits_previous_term_entry_by_counting_replicas() {
     assert_eq!(s.engines[&s1].commit_index(), LogIndex(2));
 
     // (a) S1 appends A at index 3 and replicates it to S2 only.
-    s.engines
-        .get_mut(&s1)
-        .unwrap()
-        .propose(KvCommand::Put {
-            key: "k".into(),
-            value: "A".into(),
-        })
-        .unwrap();
-    s.flush(s1);
-    s.deliver(|from, to, _| from == s1 && to != s2);
+    s.propose(s1, put("A"), |from, to, _| from == s1 && to != s2);
     assert_eq!(s.engines[&s2].last_log_id(), LogId::new(1, 3));
 
     // (b) S1 crashes; S5 wins term 2 with S3 and S4 and appends B at index 3,

@@ -4,13 +4,21 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use raft_core::memory::kv::KvConfig;
+use raft_core::memory::kv::{KvCommand, KvConfig};
 use raft_core::{
     Action, Config, Engine, Entry, HardState, LogId, LogIndex, Membership, Message, NodeId,
     NodeUuid, RecoveredState,
 };
 
 pub type C = KvConfig;
+
+/// A put of `v` to the one key the scripts write.
+pub fn put(v: &str) -> KvCommand {
+    KvCommand::Put {
+        key: "k".into(),
+        value: v.into(),
+    }
+}
 
 /// Five engines with instant, durable storage and a hand-cranked network.
 pub struct Script {
@@ -225,6 +233,19 @@ impl Script {
             }
         }
         self.flush(id);
+    }
+
+    /// Proposes `cmd` at `leader` and delivers what follows, dropping the
+    /// messages `drop` picks.
+    pub fn propose(
+        &mut self,
+        leader: NodeId,
+        cmd: KvCommand,
+        drop: impl Fn(NodeId, NodeId, &Message<C>) -> bool,
+    ) {
+        self.engines.get_mut(&leader).unwrap().propose(cmd).unwrap();
+        self.flush(leader);
+        self.deliver(drop);
     }
 
     /// Delivers queued messages (and what they cause) until none is left,
