@@ -3,9 +3,10 @@
 //! against a 3-member etcd cluster started on the same machine in the same
 //! run (etcd's v3 JSON gateway), with our/etcd ratios.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Barrier;
+use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::chaos::parse_duration;
 use crate::cluster::LocalCluster;
-use crate::http::{Http, Outcome};
+use crate::http::Http;
+use crate::load::{self, Request};
 
 pub struct Options {
     pub clients: Vec<usize>,
@@ -58,38 +60,58 @@ struct Cell {
     errors: usize,
 }
 
-/// A system under test: how to write and read one key.
-trait Target: Sync {
-    fn write(&self, http: &Http, key: &str, value: &str) -> bool;
-    fn read(&self, http: &Http, key: &str) -> bool;
+/// A system under test: how to write and read one key, and which answers
+/// count as done.
+trait Target: Send + Sync {
+    fn addr(&self) -> SocketAddr;
+    fn write(&self, key: &str, value: &str) -> Request;
+    fn read(&self, key: &str) -> Request;
+    /// Whether an answer with `status` is a completed operation.
+    fn ok(&self, status: u16) -> bool;
 }
 
 struct RaftKv {
-    leader: String,
+    leader: SocketAddr,
 }
 
 impl Target for RaftKv {
-    fn write(&self, http: &Http, key: &str, value: &str) -> bool {
-        matches!(http.put(&self.leader, key, value), Outcome::Ok(()))
+    fn addr(&self) -> SocketAddr {
+        self.leader
     }
-    fn read(&self, http: &Http, key: &str) -> bool {
-        matches!(http.get(&self.leader, key, false), Outcome::Ok(_))
+    fn write(&self, key: &str, value: &str) -> Request {
+        let body = ("application/octet-stream", value.as_bytes());
+        Request::new("PUT", self.leader, &format!("/v1/kv/{key}"), Some(body))
+    }
+    fn read(&self, key: &str) -> Request {
+        Request::new("GET", self.leader, &format!("/v1/kv/{key}"), None)
+    }
+    fn ok(&self, status: u16) -> bool {
+        // A read of a key not yet written answers 404, linearizably.
+        status == 200 || status == 404
     }
 }
 
 struct Etcd {
-    endpoint: String,
+    endpoint: SocketAddr,
 }
 
 impl Target for Etcd {
-    fn write(&self, http: &Http, key: &str, value: &str) -> bool {
-        let body = format!(r#"{{"key":"{}","value":"{}"}}"#, base64(key), base64(value));
-        matches!(http.send("POST", &format!("{}/v3/kv/put", self.endpoint), Some(body.as_bytes())), Ok(a) if a.status == 200)
+    fn addr(&self) -> SocketAddr {
+        self.endpoint
     }
-    fn read(&self, http: &Http, key: &str) -> bool {
+    fn write(&self, key: &str, value: &str) -> Request {
+        let body = format!(r#"{{"key":"{}","value":"{}"}}"#, base64(key), base64(value));
+        let body = ("application/json", body.as_bytes());
+        Request::new("POST", self.endpoint, "/v3/kv/put", Some(body))
+    }
+    fn read(&self, key: &str) -> Request {
         // Linearizable unless "serializable": true is asked for.
         let body = format!(r#"{{"key":"{}"}}"#, base64(key));
-        matches!(http.send("POST", &format!("{}/v3/kv/range", self.endpoint), Some(body.as_bytes())), Ok(a) if a.status == 200)
+        let body = ("application/json", body.as_bytes());
+        Request::new("POST", self.endpoint, "/v3/kv/range", Some(body))
+    }
+    fn ok(&self, status: u16) -> bool {
+        status == 200
     }
 }
 
@@ -97,7 +119,7 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
     let dir = root.join("target").join("xtask").join("bench");
     let value = "v".repeat(opts.value_bytes);
     println!(
-        "bench: {} s per cell, {}-byte values, clients {:?}; each client is one thread with one keep-alive connection",
+        "bench: {} s per cell, {}-byte values, clients {:?}; each client is one keep-alive connection, all driven from one thread",
         opts.duration.as_secs_f64(),
         opts.value_bytes,
         opts.clients
@@ -108,23 +130,19 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
         c.start_all()?;
         let leader = c.wait_leader(&c.ids(), Duration::from_secs(20))?;
         let target = RaftKv {
-            leader: c.endpoint(leader),
+            leader: socket_addr(&c.endpoint(leader))?,
         };
-        let cells = measure(&target, &opts, &value, "raft-kv");
+        let cells = measure(Arc::new(target), &opts, &value, "raft-kv")?;
         c.stop_all()?;
         cells
     };
 
     let etcd = match EtcdCluster::start(&dir.join("etcd")) {
         Ok(mut e) => {
-            let cells = measure(
-                &Etcd {
-                    endpoint: e.endpoint(),
-                },
-                &opts,
-                &value,
-                "etcd",
-            );
+            let target = Etcd {
+                endpoint: socket_addr(&e.endpoint())?,
+            };
+            let cells = measure(Arc::new(target), &opts, &value, "etcd")?;
             e.stop();
             Some(cells)
         }
@@ -165,70 +183,54 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
 }
 
 /// `[write, read]` cells for each client count.
-fn measure(target: &dyn Target, opts: &Options, value: &str, name: &str) -> Vec<[Cell; 2]> {
+fn measure(
+    target: Arc<dyn Target>,
+    opts: &Options,
+    value: &str,
+    name: &str,
+) -> Result<Vec<[Cell; 2]>> {
     opts.clients
         .iter()
         .map(|&clients| {
-            let w = run_cell(target, clients, opts.duration, |t, http, k| t.write(http, k, value));
-            let r = run_cell(target, clients, opts.duration, |t, http, k| t.read(http, k));
+            let w = run_cell(&target, clients, opts.duration, Some(value))?;
+            let r = run_cell(&target, clients, opts.duration, None)?;
             println!(
                 "bench: {name:<8} {clients:>4} clients: {:>8.0} writes/s (p99 {:.2} ms), {:>8.0} reads/s (p99 {:.2} ms)",
                 w.ops_per_sec, w.p99_ms, r.ops_per_sec, r.p99_ms
             );
-            [w, r]
+            Ok([w, r])
         })
         .collect()
 }
 
+/// `clients` connections writing `write`'s value, or reading if `None`,
+/// each to its own 1,000 keys.
 fn run_cell(
-    target: &dyn Target,
+    target: &Arc<dyn Target>,
     clients: usize,
     duration: Duration,
-    op: impl Fn(&dyn Target, &Http, &str) -> bool + Sync,
-) -> Cell {
-    let barrier = Barrier::new(clients);
-    let results: Vec<(Vec<u32>, usize)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..clients)
-            .map(|c| {
-                let (barrier, op) = (&barrier, &op);
-                s.spawn(move || {
-                    let http = Http::new(Duration::from_secs(10));
-                    let mut lat = Vec::new();
-                    let mut errors = 0;
-                    barrier.wait();
-                    let start = Instant::now();
-                    let mut i = 0u64;
-                    while start.elapsed() < duration {
-                        i += 1;
-                        let key = format!("bench-{c}-{}", i % 1000);
-                        let t = Instant::now();
-                        if op(target, &http, &key) {
-                            lat.push(t.elapsed().as_micros() as u32);
-                        } else {
-                            errors += 1;
-                        }
-                    }
-                    (lat, errors)
-                })
-            })
-            .collect();
-        handles.into_iter().filter_map(|h| h.join().ok()).collect()
-    });
-    let errors = results.iter().map(|r| r.1).sum();
-    let mut all: Vec<u32> = results.into_iter().flat_map(|r| r.0).collect();
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
+    write: Option<&str>,
+) -> Result<Cell> {
+    let (t, value) = (target.clone(), write.map(str::to_string));
+    let request = move |c: usize, i: u64| {
+        let key = format!("bench-{c}-{}", i % 1000);
+        match &value {
+            Some(v) => t.write(&key, v),
+            None => t.read(&key),
+        }
     };
-    Cell {
+    let t = target.clone();
+    let accept = move |status| t.ok(status);
+    let timeout = Duration::from_secs(10);
+    let mut run = load::run(target.addr(), clients, duration, timeout, request, accept)?;
+    run.latencies_us.sort_unstable();
+    let all = &run.latencies_us;
+    Ok(Cell {
         ops_per_sec: all.len() as f64 / duration.as_secs_f64(),
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        errors,
-    }
+        p50_ms: load::quantile_ms(all, 0.50),
+        p99_ms: load::quantile_ms(all, 0.99),
+        errors: run.errors,
+    })
 }
 
 /// Three etcd members on 127.0.0.1 (client ports 23791-23793).
@@ -317,6 +319,14 @@ impl Drop for EtcdCluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `http://host:port` as an address.
+fn socket_addr(endpoint: &str) -> Result<SocketAddr> {
+    let hostport = endpoint.trim_start_matches("http://");
+    hostport
+        .parse()
+        .with_context(|| format!("endpoint {endpoint} is not http://ip:port"))
 }
 
 fn base64(s: &str) -> String {

@@ -27,6 +27,7 @@ mod cluster;
 mod demo;
 mod http;
 mod join;
+mod load;
 mod mutants;
 
 use std::env;
