@@ -3,10 +3,10 @@
 //! against a 3-member etcd cluster started on the same machine in the same
 //! run (etcd's v3 JSON gateway), with our/etcd ratios.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -62,7 +62,7 @@ struct Cell {
 
 /// A system under test: how to write and read one key, and which answers
 /// count as done.
-trait Target: Send + Sync {
+trait Target {
     fn addr(&self) -> SocketAddr;
     fn write(&self, key: &str, value: &str) -> Request;
     fn read(&self, key: &str) -> Request;
@@ -79,8 +79,7 @@ impl Target for RaftKv {
         self.leader
     }
     fn write(&self, key: &str, value: &str) -> Request {
-        let body = ("application/octet-stream", value.as_bytes());
-        Request::new("PUT", self.leader, &format!("/v1/kv/{key}"), Some(body))
+        load::raft_kv_put(self.leader, key, value)
     }
     fn read(&self, key: &str) -> Request {
         Request::new("GET", self.leader, &format!("/v1/kv/{key}"), None)
@@ -132,7 +131,7 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
         let target = RaftKv {
             leader: socket_addr(&c.endpoint(leader))?,
         };
-        let cells = measure(Arc::new(target), &opts, &value, "raft-kv")?;
+        let cells = measure(&target, &opts, &value, "raft-kv")?;
         c.stop_all()?;
         cells
     };
@@ -142,7 +141,7 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
             let target = Etcd {
                 endpoint: socket_addr(&e.endpoint())?,
             };
-            let cells = measure(Arc::new(target), &opts, &value, "etcd")?;
+            let cells = measure(&target, &opts, &value, "etcd")?;
             e.stop();
             Some(cells)
         }
@@ -183,17 +182,12 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
 }
 
 /// `[write, read]` cells for each client count.
-fn measure(
-    target: Arc<dyn Target>,
-    opts: &Options,
-    value: &str,
-    name: &str,
-) -> Result<Vec<[Cell; 2]>> {
+fn measure(target: &dyn Target, opts: &Options, value: &str, name: &str) -> Result<Vec<[Cell; 2]>> {
     opts.clients
         .iter()
         .map(|&clients| {
-            let w = run_cell(&target, clients, opts.duration, Some(value))?;
-            let r = run_cell(&target, clients, opts.duration, None)?;
+            let w = run_cell(target, clients, opts.duration, Some(value))?;
+            let r = run_cell(target, clients, opts.duration, None)?;
             println!(
                 "bench: {name:<8} {clients:>4} clients: {:>8.0} writes/s (p99 {:.2} ms), {:>8.0} reads/s (p99 {:.2} ms)",
                 w.ops_per_sec, w.p99_ms, r.ops_per_sec, r.p99_ms
@@ -206,30 +200,33 @@ fn measure(
 /// `clients` connections writing `write`'s value, or reading if `None`,
 /// each to its own 1,000 keys.
 fn run_cell(
-    target: &Arc<dyn Target>,
+    target: &dyn Target,
     clients: usize,
     duration: Duration,
     write: Option<&str>,
 ) -> Result<Cell> {
-    let (t, value) = (target.clone(), write.map(str::to_string));
-    let request = move |c: usize, i: u64| {
+    let deadline = Instant::now() + duration;
+    let request = |c: usize, i: u64| {
         let key = format!("bench-{c}-{}", i % 1000);
-        match &value {
-            Some(v) => t.write(&key, v),
-            None => t.read(&key),
-        }
+        (Instant::now() < deadline).then(|| match write {
+            Some(v) => target.write(&key, v),
+            None => target.read(&key),
+        })
     };
-    let t = target.clone();
-    let accept = move |status| t.ok(status);
+    let (latencies_us, errors) = (RefCell::new(Vec::new()), std::cell::Cell::new(0));
+    let answered = |_, status: Option<u16>, took: Duration| match status {
+        Some(s) if target.ok(s) => latencies_us.borrow_mut().push(took.as_micros() as u32),
+        _ => errors.set(errors.get() + 1),
+    };
     let timeout = Duration::from_secs(10);
-    let mut run = load::run(target.addr(), clients, duration, timeout, request, accept)?;
-    run.latencies_us.sort_unstable();
-    let all = &run.latencies_us;
+    load::drive(target.addr(), clients, timeout, request, answered)?;
+    let mut all = latencies_us.into_inner();
+    all.sort_unstable();
     Ok(Cell {
         ops_per_sec: all.len() as f64 / duration.as_secs_f64(),
-        p50_ms: load::quantile_ms(all, 0.50),
-        p99_ms: load::quantile_ms(all, 0.99),
-        errors: run.errors,
+        p50_ms: load::quantile_ms(&all, 0.50),
+        p99_ms: load::quantile_ms(&all, 0.99),
+        errors: errors.get(),
     })
 }
 
@@ -322,7 +319,7 @@ impl Drop for EtcdCluster {
 }
 
 /// `http://host:port` as an address.
-fn socket_addr(endpoint: &str) -> Result<SocketAddr> {
+pub fn socket_addr(endpoint: &str) -> Result<SocketAddr> {
     let hostport = endpoint.trim_start_matches("http://");
     hostport
         .parse()

@@ -8,7 +8,12 @@
 //! set next to the machine's raw rates measured in the same run, before the
 //! load: a sequential write to the bench's disk, and loopback QUIC in the
 //! transfer's shape (the transport bench's `RPC_BENCH=chunks` cell).
+//!
+//! Writers are keep-alive connections to the first leader, all driven from
+//! one thread (`load.rs`); a redirect counts as a failed write, as a leader
+//! change already fails the run.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +25,7 @@ use anyhow::{Context, Result, bail};
 use crate::chaos::parse_duration;
 use crate::cluster::LocalCluster;
 use crate::http::{Http, Outcome};
+use crate::load;
 
 pub struct Options {
     keys: u64,
@@ -135,20 +141,23 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
     );
     let t = Instant::now();
     let failed = AtomicU64::new(0);
-    std::thread::scope(|s| {
-        for w in 0..opts.load_clients as u64 {
-            let (ep, value, failed) = (&ep, &value, &failed);
-            let stride = opts.load_clients as u64;
-            s.spawn(move || {
-                let http = Http::new(Duration::from_secs(10));
-                for k in (w..opts.keys).step_by(stride as usize) {
-                    if http.put(ep, &format!("key-{k}"), value) != Outcome::Ok(()) {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            });
-        }
-    });
+    let leader_addr = crate::bench::socket_addr(&ep)?;
+    let stride = opts.load_clients as u64;
+    load::drive(
+        leader_addr,
+        opts.load_clients,
+        Duration::from_secs(10),
+        // Client w loads keys w, w + stride, w + 2 stride, ...
+        |w, i| {
+            let k = w as u64 + (i - 1) * stride;
+            (k < opts.keys).then(|| load::raft_kv_put(leader_addr, &format!("key-{k}"), &value))
+        },
+        |_, status, _| {
+            if status != Some(200) {
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+        },
+    )?;
     let load = t.elapsed();
     println!(
         "bench join: loaded in {:.1} s ({:.0} writes/s, {} failed)",
@@ -169,24 +178,39 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
     let tally = Tally::new(opts.phase.as_secs() as usize * 12 + 60);
     type Joined = ((Duration, Option<Duration>), Vec<String>);
     let joined = std::thread::scope(|s| -> Result<Joined> {
-        for w in 0..opts.clients as u64 {
-            let (ep, value, stop, tally) = (&ep, &value, &stop, &tally);
-            s.spawn(move || {
-                let http = Http::new(Duration::from_secs(10));
-                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (w + 1);
-                while !stop.load(Ordering::Relaxed) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let key = format!("key-{}", x % opts.keys);
-                    tally.record(http.put(ep, &key, value) == Outcome::Ok(()));
-                }
-            });
-        }
+        let writers = s.spawn(|| {
+            let keys = RefCell::new(
+                (0..opts.clients as u64)
+                    .map(|w| 0x9E37_79B9_7F4A_7C15u64 ^ (w + 1))
+                    .collect::<Vec<_>>(),
+            );
+            load::drive(
+                leader_addr,
+                opts.clients,
+                Duration::from_secs(10),
+                |w, _| {
+                    if stop.load(Ordering::Relaxed) {
+                        return None;
+                    }
+                    let x = &mut keys.borrow_mut()[w];
+                    *x ^= *x << 13;
+                    *x ^= *x >> 7;
+                    *x ^= *x << 17;
+                    let key = format!("key-{}", *x % opts.keys);
+                    Some(load::raft_kv_put(leader_addr, &key, &value))
+                },
+                |_, status, _| tally.record(status == Some(200)),
+            )
+        });
         let sampler = s.spawn(|| sample_timeline(&endpoints, &stop, &tally));
         let result = join_node_4(&mut c, &ep, &opts, &tally);
         stop.store(true, Ordering::Relaxed);
         let timeline = sampler.join().unwrap_or_default();
+        match writers.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.context("writers")),
+            Err(_) => bail!("the writers' thread panicked"),
+        }
         result.map(|r| (r, timeline))
     });
     let ((join_at, promoted_at), timeline) = joined?;

@@ -13,6 +13,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -38,97 +40,76 @@ impl Request {
     }
 }
 
-/// What `clients` connections did in one run.
-pub struct Run {
-    /// Latency of each request `accept` took, microseconds, unsorted.
-    pub latencies_us: Vec<u32>,
-    /// Requests answered with a status `accept` refused, or not answered.
-    pub errors: usize,
+/// raft-kv's `PUT /v1/kv/{key}` of `value`.
+pub fn raft_kv_put(addr: SocketAddr, key: &str, value: &str) -> Request {
+    let body = ("application/octet-stream", value.as_bytes());
+    Request::new("PUT", addr, &format!("/v1/kv/{key}"), Some(body))
 }
 
-/// Runs `clients` connections to `addr` for `duration`. Each sends
-/// `request(client, i)` for i = 1, 2, ... and waits for its answer before
-/// the next; an answer counts if `accept(status)`. A connection that fails
-/// (or answers in more than `timeout`) is counted as one error and opened
-/// again.
-pub fn run(
+/// Drives `clients` connections to `addr` until each is told to stop.
+/// Connection `c` sends `next(c, i)` for i = 1, 2, ... (stopping at the
+/// first `None`), waiting for each answer before the next request, and
+/// reports each as `answered(c, status, latency)`: `None` for a request
+/// that failed or was not answered within `timeout`, after which the
+/// connection is opened again.
+///
+/// All connections run on the calling thread: `next` and `answered` are
+/// never called concurrently.
+pub fn drive(
     addr: SocketAddr,
     clients: usize,
-    duration: Duration,
     timeout: Duration,
-    request: impl Fn(usize, u64) -> Request + Send + Sync + 'static,
-    accept: impl Fn(u16) -> bool + Send + Sync + 'static,
-) -> Result<Run> {
+    next: impl Fn(usize, u64) -> Option<Request>,
+    answered: impl Fn(usize, Option<u16>, Duration),
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("load generator runtime")?;
-    rt.block_on(async move {
+    rt.block_on(async {
         let mut conns = Vec::with_capacity(clients);
         for _ in 0..clients {
             conns.push(connect(addr).await?);
         }
-        let (request, accept) = (std::sync::Arc::new(request), std::sync::Arc::new(accept));
-        let deadline = tokio::time::Instant::now() + duration;
-        let tasks: Vec<_> = conns
+        let (next, answered) = (&next, &answered);
+        let mut all: FuturesUnordered<_> = conns
             .into_iter()
             .enumerate()
-            .map(|(c, conn)| {
-                let (request, accept) = (request.clone(), accept.clone());
-                tokio::spawn(async move {
-                    let mut conn = Some(conn);
-                    let mut buf = Vec::with_capacity(4096);
-                    let mut run = Run {
-                        latencies_us: Vec::new(),
-                        errors: 0,
-                    };
-                    let mut i = 0;
-                    while tokio::time::Instant::now() < deadline {
-                        i += 1;
-                        let req = request(c, i);
-                        let stream = match conn.as_mut() {
-                            Some(s) => s,
-                            None => match connect(addr).await {
-                                Ok(s) => conn.insert(s),
-                                Err(_) => {
-                                    run.errors += 1;
-                                    tokio::time::sleep(Duration::from_millis(10)).await;
-                                    continue;
-                                }
-                            },
-                        };
-                        let t = Instant::now();
-                        match tokio::time::timeout(timeout, call(stream, &req, &mut buf)).await {
-                            Ok(Ok(answer)) => {
-                                if accept(answer.status) {
-                                    run.latencies_us.push(t.elapsed().as_micros() as u32);
-                                } else {
-                                    run.errors += 1;
-                                }
-                                if answer.close {
-                                    conn = None;
-                                }
+            .map(|(c, conn)| async move {
+                let mut conn = Some(conn);
+                let mut buf = Vec::with_capacity(4096);
+                let mut i = 0;
+                while let Some(req) = next(c, i + 1) {
+                    i += 1;
+                    let stream = match conn.as_mut() {
+                        Some(s) => s,
+                        None => match connect(addr).await {
+                            Ok(s) => conn.insert(s),
+                            Err(_) => {
+                                answered(c, None, Duration::ZERO);
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                                continue;
                             }
-                            Ok(Err(_)) | Err(_) => {
-                                run.errors += 1;
+                        },
+                    };
+                    let t = Instant::now();
+                    match tokio::time::timeout(timeout, call(stream, &req, &mut buf)).await {
+                        Ok(Ok(answer)) => {
+                            answered(c, Some(answer.status), t.elapsed());
+                            if answer.close {
                                 conn = None;
                             }
                         }
+                        Ok(Err(_)) | Err(_) => {
+                            answered(c, None, t.elapsed());
+                            conn = None;
+                        }
                     }
-                    run
-                })
+                }
             })
             .collect();
-        let mut total = Run {
-            latencies_us: Vec::new(),
-            errors: 0,
-        };
-        for t in tasks {
-            let run = t.await.context("load generator task")?;
-            total.latencies_us.extend(run.latencies_us);
-            total.errors += run.errors;
-        }
-        Ok(total)
+        while all.next().await.is_some() {}
+        Ok(())
     })
 }
 
