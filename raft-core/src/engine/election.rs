@@ -9,7 +9,7 @@ impl<C: TypeConfig> Engine<C> {
     /// has not taken over within an election timeout, this node resumes.
     pub fn transfer_leader(&mut self, to: NodeId) -> Result<(), NotLeader<C::Node>> {
         let until = self.now + self.config.election_timeout_min_ms;
-        let RoleState::Leader(l) = &mut self.role else {
+        let Some(l) = self.role.leader_mut() else {
             return Err(self.not_leader());
         };
         if to == self.id || !l.progress.get(&to).is_some_and(|p| p.voter) {
@@ -229,7 +229,7 @@ impl<C: TypeConfig> Engine<C> {
 
     pub(super) fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
         self.flush_leader_entries();
-        if let RoleState::Leader(l) = &mut self.role {
+        if let Some(l) = self.role.leader_mut() {
             let ids: Vec<ReadId> = l.pending_reads.drain(..).map(|r| r.id).collect();
             if !ids.is_empty() {
                 self.actions.push(Action::ReadFailed {

@@ -114,7 +114,7 @@ impl<C: TypeConfig> Engine<C> {
         let recognized = self.membership().recognizes(from, uuid);
         let unrecorded = self.membership().nodes.contains_key(&from)
             && !self.membership().uuids.contains_key(&from);
-        let RoleState::Leader(l) = &mut self.role else {
+        let Some(l) = self.role.leader_mut() else {
             return false;
         };
         let Some(p) = l.progress.get_mut(&from) else {

@@ -205,6 +205,24 @@ enum RoleState {
     Leader(Box<LeaderState>),
 }
 
+impl RoleState {
+    /// The leader's state, borrowing only the role: the rest of the engine
+    /// stays usable beside it.
+    fn leader(&self) -> Option<&LeaderState> {
+        match self {
+            RoleState::Leader(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    fn leader_mut(&mut self) -> Option<&mut LeaderState> {
+        match self {
+            RoleState::Leader(l) => Some(l),
+            _ => None,
+        }
+    }
+}
+
 /// Why a leader refused a proposal.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum ProposeError<N> {
@@ -647,7 +665,7 @@ impl<C: TypeConfig> Engine<C> {
         let stale_after = self.config.election_timeout_min_ms;
         let (id, term, check_quorum) = (self.id, self.term, self.config.check_quorum);
         let configs = self.membership().configs.clone();
-        let RoleState::Leader(l) = &mut self.role else {
+        let Some(l) = self.role.leader_mut() else {
             return;
         };
         if l.transfer.is_some_and(|(_, until)| now >= until) {
@@ -818,18 +836,17 @@ impl<C: TypeConfig> Engine<C> {
         });
     }
 
+    /// For paths only a leader reaches (callers checked the role).
     fn leader(&self) -> &LeaderState {
-        match &self.role {
-            RoleState::Leader(l) => l,
-            _ => unreachable!("leader-only path reached in another role"),
-        }
+        self.role
+            .leader()
+            .expect("leader-only path reached in another role")
     }
 
     fn leader_mut(&mut self) -> &mut LeaderState {
-        match &mut self.role {
-            RoleState::Leader(l) => l,
-            _ => unreachable!("leader-only path reached in another role"),
-        }
+        self.role
+            .leader_mut()
+            .expect("leader-only path reached in another role")
     }
 }
 

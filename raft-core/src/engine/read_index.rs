@@ -9,7 +9,7 @@ impl<C: TypeConfig> Engine<C> {
     /// started before the next flush share one heartbeat round.
     pub fn read_index(&mut self, id: ReadId) -> Result<(), NotLeader<C::Node>> {
         let commit = self.commit;
-        let RoleState::Leader(l) = &mut self.role else {
+        let Some(l) = self.role.leader_mut() else {
             return Err(self.not_leader());
         };
         let index =
@@ -27,7 +27,7 @@ impl<C: TypeConfig> Engine<C> {
         let commit = self.commit;
         let me = self.id;
         let configs = self.membership().configs.clone();
-        let RoleState::Leader(l) = &mut self.role else {
+        let Some(l) = self.role.leader_mut() else {
             return;
         };
         if commit >= l.noop_index {

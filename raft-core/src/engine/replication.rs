@@ -53,7 +53,7 @@ impl<C: TypeConfig> Engine<C> {
             .take_while(|(i, e)| e.log_id.index == from.plus(*i as u64) && log.matches(e.log_id))
             .count();
         let prev_log_id = log.log_id_at(from.prev());
-        let RoleState::Leader(l) = &mut self.role else {
+        let Some(l) = self.role.leader_mut() else {
             return;
         };
         let round = l.round;
@@ -179,7 +179,7 @@ impl<C: TypeConfig> Engine<C> {
                 },
                 _ => return,
             };
-            let RoleState::Leader(l) = &mut self.role else {
+            let Some(l) = self.role.leader_mut() else {
                 return;
             };
             let round = l.round;
@@ -511,7 +511,7 @@ impl<C: TypeConfig> Engine<C> {
         resp: AppendEntriesResponse,
     ) -> Result<(), StepError> {
         let last = self.log.last_index();
-        let RoleState::Leader(l) = &self.role else {
+        let Some(l) = self.role.leader() else {
             return Ok(());
         };
         if !l.progress.contains_key(&from) {
@@ -526,7 +526,7 @@ impl<C: TypeConfig> Engine<C> {
         }
         self.answered_by(from, resp.uuid);
         let round = self.leader().round;
-        let RoleState::Leader(l) = &mut self.role else {
+        let Some(l) = self.role.leader_mut() else {
             return Ok(());
         };
         let Some(p) = l.progress.get_mut(&from) else {
@@ -595,7 +595,7 @@ impl<C: TypeConfig> Engine<C> {
                     Some(ConflictHint { term: None, index }) => index,
                     None => resp.index,
                 };
-                let RoleState::Leader(l) = &mut self.role else {
+                let Some(l) = self.role.leader_mut() else {
                     return Ok(());
                 };
                 let Some(p) = l.progress.get_mut(&from) else {

@@ -33,7 +33,7 @@ impl<C: TypeConfig> Engine<C> {
         if !self.is_leader() && self.leader_keeps_from > LogIndex(0) {
             purge_to = purge_to.min(self.leader_keeps_from.prev().max(floor));
         }
-        if let RoleState::Leader(l) = &self.role {
+        if let Some(l) = self.role.leader() {
             let live_since = self.live_since();
             let live_needs = l
                 .progress
@@ -84,7 +84,7 @@ impl<C: TypeConfig> Engine<C> {
     /// the build goes ahead: the log must not grow without bound for a
     /// transfer that crawls.
     pub(super) fn deferred_for_transfer(&self) -> bool {
-        let RoleState::Leader(l) = &self.role else {
+        let Some(l) = self.role.leader() else {
             return false;
         };
         let (since, size) = self
@@ -309,7 +309,7 @@ impl<C: TypeConfig> Engine<C> {
         }
         let (now, chunk) = (self.now, self.config.snapshot_chunk_bytes);
         let snapshot = self.sendable_snapshot(resp.snapshot_id);
-        let RoleState::Leader(l) = &mut self.role else {
+        let Some(l) = self.role.leader_mut() else {
             return;
         };
         let round = l.round;
