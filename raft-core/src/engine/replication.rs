@@ -696,3 +696,52 @@ impl<C: TypeConfig> Engine<C> {
         }
     }
 }
+
+/// Checks an incoming AppendEntries for internal consistency before any of
+/// it touches the log.
+pub(super) fn validate_incoming<C: TypeConfig>(
+    from: NodeId,
+    req: &AppendEntriesRequest<C>,
+) -> Result<(), StepError> {
+    let malformed = |reason| {
+        Err(StepError::Malformed {
+            from,
+            kind: "append",
+            reason,
+        })
+    };
+    if req.prev_log_id.term > req.term {
+        return malformed("prev_log_id from a future term");
+    }
+    let mut prev = req.prev_log_id;
+    for e in &req.entries {
+        if e.log_id.index != prev.index.next() {
+            return malformed("entries are not contiguous after prev_log_id");
+        }
+        if e.log_id.term < prev.term || e.log_id.term > req.term {
+            return malformed("entry terms out of order");
+        }
+        prev = e.log_id;
+    }
+    Ok(())
+}
+
+/// How many of `entries` (in order) go in one AppendEntries: at most
+/// `max_n`, and no more than `max_bytes` by `size_hint` unless a single
+/// entry is larger (one always goes, or a large entry would never be sent).
+pub(super) fn batch_len<'a, C: TypeConfig + 'a>(
+    entries: impl IntoIterator<Item = &'a Entry<C>>,
+    max_n: usize,
+    max_bytes: usize,
+) -> usize {
+    let mut n = 0;
+    let mut bytes = 0;
+    for e in entries {
+        if n >= max_n || (n > 0 && bytes + e.size_hint() > max_bytes) {
+            break;
+        }
+        bytes += e.size_hint();
+        n += 1;
+    }
+    n
+}

@@ -1,0 +1,124 @@
+//! What the engine tells whoever drives or watches it.
+
+use super::*;
+
+impl<C: TypeConfig> Engine<C> {
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+    /// Whether a committed configuration no longer holds this node (as
+    /// voter or learner): no leader replicates to it any more, so it will
+    /// not learn what happens to the entries after its commit index.
+    pub fn removed(&self) -> bool {
+        self.membership_log_id().index <= self.commit
+            && !self.membership().nodes.contains_key(&self.id)
+            && self.membership_log_id() != LogId::ZERO
+    }
+    pub fn term(&self) -> Term {
+        self.term
+    }
+    /// Elections (not pre-vote rounds) this engine started since it was
+    /// built.
+    pub fn elections(&self) -> u64 {
+        self.elections
+    }
+    /// Snapshot transfers this engine started as leader (from offset 0,
+    /// restarts included) since it was built.
+    pub fn snapshots_sent(&self) -> u64 {
+        self.snapshots_sent
+    }
+
+    /// Bytes of the snapshots this node delivered (a follower installed
+    /// them) as leader since it started, and the milliseconds those
+    /// transfers took from their first chunk to the follower's install: the
+    /// rate a snapshot moves at.
+    pub fn snapshot_deliveries(&self) -> (u64, u64) {
+        (self.snapshot_bytes_delivered, self.snapshot_delivery_ms)
+    }
+    /// Snapshots this engine received whole and installed since it was
+    /// built.
+    pub fn snapshots_installed(&self) -> u64 {
+        self.snapshots_installed
+    }
+    pub fn voted_for(&self) -> Option<NodeId> {
+        self.voted_for
+    }
+    pub fn role(&self) -> Role {
+        match &self.role {
+            RoleState::Leader(_) => Role::Leader,
+            RoleState::Candidate(_) => Role::Candidate,
+            RoleState::PreCandidate(_) => Role::PreCandidate,
+            RoleState::Follower if !self.membership().is_voter(self.id) => Role::Learner,
+            RoleState::Follower => Role::Follower,
+        }
+    }
+    pub fn is_leader(&self) -> bool {
+        matches!(self.role, RoleState::Leader(_))
+    }
+    pub fn leader_id(&self) -> Option<NodeId> {
+        self.leader_id
+    }
+    pub fn commit_index(&self) -> LogIndex {
+        self.commit
+    }
+    /// Highest index of this log known durable ([`Engine::log_persisted`],
+    /// lowered by a truncation).
+    pub fn durable_index(&self) -> LogIndex {
+        self.durable
+    }
+    /// Highest index handed to the state machine.
+    pub fn applied_index(&self) -> LogIndex {
+        self.applied
+    }
+    pub fn last_log_id(&self) -> LogId {
+        self.log.last_log_id()
+    }
+    pub fn log(&self) -> &RaftLog<C> {
+        &self.log
+    }
+    pub fn snapshot_meta(&self) -> Option<&SnapshotMeta<C>> {
+        self.snapshot.as_ref()
+    }
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    /// The configuration in force: the latest membership entry in the log,
+    /// committed or not (§6), else the snapshot's.
+    pub fn membership(&self) -> &Membership<C::Node> {
+        self.log_memberships
+            .last()
+            .map(|(_, m)| m)
+            .unwrap_or(&self.base_membership.1)
+    }
+    /// The log id of the entry that set [`Engine::membership`].
+    pub fn membership_log_id(&self) -> LogId {
+        self.log_memberships
+            .last()
+            .map(|(id, _)| *id)
+            .unwrap_or(self.base_membership.0)
+    }
+    /// Leader only: each peer's match index.
+    pub fn matched(&self) -> BTreeMap<NodeId, LogIndex> {
+        self.each_matched().collect()
+    }
+
+    /// [`Engine::matched`] without allocating, in node id order.
+    pub(crate) fn each_matched(&self) -> impl Iterator<Item = (NodeId, LogIndex)> + '_ {
+        let progress = match &self.role {
+            RoleState::Leader(l) => Some(l.progress.iter()),
+            _ => None,
+        };
+        progress
+            .into_iter()
+            .flatten()
+            .map(|(id, p)| (*id, p.matched))
+    }
+    pub fn not_leader(&self) -> NotLeader<C::Node> {
+        NotLeader {
+            leader_id: self.leader_id,
+            leader_node: self
+                .leader_id
+                .and_then(|l| self.membership().nodes.get(&l).cloned()),
+        }
+    }
+}
