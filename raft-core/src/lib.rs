@@ -26,7 +26,7 @@ pub mod storage;
 pub mod types;
 
 pub use config::{Config, ConfigError, WhenFull};
-pub use engine::{Action, Engine, ReadId, RecoveredState, Role};
+pub use engine::{Action, Engine, ProposeError, ReadId, RecoveredState, Role};
 pub use error::{InitializeError, MembershipError, NotLeader, RecoveryError, StepError};
 pub use message::*;
 pub use network::{Network, NetworkError, NetworkFactory};

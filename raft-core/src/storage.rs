@@ -21,9 +21,6 @@ pub enum StorageError {
     /// The data was written by a newer or unknown format version.
     #[error("unsupported format in {location}: {detail}")]
     Unsupported { location: String, detail: String },
-    /// A snapshot chunk or range that does not exist was asked for.
-    #[error("not found: {0}")]
-    NotFound(String),
     /// Any other backend failure.
     #[error("storage backend: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),

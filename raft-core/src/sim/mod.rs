@@ -541,10 +541,6 @@ impl Sim {
     pub fn committed_at(&self, index: LogIndex) -> Option<LogId> {
         self.committed.get(&index).copied()
     }
-    /// Terms in which some node became leader, with the leader.
-    pub fn leader_history(&self) -> &BTreeMap<Term, NodeId> {
-        &self.leaders
-    }
 
     fn idx(&self, id: NodeId) -> usize {
         (id.0 - 1) as usize
