@@ -10,12 +10,19 @@ use thiserror::Error;
 /// panics.
 #[derive(Debug, Error)]
 pub enum CodecError {
+    /// A value could not be encoded (for instance, it is over the size cap).
     #[error("encode: {0}")]
     Encode(String),
+    /// The bytes are not a value of the expected type: truncated,
+    /// malformed, or a length prefix over the cap.
     #[error("decode: {0}")]
     Decode(String),
     #[error("decode: {trailing} trailing bytes after the value")]
-    Trailing { trailing: usize },
+    /// The bytes held a whole value and then more.
+    Trailing {
+        /// How many bytes were left over.
+        trailing: usize,
+    },
 }
 
 fn config() -> impl bincode::config::Config {

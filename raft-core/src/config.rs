@@ -128,16 +128,33 @@ impl Default for Config {
 /// Why a [`Config`] was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// `election_timeout_min_ms` is 0.
     #[error("election_timeout_min_ms must be > 0")]
     ZeroElectionTimeout,
     #[error("election timeout range [{min}, {max}) is empty: max must exceed min")]
-    EmptyElectionRange { min: u64, max: u64 },
+    /// `election_timeout_max_ms` does not exceed the minimum.
+    EmptyElectionRange {
+        /// `election_timeout_min_ms`.
+        min: u64,
+        /// `election_timeout_max_ms`.
+        max: u64,
+    },
     #[error(
         "heartbeat_interval_ms ({heartbeat}) must be > 0 and below election_timeout_min_ms ({min})"
     )]
-    HeartbeatTooSlow { heartbeat: u64, min: u64 },
+    /// Heartbeats would not come before followers time out.
+    HeartbeatTooSlow {
+        /// `heartbeat_interval_ms`.
+        heartbeat: u64,
+        /// `election_timeout_min_ms`.
+        min: u64,
+    },
+    /// A field that must be positive is 0.
     #[error("{field} must be > 0")]
-    Zero { field: &'static str },
+    Zero {
+        /// The field's name.
+        field: &'static str,
+    },
 }
 
 impl Config {

@@ -53,6 +53,8 @@ pub enum RaftError<N> {
     /// This node does not lead; retry on `leader_id` (at `leader_node`).
     #[error(transparent)]
     NotLeader(#[from] NotLeader<N>),
+    /// This node leads but is handing leadership over; nothing was
+    /// proposed.
     #[error("a leadership transfer is in progress; retry shortly")]
     TransferInProgress,
     /// The node already holds `Config::max_pending_writes` writes (or
@@ -61,14 +63,22 @@ pub enum RaftError<N> {
     #[error(
         "this node already holds {pending} pending requests of this kind (writes or reads); retry shortly"
     )]
-    Overloaded { pending: usize },
+    Overloaded {
+        /// The configured limit that was reached.
+        pending: usize,
+    },
     /// A membership change was refused; nothing was proposed.
     #[error("membership change refused: {0}")]
     Membership(#[from] MembershipError),
     /// The learner was added but did not catch up in time; it stays a
     /// learner and keeps receiving the log.
     #[error("learner {id} was added but is still {behind} entries behind")]
-    LearnerBehind { id: NodeId, behind: u64 },
+    LearnerBehind {
+        /// The learner.
+        id: NodeId,
+        /// How many entries it lacked when the wait ended.
+        behind: u64,
+    },
     /// The operation did not finish in time; it may still complete.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
@@ -83,11 +93,14 @@ pub enum RaftError<N> {
     /// The engine refused a peer's message as malformed or hostile.
     #[error("message refused: {0}")]
     Refused(#[from] StepError),
+    /// `initialize` was refused (the node already holds state, or the
+    /// membership is unusable).
     #[error("cannot initialize: {0}")]
     Initialize(#[from] InitializeError),
     /// Storage failed; the node stopped (fail-stop) and must be restarted.
     #[error("node stopped after a storage error: {0}")]
     Fatal(String),
+    /// The node was shut down (or its task ended) before answering.
     #[error("raft node is shut down")]
     Shutdown,
 }
@@ -107,10 +120,14 @@ impl<N> From<WriteError<N>> for RaftError<N> {
 /// Why a node could not start.
 #[derive(Debug, Error)]
 pub enum StartError {
+    /// The configuration was refused.
     #[error("invalid config: {0}")]
     Config(#[from] crate::config::ConfigError),
+    /// Reading the recovered state from storage failed.
     #[error("reading storage: {0}")]
     Storage(#[from] StorageError),
+    /// Storage held state that cannot be a Raft node's (a hole in the
+    /// log, a term from the future).
     #[error("recovered state is inconsistent: {0}")]
     Recovery(#[from] RecoveryError),
 }
@@ -118,6 +135,7 @@ pub enum StartError {
 /// A point-in-time view of a node, published on every change.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RaftMetrics<N> {
+    /// This node.
     pub id: NodeId,
     /// This node's identity ([`NodeUuid`]), drawn at its first start.
     pub uuid: NodeUuid,
@@ -130,14 +148,21 @@ pub struct RaftMetrics<N> {
     /// configuration does not recognize (their storage was wiped). Their
     /// votes and acknowledgements do not count.
     pub unrecognized: BTreeSet<NodeId>,
+    /// The role this node plays now.
     pub role: Role,
+    /// The current term.
     pub term: Term,
+    /// The leader this node knows of in `term`, if any.
     pub leader_id: Option<NodeId>,
+    /// Highest index known committed.
     pub commit_index: LogIndex,
     /// Highest index the state machine has applied.
     pub applied_index: LogIndex,
+    /// Index of the last entry in this node's log (durable or not).
     pub last_log_index: LogIndex,
+    /// The last entry the current snapshot covers, if there is one.
     pub snapshot: Option<LogId>,
+    /// The latest membership in the log (in effect once appended).
     pub membership: Membership<N>,
     /// The log entry that set `membership` (committed once `commit_index`
     /// reaches it).
@@ -360,6 +385,7 @@ impl<C: TypeConfig> Raft<C> {
         })
     }
 
+    /// This node's id.
     pub fn id(&self) -> NodeId {
         self.inner.id
     }

@@ -14,6 +14,7 @@ use crate::types::{Entry, LogId, TypeConfig};
 /// One chunk of a snapshot read back for sending.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotChunk {
+    /// The bytes at the offset asked for; at most the length asked for.
     pub data: Vec<u8>,
     /// This chunk ends the snapshot.
     pub done: bool,

@@ -9,18 +9,31 @@ use crate::types::{Entry, HardState, LogId, LogIndex, TypeConfig};
 /// node stops (fail-stop) rather than continue with state it cannot trust.
 #[derive(Debug, Error)]
 pub enum StorageError {
+    /// An I/O call failed.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done, and to which file.
         context: String,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
     /// Stored data failed validation (checksum, decoding, a hole in the log).
     #[error("corrupt data in {location}: {detail}")]
-    Corrupt { location: String, detail: String },
+    Corrupt {
+        /// Where the bad data is (a file, a column family, a key).
+        location: String,
+        /// What is wrong with it.
+        detail: String,
+    },
     /// The data was written by a newer or unknown format version.
     #[error("unsupported format in {location}: {detail}")]
-    Unsupported { location: String, detail: String },
+    Unsupported {
+        /// Where the data is.
+        location: String,
+        /// Which version was found, and which are understood.
+        detail: String,
+    },
     /// Any other backend failure.
     #[error("storage backend: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),

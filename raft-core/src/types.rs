@@ -42,8 +42,10 @@ pub struct LogIndex(pub u64);
 pub struct NodeUuid(pub u128);
 
 impl NodeUuid {
+    /// No identity: what a store written before identities existed holds.
     pub const NONE: NodeUuid = NodeUuid(0);
 
+    /// Whether this is [`NodeUuid::NONE`].
     pub fn is_none(self) -> bool {
         self == NodeUuid::NONE
     }
@@ -80,14 +82,18 @@ impl Term {
 }
 
 impl LogIndex {
+    /// Before the first entry (entries start at 1).
     pub const ZERO: LogIndex = LogIndex(0);
 
+    /// The index after this one.
     pub fn next(self) -> LogIndex {
         LogIndex(self.0.saturating_add(1))
     }
+    /// The index before this one (`ZERO` stays `ZERO`).
     pub fn prev(self) -> LogIndex {
         LogIndex(self.0.saturating_sub(1))
     }
+    /// `n` indexes after this one.
     pub fn plus(self, n: u64) -> LogIndex {
         LogIndex(self.0.saturating_add(n))
     }
@@ -98,16 +104,20 @@ impl LogIndex {
 /// and including it (the Log Matching Property, §5.3).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LogId {
+    /// The term of the leader that created the entry.
     pub term: Term,
+    /// The entry's position in the log.
     pub index: LogIndex,
 }
 
 impl LogId {
+    /// The id before the first entry.
     pub const ZERO: LogId = LogId {
         term: Term(0),
         index: LogIndex(0),
     };
 
+    /// The id of the entry at `index` created in `term`.
     pub fn new(term: u64, index: u64) -> LogId {
         LogId {
             term: Term(term),
@@ -198,7 +208,9 @@ pub enum EntryPayload<C: TypeConfig> {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(bound = "")]
 pub struct Entry<C: TypeConfig> {
+    /// Where the entry sits, and which term's leader wrote it.
     pub log_id: LogId,
+    /// What it carries.
     pub payload: EntryPayload<C>,
 }
 
@@ -225,7 +237,9 @@ impl<C: TypeConfig> Entry<C> {
 /// who we voted for in it, and the node's identity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HardState {
+    /// The latest term this node has seen.
     pub term: Term,
+    /// Whom this node voted for in `term`, if anyone.
     pub voted_for: Option<NodeId>,
     /// This node's identity, drawn at its first start ([`NodeUuid::NONE`]
     /// on a new store, or one written before identities existed).
@@ -239,6 +253,7 @@ pub struct HardState {
 pub struct Membership<N> {
     /// `[voters]`, or `[new_voters, old_voters]` while joint.
     pub configs: Vec<BTreeSet<NodeId>>,
+    /// Every member's address, voters and learners alike.
     pub nodes: BTreeMap<NodeId, N>,
     /// The identity each member had when the leader first heard from it
     /// (keys are a subset of `nodes`). Votes and acknowledgements count
@@ -309,6 +324,8 @@ impl<N: Clone> Membership<N> {
             .collect()
     }
 
+    /// Whether this is a joint configuration (old and new voters both
+    /// decide, §6).
     pub fn is_joint(&self) -> bool {
         self.configs.len() > 1
     }

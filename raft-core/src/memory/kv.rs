@@ -32,25 +32,35 @@ impl TypeConfig for KvConfig {
     }
 }
 
+/// A write to the example key-value store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvCommand {
+    /// Sets `key` to `value`.
     Put {
+        /// The key.
         key: String,
+        /// Its new value.
         value: String,
     },
+    /// Removes `key`.
     Delete {
+        /// The key.
         key: String,
     },
     /// Compare-and-set: `expected: None` means the key must be absent;
     /// `new: None` deletes it.
     Cas {
+        /// The key.
         key: String,
+        /// The value it must hold for the swap to happen.
         expected: Option<String>,
+        /// The value it gets if it does.
         new: Option<String>,
     },
 }
 
 impl KvCommand {
+    /// The key the command writes.
     pub fn key(&self) -> &str {
         match self {
             KvCommand::Put { key, .. } | KvCommand::Delete { key } | KvCommand::Cas { key, .. } => {
@@ -60,16 +70,21 @@ impl KvCommand {
     }
 }
 
+/// What applying a [`KvCommand`] answered.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvResponse {
     /// For blank and membership entries.
     #[default]
     None,
+    /// The put was applied.
     Put,
+    /// The delete was applied; whether the key existed.
     Deleted(bool),
     /// Whether the swap happened, and the key's value after the operation.
     Cas {
+        /// The key held `expected`, and now holds `new`.
         succeeded: bool,
+        /// The key's value after the operation.
         current: Option<String>,
     },
 }
@@ -78,8 +93,11 @@ pub enum KvResponse {
 /// applied entry and the configuration as of it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvStore {
+    /// The keys and their values.
     pub data: BTreeMap<String, String>,
+    /// The last entry applied.
     pub last_applied: LogId,
+    /// The membership as of `last_applied`.
     pub membership: Membership<String>,
 }
 
@@ -99,6 +117,7 @@ impl KvStore {
         }
     }
 
+    /// Applies one command to the data (no log bookkeeping).
     pub fn apply_command(&mut self, cmd: KvCommand) -> KvResponse {
         match cmd {
             KvCommand::Put { key, value } => {
@@ -127,6 +146,7 @@ impl KvStore {
         }
     }
 
+    /// The value of `key`, if it has one.
     pub fn get(&self, key: &str) -> Option<&String> {
         self.data.get(key)
     }
@@ -138,10 +158,13 @@ impl KvStore {
         (data + 64 + 32 * self.membership.nodes.len()) as u64
     }
 
+    /// The whole store in the wire codec: a snapshot's bytes.
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
         codec::encode(self)
     }
 
+    /// A store from [`KvStore::encode`]'s bytes; untrusted input gets an
+    /// error, never a panic.
     pub fn decode(bytes: &[u8]) -> Result<KvStore, CodecError> {
         codec::decode(bytes)
     }

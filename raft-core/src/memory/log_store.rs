@@ -29,6 +29,7 @@ impl<C: TypeConfig> Default for MemLogStore<C> {
 }
 
 impl<C: TypeConfig> MemLogStore<C> {
+    /// An empty log with no hard state.
     pub fn new() -> Self {
         MemLogStore {
             inner: Arc::new(Mutex::new(Inner {

@@ -39,6 +39,7 @@ impl<C: TypeConfig> Default for MemRouter<C> {
 }
 
 impl<C: TypeConfig> MemRouter<C> {
+    /// A router with no nodes registered.
     pub fn new() -> Self {
         MemRouter {
             routes: Arc::new(RwLock::new(Routes {

@@ -56,6 +56,7 @@ pub struct MemStateMachine {
 }
 
 impl MemStateMachine {
+    /// An empty state machine with no snapshot.
     pub fn new() -> Self {
         Self::default()
     }
