@@ -9,11 +9,15 @@ use crate::types::{Entry, LogId, LogIndex, Membership, NodeId, NodeUuid, Term, T
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(bound = "")]
 pub struct AppendEntriesRequest<C: TypeConfig> {
+    /// The leader's term.
     pub term: Term,
+    /// The leader, so followers can redirect clients.
     pub leader_id: NodeId,
     /// The entry immediately before `entries`; the follower must hold it.
     pub prev_log_id: LogId,
+    /// Entries to store after `prev_log_id` (empty for a heartbeat).
     pub entries: Vec<Entry<C>>,
+    /// The leader's commit index.
     pub leader_commit: LogIndex,
     /// The leader's heartbeat round, echoed back; confirms leadership for
     /// ReadIndex reads.
@@ -36,14 +40,20 @@ pub struct ConflictHint {
     pub index: LogIndex,
 }
 
+/// A follower's answer to an [`AppendEntriesRequest`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppendEntriesResponse {
+    /// The follower's term, for the leader to update itself.
     pub term: Term,
+    /// The follower holds `prev_log_id` and stored the entries.
     pub success: bool,
     /// On success: the index of the last entry now known to match the
     /// leader's. On failure: the `prev_log_id.index` that was rejected.
     pub index: LogIndex,
+    /// On a refusal, where the logs part, so the leader can skip back a
+    /// term at a time.
     pub conflict: Option<ConflictHint>,
+    /// The request's `round`, echoed.
     pub round: u64,
     /// The follower's identity: the leader counts the acknowledgement only
     /// if the membership recognizes it ([`Membership::recognizes`]).
@@ -56,8 +66,11 @@ pub struct AppendEntriesResponse {
 pub struct VoteRequest {
     /// For a pre-vote, the term the candidate would campaign in.
     pub term: Term,
+    /// The candidate asking for the vote.
     pub candidate_id: NodeId,
+    /// The candidate's last entry, for the up-to-date check (§5.4.1).
     pub last_log_id: LogId,
+    /// A pre-vote (thesis §9.6): asks whether a vote would be granted, changing no one's term.
     pub pre_vote: bool,
     /// Set when the campaign follows a leadership transfer, so receivers
     /// that still hear from the old leader vote anyway.
@@ -67,10 +80,14 @@ pub struct VoteRequest {
     pub candidate_uuid: NodeUuid,
 }
 
+/// A voter's answer to a [`VoteRequest`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VoteResponse {
+    /// The voter's term.
     pub term: Term,
+    /// The vote (or pre-vote) is granted.
     pub granted: bool,
+    /// The request was a pre-vote.
     pub pre_vote: bool,
     /// The voter's identity: a grant counts only if the candidate's
     /// membership recognizes it.
@@ -82,7 +99,9 @@ pub struct VoteResponse {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(bound = "")]
 pub struct SnapshotMeta<C: TypeConfig> {
+    /// The last entry the snapshot covers.
     pub last_log_id: LogId,
+    /// The membership as of `last_log_id`.
     pub membership: Membership<C::Node>,
     /// Unique per snapshot built by the state machine; chunk reads name it.
     pub id: u64,
@@ -100,14 +119,19 @@ pub struct SnapshotMeta<C: TypeConfig> {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(bound = "")]
 pub struct InstallSnapshotRequest<C: TypeConfig> {
+    /// The leader's term.
     pub term: Term,
+    /// The leader.
     pub leader_id: NodeId,
+    /// Which snapshot this chunk belongs to.
     pub meta: SnapshotMeta<C>,
+    /// Where in the snapshot the chunk's bytes start.
     pub offset: u64,
     /// Encoded as one byte string, not a sequence of bytes: a 1 MiB chunk
     /// is a copy, not a million calls.
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
+    /// This chunk is the snapshot's last.
     pub done: bool,
     /// CRC-32 (IEEE) of `data`, computed where the chunk was read. A chunk
     /// that does not match is refused before anything is written, so a
@@ -143,8 +167,10 @@ impl<C: TypeConfig> InstallSnapshotRequest<C> {
     }
 }
 
+/// The receiver's answer to an [`InstallSnapshotRequest`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstallSnapshotResponse {
+    /// The receiver's term.
     pub term: Term,
     /// The id of the snapshot this answers.
     pub snapshot_id: u64,
@@ -160,7 +186,9 @@ pub struct InstallSnapshotResponse {
 /// TimeoutNow (thesis §3.10): the leader asks the target to campaign at once.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimeoutNowRequest {
+    /// The leader's term.
     pub term: Term,
+    /// The leader handing over.
     pub leader_id: NodeId,
 }
 
@@ -168,12 +196,19 @@ pub struct TimeoutNowRequest {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(bound = "")]
 pub enum Message<C: TypeConfig> {
+    /// Replicates entries, or says the leader is alive.
     AppendEntries(AppendEntriesRequest<C>),
+    /// The answer to `AppendEntries`.
     AppendEntriesResponse(AppendEntriesResponse),
+    /// Asks for a vote or pre-vote.
     Vote(VoteRequest),
+    /// The answer to `Vote`.
     VoteResponse(VoteResponse),
+    /// One chunk of a snapshot.
     InstallSnapshot(InstallSnapshotRequest<C>),
+    /// The answer to `InstallSnapshot`.
     InstallSnapshotResponse(InstallSnapshotResponse),
+    /// Tells a follower to campaign now (leadership transfer).
     TimeoutNow(TimeoutNowRequest),
 }
 

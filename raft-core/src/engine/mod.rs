@@ -139,10 +139,13 @@ impl RoleState {
 /// Why a leader refused a proposal.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum ProposeError<N> {
+    /// This node does not lead; nothing was proposed.
     #[error(transparent)]
     NotLeader(#[from] NotLeader<N>),
+    /// Leadership is being handed over; nothing was proposed.
     #[error("a leadership transfer is in progress")]
     TransferInProgress,
+    /// The membership change was refused; nothing was proposed.
     #[error(transparent)]
     Membership(#[from] MembershipError),
 }

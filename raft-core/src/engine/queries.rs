@@ -3,6 +3,7 @@
 use super::*;
 
 impl<C: TypeConfig> Engine<C> {
+    /// This node's id.
     pub fn id(&self) -> NodeId {
         self.id
     }
@@ -14,6 +15,7 @@ impl<C: TypeConfig> Engine<C> {
             && !self.membership().nodes.contains_key(&self.id)
             && self.membership_log_id() != LogId::ZERO
     }
+    /// The current term.
     pub fn term(&self) -> Term {
         self.term
     }
@@ -40,9 +42,11 @@ impl<C: TypeConfig> Engine<C> {
     pub fn snapshots_installed(&self) -> u64 {
         self.snapshots_installed
     }
+    /// Whom this node voted for in the current term.
     pub fn voted_for(&self) -> Option<NodeId> {
         self.voted_for
     }
+    /// The role this node plays now.
     pub fn role(&self) -> Role {
         match &self.role {
             RoleState::Leader(_) => Role::Leader,
@@ -52,12 +56,15 @@ impl<C: TypeConfig> Engine<C> {
             RoleState::Follower => Role::Follower,
         }
     }
+    /// Whether this node leads its term.
     pub fn is_leader(&self) -> bool {
         matches!(self.role, RoleState::Leader(_))
     }
+    /// The leader this node knows of in the current term.
     pub fn leader_id(&self) -> Option<NodeId> {
         self.leader_id
     }
+    /// Highest index known committed.
     pub fn commit_index(&self) -> LogIndex {
         self.commit
     }
@@ -70,15 +77,19 @@ impl<C: TypeConfig> Engine<C> {
     pub fn applied_index(&self) -> LogIndex {
         self.applied
     }
+    /// The last entry of the log (durable or not).
     pub fn last_log_id(&self) -> LogId {
         self.log.last_log_id()
     }
+    /// The engine's view of the log: its cached entries and bounds.
     pub fn log(&self) -> &RaftLog<C> {
         &self.log
     }
+    /// The current snapshot, if there is one.
     pub fn snapshot_meta(&self) -> Option<&SnapshotMeta<C>> {
         self.snapshot.as_ref()
     }
+    /// The configuration the engine runs with.
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -113,6 +124,7 @@ impl<C: TypeConfig> Engine<C> {
             .flatten()
             .map(|(id, p)| (*id, p.matched))
     }
+    /// The redirect to give a caller that needs the leader.
     pub fn not_leader(&self) -> NotLeader<C::Node> {
         NotLeader {
             leader_id: self.leader_id,

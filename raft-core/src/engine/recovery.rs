@@ -5,6 +5,7 @@ use super::*;
 /// What a node recovered from its storage, handed to [`Engine::new`].
 #[derive(Clone, Debug)]
 pub struct RecoveredState<C: TypeConfig> {
+    /// The saved term and vote.
     pub hard_state: HardState,
     /// The last purged entry of the `LogStore` (`LogId::ZERO` if none).
     pub log_base: LogId,
