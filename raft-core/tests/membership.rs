@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use common::*;
 use raft_core::engine::ProposeError;
-use raft_core::engine::rng::Rng;
+use raft_core::sim::Rng;
 use raft_core::sim::{MembershipChange, Sim};
 use raft_core::{MembershipError, NodeId};
 

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
 use raft_core::NodeId;
-use raft_core::engine::rng::Rng;
+use raft_core::sim::Rng;
 use raft_core::sim::{MembershipChange, NetOptions, Reach, Sim};
 
 /// One step of 3 -> 5 -> 3 voter churn on a 5-node cluster: add the next

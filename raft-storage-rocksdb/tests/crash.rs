@@ -15,8 +15,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use raft_core::engine::rng::Rng;
 use raft_core::memory::{KvCommand, KvConfig};
+use raft_core::sim::Rng;
 use raft_core::{Entry, EntryPayload, HardState, LogId, LogIndex, LogStore, NodeId, Term};
 use raft_storage_rocksdb::{RocksDb, RocksLogStore, RocksOptions};
 

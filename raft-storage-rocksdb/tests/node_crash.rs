@@ -24,8 +24,8 @@ use std::time::Duration;
 
 mod common;
 
-use raft_core::engine::rng::Rng;
 use raft_core::memory::{KvCommand, KvConfig, MemRouter};
+use raft_core::sim::Rng;
 use raft_core::{Config, NodeId};
 
 const KEYS: u64 = 50;

@@ -49,13 +49,13 @@ mod election;
 mod identity;
 pub mod log;
 mod membership;
-pub mod progress;
+pub(crate) mod progress;
 mod queries;
-pub mod quorum;
+pub(crate) mod quorum;
 mod read_index;
 mod recovery;
 mod replication;
-pub mod rng;
+pub(crate) mod rng;
 mod snapshot;
 mod timers;
 

@@ -25,10 +25,13 @@ pub enum Mode {
 /// Why a write did not (or may not have) happened.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum WriteError<N> {
+    /// This node does not lead; nothing was proposed.
     #[error(transparent)]
     NotLeader(#[from] NotLeader<N>),
+    /// Leadership is being handed over; nothing was proposed.
     #[error("a leadership transfer is in progress; retry shortly")]
     TransferInProgress,
+    /// The membership change was refused; nothing was proposed.
     #[error("membership change refused: {0}")]
     Membership(#[from] MembershipError),
     /// Another entry was committed at the proposal's index (or a newer
@@ -61,8 +64,11 @@ pub enum Done<C: TypeConfig, K: Callers> {
     /// was refused when its turn came, as [`Executor::step`] refuses one
     /// at once.
     Refused {
+        /// The sender.
         from: NodeId,
+        /// The request's reply handle, if it came with one.
         reply: Option<K::Rpc>,
+        /// Why it was refused.
         error: StepError,
     },
 }
@@ -70,18 +76,26 @@ pub enum Done<C: TypeConfig, K: Callers> {
 /// An operation on the `LogStore`, in the engine's order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum LogOp<C: TypeConfig> {
+    /// Make the term and vote durable.
     SaveHardState(HardState),
+    /// Make these entries durable at the end of the log.
     Append(Vec<Entry<C>>),
+    /// Durably delete the entries at `from` and after.
     Truncate {
+        /// The first index deleted.
         from: LogIndex,
     },
+    /// Durably delete the entries up to and including `upto`.
     Purge {
+        /// The last entry deleted.
         upto: LogId,
     },
     /// Read the entries `from ..= to` (clipped to what the log holds) and
     /// report them with [`Executor::log_read`]. Needs no sync.
     Read {
+        /// The first index to read.
         from: LogIndex,
+        /// The last index to read.
         to: LogIndex,
     },
 }
@@ -99,7 +113,10 @@ pub enum SmOp<C: TypeConfig, W> {
     /// so a client hears of its write one task hand-off sooner; if the
     /// state machine gave the wrong number of responses it answers none.
     Apply {
+        /// The committed entries, following the last applied.
         entries: Vec<Entry<C>>,
+        /// One slot per entry: the handle of the write that proposed it,
+        /// where this node did and still waits.
         writes: Vec<Option<W>>,
     },
     /// Report with [`Executor::snapshot_built`].
@@ -108,17 +125,29 @@ pub enum SmOp<C: TypeConfig, W> {
     /// `meta.id` and make it an InstallSnapshot request to `to` in `term`;
     /// report with [`Executor::snapshot_chunk_read`].
     ReadSnapshotChunk {
+        /// The follower.
         to: NodeId,
+        /// The term to send the request in.
         term: Term,
+        /// The snapshot.
         meta: SnapshotMeta<C>,
+        /// Where in it the chunk starts.
         offset: u64,
     },
+    /// Store a received chunk; report with
+    /// [`Executor::snapshot_chunk_written`].
     WriteSnapshotChunk {
+        /// The snapshot it belongs to.
         meta: SnapshotMeta<C>,
+        /// Where in it the chunk starts.
         offset: u64,
+        /// The chunk's bytes.
         data: Vec<u8>,
     },
+    /// Replace the state machine with the received snapshot; report with
+    /// [`Executor::snapshot_installed`].
     InstallSnapshot {
+        /// The snapshot, whole and durable by now.
         meta: SnapshotMeta<C>,
     },
 }
@@ -128,17 +157,24 @@ pub enum SmOp<C: TypeConfig, W> {
 /// [`Executor::log_done`] or the state-machine reports; sends may go out at
 /// once and need no report.
 pub enum Io<C: TypeConfig, K: Callers> {
+    /// The next operation of the log lane.
     Log(LogOp<C>),
+    /// The next operation of the state-machine lane.
     Sm(SmOp<C, K::Write>),
+    /// A message to a peer, to send at once.
     Send {
+        /// The peer.
         to: NodeId,
+        /// The message.
         msg: Message<C>,
     },
     /// The reply to a request that came with a handle (see
     /// [`Executor::step`]); requests stepped without one are answered with
     /// a plain `Send`.
     Reply {
+        /// The request's reply handle.
         to: K::Rpc,
+        /// The answer.
         msg: Message<C>,
     },
     /// A reply that may leave once every log operation handed out before it
@@ -147,7 +183,9 @@ pub enum Io<C: TypeConfig, K: Callers> {
     /// the executor to hear of it: a follower's acknowledgement leaves one
     /// task hand-off sooner. Carrying it out is no report of its own.
     ReplyAfterLog {
+        /// The request's reply handle.
         to: K::Rpc,
+        /// The answer.
         msg: Message<C>,
     },
 }

@@ -38,6 +38,9 @@ mod monitor;
 mod node;
 mod safety;
 
+/// The seeded generator the simulator draws from, for tests and tools that
+/// want their own runs to be a function of a seed too.
+pub use crate::engine::rng::Rng;
 pub use monitor::{Coverage, Reach};
 
 use std::cmp::Reverse;
@@ -46,7 +49,6 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDequ
 use std::hash::{Hash, Hasher};
 
 use crate::config::Config;
-use crate::engine::rng::Rng;
 use crate::engine::{Engine, ProposeError, RecoveredState};
 use crate::executor::{Callers, Executor, LogOp, Mode, SmOp};
 use crate::memory::kv::{KvCommand, KvConfig, KvStore};

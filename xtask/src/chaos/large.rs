@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use raft_core::engine::rng::Rng;
+use raft_core::sim::Rng;
 
 use crate::http::{Http, Outcome};
 

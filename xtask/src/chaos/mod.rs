@@ -29,7 +29,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use raft_core::engine::rng::Rng;
+use raft_core::sim::Rng;
 use raft_core::sim::linearizability::{self, OpKind, OpOutput, Operation};
 
 use crate::cluster::LocalCluster;
