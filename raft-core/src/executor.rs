@@ -175,6 +175,7 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
         x
     }
 
+    /// The engine inside.
     pub fn engine(&self) -> &Engine<C> {
         &self.engine
     }
@@ -218,6 +219,8 @@ impl<C: TypeConfig, K: Callers> Executor<C, K> {
 
     // ------------------------------------------------------------- inputs
 
+    /// Fires the engine's timers at `now` (milliseconds), then hands out what
+    /// that produced through [`Executor::poll_io`].
     pub fn tick(&mut self, now: u64) {
         self.engine.tick(now);
         self.release_held();

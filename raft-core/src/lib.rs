@@ -13,6 +13,8 @@
 //! a deterministic cluster simulator with safety and linearizability
 //! checkers, reusable by other crates' tests.
 
+#![deny(missing_docs)]
+
 pub mod codec;
 pub mod config;
 pub mod engine;

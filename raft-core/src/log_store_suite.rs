@@ -20,6 +20,7 @@ use crate::types::{Entry, EntryPayload, HardState, LogId, LogIndex, NodeId, Node
 /// (as after a process restart).
 #[async_trait]
 pub trait LogStoreHarness: Send {
+    /// The store under test.
     type Store: LogStore<KvConfig>;
     /// A new, empty store.
     async fn fresh(&mut self) -> Self::Store;

@@ -16,6 +16,8 @@ use std::collections::VecDeque;
 
 use crate::types::{Entry, LogId, LogIndex, Term, TypeConfig};
 
+/// The engine's view of the log: where it starts and ends, and a cache
+/// of the newest entries (older ones are read back from the `LogStore`).
 #[derive(Debug)]
 pub struct RaftLog<C: TypeConfig> {
     /// The last purged (or snapshotted) entry; index 0 when nothing was.
@@ -33,6 +35,7 @@ pub struct RaftLog<C: TypeConfig> {
 }
 
 impl<C: TypeConfig> RaftLog<C> {
+    /// A log after `base` (the last purged entry) holding `entries`.
     pub fn new(base: LogId, entries: Vec<Entry<C>>) -> Self {
         let mut log = RaftLog {
             base,
@@ -48,14 +51,17 @@ impl<C: TypeConfig> RaftLog<C> {
         log
     }
 
+    /// The last purged entry (`LogId::ZERO` if none).
     pub fn base(&self) -> LogId {
         self.base
     }
 
+    /// The first index the log holds.
     pub fn first_index(&self) -> LogIndex {
         self.base.index.next()
     }
 
+    /// The last entry's id, or `base` when the log is empty.
     pub fn last_log_id(&self) -> LogId {
         match self.terms.last() {
             Some(&(_, term)) => LogId {
@@ -66,6 +72,7 @@ impl<C: TypeConfig> RaftLog<C> {
         }
     }
 
+    /// The last entry's index.
     pub fn last_index(&self) -> LogIndex {
         self.last
     }
@@ -113,6 +120,7 @@ impl<C: TypeConfig> RaftLog<C> {
         Some(self.terms[run - 1].1)
     }
 
+    /// The id of the entry at `index`, if the log holds it (or it is `base`).
     pub fn log_id_at(&self, index: LogIndex) -> Option<LogId> {
         self.term_at(index).map(|term| LogId { term, index })
     }

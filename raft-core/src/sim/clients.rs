@@ -20,6 +20,7 @@ impl Sim {
         self.clients_running = true;
     }
 
+    /// Stops the background clients; operations in flight finish or time out.
     pub fn stop_clients(&mut self) {
         self.clients_running = false;
     }

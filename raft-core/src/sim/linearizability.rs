@@ -8,11 +8,17 @@ use std::collections::{BTreeMap, HashSet};
 /// What an operation asked for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum OpKind {
+    /// Sets the key.
     Put(String),
+    /// Removes the key.
     Delete,
+    /// Reads the key.
     Get,
+    /// Compare-and-set.
     Cas {
+        /// The value the key must hold.
         expected: Option<String>,
+        /// The value it gets if it does.
         new: Option<String>,
     },
 }
@@ -20,11 +26,17 @@ pub enum OpKind {
 /// What the system answered.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum OpOutput {
+    /// The put happened.
     Put,
+    /// The delete happened; whether the key existed.
     Deleted(bool),
+    /// The value read.
     Get(Option<String>),
+    /// The compare-and-set's answer.
     Cas {
+        /// Whether the swap happened.
         succeeded: bool,
+        /// The key's value after it.
         current: Option<String>,
     },
 }
@@ -34,8 +46,11 @@ pub enum OpOutput {
 /// after `invoke`, or never.
 #[derive(Clone, Debug)]
 pub struct Operation {
+    /// The key operated on.
     pub key: String,
+    /// What was asked.
     pub kind: OpKind,
+    /// When it was invoked (any clock, as long as it is one clock).
     pub invoke: u64,
     /// `None` when unknown.
     pub complete: Option<(u64, OpOutput)>,
@@ -73,8 +88,11 @@ fn step(state: &Option<String>, kind: &OpKind) -> (Option<String>, OpOutput) {
 /// Why a history is not linearizable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
+    /// The key whose history has no linear order.
     pub key: String,
+    /// How many operations on it were checked.
     pub ops: usize,
+    /// What could not be placed.
     pub detail: String,
 }
 

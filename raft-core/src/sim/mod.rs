@@ -75,7 +75,9 @@ impl Callers for SimCallers {
 /// How the simulated network behaves on every link.
 #[derive(Clone, Debug)]
 pub struct NetOptions {
+    /// Least virtual time a message takes.
     pub min_delay_ms: u64,
+    /// Most virtual time a message takes.
     pub max_delay_ms: u64,
     /// Probability a request is dropped.
     pub request_loss: f64,
@@ -100,9 +102,13 @@ impl Default for NetOptions {
 /// Everything a simulation run depends on.
 #[derive(Clone, Debug)]
 pub struct SimOptions {
+    /// How many nodes.
     pub nodes: usize,
+    /// The seed the whole run follows from.
     pub seed: u64,
+    /// Every node's configuration.
     pub config: Config,
+    /// The network's behaviour between every pair of nodes.
     pub net: NetOptions,
     /// Virtual time one storage action takes, uniformly in `[min, max]`.
     pub disk_latency_ms: (u64, u64),
@@ -127,6 +133,7 @@ pub struct SimOptions {
 }
 
 impl SimOptions {
+    /// A run of `nodes` nodes from `seed`, snapshots off and a quiet network.
     pub fn new(nodes: usize, seed: u64) -> Self {
         SimOptions {
             nodes,
@@ -150,9 +157,13 @@ impl SimOptions {
 /// The durable part of a node: what survives a crash.
 #[derive(Clone, Debug, Default)]
 pub struct Disk {
+    /// The saved term and vote.
     pub hard_state: HardState,
+    /// The last purged entry.
     pub base: LogId,
+    /// The entries after `base`.
     pub entries: Vec<Entry<C>>,
+    /// The current snapshot's meta and bytes.
     pub snapshot: Option<(SnapshotMeta<C>, Vec<u8>)>,
     /// The snapshot the last build replaced, readable by a transfer until
     /// the next build or install (the `StateMachine` contract).
@@ -206,8 +217,11 @@ enum ArmedCrash {
 /// A membership change a test asks the leader for.
 #[derive(Clone, Debug)]
 pub enum MembershipChange {
+    /// Add a learner.
     AddLearner(NodeId),
+    /// Remove a learner.
     RemoveLearner(NodeId),
+    /// Make these the voters (joint consensus).
     Voters(BTreeSet<NodeId>),
 }
 
@@ -325,21 +339,31 @@ struct Client {
 /// Counters a test can print or assert on.
 #[derive(Clone, Debug, Default)]
 pub struct SimStats {
+    /// Messages handed to the network.
     pub messages_sent: u64,
+    /// Messages the network lost.
     pub messages_dropped: u64,
+    /// Client operations that succeeded.
     pub ops_ok: u64,
+    /// Client operations that definitely failed.
     pub ops_failed: u64,
+    /// Client operations whose outcome is unknown (timed out).
     pub ops_unknown: u64,
+    /// Node crashes injected.
     pub crashes: u64,
     /// Crashes that also wiped the node's storage ([`Sim::wipe`]).
     pub wipes: u64,
+    /// Elections won.
     pub elections_won: u64,
+    /// Snapshots installed by followers.
     pub snapshots_installed: u64,
+    /// AppendEntries refused by followers.
     pub append_rejections: u64,
 }
 
 /// The simulated cluster.
 pub struct Sim {
+    /// What the run was started with.
     pub opts: SimOptions,
     rng: Rng,
     now: u64,
@@ -369,6 +393,7 @@ pub struct Sim {
     /// when it did (thesis §6.4: the read must reflect at least that).
     read_floor: HashMap<usize, LogIndex>,
     coverage: Coverage,
+    /// Counters of the run so far.
     pub stats: SimStats,
 }
 
@@ -495,21 +520,27 @@ impl Sim {
 
     // ------------------------------------------------------------- queries
 
+    /// Virtual time now, in milliseconds.
     pub fn now(&self) -> u64 {
         self.now
     }
+    /// Every node's id.
     pub fn ids(&self) -> Vec<NodeId> {
         self.nodes.iter().map(|n| n.id).collect()
     }
+    /// A node's engine, if the node is up.
     pub fn engine(&self, id: NodeId) -> Option<&Engine<C>> {
         self.nodes[self.idx(id)].engine()
     }
+    /// Whether a node is up (not crashed).
     pub fn is_up(&self, id: NodeId) -> bool {
         self.nodes[self.idx(id)].x.is_some()
     }
+    /// A node's durable state.
     pub fn disk(&self, id: NodeId) -> &Disk {
         &self.nodes[self.idx(id)].disk
     }
+    /// A node's state machine.
     pub fn state_machine(&self, id: NodeId) -> &KvStore {
         &self.nodes[self.idx(id)].sm
     }

@@ -95,6 +95,7 @@ pub enum Reach {
 }
 
 impl Reach {
+    /// Every dangerous state, in report order.
     pub const ALL: &'static [Reach] = &[
         Reach::OldTermEntryOnMajority,
         Reach::LongerStaleLogAsksForVote,
@@ -120,6 +121,7 @@ impl Reach {
         Reach::ReorderedAppendHeld,
     ];
 
+    /// The state's name in reports.
     pub fn name(self) -> &'static str {
         match self {
             Reach::OldTermEntryOnMajority => "old-term entry on a majority, uncommitted",
@@ -155,9 +157,11 @@ pub struct Coverage {
 }
 
 impl Coverage {
+    /// Records that a run reached `r`.
     pub fn hit(&mut self, r: Reach) {
         self.counts[r as usize] += 1;
     }
+    /// How many times `r` was reached.
     pub fn count(&self, r: Reach) -> u64 {
         self.counts[r as usize]
     }
