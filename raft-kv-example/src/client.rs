@@ -13,19 +13,26 @@ use crate::http::Status;
 /// Why a client call failed.
 #[derive(Debug, Error)]
 pub enum ClientError {
+    /// The request did not complete (no connection, a timeout, a bad body).
     #[error("request to {url} failed: {source}")]
     Http {
+        /// The URL asked.
         url: String,
         #[source]
+        /// reqwest's error.
         source: reqwest::Error,
     },
     /// The server answered with an error (`{"error", "message"}`).
     #[error("{status}: {code}: {message}")]
     Api {
+        /// The HTTP status.
         status: StatusCode,
+        /// The error's machine-readable code.
         code: String,
+        /// Its explanation.
         message: String,
     },
+    /// The endpoint is not an `http://host:port` URL.
     #[error("invalid endpoint `{0}`: expected http://host:port")]
     Endpoint(String),
 }
@@ -40,6 +47,7 @@ pub struct Client {
 const RETRY_FOR: Duration = Duration::from_secs(5);
 
 impl Client {
+    /// A client of the node at `endpoint` (`http://host:port`).
     pub fn new(endpoint: &str) -> Result<Client, ClientError> {
         Client::with_timeout(endpoint, Duration::from_secs(10))
     }

@@ -58,20 +58,26 @@ use crate::types::NodeAddr;
 pub struct ClusterFile {
     /// Where it was read from.
     pub path: PathBuf,
+    /// Every member, by id.
     pub nodes: BTreeMap<NodeId, NodeEntry>,
     /// Holds `ca.pem`, `node-<id>.pem`, `node-<id>-key.pem`.
     pub tls_dir: PathBuf,
     /// The engine settings (validated).
     pub raft: Config,
+    /// Request size limits the HTTP API enforces.
     pub limits: Limits,
 }
 
 /// One `[[node]]` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeEntry {
+    /// The node's id.
     pub id: NodeId,
+    /// Where it listens for peers (QUIC).
     pub raft_addr: SocketAddr,
+    /// Where it serves clients (HTTP).
     pub http_addr: SocketAddr,
+    /// Where it keeps its data.
     pub data_dir: PathBuf,
 }
 
@@ -88,7 +94,9 @@ impl NodeEntry {
 /// Request limits of the HTTP API.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
+    /// Longest key accepted, in bytes.
     pub max_key_bytes: usize,
+    /// Longest value accepted, in bytes.
     pub max_value_bytes: usize,
     /// How long a write or linearizable read may take before the node
     /// answers 504 (outcome unknown).
@@ -112,12 +120,16 @@ impl Default for Limits {
 /// Why a cluster file was refused.
 #[derive(Debug, Error)]
 pub enum ClusterFileError {
+    /// The file could not be read.
     #[error("reading {path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
         #[source]
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// The file was read but is not a usable cluster file.
     #[error("{0}")]
     Invalid(Located),
 }
@@ -125,10 +137,13 @@ pub enum ClusterFileError {
 /// An error at a place in the file.
 #[derive(Debug)]
 pub struct Located {
+    /// The file.
     pub path: PathBuf,
     /// 1-based; `None` when the error concerns the whole file.
     pub line: Option<usize>,
+    /// The field (or section) at fault.
     pub field: String,
+    /// What is wrong with it.
     pub message: String,
 }
 

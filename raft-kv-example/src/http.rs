@@ -72,9 +72,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Key {
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
+    /// This node's Raft handle.
     pub raft: Raft<Kv>,
+    /// Reads of the state machine.
     pub reader: RocksReader,
+    /// Request size limits.
     pub limits: Limits,
+    /// The node's counters, for `/metrics`.
     pub metrics: Arc<Metrics>,
 }
 
@@ -426,14 +430,23 @@ async fn cas(
 /// `GET /v1/status`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
+    /// The node answering.
     pub id: u64,
+    /// Its role (`leader`, `follower`, ...).
     pub role: String,
+    /// Its current term.
     pub term: u64,
+    /// The leader it knows of.
     pub leader_id: Option<u64>,
+    /// Highest index known committed.
     pub commit_index: u64,
+    /// Highest index applied.
     pub applied_index: u64,
+    /// Last index in its log.
     pub last_log_index: u64,
+    /// The voters.
     pub voters: Vec<u64>,
+    /// The learners.
     pub learners: Vec<u64>,
     /// This node's identity (32 hex digits), drawn when its data
     /// directory was new.
@@ -491,8 +504,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemberRequest {
+    /// The member's id.
     pub id: u64,
+    /// Its QUIC address.
     pub raft_addr: String,
+    /// Its HTTP address.
     pub http_addr: String,
 }
 

@@ -7,6 +7,8 @@
 //! `raft-kv certs` writes development certificates; `put`, `get`, `delete`,
 //! `cas` and `status` are clients of the [`http`] API.
 
+#![deny(missing_docs)]
+
 pub mod client;
 pub mod cluster_file;
 pub mod http;

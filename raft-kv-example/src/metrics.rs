@@ -32,6 +32,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    /// Records one request that started at `started`.
     pub fn observe(&self, started: Instant) {
         let elapsed = started.elapsed();
         let secs = elapsed.as_secs_f64();
@@ -63,9 +64,13 @@ impl Histogram {
 /// Everything `/metrics` reports besides the Raft metrics themselves.
 #[derive(Default)]
 pub struct Metrics {
+    /// Writes proposed.
     pub proposals: AtomicU64,
+    /// Writes that failed.
     pub proposals_failed: AtomicU64,
+    /// Linearizable reads started.
     pub reads: AtomicU64,
+    /// Reads that failed.
     pub reads_failed: AtomicU64,
     /// Times this node became a candidate (a real election, after pre-vote).
     /// `LogStore::append`, which returns once the entries are synced.
@@ -237,7 +242,9 @@ pub fn role_name(role: Role) -> &'static str {
 
 /// A [`LogStore`] that times its synced writes.
 pub struct MeteredLogStore<L> {
+    /// The store measured.
     pub inner: L,
+    /// Where its timings go.
     pub metrics: Arc<Metrics>,
 }
 
@@ -274,7 +281,9 @@ impl<L: LogStore<Kv>> LogStore<Kv> for MeteredLogStore<L> {
 
 /// A [`NetworkFactory`] whose clients count failed RPCs per peer.
 pub struct MeteredNetworkFactory<F> {
+    /// The factory measured.
     pub inner: F,
+    /// Where its clients' timings go.
     pub metrics: Arc<Metrics>,
 }
 
@@ -289,6 +298,7 @@ impl<F: NetworkFactory<Kv>> NetworkFactory<Kv> for MeteredNetworkFactory<F> {
     }
 }
 
+/// A peer client whose RPCs are timed.
 pub struct MeteredNetwork<N> {
     inner: N,
     peer: NodeId,

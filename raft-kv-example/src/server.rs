@@ -25,32 +25,49 @@ const GROUP: u64 = 1;
 /// Why a node could not start or stopped with an error.
 #[derive(Debug, Error)]
 pub enum ServeError {
+    /// The node's id is not in the cluster file.
     #[error("node {0} is not listed in the cluster file")]
     UnknownNode(NodeId),
+    /// The RocksDB store could not be opened or used.
     #[error("storage: {0}")]
     Rocks(#[from] RocksError),
+    /// The state machine failed.
     #[error("state machine: {0}")]
     Storage(#[from] raft_core::StorageError),
+    /// The certificates could not be loaded.
     #[error("TLS: {0} (run `raft-kv certs --config FILE` to create development certificates)")]
     Tls(#[from] TlsError),
+    /// The QUIC transport could not start.
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
+    /// Raft could not start.
     #[error("starting raft: {0}")]
     Start(#[from] StartError),
+    /// Bootstrapping the cluster failed.
     #[error("bootstrapping the cluster: {0}")]
     Bootstrap(RaftError<NodeAddr>),
+    /// Joining through another member failed.
     #[error("joining through {url}: {reason}")]
-    Join { url: String, reason: String },
+    Join {
+        /// The member asked.
+        url: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The HTTP API could not listen.
     #[error("HTTP on {addr}: {source}")]
     Http {
+        /// The address.
         addr: std::net::SocketAddr,
         #[source]
+        /// The operating system's error.
         source: std::io::Error,
     },
 }
 
 /// A running node.
 pub struct Node {
+    /// The node's Raft handle.
     pub raft: Raft<Kv>,
     /// Where the HTTP API listens (useful when the file said port 0).
     pub http_addr: std::net::SocketAddr,

@@ -30,18 +30,26 @@ impl TypeConfig for Kv {
 /// values are arbitrary bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
+    /// Sets `key` to `value`.
     Put {
+        /// The key.
         key: String,
+        /// Its new value.
         value: serde_bytes::ByteBuf,
     },
+    /// Removes `key`.
     Delete {
+        /// The key.
         key: String,
     },
     /// Compare-and-set: `expected: None` means the key must be absent;
     /// `new: None` deletes it.
     Cas {
+        /// The key.
         key: String,
+        /// The value it must hold.
         expected: Option<serde_bytes::ByteBuf>,
+        /// The value it gets.
         new: Option<serde_bytes::ByteBuf>,
     },
 }
@@ -52,12 +60,15 @@ pub enum Response {
     /// For blank and membership entries.
     #[default]
     None,
+    /// The put was applied.
     Put,
     /// Whether the key existed.
     Deleted(bool),
     /// Whether the swap happened, and the key's value after the operation.
     Cas {
+        /// Whether the swap happened.
         succeeded: bool,
+        /// The key's value after it.
         current: Option<Vec<u8>>,
     },
 }
@@ -66,7 +77,9 @@ pub enum Response {
 /// for clients (redirects point there). Stored in membership entries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeAddr {
+    /// The member's QUIC address.
     pub raft_addr: String,
+    /// The member's HTTP address.
     pub http_addr: String,
 }
 

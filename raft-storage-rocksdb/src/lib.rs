@@ -29,6 +29,8 @@
 //! [`RocksDb::open`] fail with a typed error instead of silently dropping
 //! records.
 
+#![deny(missing_docs)]
+
 mod codec;
 mod legacy;
 mod state_machine;
@@ -115,40 +117,81 @@ impl Default for RocksOptions {
 /// Why a store could not be opened or used.
 #[derive(Debug, Error)]
 pub enum RocksError {
+    /// RocksDB itself failed.
     #[error("rocksdb at {path}: {source}")]
     Db {
+        /// The database's directory.
         path: PathBuf,
+        /// RocksDB's error.
         #[source]
         source: rocksdb::Error,
     },
+    /// The store was written by a newer build; opening it could lose data.
     #[error(
         "{path} was written by format version {found}; this build reads up to {FORMAT_VERSION}"
     )]
-    NewerFormat { path: PathBuf, found: u32 },
+    NewerFormat {
+        /// The database's directory.
+        path: PathBuf,
+        /// The format version found.
+        found: u32,
+    },
+    /// A column family this crate writes is not in the database.
     #[error("{path} is missing column family {name:?}")]
-    MissingColumnFamily { path: PathBuf, name: &'static str },
+    MissingColumnFamily {
+        /// The database's directory.
+        path: PathBuf,
+        /// The column family.
+        name: &'static str,
+    },
+    /// A log record failed its checksum or did not decode.
     #[error("corrupt record in {path}, log group {group}, index {index}: {detail}")]
     CorruptEntry {
+        /// The database's directory.
         path: PathBuf,
+        /// The Raft group whose log holds it.
         group: u64,
+        /// The entry's index.
         index: u64,
+        /// What is wrong with it.
         detail: String,
     },
+    /// A metadata record (hard state, log bounds, applied state) is bad.
     #[error("corrupt metadata in {path}: {detail}")]
-    CorruptMeta { path: PathBuf, detail: String },
+    CorruptMeta {
+        /// The database's directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The log skips an index.
     #[error("log of group {group} in {path} has a hole: expected index {expected}, found {found}")]
     Hole {
+        /// The database's directory.
         path: PathBuf,
+        /// The Raft group.
         group: u64,
+        /// The index that should come next.
         expected: u64,
+        /// The index found instead.
         found: u64,
     },
+    /// The group-commit thread is gone (the store is closing); the write
+    /// was not made.
     #[error("the writer thread of {path} stopped")]
-    WriterGone { path: PathBuf },
+    WriterGone {
+        /// The database's directory.
+        path: PathBuf,
+    },
     /// A read of a state machine's data while a snapshot replaces it: the
     /// data is part old, part new until the install ends. Retry shortly.
     #[error("group {group} in {path} is installing a snapshot; retry shortly")]
-    Installing { path: PathBuf, group: u64 },
+    Installing {
+        /// The database's directory.
+        path: PathBuf,
+        /// The Raft group.
+        group: u64,
+    },
 }
 
 impl From<RocksError> for StorageError {
@@ -307,6 +350,7 @@ impl RocksDb {
         Ok(RocksDb { shared, writer })
     }
 
+    /// The database's directory.
     pub fn path(&self) -> &Path {
         &self.shared.path
     }

@@ -72,6 +72,7 @@ pub struct WriteView<'a> {
 }
 
 impl WriteView<'_> {
+    /// The value of `key` as of the writes staged so far in this batch.
     pub fn get(&mut self, key: &[u8]) -> Option<Vec<u8>> {
         if let Some(v) = self.pending.get(key) {
             return v.clone();
@@ -84,9 +85,11 @@ impl WriteView<'_> {
             }
         }
     }
+    /// Stages `key = value`, written with the batch.
     pub fn put(&mut self, key: &[u8], value: &[u8]) {
         self.pending.insert(key.to_vec(), Some(value.to_vec()));
     }
+    /// Stages the removal of `key`, written with the batch.
     pub fn delete(&mut self, key: &[u8]) {
         self.pending.insert(key.to_vec(), None);
     }

@@ -21,6 +21,8 @@
 //! transport.serve(raft.clone());
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod tls;
 
 use std::marker::PhantomData;
@@ -82,6 +84,8 @@ impl Default for QuicConfig {
 }
 
 impl QuicConfig {
+    /// Checks the limits and timeouts; returns the config unchanged if it
+    /// is usable.
     pub fn validate(self) -> Result<QuicConfig, TransportError> {
         let bad = |what: &str| Err(TransportError::Config(what.to_string()));
         if self.max_frame_bytes < 1024 {
@@ -106,13 +110,18 @@ impl QuicConfig {
 /// Why the transport could not start.
 #[derive(Debug, Error)]
 pub enum TransportError {
+    /// The [`QuicConfig`] was refused: what is wrong with it.
     #[error("invalid transport config: {0}")]
     Config(String),
+    /// The certificates could not be loaded or used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The UDP socket could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
+        /// The address asked for.
         addr: SocketAddr,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
@@ -120,6 +129,7 @@ pub enum TransportError {
 
 /// How a node's address (`TypeConfig::Node`) becomes a UDP address.
 pub trait QuicAddr {
+    /// The address to dial, or `None` if this node has no QUIC address.
     fn quic_addr(&self) -> Option<SocketAddr>;
 }
 

@@ -15,18 +15,30 @@ use thiserror::Error;
 /// Why certificates could not be made, loaded or used.
 #[derive(Debug, Error)]
 pub enum TlsError {
+    /// Making a certificate or key failed.
     #[error("generating certificates: {0}")]
     Generate(#[from] rcgen::Error),
+    /// A certificate or key file could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
+    /// A PEM file holds no usable certificate or key.
     #[error("{path}: no usable {what} in PEM file")]
-    Pem { path: PathBuf, what: &'static str },
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What was looked for (a certificate, a private key).
+        what: &'static str,
+    },
+    /// rustls refused the certificates or keys.
     #[error("tls configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The peer-certificate verifier could not be built.
     #[error("client certificate verifier: {0}")]
     Verifier(String),
 }
@@ -55,6 +67,7 @@ pub fn node_id_of(cert: &CertificateDer<'_>) -> Option<NodeId> {
 
 /// A development CA and one certificate per node, as PEM.
 pub struct DevCerts {
+    /// The CA's certificate.
     pub ca_pem: String,
     /// The CA's private key: kept (in `ca-key.pem`) so that nodes added
     /// later get certificates from the same CA.
@@ -170,6 +183,7 @@ fn write_private(path: &Path, pem: &str) -> std::io::Result<()> {
 /// One node's CA, certificate and key.
 #[derive(Debug)]
 pub struct TlsIdentity {
+    /// The node this identity is.
     pub id: NodeId,
     ca: Vec<CertificateDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
@@ -203,6 +217,8 @@ impl TlsIdentity {
         TlsIdentity::from_pem(id, &ca, &cert, &key, dir)
     }
 
+    /// An identity from PEM bytes: the CA, this node's certificate chain
+    /// and its key. `dir` is named in errors.
     pub fn from_pem(
         id: NodeId,
         ca: &[u8],
