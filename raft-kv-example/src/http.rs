@@ -470,10 +470,7 @@ fn yes() -> bool {
 async fn status(State(state): State<AppState>) -> Response {
     let m = state.raft.metrics().borrow().clone();
     let ids = |s: std::collections::BTreeSet<NodeId>| s.into_iter().map(|id| id.0).collect();
-    let role = match m.role {
-        Role::PreCandidate => "candidate",
-        r => role_name(r),
-    };
+    let role = role_name(m.role);
     axum::Json(Status {
         id: m.id.0,
         role: role.into(),
