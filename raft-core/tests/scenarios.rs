@@ -845,3 +845,68 @@ fn disk_stalls_longer_than_an_election_timeout_keep_the_leader() {
         expect_acknowledged_then_converge(&mut sim, 1_000);
     }
 }
+
+/// A state large enough that building or installing a snapshot takes three
+/// election timeouts (issue 13: RocksDB's build scanned and fsynced a few
+/// hundred MB inside the driver's loop, heartbeats stopped, and the leader
+/// was deposed). Every node builds snapshots under client load, and a
+/// follower the leader compacted past installs one, yet the leader keeps
+/// its term throughout: builds run beside the applies and an install
+/// occupies only the state-machine lane. Run one operation at a time, as
+/// the old single-loop driver did (`SIM_SERIAL=1`), the first build costs
+/// the leader its term.
+#[test]
+fn slow_snapshot_builds_and_installs_keep_the_leader() {
+    for seed in seeds(2) {
+        let name = "slow_snapshot_builds_and_installs_keep_the_leader";
+        let mut o = with_snapshots(opts(3, seed, name), 300);
+        o.config.snapshot_chunk_bytes = 4096;
+        o.pipelined = std::env::var_os("SIM_SERIAL").is_none();
+        // 400 keys of 200 bytes: an 80 KiB state, ~900 ms to build or install.
+        o.snapshot_ms_per_kib = 11;
+        let mut sim = Sim::new(o);
+        let leader = wait_leader(&mut sim);
+        let term = term_of(&sim, leader);
+        let lagging = others(&sim, leader)[0];
+        sim.crash(lagging);
+        let value = "v".repeat(200);
+        for k in 0..400 {
+            must_put(&mut sim, &format!("big{k}"), &value);
+        }
+        expect_leader_kept(&sim, leader, term, "loading");
+        // Clients keep writing while every live node builds snapshots, until
+        // the leader has compacted past the lagging follower's log (it
+        // keeps what a live follower needs, and this one is long silent).
+        sim.start_clients(16, 8);
+        let lagging_last = {
+            let d = sim.disk(lagging);
+            d.base.index.plus(d.entries.len() as u64)
+        };
+        for second in 0..60 {
+            sim.run_for(1_000);
+            expect_leader_kept(&sim, leader, term, &format!("second {second} of the load"));
+            let base = sim.engine(leader).map(|e| e.log().base().index);
+            if base.is_some_and(|b| b > lagging_last) {
+                break;
+            }
+        }
+        let base = sim.engine(leader).map(|e| e.log().base().index);
+        sim.expect(base.is_some_and(|b| b > lagging_last), || {
+            format!("the leader did not compact past {lagging_last} (base {base:?})")
+        });
+        // The lagging follower, behind the leader's compacted log, needs
+        // a snapshot; clients keep writing meanwhile.
+        sim.restart(lagging);
+        for second in 0..30 {
+            sim.run_for(1_000);
+            expect_leader_kept(&sim, leader, term, &format!("second {second}"));
+        }
+        sim.expect(sim.stats.snapshots_installed > 0, || {
+            "the lagging follower installed no snapshot".into()
+        });
+        sim.expect(all_have(&sim, "big399", &value), || {
+            "the lagging follower's state is wrong".into()
+        });
+        expect_acknowledged_then_converge(&mut sim, 1_000);
+    }
+}

@@ -115,6 +115,10 @@ pub struct SimOptions {
     /// Virtual time one apply batch (or snapshot chunk read or write) takes
     /// on the state machine, uniformly in `[min, max]`.
     pub apply_latency_ms: (u64, u64),
+    /// Virtual time a snapshot build or install takes per KiB of state, on
+    /// top of one storage action's latency: a large state's snapshot takes
+    /// long to write and to load, as RocksDB's does (0: no extra time).
+    pub snapshot_ms_per_kib: u64,
     /// Probability that a storage action fails; the node then stops
     /// (fail-stop) as a real driver does on a storage error.
     pub storage_error_rate: f64,
@@ -145,6 +149,7 @@ impl SimOptions {
             net: NetOptions::default(),
             disk_latency_ms: (0, 1),
             apply_latency_ms: (0, 0),
+            snapshot_ms_per_kib: 0,
             storage_error_rate: 0.0,
             tick_ms: 5,
             op_timeout_ms: 1_500,

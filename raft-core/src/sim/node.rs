@@ -309,16 +309,20 @@ impl Sim {
             Some(SmOp::BuildSnapshot) => return self.begin_build(i),
             Some(_) => {}
         }
-        let slow = matches!(n.sm_worker.front(), Some(SmOp::InstallSnapshot { .. }));
-        self.nodes[i].sm_busy = true;
-        let lat = if slow {
-            self.nodes[i]
-                .disk_latency_ms
-                .unwrap_or(self.opts.disk_latency_ms)
-        } else {
-            self.opts.apply_latency_ms
+        let install = match n.sm_worker.front() {
+            Some(SmOp::InstallSnapshot { meta }) => Some(meta.size),
+            _ => None,
         };
-        let lat = self.latency(lat);
+        self.nodes[i].sm_busy = true;
+        let lat = match install {
+            Some(size) => {
+                let disk = self.nodes[i]
+                    .disk_latency_ms
+                    .unwrap_or(self.opts.disk_latency_ms);
+                self.latency(disk) + self.snapshot_ms(size)
+            }
+            None => self.latency(self.opts.apply_latency_ms),
+        };
         let epoch = self.nodes[i].epoch;
         self.schedule(lat, EventKind::SmDone { node: i, epoch });
     }
@@ -562,12 +566,20 @@ impl Sim {
             id: self.seq,
             size: data.len() as u64,
         };
+        let extra = self.snapshot_ms(meta.size);
+        let n = &mut self.nodes[i];
         n.building = Some((meta, data));
         let lat = n.disk_latency_ms.unwrap_or(self.opts.disk_latency_ms);
-        let lat = self.latency(lat);
+        let lat = self.latency(lat) + extra;
         let epoch = self.nodes[i].epoch;
         self.schedule(lat, EventKind::BuildDone { node: i, epoch });
         self.start_sm_op(i);
+    }
+
+    /// The time a snapshot of `size` bytes takes to build or install
+    /// beyond one storage action ([`SimOptions::snapshot_ms_per_kib`]).
+    fn snapshot_ms(&self, size: u64) -> u64 {
+        size.div_ceil(1024) * self.opts.snapshot_ms_per_kib
     }
 
     /// Node `i`'s snapshot build is durable: it becomes the current one.
