@@ -158,6 +158,10 @@ pub struct RaftMetrics<N> {
     pub commit_index: LogIndex,
     /// Highest index the state machine has applied.
     pub applied_index: LogIndex,
+    /// The cluster's commit index as far as this node knows
+    /// ([`Engine::leader_commit_index`]): `applied_index` this far behind
+    /// it is how far the node lags.
+    pub leader_commit_index: LogIndex,
     /// Index of the last entry in this node's log (durable or not).
     pub last_log_index: LogIndex,
     /// The last entry the current snapshot covers, if there is one.
@@ -667,6 +671,20 @@ impl<C: TypeConfig> Raft<C> {
             Ok(Err(_)) => Err(self.stopped_error()),
             Err(_) => Err(RaftError::Timeout("the leadership transfer")),
         }
+    }
+
+    /// Whether this node is fit to serve (a load balancer's readiness
+    /// check): it knows a leader, has not stopped, and has applied to
+    /// within `Config::learner_max_lag` entries of the cluster's commit
+    /// index as far as it knows it ([`RaftMetrics::leader_commit_index`]),
+    /// the bound a leader uses to call a learner caught up. A node that is
+    /// catching up (after a restart, or joining) is not ready until then.
+    pub fn is_ready(&self) -> bool {
+        let m = self.inner.metrics.borrow();
+        m.fatal.is_none()
+            && m.leader_id.is_some()
+            && m.leader_commit_index.0.saturating_sub(m.applied_index.0)
+                <= self.inner.learner_max_lag
     }
 
     /// A watch of this node's metrics.

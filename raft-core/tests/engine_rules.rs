@@ -2203,3 +2203,30 @@ fn read_back_entries_go_out_only_if_they_match_and_are_awaited() {
     let actions = e1.take_actions();
     assert_eq!((sends(&actions), reads(&actions)), (0, vec![]));
 }
+
+/// A follower whose entries are lost still hears, in every heartbeat, how
+/// far the leader has committed: `leader_commit_index` says how far behind
+/// the cluster it is (what a readiness check compares `applied` with),
+/// while its own commit index stops at the end of its log.
+#[test]
+fn a_lagging_follower_knows_how_far_the_cluster_has_committed() {
+    let (s1, s3) = (NodeId(1), NodeId(3));
+    let mut s = led_by_s1(config());
+    let lose_entries_to_s3 = |_: NodeId, to: NodeId, m: &Message<C>| {
+        to == NodeId(3) && matches!(m, Message::AppendEntries(r) if !r.entries.is_empty())
+    };
+    for i in 0..5 {
+        s.propose(s1, put(&format!("v{i}")), lose_entries_to_s3);
+    }
+    s.heartbeat(s1, lose_entries_to_s3);
+    let committed = s.engines[&s1].commit_index();
+    assert!(committed >= LogIndex(6), "the leader committed {committed}");
+    assert_eq!(s.engines[&s1].leader_commit_index(), committed);
+    let e3 = &s.engines[&s3];
+    assert_eq!(e3.leader_commit_index(), committed);
+    assert!(
+        e3.commit_index() < committed,
+        "s3 committed {} without the entries",
+        e3.commit_index()
+    );
+}

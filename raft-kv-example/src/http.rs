@@ -99,6 +99,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/members/{id}/promote", post(promote_member))
         .route("/v1/leader/transfer", post(transfer_leader))
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such path") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -465,6 +467,33 @@ pub struct Status {
 
 fn yes() -> bool {
     true
+}
+
+/// `GET /healthz`: 200 while the process serves HTTP, for a liveness
+/// probe; it says nothing about the cluster.
+async fn healthz() -> Response {
+    axum::Json(json!({ "status": "ok" })).into_response()
+}
+
+/// `GET /readyz`: 200 once the node knows a leader and has applied to
+/// within `learner_max_lag` entries of the cluster's commit index
+/// ([`Raft::is_ready`]), else 503; for a load balancer's readiness probe.
+/// The body says why either way.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let ready = state.raft.is_ready();
+    let m = state.raft.metrics().borrow().clone();
+    let body = axum::Json(json!({
+        "ready": ready,
+        "leader_id": m.leader_id.map(|id| id.0),
+        "applied_index": m.applied_index.0,
+        "leader_commit_index": m.leader_commit_index.0,
+        "stopped": m.fatal.is_some(),
+    }));
+    let status = match ready {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (status, body).into_response()
 }
 
 async fn status(State(state): State<AppState>) -> Response {

@@ -327,3 +327,56 @@ async fn acknowledged_writes_survive_leader_failover_and_the_old_leader_catches_
     assert!(cluster.data_dir(NodeId(1)).exists());
     cluster.shutdown().await;
 }
+
+/// `/healthz` answers as soon as the process serves; `/readyz` only once
+/// the node follows a leader and has applied close to its commit index:
+/// a node restarted while its peers are down is alive but not ready, and
+/// becomes ready once they are back and it has caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_is_alive_at_once_and_ready_only_once_it_has_caught_up() {
+    let mut cluster = Cluster::start(3, "").await;
+    let l = cluster.leader().await;
+    let c = Client::new(&cluster.endpoint(l)).expect("client");
+    for i in 0..20 {
+        c.put(&format!("k{i}"), b"v").await.expect("put");
+    }
+    for id in [1, 2, 3].map(NodeId) {
+        cluster.stop_node(id).await;
+    }
+    let lone = NodeId(1);
+    cluster.start_node(lone).await;
+    let probe = |path: &str| {
+        raw()
+            .get(format!("{}{path}", cluster.endpoint(lone)))
+            .send()
+    };
+    let (status, body) = json_of(probe("/healthz").await.expect("healthz")).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
+    let (status, body) = json_of(probe("/readyz").await.expect("readyz")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["ready"], json!(false));
+    assert_eq!(body["leader_id"], Value::Null);
+
+    for id in [2, 3].map(NodeId) {
+        cluster.start_node(id).await;
+    }
+    cluster.leader().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for id in [1, 2, 3].map(NodeId) {
+        loop {
+            let url = format!("{}/readyz", cluster.endpoint(id));
+            let (status, body) = json_of(raw().get(url).send().await.expect("readyz")).await;
+            if status == StatusCode::OK {
+                assert_eq!(body["ready"], json!(true));
+                assert!(body["applied_index"].as_u64() >= Some(20), "{body}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {id} never became ready: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    cluster.shutdown().await;
+}

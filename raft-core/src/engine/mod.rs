@@ -178,6 +178,9 @@ pub struct Engine<C: TypeConfig> {
     /// Highest index known durable in the local `LogStore`.
     durable: LogIndex,
     commit: LogIndex,
+    /// The highest commit index a leader has announced to this node, which
+    /// may be past this node's log: how far behind the cluster it is.
+    leader_commit: LogIndex,
     /// Highest index handed to the state machine in an `Apply` action.
     applied: LogIndex,
 

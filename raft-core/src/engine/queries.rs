@@ -68,6 +68,17 @@ impl<C: TypeConfig> Engine<C> {
     pub fn commit_index(&self) -> LogIndex {
         self.commit
     }
+    /// The cluster's commit index as far as this node knows it: its own on
+    /// a leader; on others the highest a leader announced, which a node
+    /// catching up has not reached yet (its own `commit_index` stops at
+    /// the end of its log).
+    pub fn leader_commit_index(&self) -> LogIndex {
+        if self.is_leader() {
+            self.commit
+        } else {
+            self.leader_commit.max(self.commit)
+        }
+    }
     /// Highest index of this log known durable ([`Engine::log_persisted`],
     /// lowered by a truncation).
     pub fn durable_index(&self) -> LogIndex {

@@ -151,6 +151,7 @@ impl<C: TypeConfig> Engine<C> {
             voted_for: hard_state.voted_for,
             durable: log.last_index(),
             commit: applied.index,
+            leader_commit: applied.index,
             applied: applied.index,
             log,
             role: RoleState::Follower,

@@ -351,6 +351,7 @@ impl<C: TypeConfig> Engine<C> {
         validate_incoming(from, &req)?;
         self.accept_leader(from)?;
         self.leader_keeps_from = req.keep_from;
+        self.leader_commit = self.leader_commit.max(req.leader_commit);
         let round = req.round;
         let respond =
             |this: &mut Self, success: bool, index: LogIndex, conflict: Option<ConflictHint>| {

@@ -20,6 +20,7 @@ pub(super) fn metrics_of<C: TypeConfig>(
         leader_id: e.leader_id(),
         commit_index: e.commit_index(),
         applied_index: applied,
+        leader_commit_index: e.leader_commit_index(),
         last_log_index: e.last_log_id().index,
         snapshot: e.snapshot_meta().map(|s| s.last_log_id),
         membership: e.membership().clone(),
@@ -53,6 +54,7 @@ pub(super) fn update_metrics<C: TypeConfig>(
         leader_id,
         commit_index,
         applied_index,
+        leader_commit_index,
         last_log_index,
         snapshot,
         membership,
@@ -88,6 +90,7 @@ pub(super) fn update_metrics<C: TypeConfig>(
     set!(leader_id, e.leader_id());
     set!(commit_index, e.commit_index());
     set!(applied_index, applied);
+    set!(leader_commit_index, e.leader_commit_index());
     set!(last_log_index, e.last_log_id().index);
     set!(snapshot, e.snapshot_meta().map(|s| s.last_log_id));
     set!(membership_log_id, e.membership_log_id());
