@@ -32,8 +32,12 @@ enum Cmd {
         id: u64,
         /// Join a running cluster through this member's HTTP endpoint
         /// (instead of bootstrapping the file's members).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "bootstrap")]
         join: Option<String>,
+        /// Found a one-node cluster if this node has no data and its file
+        /// names only itself (without it such a node refuses to start).
+        #[arg(long)]
+        bootstrap: bool,
         /// Threads of this node's async runtime: 1 runs the whole node on
         /// one thread, which is fastest when several nodes share a small
         /// machine (no hand-offs between threads; `cargo xtask` passes it
@@ -196,10 +200,14 @@ fn main() -> ExitCode {
 async fn run(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Serve {
-            config, id, join, ..
+            config,
+            id,
+            join,
+            bootstrap,
+            ..
         } => {
             let file = ClusterFile::load(&config)?;
-            let node = Node::start_with(&file, NodeId(id), join.as_deref()).await?;
+            let node = Node::start_as(&file, NodeId(id), join.as_deref(), bootstrap).await?;
             node.run_until(shutdown_signal()).await;
             Ok(())
         }

@@ -46,6 +46,12 @@ pub enum ServeError {
     /// Bootstrapping the cluster failed.
     #[error("bootstrapping the cluster: {0}")]
     Bootstrap(RaftError<NodeAddr>),
+    /// The node has no data and its file names only itself: it neither
+    /// joins a cluster nor founds one unless told which.
+    #[error(
+        "node {0} has no data and its cluster file names only itself: start it with --join <a member's HTTP endpoint> to join a running cluster, or with --bootstrap to found a one-node cluster"
+    )]
+    Alone(NodeId),
     /// Joining through another member failed.
     #[error("joining through {url}: {reason}")]
     Join {
@@ -92,6 +98,21 @@ impl Node {
         id: NodeId,
         join: Option<&str>,
     ) -> Result<Node, ServeError> {
+        Node::start_as(file, id, join, false).await
+    }
+
+    /// Like [`Node::start_with`]. A node with no data whose file names only
+    /// itself founds a one-node cluster only if `bootstrap` says so; without
+    /// it (and without `join`) it refuses with [`ServeError::Alone`]: an
+    /// operator who meant to add a node to a running cluster and forgot
+    /// `--join` would otherwise get a second, separate cluster under the
+    /// same name.
+    pub async fn start_as(
+        file: &ClusterFile,
+        id: NodeId,
+        join: Option<&str>,
+        bootstrap: bool,
+    ) -> Result<Node, ServeError> {
         let me = file.node(id).ok_or(ServeError::UnknownNode(id))?;
         let metrics = Arc::new(Metrics::default());
 
@@ -127,6 +148,11 @@ impl Node {
             let m = raft.metrics().borrow().clone();
             m.term.0 == 0 && m.last_log_index.0 == 0 && m.snapshot.is_none()
         };
+        if pristine && join.is_none() && file.nodes.len() == 1 && !bootstrap {
+            raft.shutdown().await;
+            transport.close().await;
+            return Err(ServeError::Alone(id));
+        }
         if pristine && join.is_none() {
             match raft.initialize(file.members()).await {
                 Ok(()) => info!(node = %id, members = file.nodes.len(), "bootstrapped the cluster"),

@@ -212,3 +212,48 @@ async fn a_wiped_node_counts_again_only_once_removed_and_added_back() {
     c.put("after", b"re-added").await.expect("put");
     cluster.shutdown().await;
 }
+
+/// A node with no data whose file names only itself does not found a
+/// cluster of its own unless told to (issue 16: an operator who forgot
+/// `--join` got a second cluster): it refuses, naming `--join` and
+/// `--bootstrap`; with `bootstrap` it founds a one-node cluster and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_alone_in_its_file_founds_a_cluster_only_when_told_to() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("alone.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[node]]\nid = 1\nraft_addr = \"{}\"\nhttp_addr = \"{}\"\n",
+            free_addr(),
+            free_addr()
+        ),
+    )
+    .expect("write file");
+    let file = ClusterFile::load(&path).expect("file");
+    DevCerts::generate([NodeId(1)])
+        .expect("certs")
+        .write_to(&file.tls_dir)
+        .expect("write certs");
+
+    let refused = Node::start(&file, NodeId(1)).await.err().expect("refused");
+    let text = refused.to_string();
+    assert!(
+        text.contains("--join") && text.contains("--bootstrap"),
+        "{text}"
+    );
+
+    let node = Node::start_as(&file, NodeId(1), None, true)
+        .await
+        .expect("bootstraps when told to");
+    let c = Client::new(&format!("http://{}", file.nodes[&NodeId(1)].http_addr)).expect("client");
+    c.put("k", b"v")
+        .await
+        .expect("a one-node cluster takes writes");
+    node.stop().await;
+
+    // Its data now says what it is: a restart needs no flag.
+    let node = Node::start(&file, NodeId(1)).await.expect("recovers");
+    assert_eq!(c.get("k", false).await.expect("get"), Some(b"v".to_vec()));
+    node.stop().await;
+}
