@@ -230,17 +230,24 @@ impl LocalCluster {
             .create(true)
             .append(true)
             .open(self.dir.join("logs").join(format!("node-{id}.log")))?;
-        let config = self
-            .nodes
-            .get(&id)
-            .and_then(|n| n.config.clone())
-            .unwrap_or_else(|| self.file());
+        let own = self.nodes.get(&id).and_then(|n| n.config.clone());
+        // The shared file names every initial member; a one-node cluster's
+        // names only this node, which founds a cluster only when told to.
+        let alone =
+            own.is_none() && self.nodes.values().filter(|n| n.config.is_none()).count() == 1;
+        let config = own.unwrap_or_else(|| self.file());
         let mut cmd = Command::new(&self.bin);
         cmd.args(["serve", "--config"])
             .arg(config)
             .args(["--id", &id.to_string()]);
-        if let Some(via) = join {
-            cmd.args(["--join", via]);
+        match join {
+            Some(via) => {
+                cmd.args(["--join", via]);
+            }
+            None if alone => {
+                cmd.arg("--bootstrap");
+            }
+            None => {}
         }
         cmd.args(["--worker-threads", &self.threads_per_node().to_string()]);
         let child = cmd
