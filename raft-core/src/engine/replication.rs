@@ -38,8 +38,11 @@ impl<C: TypeConfig> Engine<C> {
     /// flow control allows, if it still needs them. Entries that are not
     /// this log's (purged or replaced since) are dropped.
     pub fn entries_read(&mut self, peer: NodeId, from: LogIndex, entries: Vec<Entry<C>>) {
-        let (term, id, commit, now) = (self.term, self.id, self.commit, self.now);
-        let keep_from = self.log.first_index();
+        let (id, now) = (self.id, self.now);
+        let Some(round) = self.role.leader().map(|l| l.round) else {
+            return;
+        };
+        let header = self.append_header(round);
         let (max_n, max_bytes, max_inflight) = (
             self.config.max_entries_per_message,
             self.config.max_bytes_per_message,
@@ -56,7 +59,6 @@ impl<C: TypeConfig> Engine<C> {
         let Some(l) = self.role.leader_mut() else {
             return;
         };
-        let round = l.round;
         let Some(p) = l.progress.get_mut(&peer) else {
             return;
         };
@@ -77,18 +79,7 @@ impl<C: TypeConfig> Engine<C> {
                 let batch: Vec<_> = rest.by_ref().take(n).collect();
                 p.record_sent(prev_log_id.index.plus(batch.len() as u64), now);
                 let next_prev = batch.last().map_or(prev_log_id, |e| e.log_id);
-                self.actions.push(Action::Send {
-                    to: peer,
-                    msg: Message::AppendEntries(AppendEntriesRequest {
-                        term,
-                        leader_id: id,
-                        prev_log_id,
-                        entries: batch,
-                        leader_commit: commit,
-                        round,
-                        keep_from,
-                    }),
-                });
+                self.actions.push(header.send(peer, prev_log_id, batch));
                 prev_log_id = next_prev;
                 if probing {
                     return;
@@ -150,7 +141,7 @@ impl<C: TypeConfig> Engine<C> {
         loop {
             let last = self.log.last_index();
             let base = self.log.base().index;
-            let (term, id, commit, now) = (self.term, self.id, self.commit, self.now);
+            let (term, id, now) = (self.term, self.id, self.now);
             let (max_n, max_bytes, max_inflight) = (
                 self.config.max_entries_per_message,
                 self.config.max_bytes_per_message,
@@ -273,19 +264,8 @@ impl<C: TypeConfig> Engine<C> {
             let n = batch_len(self.log.range(p.next, last), max_n, max_bytes);
             let entries: Vec<_> = self.log.range(p.next, last).take(n).cloned().collect();
             p.record_sent(prev_index.plus(entries.len() as u64), now);
-            let req = AppendEntriesRequest {
-                term,
-                leader_id: id,
-                prev_log_id,
-                entries,
-                leader_commit: commit,
-                round,
-                keep_from: self.log.first_index(),
-            };
-            self.actions.push(Action::Send {
-                to: peer,
-                msg: Message::AppendEntries(req),
-            });
+            let send = self.append_header(round).send(peer, prev_log_id, entries);
+            self.actions.push(send);
             if probing {
                 return;
             }
@@ -296,7 +276,6 @@ impl<C: TypeConfig> Engine<C> {
     /// the answers confirm leadership for ReadIndex.
     pub(super) fn broadcast_heartbeat(&mut self) {
         self.read_round_wanted = false;
-        let (term, id, commit) = (self.term, self.id, self.commit);
         let now = self.now;
         let hb = self.config.heartbeat_interval_ms;
         let base = self.log.base();
@@ -318,21 +297,23 @@ impl<C: TypeConfig> Engine<C> {
             };
             sends.push((*peer, prev_index.max(base.index)));
         }
+        let header = self.append_header(round);
         for (peer, prev_index) in sends {
             let prev_log_id = self.log.log_id_at(prev_index).unwrap_or(base);
-            let req = AppendEntriesRequest {
-                term,
-                leader_id: id,
-                prev_log_id,
-                entries: Vec::new(),
-                leader_commit: commit,
-                round,
-                keep_from: self.log.first_index(),
-            };
-            self.actions.push(Action::Send {
-                to: peer,
-                msg: Message::AppendEntries(req),
-            });
+            self.actions
+                .push(header.send(peer, prev_log_id, Vec::new()));
+        }
+    }
+
+    /// What every AppendEntries this leader sends now in heartbeat round
+    /// `round` carries besides its entries.
+    fn append_header(&self, round: u64) -> AppendHeader {
+        AppendHeader {
+            term: self.term,
+            leader_id: self.id,
+            leader_commit: self.commit,
+            round,
+            keep_from: self.log.first_index(),
         }
     }
 
@@ -745,4 +726,37 @@ pub(super) fn batch_len<'a, C: TypeConfig + 'a>(
         n += 1;
     }
     n
+}
+
+/// The fields a leader's AppendEntries share ([`Engine::append_header`]).
+#[derive(Clone, Copy)]
+struct AppendHeader {
+    term: Term,
+    leader_id: NodeId,
+    leader_commit: LogIndex,
+    round: u64,
+    keep_from: LogIndex,
+}
+
+impl AppendHeader {
+    /// Sends `entries` after `prev_log_id` to `to` under this header.
+    fn send<C: TypeConfig>(
+        self,
+        to: NodeId,
+        prev_log_id: LogId,
+        entries: Vec<Entry<C>>,
+    ) -> Action<C> {
+        Action::Send {
+            to,
+            msg: Message::AppendEntries(AppendEntriesRequest {
+                term: self.term,
+                leader_id: self.leader_id,
+                prev_log_id,
+                entries,
+                leader_commit: self.leader_commit,
+                round: self.round,
+                keep_from: self.keep_from,
+            }),
+        }
+    }
 }
