@@ -329,13 +329,16 @@ async fn hostile() -> Hostile {
 }
 
 impl Hostile {
-    /// Asserts that what the peer sent got no answer.
-    fn no_answer(what: &str, r: &Result<Vec<u8>, String>) {
+    /// Sends `bytes` on a new stream (finished or not) and asserts that
+    /// they got no answer and the cluster still replicates.
+    async fn gets_no_answer(self, what: &str, bytes: &[u8], finish: bool) {
+        let r = exchange(&self.conn, bytes, finish).await;
         println!("{what}: {r:?}");
         assert!(
-            !matches!(r, Ok(v) if !v.is_empty()),
+            !matches!(&r, Ok(v) if !v.is_empty()),
             "{what} got an answer: {r:?}"
         );
+        self.still_replicates().await;
     }
 
     /// Asserts that the cluster still replicates a write to every node,
@@ -360,32 +363,34 @@ fn framed(from: NodeId, msg: raft_core::Message<KvConfig>) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_gets_no_answer() {
-    let h = hostile().await;
-    let r = exchange(&h.conn, b"\x00\x00\x00\x05hello", true).await;
-    Hostile::no_answer("garbage", &r);
-    h.still_replicates().await;
+    let garbage = b"\x00\x00\x00\x05hello";
+    hostile()
+        .await
+        .gets_no_answer("garbage", garbage, true)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_length_prefix_is_refused_before_allocating() {
-    let h = hostile().await;
     // 4 GiB announced: refused from the prefix alone.
-    let r = exchange(&h.conn, &u32::MAX.to_be_bytes(), true).await;
-    Hostile::no_answer("oversized length prefix", &r);
-    h.still_replicates().await;
+    let prefix = u32::MAX.to_be_bytes();
+    hostile()
+        .await
+        .gets_no_answer("oversized length prefix", &prefix, true)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_frame_gets_no_answer() {
-    let h = hostile().await;
-    let r = exchange(&h.conn, b"\x00\x00\x01\x00abc", true).await;
-    Hostile::no_answer("truncated frame", &r);
-    h.still_replicates().await;
+    let truncated = b"\x00\x00\x01\x00abc";
+    hostile()
+        .await
+        .gets_no_answer("truncated frame", truncated, true)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_sent_as_a_request_gets_no_answer() {
-    let h = hostile().await;
     let wrong = framed(
         NodeId(9),
         raft_core::Message::VoteResponse(raft_core::VoteResponse {
@@ -395,17 +400,19 @@ async fn a_response_sent_as_a_request_gets_no_answer() {
             voter_uuid: raft_core::NodeUuid(9),
         }),
     );
-    let r = exchange(&h.conn, &wrong, true).await;
-    Hostile::no_answer("wrong message type", &r);
-    h.still_replicates().await;
+    hostile()
+        .await
+        .gets_no_answer("wrong message type", &wrong, true)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unfinished_stream_gets_no_answer() {
-    let h = hostile().await;
-    let r = exchange(&h.conn, b"\x00\x00\x10\x00", false).await;
-    Hostile::no_answer("unfinished stream", &r);
-    h.still_replicates().await;
+    let unfinished = b"\x00\x00\x10\x00";
+    hostile()
+        .await
+        .gets_no_answer("unfinished stream", unfinished, false)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
