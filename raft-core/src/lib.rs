@@ -23,6 +23,7 @@ pub mod executor;
 pub mod message;
 pub mod network;
 pub mod raft;
+pub mod session;
 pub mod state_machine;
 pub mod storage;
 pub mod types;
