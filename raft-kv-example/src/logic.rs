@@ -1,7 +1,9 @@
 //! The key-value command logic, run by raft-storage-rocksdb's state-machine
 //! helper (which writes data, last applied id and membership atomically).
 
-use raft_storage_rocksdb::{KvApply, WriteView};
+use raft_core::LogId;
+use raft_core::session::{self, Admission};
+use raft_storage_rocksdb::{KvApply, RocksSessions, WriteView};
 
 use crate::types::{Command, Kv, Response};
 
@@ -39,6 +41,58 @@ impl KvApply<Kv> for KvLogic {
                     current: new.as_ref().map(|v| v.to_vec()),
                 }
             }
+            // Session commands need the entry's log id: `apply_at`.
+            Command::OpenSession { .. } | Command::InSession { .. } => Response::None,
+        }
+    }
+
+    fn apply_at(&self, log_id: LogId, command: &Command, view: &mut WriteView<'_>) -> Response {
+        let index = log_id.index.0;
+        match command {
+            Command::OpenSession { stamp_ms, limits } => {
+                session::register::<Response>(
+                    &mut RocksSessions::new(view),
+                    index,
+                    *stamp_ms,
+                    *limits,
+                );
+                Response::SessionOpened { client_id: index }
+            }
+            Command::InSession {
+                tag,
+                stamp_ms,
+                command,
+            } => {
+                if matches!(
+                    **command,
+                    Command::OpenSession { .. } | Command::InSession { .. }
+                ) {
+                    return Response::None;
+                }
+                match session::admit(&mut RocksSessions::new(view), tag, *stamp_ms) {
+                    Admission::Apply => {
+                        let response = self.apply(command, view);
+                        session::record(
+                            &mut RocksSessions::new(view),
+                            tag,
+                            index,
+                            response.clone(),
+                        );
+                        Response::InSession {
+                            index,
+                            replayed: false,
+                            response: Box::new(response),
+                        }
+                    }
+                    Admission::Replay { index, response } => Response::InSession {
+                        index,
+                        replayed: true,
+                        response: Box::new(response),
+                    },
+                    Admission::Refuse(e) => Response::SessionRefused(e),
+                }
+            }
+            command => self.apply(command, view),
         }
     }
 

@@ -4,6 +4,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 
 use raft_core::TypeConfig;
+use raft_core::session::{SessionError, SessionLimits, SessionTag};
 use raft_transport_quic::QuicAddr;
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,8 @@ impl TypeConfig for Kv {
             Command::Put { key, value } => key.len() + value.len(),
             Command::Delete { key } => key.len(),
             Command::Cas { key, expected, new } => key.len() + opt(expected) + opt(new),
+            Command::OpenSession { .. } => 16,
+            Command::InSession { command, .. } => 32 + Kv::command_size(command),
         }
     }
 }
@@ -52,10 +55,32 @@ pub enum Command {
         /// The value it gets.
         new: Option<serde_bytes::ByteBuf>,
     },
+    /// Opens a client session ([`raft_core::session`]); its client id is
+    /// this entry's log index.
+    OpenSession {
+        /// The proposing leader's clock, in ms since the Unix epoch.
+        stamp_ms: u64,
+        /// The session's limits.
+        limits: SessionLimits,
+    },
+    /// A write in a client session: applied at most once per (client id,
+    /// sequence), however often it is retried. The write is a `Put`,
+    /// `Delete` or `Cas`; anything else is answered [`Response::None`] and
+    /// applied nowhere.
+    InSession {
+        /// The session, the write's sequence and the client's
+        /// acknowledgement.
+        tag: SessionTag,
+        /// The proposing leader's clock, in ms since the Unix epoch.
+        stamp_ms: u64,
+        /// The write.
+        command: Box<Command>,
+    },
 }
 
-/// What applying a [`Command`] answered.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What applying a [`Command`] answered. Kept in client sessions, so it
+/// is stored with the data (in the workspace codec).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     /// For blank and membership entries.
     #[default]
@@ -71,6 +96,23 @@ pub enum Response {
         /// The key's value after it.
         current: Option<Vec<u8>>,
     },
+    /// A session was opened.
+    SessionOpened {
+        /// Its client id.
+        client_id: u64,
+    },
+    /// The answer to a write in a session.
+    InSession {
+        /// The log index of the entry that applied the write (for a replay,
+        /// the first commit's).
+        index: u64,
+        /// A retry answered from the session, not applied again.
+        replayed: bool,
+        /// What applying the write answered.
+        response: Box<Response>,
+    },
+    /// A write in a session was refused, and not applied.
+    SessionRefused(SessionError),
 }
 
 /// How a member is reached: its QUIC address for peers and its HTTP address

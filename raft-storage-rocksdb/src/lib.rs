@@ -33,9 +33,11 @@
 
 mod codec;
 mod legacy;
+mod sessions;
 mod state_machine;
 mod writer;
 
+pub use sessions::RocksSessions;
 pub use state_machine::{KvApply, RocksReader, RocksStateMachine, WriteView};
 
 use std::path::{Path, PathBuf};

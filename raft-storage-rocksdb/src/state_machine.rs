@@ -58,6 +58,19 @@ pub trait KvApply<C: TypeConfig>: Send + Sync + 'static {
     /// Applies one command: read through `view`, stage writes on it, return
     /// the response. Must be deterministic.
     fn apply(&self, command: &C::Command, view: &mut WriteView<'_>) -> C::Response;
+    /// Applies the command of the entry `log_id`: what the helper calls.
+    /// The default ignores the log id and calls [`KvApply::apply`]; logic
+    /// that needs it (client sessions are named by the index of their
+    /// registration entry) overrides this instead.
+    fn apply_at(
+        &self,
+        log_id: LogId,
+        command: &C::Command,
+        view: &mut WriteView<'_>,
+    ) -> C::Response {
+        let _ = log_id;
+        self.apply(command, view)
+    }
     /// The response recorded for blank and membership entries (ignored).
     fn empty_response(&self) -> C::Response;
 }
@@ -93,6 +106,62 @@ impl WriteView<'_> {
     pub fn delete(&mut self, key: &[u8]) {
         self.pending.insert(key.to_vec(), None);
     }
+
+    /// Every key beginning with `prefix` and its value, in key order, as
+    /// of the writes staged so far in this batch. Reads them all: for
+    /// small key ranges (bookkeeping, not the application's data).
+    pub fn scan_prefix(&mut self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut found = BTreeMap::new();
+        if let Err(e) = scan_stored(self.db, self.group, prefix, &mut found) {
+            self.error.get_or_insert(e);
+        }
+        for (k, v) in self.pending.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(v) => found.insert(k.clone(), v.clone()),
+                None => found.remove(k),
+            };
+        }
+        found.into_iter().collect()
+    }
+
+    /// Fails the batch with `error` (the first one reported wins): the
+    /// apply returns it and nothing of the batch is written.
+    pub fn fail(&mut self, error: RocksError) {
+        self.error.get_or_insert(error);
+    }
+
+    /// A [`RocksError::CorruptMeta`] about this view's database.
+    pub fn corrupt(&self, detail: impl Into<String>) -> RocksError {
+        RocksError::CorruptMeta {
+            path: self.db.shared.path.clone(),
+            detail: detail.into(),
+        }
+    }
+}
+
+fn scan_stored(
+    db: &RocksDb,
+    group: u64,
+    prefix: &[u8],
+    into: &mut BTreeMap<Vec<u8>, Vec<u8>>,
+) -> Result<(), RocksError> {
+    let cf = db.cf(CF_SM)?;
+    let start = data_key(group, prefix);
+    let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
+    for item in db.shared.db.iterator_cf(cf, mode) {
+        let (k, v) = item.map_err(|source| RocksError::Db {
+            path: db.shared.path.clone(),
+            source,
+        })?;
+        if !k.starts_with(&start) {
+            break;
+        }
+        into.insert(k[8..].to_vec(), v.to_vec());
+    }
+    Ok(())
 }
 
 fn data_key(group: u64, key: &[u8]) -> Vec<u8> {
@@ -501,7 +570,7 @@ where
         let mut responses = Vec::with_capacity(entries.len());
         for e in &entries {
             responses.push(match &e.payload {
-                EntryPayload::Command(c) => self.app.apply(c, &mut view),
+                EntryPayload::Command(c) => self.app.apply_at(e.log_id, c, &mut view),
                 EntryPayload::Membership(m) => {
                     membership = m.clone();
                     self.app.empty_response()
