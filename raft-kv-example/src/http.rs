@@ -6,6 +6,7 @@
 //! | `GET /v1/kv/{key}[?consistency=stale]` | 200 with the raw value, or 404; linearizable (ReadIndex) unless `stale` |
 //! | `DELETE /v1/kv/{key}` | 200 `{"index": N, "deleted": bool}` |
 //! | `POST /v1/cas/{key}` `{"expected": s\|null, "new": s\|null}` | 200 `{"succeeded": bool, "current": s\|null}` |
+//! | `POST /v1/sessions` | opens a client session: 200 `{"client_id": N}` |
 //! | `GET /v1/status` | the node's role, term, leader, indices and members |
 //! | `GET /metrics` | Prometheus text |
 //! | `POST /v1/members` `{"id", "raft_addr", "http_addr"}` | adds a learner; 200 `{"index"}` once caught up, 504 if it is still behind (it stays) |
@@ -18,6 +19,22 @@
 //! `503` and `Retry-After`. Errors are `{"error": code, "message": text}`:
 //! 400 malformed input, 404 unknown path or key, 405 wrong method, 413 key or
 //! value too large, 503 unavailable, 504 outcome unknown.
+//!
+//! **Exactly-once writes.** PUT, DELETE and CAS made with the headers
+//! `Client-Id: N` (from `POST /v1/sessions`) and `Client-Seq: S` (the
+//! client's own number for this write; a retry reuses it) are applied at
+//! most once per (id, sequence) ([`raft_core::session`]): a retry of a
+//! write already applied gets the first answer again, with the header
+//! `Replayed: true` and the index of the entry that applied it. So a
+//! client retries a 504 with the same headers until the answer is
+//! definite. `Client-Ack: A` says the client has seen the answers of all
+//! its sequences below `A` (they are then forgotten; without it a session
+//! keeps every answer, up to 4,096). A session unused for ten minutes
+//! expires. Refusals, none of them applied: 410 `session_unknown`
+//! (expired or never opened: open a new one), 409 `session_stale` (that
+//! sequence was acknowledged), 429 `session_full` (too many unacknowledged
+//! answers). Requests without the headers are applied once per commit, as
+//! before: a 504 then leaves the outcome unknown.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -28,14 +45,17 @@ use axum::extract::FromRequestParts;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use raft_core::{LogIndex, MembershipError, NodeId, Raft, RaftError, Role};
+use raft_core::session::{SessionError, SessionLimits, SessionTag};
+use raft_core::{MembershipError, NodeId, Raft, RaftError, Role};
 use raft_storage_rocksdb::{RocksError, RocksReader};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::api::CasAnswer;
+pub use crate::api::Status;
 use crate::cluster_file::Limits;
 use crate::metrics::{Metrics, role_name};
 use crate::types::{Command, Kv, NodeAddr, Response as KvResponse};
@@ -93,6 +113,7 @@ pub fn router(state: AppState) -> Router {
             get(get_key).put(put_key).delete(delete_key),
         )
         .route("/v1/cas/{*key}", post(cas))
+        .route("/v1/sessions", post(open_session))
         .route("/v1/status", get(status))
         .route("/v1/members", post(add_member))
         .route("/v1/members/{id}", delete(remove_member))
@@ -213,6 +234,17 @@ impl ApiError {
     }
 }
 
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> ApiError {
+        let (status, code) = match e {
+            SessionError::Unknown(_) => (StatusCode::GONE, "session_unknown"),
+            SessionError::Stale { .. } => (StatusCode::CONFLICT, "session_stale"),
+            SessionError::TooManyPending { .. } => (StatusCode::TOO_MANY_REQUESTS, "session_full"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = axum::Json(json!({ "error": self.code, "message": self.message }));
@@ -253,9 +285,44 @@ impl AppState {
         Ok(())
     }
 
-    /// Proposes `command` and waits for its response, or answers 504 once
-    /// the request timeout passes (the proposal may still commit).
-    async fn write(&self, command: Command, uri: &Uri) -> Result<(LogIndex, KvResponse), ApiError> {
+    /// Proposes `command` (in the client session `session` names, if any)
+    /// and waits for its response, or answers 504 once the request
+    /// timeout passes (the proposal may still commit).
+    async fn write(
+        &self,
+        command: Command,
+        session: Option<SessionTag>,
+        uri: &Uri,
+    ) -> Result<Written, ApiError> {
+        let command = match session {
+            Some(tag) => Command::InSession {
+                tag,
+                stamp_ms: now_ms(),
+                command: Box::new(command),
+            },
+            None => command,
+        };
+        let (index, response) = self.propose(command, uri).await?;
+        match response {
+            KvResponse::InSession {
+                index,
+                replayed,
+                response,
+            } => Ok(Written {
+                index,
+                replayed,
+                response: *response,
+            }),
+            KvResponse::SessionRefused(e) => Err(e.into()),
+            response => Ok(Written {
+                index,
+                replayed: false,
+                response,
+            }),
+        }
+    }
+
+    async fn propose(&self, command: Command, uri: &Uri) -> Result<(u64, KvResponse), ApiError> {
         self.metrics.proposals.fetch_add(1, Relaxed);
         let outcome = bounded(
             self.limits.request_timeout,
@@ -271,7 +338,7 @@ impl AppState {
         if outcome.is_err() {
             self.metrics.proposals_failed.fetch_add(1, Relaxed);
         }
-        outcome.map(|(log_id, resp)| (log_id.index, resp))
+        outcome.map(|(log_id, resp)| (log_id.index.0, resp))
     }
 
     /// Waits until a read of the local state machine is linearizable.
@@ -296,6 +363,69 @@ impl AppState {
             RocksError::Installing { .. } => ApiError::unavailable(e.to_string()),
             e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
         })
+    }
+}
+
+/// What a write answered.
+struct Written {
+    /// The index of the entry that applied it.
+    index: u64,
+    /// A retry in a session, answered without applying it again.
+    replayed: bool,
+    response: KvResponse,
+}
+
+impl Written {
+    /// `body` as the answer, with `Replayed: true` on a replay.
+    fn answer(&self, body: impl Serialize) -> Response {
+        let mut resp = axum::Json(body).into_response();
+        if self.replayed {
+            resp.headers_mut()
+                .insert("replayed", HeaderValue::from_static("true"));
+        }
+        resp
+    }
+}
+
+/// Milliseconds since the Unix epoch: the leader's stamp on session
+/// commands (the state machine keeps its log time from the largest stamp
+/// applied, so a clock stepping back does no harm).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The session headers of a write: `Client-Id` and `Client-Seq` together
+/// (or neither), `Client-Ack` optional.
+fn session_tag(headers: &HeaderMap) -> Result<Option<SessionTag>, ApiError> {
+    let number = |name: &str| -> Result<Option<u64>, ApiError> {
+        headers
+            .get(name)
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!("{name} must be an unsigned integer"))
+                    })
+            })
+            .transpose()
+    };
+    match (
+        number("client-id")?,
+        number("client-seq")?,
+        number("client-ack")?,
+    ) {
+        (None, None, None) => Ok(None),
+        (Some(client_id), Some(seq), ack) => Ok(Some(SessionTag {
+            client_id,
+            seq,
+            ack: ack.unwrap_or(0),
+        })),
+        _ => Err(ApiError::bad_request(
+            "Client-Id and Client-Seq go together (Client-Ack only with them)",
+        )),
     }
 }
 
@@ -328,16 +458,36 @@ async fn put_key(
     State(state): State<AppState>,
     Key(key): Key,
     uri: Uri,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     state.check_key(&key)?;
+    let session = session_tag(&headers)?;
     let value = body_or_error(body, &state)?;
     let command = Command::Put {
         key,
         value: serde_bytes::ByteBuf::from(value.to_vec()),
     };
-    let (index, _) = state.write(command, &uri).await?;
-    Ok(axum::Json(json!({ "index": index.0 })).into_response())
+    let w = state.write(command, session, &uri).await?;
+    Ok(w.answer(json!({ "index": w.index })))
+}
+
+/// `POST /v1/sessions`: opens a client session with the default limits.
+async fn open_session(State(state): State<AppState>, uri: Uri) -> Result<Response, ApiError> {
+    let command = Command::OpenSession {
+        stamp_ms: now_ms(),
+        limits: SessionLimits::default(),
+    };
+    match state.propose(command, &uri).await? {
+        (_, KvResponse::SessionOpened { client_id }) => {
+            Ok(axum::Json(json!({ "client_id": client_id })).into_response())
+        }
+        _ => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected response to a session's registration",
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -376,11 +526,13 @@ async fn delete_key(
     State(state): State<AppState>,
     Key(key): Key,
     uri: Uri,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     state.check_key(&key)?;
-    let (index, resp) = state.write(Command::Delete { key }, &uri).await?;
-    let deleted = matches!(resp, KvResponse::Deleted(true));
-    Ok(axum::Json(json!({ "index": index.0, "deleted": deleted })).into_response())
+    let session = session_tag(&headers)?;
+    let w = state.write(Command::Delete { key }, session, &uri).await?;
+    let deleted = matches!(w.response, KvResponse::Deleted(true));
+    Ok(w.answer(json!({ "index": w.index, "deleted": deleted })))
 }
 
 /// The CAS body; both fields are required (`null` is a value, not a default).
@@ -393,19 +545,15 @@ struct CasRequest {
     new: Option<String>,
 }
 
-#[derive(Serialize)]
-struct CasAnswer {
-    succeeded: bool,
-    current: Option<String>,
-}
-
 async fn cas(
     State(state): State<AppState>,
     Key(key): Key,
     uri: Uri,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     state.check_key(&key)?;
+    let session = session_tag(&headers)?;
     let req: CasRequest = json_body(body, &state, "CAS body")?;
     for v in [&req.expected, &req.new].into_iter().flatten() {
         state.check_value(v.len())?;
@@ -416,8 +564,8 @@ async fn cas(
         expected: bytes(req.expected),
         new: bytes(req.new),
     };
-    let (_, resp) = state.write(command, &uri).await?;
-    let KvResponse::Cas { succeeded, current } = resp else {
+    let w = state.write(command, session, &uri).await?;
+    let KvResponse::Cas { succeeded, current } = w.response.clone() else {
         return Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -426,47 +574,11 @@ async fn cas(
     };
     // Values written through CAS are UTF-8; one written by PUT may not be.
     let current = current.map(|v| String::from_utf8_lossy(&v).into_owned());
-    Ok(axum::Json(CasAnswer { succeeded, current }).into_response())
-}
-
-/// `GET /v1/status`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Status {
-    /// The node answering.
-    pub id: u64,
-    /// Its role (`leader`, `follower`, ...).
-    pub role: String,
-    /// Its current term.
-    pub term: u64,
-    /// The leader it knows of.
-    pub leader_id: Option<u64>,
-    /// Highest index known committed.
-    pub commit_index: u64,
-    /// Highest index applied.
-    pub applied_index: u64,
-    /// Last index in its log.
-    pub last_log_index: u64,
-    /// The voters.
-    pub voters: Vec<u64>,
-    /// The learners.
-    pub learners: Vec<u64>,
-    /// This node's identity (32 hex digits), drawn when its data
-    /// directory was new.
-    #[serde(default)]
-    pub uuid: String,
-    /// `false` when the cluster recorded another identity for this node's
-    /// id: its data was wiped or replaced. It then neither votes nor
-    /// campaigns; remove it (`DELETE /v1/members/{id}`) and add it back.
-    #[serde(default = "yes")]
-    pub recognized: bool,
-    /// Leader only: members answering under an identity the cluster does
-    /// not recognize (their data was wiped).
-    #[serde(default)]
-    pub unrecognized: Vec<u64>,
-}
-
-fn yes() -> bool {
-    true
+    Ok(w.answer(CasAnswer {
+        succeeded,
+        current,
+        replayed: false,
+    }))
 }
 
 /// `GET /healthz`: 200 while the process serves HTTP, for a liveness

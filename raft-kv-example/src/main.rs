@@ -246,7 +246,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             endpoint,
         } => {
             let r = Client::new(&endpoint)?.put(&key, value.as_bytes()).await?;
-            println!("{r}");
+            println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
         Cmd::Get {
@@ -261,7 +261,8 @@ async fn run(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Delete { key, endpoint } => {
-            println!("{}", Client::new(&endpoint)?.delete(&key).await?);
+            let r = Client::new(&endpoint)?.delete(&key).await?;
+            println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
         Cmd::Cas {
@@ -276,7 +277,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             let r = Client::new(&endpoint)?
                 .cas(&key, expected.as_deref(), new.as_deref())
                 .await?;
-            println!("{r}");
+            println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
         Cmd::Member { action } => {
