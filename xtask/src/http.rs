@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use serde_json::Value;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
@@ -30,22 +29,8 @@ impl<T> Outcome<T> {
     }
 }
 
-/// `GET /v1/status`, the fields we use.
-#[derive(Clone, Debug)]
-pub struct Status {
-    pub id: u64,
-    pub role: String,
-    pub term: u64,
-    pub leader_id: Option<u64>,
-    pub commit_index: u64,
-    pub applied_index: u64,
-    pub last_log_index: u64,
-    pub voters: Vec<u64>,
-    pub learners: Vec<u64>,
-    /// `false` once the cluster recorded another identity for this node's
-    /// id (its data was wiped); `true` from nodes that do not say.
-    pub recognized: bool,
-}
+/// `GET /v1/status`: the type the server answers with.
+pub use raft_kv_example::api::Status;
 
 /// Resolves IP-literal hosts in place. ureq resolves the host on every
 /// request, pooled connection or not, and with a timeout set it does so on
@@ -87,6 +72,8 @@ pub struct Http {
 pub struct Answer {
     pub status: u16,
     pub location: Option<String>,
+    /// The `Replayed: true` header: a retry answered from its session.
+    pub replayed: bool,
     pub body: Vec<u8>,
 }
 
@@ -114,13 +101,22 @@ impl Http {
         url: &str,
         body: Option<&[u8]>,
     ) -> Result<Answer, (bool, String)> {
+        self.send_with(method, url, body, &[])
+    }
+
+    /// [`Http::send`] with extra request headers.
+    pub fn send_with(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, String)],
+    ) -> Result<Answer, (bool, String)> {
         let result = match (method, body) {
-            ("GET", _) => self.agent.get(url).call(),
-            ("DELETE", _) => self.agent.delete(url).call(),
-            ("PUT", b) => self.agent.put(url).send(b.unwrap_or_default()),
-            ("POST", b) => self
-                .agent
-                .post(url)
+            ("GET", _) => with_headers(self.agent.get(url), headers).call(),
+            ("DELETE", _) => with_headers(self.agent.delete(url), headers).call(),
+            ("PUT", b) => with_headers(self.agent.put(url), headers).send(b.unwrap_or_default()),
+            ("POST", b) => with_headers(self.agent.post(url), headers)
                 .header("content-type", "application/json")
                 .send(b.unwrap_or_default()),
             _ => return Err((true, format!("unsupported method {method}"))),
@@ -133,6 +129,7 @@ impl Http {
                     .get("location")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
+                let replayed = resp.headers().get("replayed").is_some_and(|v| v == "true");
                 let body = resp
                     .body_mut()
                     .with_config()
@@ -142,6 +139,7 @@ impl Http {
                 Ok(Answer {
                     status,
                     location,
+                    replayed,
                     body,
                 })
             }
@@ -151,9 +149,20 @@ impl Http {
 
     /// Follows up to 5 redirects; classifies the final answer.
     pub fn call(&self, method: &str, url: &str, body: Option<&[u8]>) -> Outcome<Answer> {
+        self.call_with(method, url, body, &[])
+    }
+
+    /// [`Http::call`] with extra request headers.
+    pub fn call_with(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, String)],
+    ) -> Outcome<Answer> {
         let mut url = url.to_string();
         for _ in 0..5 {
-            match self.send(method, &url, body) {
+            match self.send_with(method, &url, body, headers) {
                 Ok(a) if a.status == 307 => match a.location {
                     Some(l) => url = l,
                     None => return Outcome::Fail("307 without Location".into()),
@@ -177,30 +186,7 @@ impl Http {
             Ok(a) => bail!("status: HTTP {}", a.status),
             Err((_, e)) => bail!("status: {e}"),
         };
-        let v: Value = serde_json::from_slice(&a.body)?;
-        let n = |f: &str| v.get(f).and_then(Value::as_u64).unwrap_or(0);
-        let ids = |f: &str| {
-            v.get(f)
-                .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_u64).collect())
-                .unwrap_or_default()
-        };
-        Ok(Status {
-            id: n("id"),
-            role: v
-                .get("role")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-            term: n("term"),
-            leader_id: v.get("leader_id").and_then(Value::as_u64),
-            commit_index: n("commit_index"),
-            applied_index: n("applied_index"),
-            last_log_index: n("last_log_index"),
-            voters: ids("voters"),
-            learners: ids("learners"),
-            recognized: v.get("recognized").and_then(Value::as_bool).unwrap_or(true),
-        })
+        Ok(serde_json::from_slice(&a.body)?)
     }
 
     /// `PUT /v1/kv/{key}`.
@@ -228,33 +214,16 @@ impl Http {
             Outcome::Fail(e) | Outcome::Unknown(e) => Outcome::Fail(e),
         }
     }
+}
 
-    /// `POST /v1/cas/{key}`: `(succeeded, current)`.
-    pub fn cas(
-        &self,
-        endpoint: &str,
-        key: &str,
-        expected: Option<&str>,
-        new: Option<&str>,
-    ) -> Outcome<(bool, Option<String>)> {
-        let body = serde_json::json!({ "expected": expected, "new": new }).to_string();
-        match self.call(
-            "POST",
-            &format!("{endpoint}/v1/cas/{key}"),
-            Some(body.as_bytes()),
-        ) {
-            Outcome::Ok(a) if a.status == 200 => match serde_json::from_slice::<Value>(&a.body) {
-                Ok(v) => Outcome::Ok((
-                    v.get("succeeded").and_then(Value::as_bool).unwrap_or(false),
-                    v.get("current").and_then(Value::as_str).map(str::to_string),
-                )),
-                Err(e) => Outcome::Unknown(format!("bad CAS answer: {e}")),
-            },
-            Outcome::Ok(a) => Outcome::Fail(format!("{}: {}", a.status, text(&a.body))),
-            Outcome::Fail(e) => Outcome::Fail(e),
-            Outcome::Unknown(e) => Outcome::Unknown(e),
-        }
+fn with_headers<B>(
+    mut req: ureq::RequestBuilder<B>,
+    headers: &[(&str, String)],
+) -> ureq::RequestBuilder<B> {
+    for (name, value) in headers {
+        req = req.header(*name, value);
     }
+    req
 }
 
 fn text(body: &[u8]) -> String {

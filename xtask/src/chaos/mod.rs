@@ -18,6 +18,7 @@
 //! (see [`large`]).
 
 mod large;
+mod session;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -263,6 +264,8 @@ struct Window {
 struct Verdict {
     problems: Vec<String>,
     durable_checked: usize,
+    /// The counter's final value.
+    counter: u64,
     /// `--large-state` keys read back and found as written.
     large_checked: usize,
 }
@@ -284,7 +287,21 @@ struct Chaos {
     stop: AtomicBool,
     /// `--large-state`: the keys its writers overwrite.
     large: Option<large::LargeState>,
+    /// Unknown outcomes before and after the clients' retries.
+    session_counts: session::Counts,
+    /// Increments of [`COUNTER`] acknowledged (CAS succeeded).
+    increments: std::sync::atomic::AtomicU64,
+    /// When the clients were told to stop: retries of unknown writes go on
+    /// for [`SETTLE`] after it.
+    stopped_at: Mutex<Option<Instant>>,
 }
+
+/// The key clients increment (read, then CAS to the next number, retried
+/// until definite): its final value must equal the increments
+/// acknowledged, which a write applied twice or lost would break.
+const COUNTER: &str = "counter";
+/// How long a client keeps retrying an unknown write after the run ends.
+const SETTLE: Duration = Duration::from_secs(30);
 
 /// How long one generation of keys lives.
 const KEY_GENERATION: Duration = Duration::from_secs(3);
@@ -317,6 +334,9 @@ impl Chaos {
             durable: Mutex::new(Vec::new()),
             windows: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
+            session_counts: session::Counts::default(),
+            increments: std::sync::atomic::AtomicU64::new(0),
+            stopped_at: Mutex::new(None),
         })
     }
 
@@ -372,6 +392,7 @@ impl Chaos {
                 .spawn(move || me.nemesis())
                 .join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("nemesis panicked")));
+            *me.stopped_at.lock().expect("lock") = Some(Instant::now());
             me.stop.store(true, Ordering::SeqCst);
             for c in clients {
                 let _ = c.join();
@@ -402,7 +423,8 @@ impl Chaos {
         println!("chaos: report: {}", report.display());
         if verdict.problems.is_empty() {
             println!(
-                "chaos: PASS: history linearizable, all {} acknowledged write-once keys readable{}",
+                "chaos: PASS: history linearizable, all {} acknowledged write-once keys readable, \
+                 counter matches its acknowledged increments{}",
                 verdict.durable_checked,
                 if self.large.is_some() {
                     format!(
@@ -424,10 +446,16 @@ impl Chaos {
     }
 
     /// One client: random operations on random nodes until told to stop.
+    /// Writes go in the client's session and are retried until definite.
     fn client(&self, id: usize) {
         let http = Http::new(Duration::from_secs(2));
         let mut rng =
             Rng::new(self.opts.seed ^ (id as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let endpoint = |rng: &mut Rng| self.endpoint(rng);
+        let stopping = || self.stop.load(Ordering::SeqCst);
+        let Some(mut sess) = session::Session::open(&http, &mut rng, endpoint, stopping) else {
+            return;
+        };
         let mut last_seen: BTreeMap<String, Option<String>> = BTreeMap::new();
         let mut seq = 0u64;
         while !self.stop.load(Ordering::SeqCst) {
@@ -439,19 +467,16 @@ impl Chaos {
             match rng.range(0, 100) {
                 0..10 => {
                     let key = format!("once-c{id}-{seq}");
-                    let out = self.op(&key, OpKind::Put(value.clone()), || {
-                        http.put(ep, &key, &value).map(|()| OpOutput::Put)
-                    });
+                    let out =
+                        self.write(&http, &mut rng, &mut sess, &key, OpKind::Put(value.clone()));
                     if out == OpStatus::Ok {
                         self.durable.lock().expect("lock").push((key, value));
                     }
                 }
-                10..45 => {
-                    self.op(&key, OpKind::Put(value.clone()), || {
-                        http.put(ep, &key, &value).map(|()| OpOutput::Put)
-                    });
+                10..40 => {
+                    self.write(&http, &mut rng, &mut sess, &key, OpKind::Put(value.clone()));
                 }
-                45..80 => {
+                40..75 => {
                     let mut seen = None;
                     self.op(&key, OpKind::Get, || {
                         http.get(ep, &key, self.opts.stale_reads).map(|v| {
@@ -463,19 +488,110 @@ impl Chaos {
                         last_seen.insert(key, v);
                     }
                 }
-                _ => {
+                75..90 => {
                     let expected = last_seen.get(&key).cloned().flatten();
                     let kind = OpKind::Cas {
-                        expected: expected.clone(),
+                        expected,
                         new: Some(value.clone()),
                     };
-                    self.op(&key, kind, || {
-                        http.cas(ep, &key, expected.as_deref(), Some(&value))
-                            .map(|(succeeded, current)| OpOutput::Cas { succeeded, current })
-                    });
+                    self.write(&http, &mut rng, &mut sess, &key, kind);
                 }
+                _ => self.increment(&http, &mut rng, &mut sess, ep),
             }
         }
+    }
+
+    /// Reads [`COUNTER`] and swaps in the next number, in the session.
+    fn increment(&self, http: &Http, rng: &mut Rng, sess: &mut session::Session, ep: &str) {
+        let mut seen = None;
+        self.op(COUNTER, OpKind::Get, || {
+            http.get(ep, COUNTER, false).map(|v| {
+                seen = Some(v.clone());
+                OpOutput::Get(v)
+            })
+        });
+        let Some(current) = seen else { return };
+        let next = current
+            .as_deref()
+            .map_or(Some(1), |v| v.parse::<u64>().ok().map(|n| n + 1));
+        let Some(next) = next else { return };
+        let kind = OpKind::Cas {
+            expected: current,
+            new: Some(next.to_string()),
+        };
+        let (status, output) = self.write_op(http, rng, sess, COUNTER, kind);
+        if status == OpStatus::Ok
+            && matches!(
+                output,
+                Some(OpOutput::Cas {
+                    succeeded: true,
+                    ..
+                })
+            )
+        {
+            self.increments.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A write (`Put` or `Cas`) in the session, retried until definite,
+    /// recorded as one operation.
+    fn write(
+        &self,
+        http: &Http,
+        rng: &mut Rng,
+        sess: &mut session::Session,
+        key: &str,
+        kind: OpKind,
+    ) -> OpStatus {
+        self.write_op(http, rng, sess, key, kind).0
+    }
+
+    fn write_op(
+        &self,
+        http: &Http,
+        rng: &mut Rng,
+        sess: &mut session::Session,
+        key: &str,
+        kind: OpKind,
+    ) -> (OpStatus, Option<OpOutput>) {
+        let (method, path, body) = match &kind {
+            OpKind::Put(v) => ("PUT", format!("/v1/kv/{key}"), v.clone().into_bytes()),
+            OpKind::Cas { expected, new } => (
+                "POST",
+                format!("/v1/cas/{key}"),
+                serde_json::json!({ "expected": expected, "new": new })
+                    .to_string()
+                    .into_bytes(),
+            ),
+            OpKind::Get | OpKind::Delete => unreachable!("clients write only puts and CASes"),
+        };
+        let headers = sess.next();
+        let deadline = || self.stopped_at.lock().expect("lock").map(|t| t + SETTLE);
+        let counts = &self.session_counts;
+        let mut output = None;
+        let status = self.op(key, kind, || {
+            let out = session::until_definite(
+                rng,
+                |r| self.endpoint(r),
+                deadline,
+                counts,
+                |ep| {
+                    session::try_write(
+                        http,
+                        method,
+                        &format!("{ep}{path}"),
+                        &body,
+                        &headers,
+                        counts,
+                    )
+                },
+            );
+            if let Outcome::Ok(o) = &out {
+                output = Some(o.clone());
+            }
+            out
+        });
+        (status, output)
     }
 
     /// A random member's endpoint.
@@ -806,6 +922,7 @@ impl Chaos {
         if lost > 10 {
             problems.push(format!("... {lost} acknowledged writes lost in all"));
         }
+        let counter = self.check_counter(&http, ep, &mut problems);
         let large_checked = self
             .large
             .as_ref()
@@ -815,7 +932,9 @@ impl Chaos {
             .lock()
             .expect("lock")
             .iter()
-            .filter(|r| r.status != OpStatus::Fail)
+            // The counter is judged by its exact count: its one key holds
+            // too many concurrent operations for the search.
+            .filter(|r| r.status != OpStatus::Fail && r.key != COUNTER)
             .map(|r| Operation {
                 key: r.key.clone(),
                 kind: r.kind.clone(),
@@ -833,7 +952,36 @@ impl Chaos {
             problems,
             durable_checked: durable.len(),
             large_checked,
+            counter,
         }
+    }
+
+    /// The counter's final value against the increments acknowledged: equal
+    /// when no increment stayed unknown, else at most that many more.
+    fn check_counter(&self, http: &Http, ep: &str, problems: &mut Vec<String>) -> u64 {
+        let acked = self.increments.load(Ordering::Relaxed);
+        let unknown = self
+            .history
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|r| r.key == COUNTER && r.status == OpStatus::Unknown)
+            .count() as u64;
+        let value = match retry(|| http.get(ep, COUNTER, false)) {
+            Outcome::Ok(v) => v.map_or(Some(0), |v| v.parse::<u64>().ok()),
+            other => {
+                problems.push(format!("final read of the counter failed: {other:?}"));
+                return 0;
+            }
+        };
+        match value {
+            Some(n) if (acked..=acked + unknown).contains(&n) => {}
+            Some(n) => problems.push(format!(
+                "counter is {n}, but {acked} increments were acknowledged ({unknown} unknown)"
+            )),
+            None => problems.push("counter holds a non-number".into()),
+        }
+        value.unwrap_or(0)
     }
 
     fn report(&self, verdict: &Verdict) -> Result<PathBuf> {
@@ -862,6 +1010,19 @@ impl Chaos {
                 n(OpStatus::Unknown)
             );
         }
+        let c = &self.session_counts;
+        println!(
+            "chaos: unknown outcomes: {} tries before retries, {} writes after retries \
+             ({} retries answered from the session)",
+            c.unknown_tries.load(Ordering::Relaxed),
+            c.unknown_after_retries.load(Ordering::Relaxed),
+            c.replayed.load(Ordering::Relaxed),
+        );
+        println!(
+            "chaos: counter: {} after {} acknowledged increments",
+            verdict.counter,
+            self.increments.load(Ordering::Relaxed)
+        );
         Ok(path)
     }
 }
