@@ -165,4 +165,7 @@ pub enum MembershipError {
     /// The learner to remove is a voter.
     #[error("node {0} votes; remove it with change_membership")]
     IsVoter(NodeId),
+    /// The voter to demote is a learner already.
+    #[error("node {0} is a learner, not a voter")]
+    NotVoter(NodeId),
 }

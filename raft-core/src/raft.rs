@@ -232,6 +232,7 @@ enum MembershipChange<N> {
     AddLearner(NodeId, N),
     RemoveLearner(NodeId),
     Voters(BTreeSet<NodeId>),
+    Demote(NodeId),
 }
 
 /// The handle to one running Raft node. Cheap to clone.
@@ -601,21 +602,56 @@ impl<C: TypeConfig> Raft<C> {
         let joint = self
             .propose_membership(MembershipChange::Voters(voters.clone()))
             .await?;
+        self.final_configuration(joint, Some(&voters)).await?;
+        Ok(())
+    }
+
+    /// Moves voter `id` to the learners by joint consensus
+    /// ([`Engine::demote_voter`]): it stops voting and counting toward
+    /// commit but keeps its data and goes on receiving the log, ready to
+    /// be promoted again. Resolves once the final configuration is
+    /// committed. If leadership changed during the change and the next
+    /// leader removed `id` outright, this adds it back as a learner (from
+    /// this node, if it leads again; else `NotLeader`).
+    pub async fn demote_voter(&self, id: NodeId) -> Result<(), RaftError<C::Node>> {
+        let node = self.metrics().borrow().membership.nodes.get(&id).cloned();
+        let joint = self
+            .propose_membership(MembershipChange::Demote(id))
+            .await?;
+        let done = self.final_configuration(joint, None).await?;
+        match node {
+            Some(node) if !done.membership.nodes.contains_key(&id) => {
+                self.propose_membership(MembershipChange::AddLearner(id, node))
+                    .await?;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits until the configuration that follows the joint one at `joint`
+    /// (with `voters`, if given) is committed; the metrics then.
+    async fn final_configuration(
+        &self,
+        joint: LogId,
+        voters: Option<&BTreeSet<NodeId>>,
+    ) -> Result<RaftMetrics<C::Node>, RaftError<C::Node>> {
         let mut metrics = self.metrics();
         let done = metrics
             .wait_for(|m| {
-                let final_config =
-                    m.membership.configs.len() == 1 && m.membership.configs[0] == voters;
+                let final_config = m.membership.configs.len() == 1
+                    && voters.is_none_or(|v| m.membership.configs[0] == *v);
                 m.fatal.is_some()
                     || final_config
                         && m.membership_log_id.index > joint.index
                         && m.commit_index >= m.membership_log_id.index
             })
             .await
-            .map_err(|_| self.stopped_error())?;
-        match &done.fatal {
-            Some(e) => Err(RaftError::Fatal(e.clone())),
-            None => Ok(()),
+            .map_err(|_| self.stopped_error())?
+            .clone();
+        match done.fatal {
+            Some(e) => Err(RaftError::Fatal(e)),
+            None => Ok(done),
         }
     }
 

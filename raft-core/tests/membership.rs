@@ -85,6 +85,14 @@ fn add_promote_remove_and_replace_voters_while_leaders_crash_and_the_network_par
                 set(&[2, 4, 5]),
                 set(&[]),
             ),
+            // Demote 4: it stays, as a learner.
+            (MembershipChange::Demote(NodeId(4)), set(&[2, 5]), set(&[4])),
+            // And back.
+            (
+                MembershipChange::Voters(set(&[2, 4, 5])),
+                set(&[2, 4, 5]),
+                set(&[]),
+            ),
         ];
         for (change, voters, learners) in steps {
             // Propose, then disturb the cluster while the change is in flight.
@@ -422,6 +430,72 @@ fn leadership_transfer_under_load_loses_and_duplicates_no_acknowledged_write() {
             format!("commands written twice: {dups:?}")
         });
         heal_and_converge(&mut sim);
+        sim.check_acknowledged_writes_present();
+        sim.final_check();
+    }
+}
+
+#[test]
+fn a_demoted_voter_stays_a_learner_and_keeps_receiving_the_log() {
+    for seed in seeds(10) {
+        let mut sim = Sim::new(opts(3, seed, "a_demoted_voter_stays_a_learner"));
+        sim.start_clients(2, 2);
+        let leader = wait_leader(&mut sim);
+        must_put(&mut sim, "before", "demotion");
+        let demoted = *sim
+            .ids()
+            .iter()
+            .find(|id| **id != leader)
+            .expect("a follower");
+        let others: BTreeSet<NodeId> = sim.ids().into_iter().filter(|id| *id != demoted).collect();
+        let joint = sim
+            .change(MembershipChange::Demote(demoted))
+            .expect("the leader proposes the demotion");
+        let learners = BTreeSet::from([demoted]);
+        sim.run_until(10 * ET, |s| {
+            s.settled_voters().as_ref() == Some(&others)
+                && s.engine(leader)
+                    .is_some_and(|e| e.membership().learner_ids() == learners)
+        });
+        sim.expect(sim.leader() == Some(leader), || {
+            format!(
+                "the demotion did not settle under leader {leader}:{}",
+                sim.describe()
+            )
+        });
+        // One change: it never left the cluster on the way (no removal and
+        // re-adding), so every configuration from the joint one on names it.
+        let log = sim.engine(leader).expect("leader").log();
+        for entry in log.range(joint.index, log.last_index()) {
+            if let raft_core::EntryPayload::Membership(m) = &entry.payload {
+                sim.expect(m.nodes.contains_key(&demoted), || {
+                    format!(
+                        "configuration at {} dropped node {demoted}: {m:?}",
+                        entry.log_id
+                    )
+                });
+            }
+        }
+        must_put(&mut sim, "after", "demotion");
+        heal_and_converge(&mut sim);
+        let leader = sim.leader().expect("a leader");
+        let last = sim.engine(leader).expect("leader").last_log_id();
+        let e = sim.engine(demoted).expect("the demoted node runs");
+        sim.expect(e.role() == raft_core::Role::Learner, || {
+            format!("node {demoted} is {:?}, not a learner", e.role())
+        });
+        sim.expect(e.last_log_id() == last, || {
+            format!("the learner stopped receiving the log:{}", sim.describe())
+        });
+        // Demoting it again is refused: it no longer votes.
+        let r = sim.change(MembershipChange::Demote(demoted));
+        sim.expect(
+            matches!(
+                r,
+                Err(ProposeError::Membership(MembershipError::NotVoter(id))) if id == demoted
+            ),
+            || format!("demoting a learner answered {r:?}"),
+        );
         sim.check_acknowledged_writes_present();
         sim.final_check();
     }

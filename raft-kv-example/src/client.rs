@@ -553,6 +553,12 @@ impl Client {
         self.admin(Method::POST, &path, Value::Null).await
     }
 
+    /// `POST /v1/members/{id}/demote`.
+    pub async fn demote_member(&self, id: u64) -> Result<Value, ClientError> {
+        let path = format!("/v1/members/{id}/demote");
+        self.admin(Method::POST, &path, Value::Null).await
+    }
+
     /// `DELETE /v1/members/{id}`.
     pub async fn remove_member(&self, id: u64) -> Result<Value, ClientError> {
         let path = format!("/v1/members/{id}");

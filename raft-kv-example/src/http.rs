@@ -11,6 +11,7 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `POST /v1/members` `{"id", "raft_addr", "http_addr"}` | adds a learner; 200 `{"index"}` once caught up, 504 if it is still behind (it stays) |
 //! | `POST /v1/members/{id}/promote` | makes learner `id` a voter (joint consensus) once it is caught up; 200 once final, 504 `learner_behind` if it does not catch up in time |
+//! | `POST /v1/members/{id}/demote` | makes voter `id` a learner (joint consensus); 200 once final |
 //! | `DELETE /v1/members/{id}` | removes a voter (joint consensus) or a learner; 200 once final |
 //! | `POST /v1/leader/transfer` `{"to": id}` | 200 once `id` leads, 504 if it did not take over in time |
 //!
@@ -118,6 +119,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/members", post(add_member))
         .route("/v1/members/{id}", delete(remove_member))
         .route("/v1/members/{id}/promote", post(promote_member))
+        .route("/v1/members/{id}/demote", post(demote_member))
         .route("/v1/leader/transfer", post(transfer_leader))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -217,7 +219,8 @@ impl ApiError {
                     MembershipError::UnknownNode(_) => (StatusCode::NOT_FOUND, "unknown_member"),
                     MembershipError::NoVoters
                     | MembershipError::NoCurrentVoter
-                    | MembershipError::IsVoter(_) => (StatusCode::BAD_REQUEST, "invalid_change"),
+                    | MembershipError::IsVoter(_)
+                    | MembershipError::NotVoter(_) => (StatusCode::BAD_REQUEST, "invalid_change"),
                 };
                 ApiError {
                     retry_after: status == StatusCode::CONFLICT,
@@ -752,6 +755,23 @@ async fn promote_member(
             .map_err(|e| ApiError::from_raft(e, &uri))?;
     }
     change_voters(&state, &uri, voters).await
+}
+
+/// `POST /v1/members/{id}/demote`: voter `id` becomes a learner by joint
+/// consensus ([`Raft::demote_voter`]).
+async fn demote_member(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let id = member_id(&raw)?;
+    require_leader(&state, &uri)?;
+    let demoted = state.raft.demote_voter(id);
+    bounded(state.limits.membership_timeout, demoted, &uri, || {
+        ApiError::unknown_outcome("the demotion did not finish in time; it may still")
+    })
+    .await?;
+    Ok(membership_answer(&state))
 }
 
 async fn remove_member(

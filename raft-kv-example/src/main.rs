@@ -122,6 +122,12 @@ enum MemberCmd {
         #[arg(long, default_value = DEFAULT_ENDPOINT)]
         endpoint: String,
     },
+    /// Make voter ID a learner (it keeps its data and the log).
+    Demote {
+        id: u64,
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: String,
+    },
     /// Remove node ID (voter or learner) from the cluster.
     Remove {
         id: u64,
@@ -295,6 +301,11 @@ async fn run(cmd: Cmd) -> Result<()> {
                 MemberCmd::Promote { id, endpoint } => {
                     Client::with_timeout(&endpoint, MEMBERSHIP_WAIT)?
                         .promote_member(id)
+                        .await?
+                }
+                MemberCmd::Demote { id, endpoint } => {
+                    Client::with_timeout(&endpoint, MEMBERSHIP_WAIT)?
+                        .demote_member(id)
                         .await?
                 }
                 MemberCmd::Remove { id, endpoint } => {

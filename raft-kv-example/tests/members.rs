@@ -257,3 +257,33 @@ async fn a_node_alone_in_its_file_founds_a_cluster_only_when_told_to() {
     assert_eq!(c.get("k", false).await.expect("get"), Some(b"v".to_vec()));
     node.stop().await;
 }
+
+/// `POST /v1/members/{id}/demote`: a voter becomes a learner, keeps
+/// receiving writes, and can be promoted back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_demoted_voter_is_a_learner_that_keeps_up_and_can_be_promoted_again() {
+    let cluster = Cluster::start(3, "").await;
+    let follower = cluster.follower().await;
+    let c = Client::new(&cluster.endpoint(follower)).expect("client");
+    let answer = c.demote_member(follower.0).await.expect("demote");
+    let voters: Vec<u64> = [1, 2, 3]
+        .into_iter()
+        .filter(|id| *id != follower.0)
+        .collect();
+    assert_eq!(answer["voters"], json!(voters));
+    assert_eq!(answer["learners"], json!([follower.0]));
+    wait_status(&c, "the follower a learner", |s| s.role == "learner").await;
+    c.put("while", b"demoted").await.expect("put");
+    common::wait_applied(&c, "while", "the learner stopped receiving the log").await;
+    let (status, code) = api_code(c.demote_member(follower.0).await.expect_err("a learner"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_change")
+    );
+    c.promote_member(follower.0).await.expect("promote back");
+    wait_status(&c, "the follower a voter again", |s| {
+        s.voters == vec![1, 2, 3] && s.role == "follower"
+    })
+    .await;
+    cluster.shutdown().await;
+}

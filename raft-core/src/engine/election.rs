@@ -268,6 +268,7 @@ impl<C: TypeConfig> Engine<C> {
             check_quorum_due: self.now + self.config.election_timeout_min_ms,
             noop_index: last.next(),
             transfer: None,
+            demoting: BTreeSet::new(),
         }));
         self.leader_id = Some(self.id);
         info!(node = %self.id, term = %self.term, last_log = %self.log.last_log_id(), "became leader");

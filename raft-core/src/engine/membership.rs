@@ -64,6 +64,32 @@ impl<C: TypeConfig> Engine<C> {
         self.propose_payload(EntryPayload::Membership(joint))
     }
 
+    /// Proposes moving voter `id` to the learners by joint consensus: like
+    /// [`Engine::change_membership`] without `id`, except that the final
+    /// configuration this leader appends keeps `id` as a learner (it keeps
+    /// its log and goes on receiving entries, but no longer votes or
+    /// counts toward commit). If leadership changes before the joint
+    /// configuration commits, the next leader finishes the change by
+    /// removing `id` outright; add it back with [`Engine::add_learner`]
+    /// (the driver's `Raft::demote_voter` does).
+    pub fn demote_voter(&mut self, id: NodeId) -> Result<LogId, ProposeError<C::Node>> {
+        let current = self.membership_change_base()?;
+        if !current.is_voter(id) {
+            return Err(match current.nodes.contains_key(&id) {
+                true => MembershipError::NotVoter(id),
+                false => MembershipError::UnknownNode(id),
+            }
+            .into());
+        }
+        let mut voters = current.configs.first().cloned().unwrap_or_default();
+        voters.remove(&id);
+        let log_id = self.change_membership(voters)?;
+        if let Some(l) = self.role.leader_mut() {
+            l.demoting.insert(id);
+        }
+        Ok(log_id)
+    }
+
     /// The configuration a change starts from, if a change may start: this
     /// node leads and the last configuration is final (not joint, and
     /// committed).

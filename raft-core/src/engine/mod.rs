@@ -108,6 +108,11 @@ struct LeaderState {
     noop_index: LogIndex,
     /// A leadership transfer under way: the target and when to give up.
     transfer: Option<(NodeId, u64)>,
+    /// Voters leaving the voting configuration that stay as learners
+    /// ([`Engine::demote_voter`]): the final configuration keeps them. Only
+    /// this leader knows; a leader that takes over a joint configuration
+    /// removes them outright, and the caller adds them back as learners.
+    demoting: BTreeSet<NodeId>,
 }
 
 #[derive(Debug)]

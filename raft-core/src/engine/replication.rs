@@ -628,7 +628,10 @@ impl<C: TypeConfig> Engine<C> {
             if self.membership().is_joint() && self.membership_log_id().index <= index {
                 let joint = self.membership();
                 let new_voters = joint.configs[0].clone();
-                let learners = joint.learner_ids();
+                let mut learners = joint.learner_ids();
+                if let Some(l) = self.role.leader() {
+                    learners.extend(l.demoting.iter().copied());
+                }
                 let stays = |id: &NodeId| new_voters.contains(id) || learners.contains(id);
                 let nodes = joint
                     .nodes

@@ -333,6 +333,7 @@ where
                     MembershipChange::AddLearner(id, node) => e.add_learner(id, node),
                     MembershipChange::RemoveLearner(id) => e.remove_learner(id),
                     MembershipChange::Voters(voters) => e.change_membership(voters),
+                    MembershipChange::Demote(id) => e.demote_voter(id),
                 };
                 self.x.await_entry(proposed, reply);
             }

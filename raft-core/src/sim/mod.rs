@@ -228,6 +228,10 @@ pub enum MembershipChange {
     RemoveLearner(NodeId),
     /// Make these the voters (joint consensus).
     Voters(BTreeSet<NodeId>),
+    /// Move a voter to the learners (joint consensus); if an earlier try
+    /// was finished by another leader, which removed it, add it back as a
+    /// learner, as `Raft::demote_voter` does.
+    Demote(NodeId),
 }
 
 struct Node {

@@ -157,6 +157,10 @@ impl Sim {
                     MembershipChange::AddLearner(id) => e.add_learner(id, format!("node-{id}")),
                     MembershipChange::RemoveLearner(id) => e.remove_learner(id),
                     MembershipChange::Voters(v) => e.change_membership(v),
+                    MembershipChange::Demote(id) if !e.membership().nodes.contains_key(&id) => {
+                        e.add_learner(id, format!("node-{id}"))
+                    }
+                    MembershipChange::Demote(id) => e.demote_voter(id),
                 };
                 self.change_result = Some(r);
             }
