@@ -115,16 +115,29 @@ fn run() -> Result<()> {
 }
 
 /// The workspace this xtask runs for. `cargo run` (what `cargo xtask` is)
-/// tells the running binary where its manifest is; the path baked in at
-/// build time is only the fallback. With a target directory shared by two
-/// checkouts (CI's cache), the binary built for one checkout would
-/// otherwise act on the other, or on a clone that no longer exists.
+/// tells the running binary where its manifest is; run by hand, the binary
+/// looks up from the current directory for the workspace that holds an
+/// `xtask` member; the path baked in at build time is only the last resort.
+/// With a target directory shared by two checkouts (CI's cache), the binary
+/// built for one checkout would otherwise act on the other, or on a clone
+/// that no longer exists.
 fn root() -> PathBuf {
-    env::var_os("CARGO_MANIFEST_DIR")
+    let from_cargo = env::var_os("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-        .parent()
-        .map(PathBuf::from)
+        .and_then(|xtask| xtask.parent().map(PathBuf::from));
+    let from_cwd = || {
+        let cwd = env::current_dir().ok()?;
+        cwd.ancestors()
+            .find(|d| d.join("Cargo.toml").is_file() && d.join("xtask/Cargo.toml").is_file())
+            .map(PathBuf::from)
+    };
+    from_cargo
+        .or_else(from_cwd)
+        .or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .map(PathBuf::from)
+        })
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
