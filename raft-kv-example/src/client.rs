@@ -73,6 +73,26 @@ pub enum ClientError {
     /// An endpoint is not an `http://host:port` URL.
     #[error("invalid endpoint `{0}`: expected http://host:port")]
     Endpoint(String),
+    /// A local file could not be written.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        #[source]
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+}
+
+/// What [`Client::save_snapshot`] saved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SavedSnapshot {
+    /// The backup's size in bytes.
+    pub bytes: u64,
+    /// The last log index it holds the state of.
+    pub index: u64,
+    /// That entry's term.
+    pub term: u64,
 }
 
 /// How a [`Client`] times and retries its requests.
@@ -569,6 +589,89 @@ impl Client {
     pub async fn transfer_leader(&self, to: u64) -> Result<Value, ClientError> {
         let body = serde_json::json!({ "to": to });
         self.admin(Method::POST, "/v1/leader/transfer", body).await
+    }
+
+    /// `GET /v1/snapshot`: a backup of the cluster's state from the
+    /// leader, holding every write acknowledged before the call, streamed
+    /// to `path` (through `path` + `.tmp`, synced, then renamed, so `path`
+    /// is whole or absent). Seed a new cluster from it with `raft-kv
+    /// snapshot restore`.
+    pub async fn save_snapshot(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<SavedSnapshot, ClientError> {
+        use tokio::io::AsyncWriteExt;
+        let http = reqwest::Client::builder()
+            .connect_timeout(self.options.request_timeout)
+            .read_timeout(self.options.request_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|source| ClientError::Http {
+                url: self.endpoints[0].clone(),
+                source,
+            })?;
+        let deadline = tokio::time::Instant::now() + self.options.retry_for;
+        let mut attempt = 0;
+        let mut resp = loop {
+            let url = format!("{}/v1/snapshot", self.leader_endpoint());
+            let why = match http.get(&url).send().await {
+                Ok(r) if r.status() == StatusCode::OK => break r,
+                Ok(r) if r.status().is_redirection() => {
+                    let leader = r
+                        .headers()
+                        .get(LOCATION)
+                        .and_then(|l| l.to_str().ok())
+                        .and_then(origin);
+                    self.state().leader = leader;
+                    continue;
+                }
+                Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                    self.lost(&url);
+                    format!("{url}: 503")
+                }
+                Ok(r) => {
+                    let status = r.status();
+                    let body = r.bytes().await.unwrap_or_default();
+                    return Err(api_error(status, &body));
+                }
+                Err(e) => {
+                    self.lost(&self.leader_endpoint());
+                    format!("{url}: {e}")
+                }
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Unavailable(why));
+            }
+            tokio::time::sleep(self.backoff(attempt)).await;
+            attempt += 1;
+        };
+        let number = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let (index, term) = (number("snapshot-index"), number("snapshot-term"));
+        let tmp = path.with_extension("tmp");
+        let io_err = |e: std::io::Error| ClientError::File {
+            path: tmp.display().to_string(),
+            source: e,
+        };
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(io_err)?;
+        let mut bytes = 0u64;
+        loop {
+            let chunk = resp.chunk().await.map_err(|source| ClientError::Http {
+                url: "/v1/snapshot".into(),
+                source,
+            })?;
+            let Some(chunk) = chunk else { break };
+            file.write_all(&chunk).await.map_err(io_err)?;
+            bytes += chunk.len() as u64;
+        }
+        file.sync_all().await.map_err(io_err)?;
+        tokio::fs::rename(&tmp, path).await.map_err(io_err)?;
+        Ok(SavedSnapshot { bytes, index, term })
     }
 
     /// `GET /v1/status` of the first endpoint (not redirected).

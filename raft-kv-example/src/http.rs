@@ -7,6 +7,7 @@
 //! | `DELETE /v1/kv/{key}` | 200 `{"index": N, "deleted": bool}` |
 //! | `POST /v1/cas/{key}` `{"expected": s\|null, "new": s\|null}` | 200 `{"succeeded": bool, "current": s\|null}` |
 //! | `POST /v1/sessions` | opens a client session: 200 `{"client_id": N}` |
+//! | `GET /v1/snapshot` | the leader's state as one backup file (`raft-kv snapshot save`), with `Snapshot-Index` and `Snapshot-Term` headers |
 //! | `GET /v1/status` | the node's role, term, leader, indices and members |
 //! | `GET /metrics` | Prometheus text |
 //! | `POST /v1/members` `{"id", "raft_addr", "http_addr"}` | adds a learner; 200 `{"index"}` once caught up, 504 if it is still behind (it stays) |
@@ -101,6 +102,9 @@ pub struct AppState {
     pub limits: Limits,
     /// The node's counters, for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// Where `GET /v1/snapshot` writes a backup before sending it (the
+    /// node's data directory: a backup is as large as the data).
+    pub scratch_dir: std::path::PathBuf,
 }
 
 /// The API's routes.
@@ -115,6 +119,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/cas/{*key}", post(cas))
         .route("/v1/sessions", post(open_session))
+        .route("/v1/snapshot", get(snapshot))
         .route("/v1/status", get(status))
         .route("/v1/members", post(add_member))
         .route("/v1/members/{id}", delete(remove_member))
@@ -755,6 +760,72 @@ async fn promote_member(
             .map_err(|e| ApiError::from_raft(e, &uri))?;
     }
     change_voters(&state, &uri, voters).await
+}
+
+/// `GET /v1/snapshot`: a backup of the state ([`RocksReader::export`]),
+/// taken on the leader after a linearizable read barrier, so it holds
+/// every write acknowledged before the request. Written to a file in the
+/// data directory, which is unlinked once open and streamed from: memory
+/// stays bounded and nothing is left behind if the client goes away.
+async fn snapshot(State(state): State<AppState>, uri: Uri) -> Result<Response, ApiError> {
+    require_leader(&state, &uri)?;
+    state.linearize(&uri).await?;
+    let path = state.scratch_dir.join(format!(
+        "backup-{}.tmp",
+        std::process::id() as u64 ^ now_ms()
+    ));
+    let exported = {
+        let (reader, path) = (state.reader.clone(), path.clone());
+        tokio::task::spawn_blocking(move || {
+            let header = reader.export::<Kv>(&path)?;
+            let file = std::fs::File::open(&path).map_err(|source| raft_core::StorageError::Io {
+                context: format!("opening {}", path.display()),
+                source,
+            });
+            let _ = std::fs::remove_file(&path);
+            Ok::<_, raft_core::StorageError>((header, file?))
+        })
+        .await
+    };
+    let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", e);
+    let (header, file) = exported
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(|e| match e {
+            raft_core::StorageError::Io { .. } | raft_core::StorageError::Corrupt { .. } => {
+                internal(e.to_string())
+            }
+            other => ApiError::unavailable(other.to_string()),
+        })?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let file = tokio::fs::File::from_std(file);
+    let chunks = futures_util::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 1 << 20];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    });
+    let mut resp = axum::body::Body::from_stream(chunks).into_response();
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    headers.insert(
+        "snapshot-index",
+        HeaderValue::from(header.last_log_id.index.0),
+    );
+    headers.insert(
+        "snapshot-term",
+        HeaderValue::from(header.last_log_id.term.0),
+    );
+    Ok(resp)
 }
 
 /// `POST /v1/members/{id}/demote`: voter `id` becomes a learner by joint

@@ -104,6 +104,31 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_ENDPOINT)]
         endpoint: String,
     },
+    /// Back up the cluster's state, or seed a new cluster from a backup.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Save a consistent backup of the cluster's state (from the leader,
+    /// holding every acknowledged write) to FILE.
+    Save {
+        file: PathBuf,
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: String,
+    },
+    /// Seed node ID of a new cluster (the nodes of --config) from FILE.
+    /// Run it for every node, then start them with `serve`.
+    Restore {
+        file: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        id: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -319,6 +344,24 @@ async fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::TransferLeader { id, endpoint } => {
             println!("{}", Client::new(&endpoint)?.transfer_leader(id).await?);
+            Ok(())
+        }
+        Cmd::Snapshot {
+            action: SnapshotCmd::Save { file, endpoint },
+        } => {
+            let saved = Client::new(&endpoint)?.save_snapshot(&file).await?;
+            println!("{}", serde_json::to_string(&saved)?);
+            Ok(())
+        }
+        Cmd::Snapshot {
+            action: SnapshotCmd::Restore { file, config, id },
+        } => {
+            let cluster = ClusterFile::load(&config)?;
+            let at = raft_kv_example::server::restore(&cluster, NodeId(id), &file).await?;
+            println!(
+                "node {id} restored at index {} (term {}); start it with serve",
+                at.index, at.term
+            );
             Ok(())
         }
         Cmd::Status { endpoint } => {

@@ -5,7 +5,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use raft_core::{NodeId, Raft, RaftError, StartError};
+use raft_core::{
+    HardState, LogId, LogStore, Membership, NodeId, NodeUuid, Raft, RaftError, StartError,
+    StateMachine,
+};
 use raft_storage_rocksdb::{RocksDb, RocksError, RocksOptions, RocksStateMachine};
 use raft_transport_quic::tls::{TlsError, TlsIdentity};
 use raft_transport_quic::{QuicConfig, QuicTransport, TransportError};
@@ -60,6 +63,16 @@ pub enum ServeError {
         /// Why it failed.
         reason: String,
     },
+    /// A restore was asked for a node that has data already.
+    #[error(
+        "node {id} has data in {dir} already: a restore seeds a new cluster; give it an empty data directory"
+    )]
+    NotEmpty {
+        /// The node.
+        id: NodeId,
+        /// Its data directory.
+        dir: std::path::PathBuf,
+    },
     /// The HTTP API could not listen.
     #[error("HTTP on {addr}: {source}")]
     Http {
@@ -69,6 +82,48 @@ pub enum ServeError {
         /// The operating system's error.
         source: std::io::Error,
     },
+}
+
+/// Seeds node `id` of the cluster in `file` from the backup at `backup`
+/// (`raft-kv snapshot restore`, like etcd's snapshot restore): the node's
+/// state machine gets the backup's data as its snapshot, with the file's
+/// nodes as the voters, and its log starts after it, so it starts as if it
+/// had taken that snapshot itself. Run it for every node of the new
+/// cluster with the same backup and file; they then start (`serve`) as one
+/// cluster with the old one's data. Refuses a node that has data already.
+/// Returns the log id the new cluster starts after.
+pub async fn restore(
+    file: &ClusterFile,
+    id: NodeId,
+    backup: &std::path::Path,
+) -> Result<LogId, ServeError> {
+    let me = file.node(id).ok_or(ServeError::UnknownNode(id))?;
+    let db = RocksDb::open(&me.data_dir, RocksOptions::default())?;
+    let mut log = db.log_store::<Kv>(GROUP)?;
+    let mut sm = RocksStateMachine::open(&db, GROUP, KvLogic)?;
+    let state = log.log_state().await?;
+    let hard = log.load_hard_state().await?;
+    if state.last.index.0 != 0 || hard.term.0 != 0 || sm.applied().await? != LogId::ZERO {
+        return Err(ServeError::NotEmpty {
+            id,
+            dir: me.data_dir.clone(),
+        });
+    }
+    let membership = Membership {
+        configs: vec![file.nodes.keys().copied().collect()],
+        nodes: file.members(),
+        uuids: Default::default(),
+    };
+    let meta = sm.restore(backup, membership).await?;
+    log.save_hard_state(HardState {
+        term: meta.last_log_id.term,
+        voted_for: None,
+        uuid: NodeUuid::NONE,
+    })
+    .await?;
+    log.purge(meta.last_log_id).await?;
+    info!(node = %id, at = %meta.last_log_id, "restored from {}", backup.display());
+    Ok(meta.last_log_id)
 }
 
 /// A running node.
@@ -179,6 +234,7 @@ impl Node {
             reader,
             limits: file.limits.clone(),
             metrics,
+            scratch_dir: me.data_dir.clone(),
         });
         let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
         let http = tokio::spawn(async move {

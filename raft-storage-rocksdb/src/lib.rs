@@ -31,6 +31,7 @@
 
 #![deny(missing_docs)]
 
+pub mod backup;
 mod codec;
 mod legacy;
 mod sessions;

@@ -39,12 +39,13 @@ use raft_core::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::backup::BackupHeader;
 use crate::codec;
 use crate::legacy::{MembershipV3, Record, SnapshotMetaV1};
 use crate::writer::Op;
 use crate::{CF_META, CF_SM, RocksDb, RocksError, joined};
 
-const TAG_APPLIED: &[u8] = b"sm_applied";
+pub(crate) const TAG_APPLIED: &[u8] = b"sm_applied";
 const TAG_SNAPSHOT: &[u8] = b"sm_snapshot";
 /// The snapshot an unfinished install is loading (its meta).
 const TAG_INSTALLING: &[u8] = b"sm_installing";
@@ -183,9 +184,9 @@ fn read_key(db: &RocksDb, group: u64, key: &[u8]) -> Result<Option<Vec<u8>>, Roc
 
 #[derive(Serialize, Deserialize)]
 #[serde(bound = "")]
-struct Applied<C: TypeConfig> {
-    log_id: LogId,
-    membership: Membership<C::Node>,
+pub(crate) struct Applied<C: TypeConfig> {
+    pub(crate) log_id: LogId,
+    pub(crate) membership: Membership<C::Node>,
 }
 
 /// `Applied` before identities (formats 1 to 3).
@@ -222,7 +223,7 @@ pub struct RocksStateMachine<C: TypeConfig, A: KvApply<C>> {
     installing: Arc<AtomicBool>,
 }
 
-fn io(context: String) -> impl FnOnce(std::io::Error) -> StorageError {
+pub(crate) fn io(context: String) -> impl FnOnce(std::io::Error) -> StorageError {
     move |source| StorageError::Io { context, source }
 }
 
@@ -294,6 +295,47 @@ impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
             group: self.group,
             installing: self.installing.clone(),
         }
+    }
+
+    /// Seeds this state machine, which must be empty (nothing applied, no
+    /// snapshot), from the backup file at `path`: checks it whole, installs
+    /// its data as the current snapshot (the snapshot install path:
+    /// bounded memory, atomic across a crash) with `membership` (the new
+    /// cluster's) instead of the one recorded in the backup, and returns
+    /// that snapshot. The caller then makes the log start after it
+    /// (`LogStore::purge` up to its last log id, and a hard state of its
+    /// term), so the node recovers as if it had taken the snapshot itself.
+    pub async fn restore(
+        &mut self,
+        path: &Path,
+        membership: Membership<C::Node>,
+    ) -> Result<SnapshotMeta<C>, StorageError> {
+        if self.applied != LogId::ZERO || self.snapshot.is_some() {
+            return Err(StorageError::Corrupt {
+                location: self.db.shared.path.display().to_string(),
+                detail: format!(
+                    "restore needs an empty state machine; this one has applied up to {}",
+                    self.applied
+                ),
+            });
+        }
+        let (path, dir) = (path.to_path_buf(), self.snapshot_dir.clone());
+        let staging = dir.join("restore.partial");
+        let unpacked = {
+            let staging = staging.clone();
+            tokio::task::spawn_blocking(move || crate::backup::unpack::<C>(&path, &staging))
+        };
+        let (header, size) = joined(unpacked.await)?;
+        let meta = SnapshotMeta {
+            last_log_id: header.last_log_id,
+            membership,
+            id: header.last_log_id.index.0.max(1),
+            size,
+        };
+        std::fs::rename(&staging, self.receive_file(meta.id))
+            .map_err(io(format!("renaming {}", staging.display())))?;
+        self.install_snapshot(&meta).await?;
+        Ok(meta)
     }
 
     fn snapshot_file(&self, id: u64) -> PathBuf {
@@ -369,6 +411,20 @@ impl RocksReader {
         Ok(value)
     }
 
+    /// Writes the group's state as of one point in time (a RocksDB
+    /// snapshot: every write applied before it, none after) to a backup
+    /// file at `path` ([`crate::backup`]); returns its header. Blocking:
+    /// run it off the runtime. Refused while a snapshot install replaces
+    /// the data. For a backup that holds every acknowledged write, make the
+    /// read linearizable first (`Raft::ensure_linearizable`) on the leader.
+    pub fn export<C: TypeConfig>(&self, path: &Path) -> Result<BackupHeader<C>, StorageError> {
+        self.refuse_while_installing()?;
+        let header = crate::backup::export(&self.db, self.group, path)?;
+        // An install that began meanwhile does not touch the RocksDB
+        // snapshot the file was written from: the file is of one state.
+        Ok(header)
+    }
+
     fn refuse_while_installing(&self) -> Result<(), RocksError> {
         match self.installing.load(Ordering::Acquire) {
             true => Err(RocksError::Installing {
@@ -438,24 +494,9 @@ fn write_snapshot_file(
     let tmp = path.with_extension("tmp");
     let snap = db.shared.db.snapshot();
     let _ = captured.send(());
-    let cf = db.cf(CF_SM)?;
-    let prefix = group.to_be_bytes();
     let file = File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
     let mut w = BufWriter::new(file);
-    let mode = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
-    for item in snap.iterator_cf(cf, mode) {
-        let (k, v) = item.map_err(|source| RocksError::Db {
-            path: db.shared.path.clone(),
-            source,
-        })?;
-        if !k.starts_with(&prefix) {
-            break;
-        }
-        // The error's context is built only on error: this runs per key.
-        write_pair(&mut w, &k[8..], &v).map_err(|e| io(format!("writing {}", tmp.display()))(e))?;
-    }
-    w.write_all(&0u32.to_le_bytes())
-        .map_err(io(format!("writing {}", tmp.display())))?;
+    write_pairs(db, &snap, group, &mut w, &tmp)?;
     let file = w
         .into_inner()
         .map_err(|e| io(format!("flushing {}", tmp.display()))(e.into_error()))?;
@@ -515,6 +556,33 @@ fn write_chunk(dir: &Path, path: &Path, offset: u64, data: &[u8]) -> Result<(), 
         });
     }
     file.write_all_at(data, offset)
+        .map_err(io(format!("writing {}", path.display())))
+}
+
+/// Writes group `group`'s data as `snap` sees it to `w` in the snapshot
+/// file format, terminator included (`path` names `w` in errors).
+pub(crate) fn write_pairs(
+    db: &RocksDb,
+    snap: &rocksdb::Snapshot<'_>,
+    group: u64,
+    w: &mut impl Write,
+    path: &Path,
+) -> Result<(), StorageError> {
+    let cf = db.cf(CF_SM)?;
+    let prefix = group.to_be_bytes();
+    let mode = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+    for item in snap.iterator_cf(cf, mode) {
+        let (k, v) = item.map_err(|source| RocksError::Db {
+            path: db.shared.path.clone(),
+            source,
+        })?;
+        if !k.starts_with(&prefix) {
+            break;
+        }
+        // The error's context is built only on error: this runs per key.
+        write_pair(w, &k[8..], &v).map_err(|e| io(format!("writing {}", path.display()))(e))?;
+    }
+    w.write_all(&0u32.to_le_bytes())
         .map_err(io(format!("writing {}", path.display())))
 }
 

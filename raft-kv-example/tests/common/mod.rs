@@ -49,6 +49,15 @@ impl Cluster {
     /// Writes a cluster file of `n` nodes (plus `extra` TOML), certificates,
     /// and starts every node.
     pub async fn start(n: u64, extra: &str) -> Cluster {
+        let mut cluster = Cluster::prepare(n, extra).await;
+        for id in 1..=n {
+            cluster.start_node(NodeId(id)).await;
+        }
+        cluster
+    }
+
+    /// Like [`Cluster::start`] without starting the nodes.
+    pub async fn prepare(n: u64, extra: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut text = String::new();
         for id in 1..=n {
@@ -66,15 +75,11 @@ impl Cluster {
             .expect("certs")
             .write_to(&file.tls_dir)
             .expect("write certs");
-        let mut cluster = Cluster {
+        Cluster {
             dir,
             file,
             nodes: BTreeMap::new(),
-        };
-        for id in 1..=n {
-            cluster.start_node(NodeId(id)).await;
         }
-        cluster
     }
 
     pub async fn start_node(&mut self, id: NodeId) {
