@@ -37,6 +37,10 @@ pub struct Status {
     /// not recognize (their data was wiped).
     #[serde(default)]
     pub unrecognized: Vec<u64>,
+    /// The cluster the node belongs to (16 hex digits; empty while a node
+    /// waiting to join has none).
+    #[serde(default)]
+    pub cluster_id: String,
 }
 
 fn yes() -> bool {

@@ -105,6 +105,8 @@ pub struct AppState {
     /// Where `GET /v1/snapshot` writes a backup before sending it (the
     /// node's data directory: a backup is as large as the data).
     pub scratch_dir: std::path::PathBuf,
+    /// The cluster this node belongs to.
+    pub cluster: Arc<raft_transport_quic::ClusterId>,
 }
 
 /// The API's routes.
@@ -633,6 +635,10 @@ async fn status(State(state): State<AppState>) -> Response {
         uuid: m.uuid.to_string(),
         recognized: m.recognized,
         unrecognized: ids(m.unrecognized.clone()),
+        cluster_id: match state.cluster.get() {
+            0 => String::new(),
+            id => format!("{id:016x}"),
+        },
     })
     .into_response()
 }

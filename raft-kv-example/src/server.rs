@@ -11,7 +11,7 @@ use raft_core::{
 };
 use raft_storage_rocksdb::{RocksDb, RocksError, RocksOptions, RocksStateMachine};
 use raft_transport_quic::tls::{TlsError, TlsIdentity};
-use raft_transport_quic::{QuicConfig, QuicTransport, TransportError};
+use raft_transport_quic::{ClusterId, QuicConfig, QuicTransport, TransportError};
 use thiserror::Error;
 use tracing::{info, warn};
 
@@ -73,6 +73,15 @@ pub enum ServeError {
         /// Its data directory.
         dir: std::path::PathBuf,
     },
+    /// A file in the data or TLS directory could not be read or written.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        #[source]
+        /// The operating system's error.
+        source: std::io::Error,
+    },
     /// The HTTP API could not listen.
     #[error("HTTP on {addr}: {source}")]
     Http {
@@ -122,8 +131,98 @@ pub async fn restore(
     })
     .await?;
     log.purge(meta.last_log_id).await?;
+    // A new cluster: its founders' id, not the old one's.
+    let cluster = founding_cluster_id(file)?;
+    write_cluster_id(&me.data_dir, cluster).map_err(|source| ServeError::File {
+        path: me.data_dir.join(CLUSTER_ID_FILE),
+        source,
+    })?;
     info!(node = %id, at = %meta.last_log_id, "restored from {}", backup.display());
     Ok(meta.last_log_id)
+}
+
+/// The file in a node's data directory that names its cluster (16 hex
+/// digits).
+const CLUSTER_ID_FILE: &str = "cluster.id";
+
+/// The id of the cluster that the nodes of `file` found together: an
+/// FNV-1a hash of the cluster CA's certificate and the founding members'
+/// ids and addresses. Every founder computes the same one from the same
+/// file and certificates; a cluster founded from other members, or with
+/// another CA, gets another. Never 0.
+pub fn founding_cluster_id(file: &ClusterFile) -> Result<u64, ServeError> {
+    let ca_path = file.tls_dir.join("ca.pem");
+    let ca = std::fs::read(&ca_path).map_err(|source| ServeError::File {
+        path: ca_path.clone(),
+        source,
+    })?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(&ca);
+    for (id, n) in &file.nodes {
+        eat(&id.0.to_be_bytes());
+        eat(n.raft_addr.to_string().as_bytes());
+        eat(&[0]);
+    }
+    Ok(h.max(1))
+}
+
+/// Reads `dir`'s cluster id, if one is recorded.
+fn read_cluster_id(dir: &std::path::Path) -> Result<Option<u64>, ServeError> {
+    let path = dir.join(CLUSTER_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => u64::from_str_radix(text.trim(), 16)
+            .map(Some)
+            .map_err(|_| ServeError::File {
+                path,
+                source: std::io::Error::other("not a cluster id (16 hex digits)"),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ServeError::File { path, source }),
+    }
+}
+
+/// Records `id` as `dir`'s cluster id, durably (a synced temporary file
+/// renamed into place, then the directory synced).
+fn write_cluster_id(dir: &std::path::Path, id: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{CLUSTER_ID_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "{id:016x}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(CLUSTER_ID_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The node's cluster id for the transport to check: the recorded one; a
+/// founder's, derived and recorded now; none yet for a node about to join
+/// (it adopts the id of the first request that carries one). A node with
+/// data but no id (from a build before cluster ids) checks none.
+fn cluster_id(
+    file: &ClusterFile,
+    dir: &std::path::Path,
+    founding: bool,
+) -> Result<Arc<ClusterId>, ServeError> {
+    let id = match read_cluster_id(dir)? {
+        Some(id) => id,
+        None if founding => {
+            let id = founding_cluster_id(file)?;
+            write_cluster_id(dir, id).map_err(|source| ServeError::File {
+                path: dir.join(CLUSTER_ID_FILE),
+                source,
+            })?;
+            id
+        }
+        None => 0,
+    };
+    let dir = dir.to_path_buf();
+    Ok(Arc::new(ClusterId::new(id, move |id| {
+        write_cluster_id(&dir, id)
+    })))
 }
 
 /// A running node.
@@ -138,6 +237,11 @@ pub struct Node {
 }
 
 impl Node {
+    /// The cluster this node belongs to, as its transport checks it.
+    pub fn cluster(&self) -> &Arc<ClusterId> {
+        self.transport.cluster()
+    }
+
     /// Starts node `id` of `file`: recovers from its data dir, or on first
     /// start bootstraps the file's members as the initial voters.
     pub async fn start(file: &ClusterFile, id: NodeId) -> Result<Node, ServeError> {
@@ -177,21 +281,30 @@ impl Node {
             std::sync::atomic::Ordering::Relaxed,
         );
         let db = RocksDb::open(&me.data_dir, rocks)?;
+        let mut log = db.log_store::<Kv>(GROUP)?;
+        let mut sm = RocksStateMachine::open(&db, GROUP, KvLogic)?;
+        let pristine = log.log_state().await?.last.index.0 == 0
+            && log.load_hard_state().await?.term.0 == 0
+            && sm.applied().await? == LogId::ZERO;
+        if pristine && join.is_none() && file.nodes.len() == 1 && !bootstrap {
+            return Err(ServeError::Alone(id));
+        }
+        let cluster = cluster_id(file, &me.data_dir, pristine && join.is_none())?;
         let log = MeteredLogStore {
-            inner: db.log_store::<Kv>(GROUP)?,
+            inner: log,
             metrics: metrics.clone(),
         };
-        let sm = RocksStateMachine::open(&db, GROUP, KvLogic)?;
         let reader = sm.reader();
 
         let identity = TlsIdentity::load(&file.tls_dir, id)?;
-        let transport = QuicTransport::bind(
+        let mut transport = QuicTransport::bind(
             QuicConfig {
                 bind: me.raft_addr,
                 ..QuicConfig::default()
             },
             identity,
         )?;
+        transport.set_cluster(cluster.clone());
         let network = MeteredNetworkFactory {
             inner: transport.network_factory::<Kv>(),
             metrics: metrics.clone(),
@@ -199,15 +312,6 @@ impl Node {
         let raft = Raft::start(id, file.raft.clone(), log, sm, network).await?;
         transport.serve(raft.clone());
 
-        let pristine = {
-            let m = raft.metrics().borrow().clone();
-            m.term.0 == 0 && m.last_log_index.0 == 0 && m.snapshot.is_none()
-        };
-        if pristine && join.is_none() && file.nodes.len() == 1 && !bootstrap {
-            raft.shutdown().await;
-            transport.close().await;
-            return Err(ServeError::Alone(id));
-        }
         if pristine && join.is_none() {
             match raft.initialize(file.members()).await {
                 Ok(()) => info!(node = %id, members = file.nodes.len(), "bootstrapped the cluster"),
@@ -235,6 +339,7 @@ impl Node {
             limits: file.limits.clone(),
             metrics,
             scratch_dir: me.data_dir.clone(),
+            cluster,
         });
         let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
         let http = tokio::spawn(async move {

@@ -287,3 +287,69 @@ async fn a_demoted_voter_is_a_learner_that_keeps_up_and_can_be_promoted_again() 
     .await;
     cluster.shutdown().await;
 }
+
+/// Each cluster gets an id when it is founded; a node of another cluster
+/// (here: one whose data comes from a cluster founded elsewhere with the
+/// same CA, started at a member's address) is refused by id, and takes
+/// nothing from the cluster it reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_of_another_cluster_is_refused_by_id() {
+    let mut a = Cluster::start(3, "").await;
+    let mut b = Cluster::prepare(3, "").await;
+    // The same CA for both: TLS alone would not tell them apart.
+    for entry in std::fs::read_dir(&a.file.tls_dir).expect("certs") {
+        let entry = entry.expect("cert");
+        std::fs::copy(entry.path(), b.file.tls_dir.join(entry.file_name())).expect("copy");
+    }
+    for id in [1, 2, 3].map(NodeId) {
+        b.start_node(id).await;
+    }
+    let cb = Client::new(&b.endpoint(b.leader().await)).expect("client");
+    cb.put("b", b"only").await.expect("put");
+
+    let status = |c: Client| async move { c.status().await.expect("status").cluster_id };
+    let id_a = status(Client::new(&a.endpoint(NodeId(1))).expect("client")).await;
+    for id in [2, 3].map(NodeId) {
+        assert_eq!(
+            status(Client::new(&a.endpoint(id)).expect("client")).await,
+            id_a
+        );
+    }
+    let id_b = status(Client::new(&b.endpoint(NodeId(1))).expect("client")).await;
+    assert_eq!(id_a.len(), 16, "{id_a:?}");
+    assert_ne!(id_a, id_b);
+
+    // Node 3 of A is replaced by node 3 of B: B's data at A's address.
+    // (The put committed on a majority; node 3 may not have applied it.)
+    let b3 = Client::new(&b.endpoint(NodeId(3))).expect("client");
+    common::wait_applied(&b3, "b", "B's node 3 never applied the put").await;
+    b.stop_node(NodeId(3)).await;
+    a.stop_node(NodeId(3)).await;
+    let mut file = a.file.clone();
+    file.nodes.get_mut(&NodeId(3)).expect("node 3").data_dir = b.data_dir(NodeId(3));
+    let stranger = Node::start(&file, NodeId(3)).await.expect("starts");
+    let ca = Client::new(&a.endpoint(a.leader().await)).expect("client");
+    ca.put("a", b"only")
+        .await
+        .expect("A commits with nodes 1 and 2");
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while stranger.cluster().refused() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A's leader was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c3 = Client::new(&format!("http://{}", stranger.http_addr)).expect("client");
+    let s = c3.status().await.expect("status");
+    assert_eq!(s.cluster_id, id_b);
+    assert_ne!(s.leader_id, Some(a.leader().await.0), "{s:?}");
+    assert_eq!(c3.get("a", true).await.expect("stale get"), None);
+    assert_eq!(
+        c3.get("b", true).await.expect("stale get"),
+        Some(b"only".to_vec())
+    );
+    stranger.stop().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

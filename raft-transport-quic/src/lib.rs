@@ -11,6 +11,10 @@
 //!   (`node-<id>.raft`, see [`tls`]); a client dials a peer by that name, and
 //!   a server takes the caller's node id from its certificate and refuses any
 //!   request claiming to come from another node.
+//! - Every request names the sender's cluster ([`ClusterId`]); a node that
+//!   belongs to a cluster refuses requests from another one, so a node of
+//!   one cluster reaching another (an address reused, a shared CA) is
+//!   refused instead of joining its elections or taking its entries.
 //! - Per-RPC timeouts; reconnect with capped exponential backoff; a peer that
 //!   is down costs its own RPCs only, and its failures are logged at most
 //!   once per backoff step.
@@ -149,7 +153,95 @@ impl QuicAddr for String {
 #[serde(bound = "")]
 struct WireRequest<C: TypeConfig> {
     from: NodeId,
+    /// The sender's cluster id (0: none yet).
+    cluster: u64,
     msg: Message<C>,
+}
+
+/// The cluster a node belongs to, as the transport checks it.
+///
+/// A cluster gets its id when it is founded (the application decides how;
+/// raft-kv derives it from the founding members and the cluster CA). Every
+/// request carries the sender's id; a receiver that has an id refuses a
+/// request carrying a different nonzero one (logged, and counted in
+/// [`ClusterId::refused`]). A node with no id yet (one waiting to be added
+/// to a running cluster) adopts the id of the first request that carries
+/// one, after `adopt` has made it durable, and from then on refuses
+/// others. Requests without an id (peers that have none) are accepted.
+pub struct ClusterId {
+    id: std::sync::atomic::AtomicU64,
+    adopt: Box<dyn Fn(u64) -> std::io::Result<()> + Send + Sync>,
+    adopting: Mutex<()>,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl ClusterId {
+    /// A node of cluster `id` (0: none yet); `adopt` persists an id the
+    /// node adopts (it runs off the runtime, before the request that
+    /// brought the id is handled; an error leaves the id unadopted and the
+    /// request refused).
+    pub fn new(
+        id: u64,
+        adopt: impl Fn(u64) -> std::io::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        ClusterId {
+            id: id.into(),
+            adopt: Box::new(adopt),
+            adopting: Mutex::new(()),
+            refused: 0.into(),
+        }
+    }
+
+    /// The node's cluster id (0: none yet).
+    pub fn get(&self) -> u64 {
+        self.id.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Requests refused because they came from another cluster.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether a request from cluster `theirs` may be handled, adopting it
+    /// if this node has none.
+    async fn admit(self: &Arc<Self>, theirs: u64) -> Result<(), String> {
+        let ours = self.get();
+        if theirs == 0 || theirs == ours {
+            return Ok(());
+        }
+        if ours == 0 {
+            let _one_at_a_time = self.adopting.lock().await;
+            let ours = self.get();
+            if ours == 0 {
+                let me = self.clone();
+                let persisted = tokio::task::spawn_blocking(move || (me.adopt)(theirs))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                if let Err(e) = persisted {
+                    return Err(format!("could not record cluster id {theirs:016x}: {e}"));
+                }
+                self.id.store(theirs, std::sync::atomic::Ordering::Release);
+                info!(cluster = %format!("{theirs:016x}"), "joined cluster");
+                return Ok(());
+            }
+            if ours == theirs {
+                return Ok(());
+            }
+        }
+        self.refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Err(format!(
+            "request from cluster {theirs:016x}; this node belongs to cluster {:016x}",
+            self.get()
+        ))
+    }
+}
+
+impl std::fmt::Debug for ClusterId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClusterId({:016x})", self.get())
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -271,6 +363,7 @@ pub struct QuicTransport {
     endpoint: quinn::Endpoint,
     identity: TlsIdentity,
     config: QuicConfig,
+    cluster: Arc<ClusterId>,
 }
 
 impl QuicTransport {
@@ -302,7 +395,21 @@ impl QuicTransport {
             endpoint,
             identity,
             config,
+            cluster: Arc::new(ClusterId::new(0, |_| Ok(()))),
         })
+    }
+
+    /// Checks every request against `cluster` ([`ClusterId`]) and names it
+    /// in every request sent. Set it before [`QuicTransport::serve`] and
+    /// [`QuicTransport::network_factory`]; without it the node has no
+    /// cluster id and adopts none.
+    pub fn set_cluster(&mut self, cluster: Arc<ClusterId>) {
+        self.cluster = cluster;
+    }
+
+    /// The cluster this node belongs to.
+    pub fn cluster(&self) -> &Arc<ClusterId> {
+        &self.cluster
     }
 
     /// The underlying endpoint (for tests that speak raw QUIC to a node).
@@ -325,6 +432,7 @@ impl QuicTransport {
             endpoint: self.endpoint.clone(),
             from: self.identity.id,
             config: self.config.clone(),
+            cluster: self.cluster.clone(),
             _c: PhantomData,
         }
     }
@@ -334,12 +442,14 @@ impl QuicTransport {
     pub fn serve<C: TypeConfig>(&self, raft: Raft<C>) -> tokio::task::JoinHandle<()> {
         let endpoint = self.endpoint.clone();
         let config = self.config.clone();
+        let cluster = self.cluster.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let raft = raft.clone();
                 let config = config.clone();
+                let cluster = cluster.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_connection(incoming, raft, config).await {
+                    if let Err(e) = serve_connection(incoming, raft, config, cluster).await {
                         debug!(error = %e, "connection ended");
                     }
                 });
@@ -369,6 +479,7 @@ async fn serve_connection<C: TypeConfig>(
     incoming: quinn::Incoming,
     raft: Raft<C>,
     config: QuicConfig,
+    cluster: Arc<ClusterId>,
 ) -> Result<(), String> {
     let conn = tokio::time::timeout(config.connect_timeout, incoming)
         .await
@@ -399,10 +510,10 @@ async fn serve_connection<C: TypeConfig>(
             accepted = conn.accept_bi() => accepted.map_err(|e| e.to_string())?,
             Some(()) = streams.next(), if !streams.is_empty() => continue,
         };
-        let (raft, config) = (raft.clone(), &config);
+        let (raft, config, cluster) = (raft.clone(), &config, &cluster);
         streams.push(async move {
-            match tokio::time::timeout(timeout, serve_stream(peer, send, recv, raft, config)).await
-            {
+            let served = serve_stream(peer, send, recv, raft, config, cluster);
+            match tokio::time::timeout(timeout, served).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e @ FrameError::Abandoned(_))) => {
                     debug!(peer = %peer, error = %e, "call abandoned by peer")
@@ -420,15 +531,22 @@ async fn serve_stream<C: TypeConfig>(
     mut recv: quinn::RecvStream,
     raft: Raft<C>,
     config: &QuicConfig,
+    cluster: &Arc<ClusterId>,
 ) -> Result<(), FrameError> {
     let frame = read_frame(&mut recv, config.max_frame_bytes).await?;
     let req: WireRequest<C> = raft_core::codec::decode(&frame)?;
+    let admitted = cluster.admit(req.cluster).await;
     let resp: WireResponse<C> = if req.from != peer {
         warn!(peer = %peer, claimed = %req.from, "refusing request: sender differs from certificate");
         WireResponse::Err(format!(
             "certificate names node {peer}, request claims {}",
             req.from
         ))
+    } else if let Err(why) = admitted {
+        // Once per refusal streak would be kinder to the log, but a
+        // foreign node is worth hearing about.
+        warn!(peer = %peer, "refusing request: {why}");
+        WireResponse::Err(why)
     } else {
         let from = req.from;
         let r = match req.msg {
@@ -464,6 +582,7 @@ pub struct QuicNetworkFactory<C: TypeConfig> {
     endpoint: quinn::Endpoint,
     from: NodeId,
     config: QuicConfig,
+    cluster: Arc<ClusterId>,
     _c: PhantomData<fn() -> C>,
 }
 
@@ -477,6 +596,7 @@ where
         QuicNetwork {
             endpoint: self.endpoint.clone(),
             from: self.from,
+            cluster: self.cluster.clone(),
             target,
             addr: node.quic_addr(),
             config: self.config.clone(),
@@ -500,6 +620,7 @@ struct ConnState {
 pub struct QuicNetwork<C: TypeConfig> {
     endpoint: quinn::Endpoint,
     from: NodeId,
+    cluster: Arc<ClusterId>,
     target: NodeId,
     addr: Option<SocketAddr>,
     config: QuicConfig,
@@ -580,6 +701,7 @@ impl<C: TypeConfig> QuicNetwork<C> {
             let mut send = ResetUnlessSent(Some(send));
             let bytes = raft_core::codec::encode(&WireRequest::<C> {
                 from: self.from,
+                cluster: self.cluster.get(),
                 msg,
             })
             .map_err(|e| NetworkError::Transport(Box::new(e)))?;
@@ -647,6 +769,37 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_node_adopts_the_first_cluster_it_hears_durably_and_refuses_others() {
+        let recorded = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = recorded.clone();
+        let c = Arc::new(ClusterId::new(0, move |id| {
+            log.lock().unwrap().push(id);
+            Ok(())
+        }));
+        assert!(c.admit(0).await.is_ok(), "peers without an id pass");
+        assert_eq!(c.get(), 0);
+        assert!(c.admit(7).await.is_ok());
+        assert_eq!((c.get(), recorded.lock().unwrap().clone()), (7, vec![7]));
+        assert!(c.admit(7).await.is_ok());
+        assert!(c.admit(0).await.is_ok());
+        let refused = c.admit(8).await.expect_err("another cluster");
+        assert!(refused.contains("0000000000000008"), "{refused}");
+        assert_eq!(c.refused(), 1);
+        assert_eq!(recorded.lock().unwrap().len(), 1, "adopted once");
+
+        // An id that cannot be recorded is not adopted.
+        let failing = Arc::new(ClusterId::new(0, |_| {
+            Err(std::io::Error::other("disk full"))
+        }));
+        assert!(failing.admit(7).await.is_err());
+        assert_eq!(failing.get(), 0);
+        // A member's id is fixed from the start.
+        let member = Arc::new(ClusterId::new(5, |_| panic!("nothing to adopt")));
+        assert!(member.admit(5).await.is_ok());
+        assert!(member.admit(6).await.is_err());
+    }
 
     #[test]
     fn a_peer_giving_up_is_an_abandoned_call_and_a_cut_frame_is_not() {

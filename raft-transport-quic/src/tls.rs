@@ -293,4 +293,5 @@ impl TlsIdentity {
 /// `raft/3`: snapshot chunks carry a checksum.
 /// `raft/4`: responses and vote requests carry the sender's identity
 /// (`NodeUuid`), and a configuration the members' recorded identities.
-pub const ALPN: &[u8] = b"raft/4";
+/// `raft/5`: requests carry the sender's cluster id (`ClusterId`).
+pub const ALPN: &[u8] = b"raft/5";

@@ -353,9 +353,10 @@ impl Hostile {
     }
 }
 
-/// `msg` from `from` as one length-prefixed frame of the wire codec.
+/// `msg` from `from` (naming no cluster) as one length-prefixed frame of
+/// the wire codec.
 fn framed(from: NodeId, msg: raft_core::Message<KvConfig>) -> Vec<u8> {
-    let bytes = raft_core::codec::encode(&(from, msg)).expect("encode");
+    let bytes = raft_core::codec::encode(&(from, 0u64, msg)).expect("encode");
     let mut framed = (bytes.len() as u32).to_be_bytes().to_vec();
     framed.extend_from_slice(&bytes);
     framed
