@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use raft_kv_example::client::{Client, ClientOptions};
+
 use crate::cluster::LocalCluster;
 use crate::http::{Answer, Http, Outcome};
 
@@ -196,8 +198,11 @@ fn value_of(key: &str) -> String {
     format!("value-of-{key}")
 }
 
-/// Writes keys `range` through `leader` (following redirects), with a
-/// progress bar; records each acknowledged key.
+/// Writes keys `range` with the client library (`raft_kv_example::client`,
+/// what applications use): it starts at `leader`, follows redirects and
+/// retries through failures in its session, so each write it reports was
+/// applied exactly once. Shows a progress bar; records each acknowledged
+/// key.
 fn write_keys(
     c: &LocalCluster,
     leader: u64,
@@ -205,17 +210,27 @@ fn write_keys(
     acked: &mut Vec<String>,
     what: &str,
 ) -> Result<()> {
+    let mut endpoints = vec![c.endpoint(leader)];
+    endpoints.extend(
+        c.ids()
+            .into_iter()
+            .filter(|id| *id != leader)
+            .map(|id| c.endpoint(id)),
+    );
+    let endpoints: Vec<&str> = endpoints.iter().map(String::as_str).collect();
+    let options = ClientOptions {
+        retry_for: Duration::from_secs(10),
+        ..ClientOptions::default()
+    };
+    let client = Client::with_options(&endpoints, options)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let total = range.len();
     for (done, i) in range.enumerate() {
         let key = format!("demo-{i:05}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match c.http.put(&c.endpoint(leader), &key, &value_of(&key)) {
-                Outcome::Ok(()) => break,
-                other if Instant::now() > deadline => bail!("writing {key}: {other:?}"),
-                _ => sleep(Duration::from_millis(20)),
-            }
-        }
+        rt.block_on(client.put(&key, value_of(&key).as_bytes()))
+            .with_context(|| format!("writing {key}"))?;
         acked.push(key);
         progress(what, done + 1, total);
     }
