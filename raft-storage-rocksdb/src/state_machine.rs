@@ -1059,6 +1059,73 @@ mod tests {
         assert_eq!((snapshot.id, snapshot.size), (meta.id, meta.size));
     }
 
+    /// `scan_prefix` sees the stored keys with this batch's writes laid
+    /// over them, and the session sweep built on it removes exactly the
+    /// expired sessions, stored or staged.
+    #[tokio::test]
+    async fn a_batch_scans_stored_keys_under_its_own_writes_and_sweeps_idle_sessions() {
+        use raft_core::session::{self, Admission, SessionLimits, SessionTag};
+
+        use crate::RocksSessions;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = RocksDb::open(dir.path(), RocksOptions::default()).expect("open");
+        let stored = ["p/a", "p/b", "p/c", "q/a"].map(|k| Op::Put {
+            cf: CF_SM,
+            key: data_key(7, k.as_bytes()),
+            value: k.as_bytes().to_vec(),
+        });
+        db.writer.write(stored.into()).await.expect("write");
+        let mut view = WriteView {
+            db: &db,
+            group: 7,
+            pending: BTreeMap::new(),
+            error: None,
+        };
+        view.delete(b"p/b");
+        view.put(b"p/a", b"new");
+        view.put(b"p/d", b"staged");
+        view.put(b"q/b", b"other prefix");
+        let seen: Vec<(String, String)> = view
+            .scan_prefix(b"p/")
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8(k).unwrap(), String::from_utf8(v).unwrap()))
+            .collect();
+        let want = [("p/a", "new"), ("p/c", "p/c"), ("p/d", "staged")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        assert_eq!(seen, want);
+
+        let limits = SessionLimits {
+            idle_timeout_ms: 60_000,
+            max_pending: 8,
+        };
+        let tag = |client_id| SessionTag {
+            client_id,
+            seq: 1,
+            ack: 1,
+        };
+        let mut sessions = RocksSessions::new(&mut view);
+        session::register::<KvResponse>(&mut sessions, 10, 1_000, limits);
+        session::register::<KvResponse>(&mut sessions, 11, 50_000, limits);
+        // Session 11 is used later; 10 idles past its timeout, and the next
+        // command's sweep removes it.
+        assert_eq!(
+            session::admit::<KvResponse>(&mut sessions, &tag(11), 70_000),
+            Admission::Apply
+        );
+        session::register::<KvResponse>(&mut sessions, 12, 120_000, limits);
+        assert_eq!(
+            session::admit::<KvResponse>(&mut sessions, &tag(10), 120_000),
+            Admission::Refuse(session::SessionError::Unknown(10))
+        );
+        assert_eq!(
+            view.scan_prefix(b"\xFFraft-session/s/").len(),
+            2,
+            "sessions 11 and 12 remain"
+        );
+        assert!(view.error.is_none());
+    }
+
     type Sm = RocksStateMachine<KvConfig, Ignore>;
 
     fn open_sm(dir: &Path) -> (RocksDb, Sm) {
