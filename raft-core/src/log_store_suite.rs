@@ -2,51 +2,94 @@
 //! truncate and purge edge cases, hard-state round trips, reopening after
 //! every operation, and an empty store.
 //!
-//! ```ignore
-//! struct Harness { dir: tempdir }
+//! It works for any application's [`TypeConfig`]: the harness says how to
+//! make a command and a node address of its types. For a store of your
+//! own (here the in-memory one, with commands that are plain bytes):
+//!
+//! ```
+//! use async_trait::async_trait;
+//! use raft_core::log_store_suite::{self, LogStoreHarness};
+//! use raft_core::memory::MemLogStore;
+//! use raft_core::TypeConfig;
+//!
+//! #[derive(Clone, Debug, PartialEq, Eq)]
+//! struct Blobs;
+//! impl TypeConfig for Blobs {
+//!     type Command = Vec<u8>;
+//!     type Response = ();
+//!     type Node = std::net::SocketAddr;
+//!     fn command_size(c: &Vec<u8>) -> usize {
+//!         c.len()
+//!     }
+//! }
+//!
+//! struct Harness;
 //! #[async_trait]
-//! impl LogStoreHarness for Harness { ... }
-//! #[tokio::test]
-//! async fn conforms() { raft_core::log_store_suite::run(&mut Harness::new()).await }
+//! impl LogStoreHarness for Harness {
+//!     type Config = Blobs;
+//!     type Store = MemLogStore<Blobs>;
+//!     async fn fresh(&mut self) -> Self::Store {
+//!         MemLogStore::new()
+//!     }
+//!     async fn reopen(&mut self, store: Self::Store) -> Self::Store {
+//!         store // a real store closes and reopens its files here
+//!     }
+//!     fn command(&self, term: u64, index: u64) -> Vec<u8> {
+//!         format!("{term}/{index}").into_bytes()
+//!     }
+//!     fn node(&self, id: u64) -> std::net::SocketAddr {
+//!         ([127, 0, 0, 1], 7000 + id as u16).into()
+//!     }
+//! }
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! log_store_suite::run(&mut Harness).await;
+//! # });
 //! ```
 
 use async_trait::async_trait;
 
-use crate::memory::{KvCommand, KvConfig};
 use crate::storage::{LogState, LogStore};
-use crate::types::{Entry, EntryPayload, HardState, LogId, LogIndex, NodeId, NodeUuid, Term};
+use crate::types::{
+    Entry, EntryPayload, HardState, LogId, LogIndex, NodeId, NodeUuid, Term, TypeConfig,
+};
 
-/// How the suite gets stores: fresh ones, and the same storage reopened
-/// (as after a process restart).
+/// How the suite gets stores (fresh ones, and the same storage reopened,
+/// as after a process restart) and the application's values to put in
+/// entries.
 #[async_trait]
 pub trait LogStoreHarness: Send {
+    /// The application's types.
+    type Config: TypeConfig;
     /// The store under test.
-    type Store: LogStore<KvConfig>;
+    type Store: LogStore<Self::Config>;
     /// A new, empty store.
     async fn fresh(&mut self) -> Self::Store;
     /// Closes `store` and opens the same storage again.
     async fn reopen(&mut self, store: Self::Store) -> Self::Store;
+    /// A command for the entry at `index` of `term`, different for every
+    /// (term, index), so that the suite can tell entries apart.
+    fn command(&self, term: u64, index: u64) -> <Self::Config as TypeConfig>::Command;
+    /// The address of node `id`, for membership entries.
+    fn node(&self, id: u64) -> <Self::Config as TypeConfig>::Node;
 }
 
-fn entry(term: u64, index: u64) -> Entry<KvConfig> {
+fn entry<H: LogStoreHarness>(h: &H, term: u64, index: u64) -> Entry<H::Config> {
     Entry {
         log_id: LogId::new(term, index),
-        payload: EntryPayload::command(KvCommand::Put {
-            key: format!("k{index}"),
-            value: format!("t{term}"),
-        }),
+        payload: EntryPayload::command(h.command(term, index)),
     }
 }
 
-fn entries(term: u64, from: u64, to: u64) -> Vec<Entry<KvConfig>> {
-    (from..=to).map(|i| entry(term, i)).collect()
+fn entries<H: LogStoreHarness>(h: &H, term: u64, from: u64, to: u64) -> Vec<Entry<H::Config>> {
+    (from..=to).map(|i| entry(h, term, i)).collect()
 }
 
-async fn state<S: LogStore<KvConfig>>(s: &mut S) -> LogState {
+async fn state<C: TypeConfig, S: LogStore<C>>(s: &mut S) -> LogState {
     s.log_state().await.expect("log_state")
 }
 
-async fn ids<S: LogStore<KvConfig>>(s: &mut S, from: u64, to: u64) -> Vec<LogId> {
+async fn ids<C: TypeConfig, S: LogStore<C>>(s: &mut S, from: u64, to: u64) -> Vec<LogId> {
     s.read(LogIndex(from), LogIndex(to))
         .await
         .expect("read")
@@ -95,8 +138,8 @@ async fn empty_store<H: LogStoreHarness>(h: &mut H) {
 
 async fn append_and_read_ranges<H: LogStoreHarness>(h: &mut H) {
     let mut s = h.fresh().await;
-    s.append(entries(1, 1, 5)).await.expect("append");
-    s.append(entries(2, 6, 10)).await.expect("append");
+    s.append(entries(h, 1, 1, 5)).await.expect("append");
+    s.append(entries(h, 2, 6, 10)).await.expect("append");
     assert_eq!(
         state(&mut s).await,
         LogState {
@@ -126,13 +169,13 @@ async fn append_and_read_ranges<H: LogStoreHarness>(h: &mut H) {
 
 async fn append_leaving_a_hole_is_refused<H: LogStoreHarness>(h: &mut H) {
     let mut s = h.fresh().await;
-    s.append(entries(1, 1, 3)).await.expect("append");
+    s.append(entries(h, 1, 1, 3)).await.expect("append");
     assert!(
-        s.append(entries(1, 5, 6)).await.is_err(),
+        s.append(entries(h, 1, 5, 6)).await.is_err(),
         "append with a hole must fail"
     );
     assert!(
-        s.append(entries(1, 3, 4)).await.is_err(),
+        s.append(entries(h, 1, 3, 4)).await.is_err(),
         "append overlapping the end must fail"
     );
     assert_eq!(
@@ -144,7 +187,7 @@ async fn append_leaving_a_hole_is_refused<H: LogStoreHarness>(h: &mut H) {
 
 async fn truncate_edges<H: LogStoreHarness>(h: &mut H) {
     let mut s = h.fresh().await;
-    s.append(entries(1, 1, 10)).await.expect("append");
+    s.append(entries(h, 1, 1, 10)).await.expect("append");
     s.truncate(LogIndex(11)).await.expect("truncate past end");
     assert_eq!(
         state(&mut s).await.last,
@@ -161,7 +204,7 @@ async fn truncate_edges<H: LogStoreHarness>(h: &mut H) {
         ids(&mut s, 6, 10).await.is_empty(),
         "truncated entries are gone"
     );
-    s.append(entries(3, 6, 8))
+    s.append(entries(h, 3, 6, 8))
         .await
         .expect("append after truncate");
     assert_eq!(
@@ -174,7 +217,7 @@ async fn truncate_edges<H: LogStoreHarness>(h: &mut H) {
         LogState::default(),
         "truncate from the first entry empties the log"
     );
-    s.append(entries(4, 1, 2))
+    s.append(entries(h, 4, 1, 2))
         .await
         .expect("append to emptied log");
     assert_eq!(state(&mut s).await.last, LogId::new(4, 2));
@@ -182,7 +225,7 @@ async fn truncate_edges<H: LogStoreHarness>(h: &mut H) {
 
 async fn purge_edges<H: LogStoreHarness>(h: &mut H) {
     let mut s = h.fresh().await;
-    s.append(entries(1, 1, 10)).await.expect("append");
+    s.append(entries(h, 1, 1, 10)).await.expect("append");
     s.purge(LogId::new(1, 4)).await.expect("purge");
     assert_eq!(
         state(&mut s).await,
@@ -222,7 +265,7 @@ async fn purge_edges<H: LogStoreHarness>(h: &mut H) {
             last: LogId::new(1, 4)
         }
     );
-    s.append(entries(2, 5, 5))
+    s.append(entries(h, 2, 5, 5))
         .await
         .expect("append after purge point");
     assert_eq!(state(&mut s).await.last, LogId::new(2, 5));
@@ -231,7 +274,7 @@ async fn purge_edges<H: LogStoreHarness>(h: &mut H) {
 async fn purge_past_the_end_then_append<H: LogStoreHarness>(h: &mut H) {
     // What installing a snapshot newer than the log does.
     let mut s = h.fresh().await;
-    s.append(entries(1, 1, 3)).await.expect("append");
+    s.append(entries(h, 1, 1, 3)).await.expect("append");
     s.purge(LogId::new(5, 20)).await.expect("purge past end");
     assert_eq!(
         state(&mut s).await,
@@ -241,7 +284,7 @@ async fn purge_past_the_end_then_append<H: LogStoreHarness>(h: &mut H) {
         }
     );
     assert!(ids(&mut s, 0, 30).await.is_empty());
-    s.append(entries(5, 21, 22))
+    s.append(entries(h, 5, 21, 22))
         .await
         .expect("append after snapshot point");
     let mut s = h.reopen(s).await;
@@ -279,7 +322,7 @@ async fn hard_state_round_trip<H: LogStoreHarness>(h: &mut H) {
 
 async fn reopen_after_every_operation<H: LogStoreHarness>(h: &mut H) {
     let mut s = h.fresh().await;
-    s.append(entries(1, 1, 10)).await.expect("append");
+    s.append(entries(h, 1, 1, 10)).await.expect("append");
     let mut s = h.reopen(s).await;
     assert_eq!(
         state(&mut s).await.last,
@@ -320,7 +363,7 @@ async fn reopen_after_every_operation<H: LogStoreHarness>(h: &mut H) {
 
 async fn entries_round_trip_exactly<H: LogStoreHarness>(h: &mut H) {
     let mut s = h.fresh().await;
-    let mut es = entries(1, 1, 3);
+    let mut es = entries(h, 1, 1, 3);
     es.push(Entry {
         log_id: LogId::new(1, 4),
         payload: EntryPayload::Blank,
@@ -328,7 +371,7 @@ async fn entries_round_trip_exactly<H: LogStoreHarness>(h: &mut H) {
     es.push(Entry {
         log_id: LogId::new(2, 5),
         payload: EntryPayload::Membership(crate::types::Membership::new_voters(
-            [(NodeId(1), "a".to_string()), (NodeId(2), "b".to_string())].into(),
+            [(NodeId(1), h.node(1)), (NodeId(2), h.node(2))].into(),
         )),
     });
     s.append(es.clone()).await.expect("append");
@@ -343,18 +386,28 @@ async fn entries_round_trip_exactly<H: LogStoreHarness>(h: &mut H) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::MemLogStore;
+    use crate::memory::{KvCommand, KvConfig, MemLogStore};
 
     struct MemHarness;
 
     #[async_trait]
     impl LogStoreHarness for MemHarness {
+        type Config = KvConfig;
         type Store = MemLogStore<KvConfig>;
         async fn fresh(&mut self) -> Self::Store {
             MemLogStore::new()
         }
         async fn reopen(&mut self, store: Self::Store) -> Self::Store {
             store // clones share the same memory: "reopening" keeps it
+        }
+        fn command(&self, term: u64, index: u64) -> KvCommand {
+            KvCommand::Put {
+                key: format!("k{index}"),
+                value: format!("t{term}"),
+            }
+        }
+        fn node(&self, id: u64) -> String {
+            format!("node-{id}")
         }
     }
 
