@@ -264,8 +264,8 @@ struct Window {
 struct Verdict {
     problems: Vec<String>,
     durable_checked: usize,
-    /// The counter's final value.
-    counter: u64,
+    /// What the clients' retries came to, for the report.
+    retries: String,
     /// `--large-state` keys read back and found as written.
     large_checked: usize,
 }
@@ -948,11 +948,21 @@ impl Chaos {
                 v.key, v.ops, v.detail
             ));
         }
+        let c = &self.session_counts;
+        let retries = format!(
+            "unknown outcomes: {} tries before retries, {} writes after retries \
+             ({} retries answered from the session); counter: {counter} after {} \
+             acknowledged increments",
+            c.unknown_tries.load(Ordering::Relaxed),
+            c.unknown_after_retries.load(Ordering::Relaxed),
+            c.replayed.load(Ordering::Relaxed),
+            self.increments.load(Ordering::Relaxed),
+        );
         Verdict {
             problems,
             durable_checked: durable.len(),
             large_checked,
-            counter,
+            retries,
         }
     }
 
@@ -1010,19 +1020,7 @@ impl Chaos {
                 n(OpStatus::Unknown)
             );
         }
-        let c = &self.session_counts;
-        println!(
-            "chaos: unknown outcomes: {} tries before retries, {} writes after retries \
-             ({} retries answered from the session)",
-            c.unknown_tries.load(Ordering::Relaxed),
-            c.unknown_after_retries.load(Ordering::Relaxed),
-            c.replayed.load(Ordering::Relaxed),
-        );
-        println!(
-            "chaos: counter: {} after {} acknowledged increments",
-            verdict.counter,
-            self.increments.load(Ordering::Relaxed)
-        );
+        println!("chaos: {}", verdict.retries);
         Ok(path)
     }
 }
@@ -1177,6 +1175,11 @@ fn render_report(
         );
     }
     ops.push_str("</table>");
+    let _ = write!(
+        ops,
+        "<p>Writes are made in client sessions and retried until definite; {}.</p>",
+        html(&verdict.retries)
+    );
     let mut faults = String::from("<table><tr><th>from</th><th>to</th><th>fault</th></tr>");
     for win in windows {
         let _ = write!(
