@@ -467,8 +467,8 @@ impl Chaos {
             match rng.range(0, 100) {
                 0..10 => {
                     let key = format!("once-c{id}-{seq}");
-                    let out =
-                        self.write(&http, &mut rng, &mut sess, &key, OpKind::Put(value.clone()));
+                    let put = OpKind::Put(value.clone());
+                    let (out, _) = self.write(&http, &mut rng, &mut sess, &key, put);
                     if out == OpStatus::Ok {
                         self.durable.lock().expect("lock").push((key, value));
                     }
@@ -519,7 +519,7 @@ impl Chaos {
             expected: current,
             new: Some(next.to_string()),
         };
-        let (status, output) = self.write_op(http, rng, sess, COUNTER, kind);
+        let (status, output) = self.write(http, rng, sess, COUNTER, kind);
         if status == OpStatus::Ok
             && matches!(
                 output,
@@ -534,19 +534,8 @@ impl Chaos {
     }
 
     /// A write (`Put` or `Cas`) in the session, retried until definite,
-    /// recorded as one operation.
+    /// recorded as one operation; its status and, if ok, its output.
     fn write(
-        &self,
-        http: &Http,
-        rng: &mut Rng,
-        sess: &mut session::Session,
-        key: &str,
-        kind: OpKind,
-    ) -> OpStatus {
-        self.write_op(http, rng, sess, key, kind).0
-    }
-
-    fn write_op(
         &self,
         http: &Http,
         rng: &mut Rng,
