@@ -60,7 +60,7 @@ use crate::api::CasAnswer;
 pub use crate::api::Status;
 use crate::cluster_file::Limits;
 use crate::metrics::{Metrics, role_name};
-use crate::types::{Command, Kv, NodeAddr, Response as KvResponse};
+use crate::types::{Command, Kv, NodeAddr, Response as KvResponse, SessionWrite};
 
 /// Awaits a call to the Raft handle for at most `limit`: its error becomes
 /// the matching API error for the request at `uri`, running out of time
@@ -308,7 +308,13 @@ impl AppState {
             Some(tag) => Command::InSession {
                 tag,
                 stamp_ms: now_ms(),
-                command: Box::new(command),
+                command: SessionWrite::new(command).map_err(|_| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "only puts, deletes and CASes are made in a session",
+                    )
+                })?,
             },
             None => command,
         };

@@ -34,4 +34,4 @@ pub use cluster_file::ClusterFile;
 #[cfg(feature = "server")]
 pub use server::{Node, ServeError};
 #[cfg(feature = "server")]
-pub use types::{Command, Kv, NodeAddr, Response};
+pub use types::{Command, Kv, NodeAddr, Response, SessionWrite};

@@ -63,12 +63,7 @@ impl KvApply<Kv> for KvLogic {
                 stamp_ms,
                 command,
             } => {
-                if matches!(
-                    **command,
-                    Command::OpenSession { .. } | Command::InSession { .. }
-                ) {
-                    return Response::None;
-                }
+                let command = command.command();
                 match session::admit(&mut RocksSessions::new(view), tag, *stamp_ms) {
                     Admission::Apply => {
                         let response = self.apply(command, view);

@@ -24,7 +24,7 @@ impl TypeConfig for Kv {
             Command::Delete { key } => key.len(),
             Command::Cas { key, expected, new } => key.len() + opt(expected) + opt(new),
             Command::OpenSession { .. } => 16,
-            Command::InSession { command, .. } => 32 + Kv::command_size(command),
+            Command::InSession { command, .. } => 32 + Kv::command_size(command.command()),
         }
     }
 }
@@ -65,8 +65,7 @@ pub enum Command {
     },
     /// A write in a client session: applied at most once per (client id,
     /// sequence), however often it is retried. The write is a `Put`,
-    /// `Delete` or `Cas`; anything else is answered [`Response::None`] and
-    /// applied nowhere.
+    /// `Delete` or `Cas` (nothing else encodes or decodes there).
     InSession {
         /// The session, the write's sequence and the client's
         /// acknowledgement.
@@ -74,8 +73,99 @@ pub enum Command {
         /// The proposing leader's clock, in ms since the Unix epoch.
         stamp_ms: u64,
         /// The write.
-        command: Box<Command>,
+        command: SessionWrite,
     },
+}
+
+/// A write that may go in a session: a `Put`, `Delete` or `Cas` command,
+/// never a session command, so commands never nest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionWrite(#[serde(with = "plain_write")] Box<Command>);
+
+impl SessionWrite {
+    /// `command` as a write in a session; a session command is handed back.
+    pub fn new(command: Command) -> Result<SessionWrite, Command> {
+        match command {
+            Command::Put { .. } | Command::Delete { .. } | Command::Cas { .. } => {
+                Ok(SessionWrite(Box::new(command)))
+            }
+            other => Err(other),
+        }
+    }
+
+    /// The write.
+    pub fn command(&self) -> &Command {
+        &self.0
+    }
+}
+
+/// The write inside a [`SessionWrite`], encoded exactly as the `Put`,
+/// `Delete` or `Cas` command it is, and decoded as one of those only: a
+/// command can never nest another, so an entry that nests commands a
+/// million deep (hostile, or corrupt behind a valid checksum) is refused
+/// as an unknown variant instead of overflowing the stack while decoding.
+mod plain_write {
+    use serde::de::Deserializer;
+    use serde::ser::{Error as _, Serializer};
+    use serde::{Deserialize, Serialize};
+    use serde_bytes::ByteBuf;
+
+    use super::Command;
+
+    /// `Command`'s first three variants, borrowed (same variant indices,
+    /// same fields: the same bytes in the codec).
+    #[derive(Serialize)]
+    enum Ref<'a> {
+        Put {
+            key: &'a String,
+            value: &'a ByteBuf,
+        },
+        Delete {
+            key: &'a String,
+        },
+        Cas {
+            key: &'a String,
+            expected: &'a Option<ByteBuf>,
+            new: &'a Option<ByteBuf>,
+        },
+    }
+
+    /// The same, owned, for decoding.
+    #[derive(Deserialize)]
+    enum Owned {
+        Put {
+            key: String,
+            value: ByteBuf,
+        },
+        Delete {
+            key: String,
+        },
+        Cas {
+            key: String,
+            expected: Option<ByteBuf>,
+            new: Option<ByteBuf>,
+        },
+    }
+
+    pub fn serialize<S: Serializer>(c: &Command, s: S) -> Result<S::Ok, S::Error> {
+        match c {
+            Command::Put { key, value } => Ref::Put { key, value }.serialize(s),
+            Command::Delete { key } => Ref::Delete { key }.serialize(s),
+            Command::Cas { key, expected, new } => Ref::Cas { key, expected, new }.serialize(s),
+            // `SessionWrite::new` lets no other command in.
+            _ => Err(S::Error::custom(
+                "a write in a session is a put, a delete or a CAS",
+            )),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Box<Command>, D::Error> {
+        Ok(Box::new(match Owned::deserialize(d)? {
+            Owned::Put { key, value } => Command::Put { key, value },
+            Owned::Delete { key } => Command::Delete { key },
+            Owned::Cas { key, expected, new } => Command::Cas { key, expected, new },
+        }))
+    }
 }
 
 /// What applying a [`Command`] answered. Kept in client sessions, so it
@@ -131,5 +221,65 @@ impl QuicAddr for NodeAddr {
             .parse()
             .ok()
             .or_else(|| self.raft_addr.to_socket_addrs().ok()?.next())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put() -> Command {
+        Command::Put {
+            key: "k".into(),
+            value: serde_bytes::ByteBuf::from(b"v".to_vec()),
+        }
+    }
+
+    fn in_session(command: Command) -> Command {
+        Command::InSession {
+            tag: SessionTag {
+                client_id: 1,
+                seq: 2,
+                ack: 2,
+            },
+            stamp_ms: 3,
+            command: SessionWrite::new(command).expect("a plain write"),
+        }
+    }
+
+    #[test]
+    fn a_write_in_a_session_round_trips_and_is_encoded_as_the_plain_command() {
+        let cas = Command::Cas {
+            key: "c".into(),
+            expected: None,
+            new: Some(serde_bytes::ByteBuf::from(b"n".to_vec())),
+        };
+        for inner in [put(), Command::Delete { key: "d".into() }, cas] {
+            let c = in_session(inner.clone());
+            let bytes = raft_core::codec::encode(&c).expect("encode");
+            assert_eq!(
+                raft_core::codec::decode::<Command>(&bytes).expect("decode"),
+                c
+            );
+            let plain = raft_core::codec::encode(&inner).expect("encode");
+            assert!(
+                bytes.ends_with(&plain),
+                "the write is the command's own bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn commands_never_nest_whatever_the_bytes_say() {
+        // A session command cannot be made a session write.
+        assert!(SessionWrite::new(in_session(put())).is_err());
+        // Bytes that nest one a million deep decode to an error, not a
+        // stack overflow: the inner command may not be a session one.
+        let one = raft_core::codec::encode(&in_session(put())).expect("encode");
+        let plain = raft_core::codec::encode(&put()).expect("encode");
+        let header = &one[..one.len() - plain.len()];
+        let mut nested = header.repeat(1_000_000);
+        nested.extend_from_slice(&plain);
+        assert!(raft_core::codec::decode::<Command>(&nested).is_err());
     }
 }
