@@ -612,6 +612,7 @@ impl Client {
             })?;
         let deadline = tokio::time::Instant::now() + self.options.retry_for;
         let mut attempt = 0;
+        let mut redirected = 0;
         let mut resp = loop {
             let url = format!("{}/v1/snapshot", self.leader_endpoint());
             let why = match http.get(&url).send().await {
@@ -622,8 +623,15 @@ impl Client {
                         .get(LOCATION)
                         .and_then(|l| l.to_str().ok())
                         .and_then(origin);
+                    let found = leader.is_some();
                     self.state().leader = leader;
-                    continue;
+                    // Straight to the leader, a few times; then as any
+                    // other failure (no Location, or nodes that disagree).
+                    redirected += 1;
+                    if found && redirected <= 4 {
+                        continue;
+                    }
+                    format!("{url}: redirected without reaching the leader")
                 }
                 Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => {
                     self.lost(&url);
