@@ -50,6 +50,129 @@ pub type SnapshotBuild<C> =
 /// - An [`EntryPayload::Command`] is shared
 ///   with the log and its messages; take it owned with
 ///   `Arc::unwrap_or_clone`, which copies it only while others hold it.
+///
+/// # Example: `Raft` over an application's own types and state machine
+/// A replicated counter: commands add to it, responses are the new total,
+/// a snapshot is the total's eight bytes. (The log store and network are
+/// the in-memory ones here; a deployment brings durable ones, e.g.
+/// raft-storage-rocksdb and raft-transport-quic.)
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use async_trait::async_trait;
+/// use raft_core::memory::{MemLogStore, MemRouter};
+/// use raft_core::{
+///     Config, Entry, EntryPayload, LogId, Membership, NodeId, Raft, SnapshotChunk, SnapshotMeta,
+///     StateMachine, StorageError, TypeConfig,
+/// };
+///
+/// #[derive(Clone, Debug, PartialEq, Eq)]
+/// struct Counter;
+/// impl TypeConfig for Counter {
+///     type Command = u64; // add this much
+///     type Response = u64; // the total after it
+///     type Node = String;
+///     fn command_size(_: &u64) -> usize {
+///         8
+///     }
+/// }
+///
+/// #[derive(Default)]
+/// struct Total {
+///     total: u64,
+///     applied: LogId,
+///     membership: Membership<String>,
+///     snapshot: Option<(SnapshotMeta<Counter>, Vec<u8>)>,
+///     receiving: Vec<u8>,
+/// }
+///
+/// #[async_trait]
+/// impl StateMachine<Counter> for Total {
+///     async fn applied(&mut self) -> Result<LogId, StorageError> {
+///         Ok(self.applied)
+///     }
+///     async fn apply(&mut self, entries: Vec<Entry<Counter>>) -> Result<Vec<u64>, StorageError> {
+///         let mut out = Vec::with_capacity(entries.len());
+///         for e in entries {
+///             self.applied = e.log_id;
+///             match e.payload {
+///                 EntryPayload::Command(add) => self.total += *add,
+///                 EntryPayload::Membership(m) => self.membership = m,
+///                 EntryPayload::Blank => {}
+///             }
+///             out.push(self.total);
+///         }
+///         Ok(out)
+///     }
+///     async fn build_snapshot(&mut self) -> Result<SnapshotMeta<Counter>, StorageError> {
+///         let meta = SnapshotMeta {
+///             last_log_id: self.applied,
+///             membership: self.membership.clone(),
+///             id: self.applied.index.0,
+///             size: 8,
+///         };
+///         self.snapshot = Some((meta.clone(), self.total.to_le_bytes().to_vec()));
+///         Ok(meta)
+///     }
+///     async fn current_snapshot(&mut self) -> Result<Option<SnapshotMeta<Counter>>, StorageError> {
+///         Ok(self.snapshot.as_ref().map(|(m, _)| m.clone()))
+///     }
+///     async fn read_snapshot_chunk(
+///         &mut self,
+///         id: u64,
+///         offset: u64,
+///         max_len: usize,
+///     ) -> Result<Option<SnapshotChunk>, StorageError> {
+///         Ok(self.snapshot.as_ref().filter(|(m, _)| m.id == id).map(|(_, bytes)| {
+///             let start = (offset as usize).min(bytes.len());
+///             let end = (start + max_len).min(bytes.len());
+///             SnapshotChunk { data: bytes[start..end].to_vec(), done: end == bytes.len() }
+///         }))
+///     }
+///     async fn write_snapshot_chunk(
+///         &mut self,
+///         _: &SnapshotMeta<Counter>,
+///         offset: u64,
+///         data: Vec<u8>,
+///     ) -> Result<(), StorageError> {
+///         self.receiving.truncate(offset as usize);
+///         self.receiving.extend(data);
+///         Ok(())
+///     }
+///     async fn install_snapshot(&mut self, meta: &SnapshotMeta<Counter>) -> Result<(), StorageError> {
+///         let bytes: [u8; 8] = self.receiving.as_slice().try_into().map_err(|_| {
+///             StorageError::Corrupt { location: "snapshot".into(), detail: "not 8 bytes".into() }
+///         })?;
+///         self.total = u64::from_le_bytes(bytes);
+///         self.applied = meta.last_log_id;
+///         self.membership = meta.membership.clone();
+///         self.snapshot = Some((meta.clone(), bytes.to_vec()));
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let router = MemRouter::<Counter>::new();
+/// let members: BTreeMap<NodeId, String> = (1..=3).map(|i| (NodeId(i), format!("n{i}"))).collect();
+/// let mut nodes = Vec::new();
+/// for id in members.keys() {
+///     let raft = Raft::start(*id, Config::default(), MemLogStore::new(), Total::default(), router.factory(*id)).await?;
+///     router.register(*id, raft.clone());
+///     nodes.push(raft);
+/// }
+/// nodes[0].initialize(members).await?;
+/// let leader = nodes[0].wait_for_leader(std::time::Duration::from_secs(5)).await.expect("a leader");
+/// let leader = &nodes[(leader.0 - 1) as usize];
+/// let (_, total) = leader.client_write(2).await?;
+/// assert_eq!(total, 2);
+/// let (_, total) = leader.client_write(40).await?;
+/// assert_eq!(total, 42);
+/// for raft in &nodes {
+///     raft.shutdown().await;
+/// }
+/// # Ok(()) }
+/// ```
 #[async_trait]
 pub trait StateMachine<C: TypeConfig>: Send + Sync + 'static {
     /// The last applied entry (`LogId::ZERO` if none). A durable state

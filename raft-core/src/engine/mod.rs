@@ -156,6 +156,71 @@ pub enum ProposeError<N> {
 }
 
 /// One Raft node's consensus state. See the module docs for the contract.
+///
+/// Driving it by hand (what the `Raft` driver and the simulator do, in
+/// full): a one-node cluster, with the storage a real driver would make
+/// durable reduced to comments. A cluster of several is the same loop plus
+/// `Send` actions delivered to the peers' `step`, and their `Respond`
+/// actions delivered back.
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use raft_core::engine::{Action, Engine, RecoveredState};
+/// use raft_core::memory::{KvCommand, KvConfig};
+/// use raft_core::{Config, EntryPayload, Membership, NodeId};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // What storage recovered: nothing, a new node. Seed 7 draws its
+/// // election timeouts; the clock starts at 0 ms.
+/// let mut e: Engine<KvConfig> =
+///     Engine::new(NodeId(1), Config::default(), 7, 0, RecoveredState::default())?;
+/// e.initialize(Membership::new_voters(BTreeMap::from([(NodeId(1), "n1".to_string())])))?;
+///
+/// // Carries out the actions in order; returns the commands applied.
+/// fn drive(e: &mut Engine<KvConfig>) -> Vec<KvCommand> {
+///     let mut applied = Vec::new();
+///     loop {
+///         let actions = e.take_actions();
+///         if actions.is_empty() {
+///             return applied;
+///         }
+///         for action in actions {
+///             match action {
+///                 // Durable before the next action starts.
+///                 Action::SaveHardState(_) => { /* write term and vote */ }
+///                 Action::AppendLog { entries } => {
+///                     /* append durably */
+///                     let last = entries.last().expect("entries").log_id;
+///                     e.log_persisted(last);
+///                 }
+///                 Action::Apply { entries } => {
+///                     for entry in entries {
+///                         if let EntryPayload::Command(c) = entry.payload {
+///                             applied.push((*c).clone());
+///                         }
+///                     }
+///                 }
+///                 // No peers, no snapshots, no reads in this example.
+///                 _ => {}
+///             }
+///         }
+///     }
+/// }
+///
+/// // Time passes until the election timeout fires and the node elects
+/// // itself.
+/// let mut now = 0;
+/// while !e.is_leader() {
+///     now += 10;
+///     e.tick(now);
+///     drive(&mut e);
+/// }
+/// let put = KvCommand::Put { key: "k".into(), value: "v".into() };
+/// e.propose(put.clone())?;
+/// assert_eq!(drive(&mut e), vec![put]);
+/// assert_eq!(e.applied_index(), e.commit_index());
+/// # Ok(()) }
+/// ```
 pub struct Engine<C: TypeConfig> {
     id: NodeId,
     config: Config,
