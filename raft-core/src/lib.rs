@@ -22,6 +22,7 @@ pub mod error;
 pub mod executor;
 pub mod message;
 pub mod network;
+#[cfg(feature = "driver")]
 pub mod raft;
 pub mod session;
 pub mod state_machine;
@@ -33,6 +34,7 @@ pub use engine::{Action, Engine, ProposeError, ReadId, RecoveredState, Role};
 pub use error::{InitializeError, MembershipError, NotLeader, RecoveryError, StepError};
 pub use message::*;
 pub use network::{Network, NetworkError, NetworkFactory};
+#[cfg(feature = "driver")]
 pub use raft::{Raft, RaftError, RaftMetrics, StartError};
 pub use state_machine::{SnapshotBuild, SnapshotChunk, StateMachine};
 pub use storage::{LogState, LogStore, StorageError};

@@ -80,13 +80,14 @@ impl MemStateMachine {
     ) -> Result<T, StorageError> {
         let this = self.clone();
         let run = move || f(this);
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => rt
+        #[cfg(feature = "driver")]
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            return rt
                 .spawn_blocking(run)
                 .await
-                .map_err(|e| StorageError::Backend(e.to_string().into()))?,
-            Err(_) => run(),
+                .map_err(|e| StorageError::Backend(e.to_string().into()))?;
         }
+        run()
     }
 
     /// Reads a key from the local state. After `Raft::ensure_linearizable`
