@@ -122,11 +122,7 @@ where
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
-    sorted
-        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or(0) as f64
-        / 1000.0
+    raft_core::sim::quantile(sorted, p).unwrap_or(0) as f64 / 1000.0
 }
 
 /// A raw quinn server that reads each stream to its end and answers with

@@ -211,8 +211,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Sorted latencies' `p` quantile in milliseconds (0 if there are none).
 pub fn quantile_ms(sorted_us: &[u32], p: f64) -> f64 {
-    let i = ((sorted_us.len() as f64 * p) as usize).min(sorted_us.len().saturating_sub(1));
-    sorted_us.get(i).copied().unwrap_or(0) as f64 / 1000.0
+    raft_core::sim::quantile(sorted_us, p).unwrap_or(0) as f64 / 1000.0
 }
 
 #[cfg(test)]

@@ -192,11 +192,7 @@ async fn run<W: Writer>(client: W, writers: usize, payload: usize, secs: f64) ->
     let elapsed = start.elapsed().as_secs_f64();
     dog.abort();
     lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
+    let pct = |p: f64| raft_core::sim::quantile(&lat, p).unwrap_or(0);
     client.shutdown().await;
     Measured {
         writes_per_sec: lat.len() as f64 / elapsed,

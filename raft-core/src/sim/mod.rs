@@ -43,6 +43,22 @@ mod safety;
 pub use crate::engine::rng::Rng;
 pub use monitor::{Coverage, Reach};
 
+/// The `p` quantile (0.0 to 1.0) of `sorted` (ascending): the value below
+/// which a fraction `p` of them lie, by the nearest-rank rule; `None` if
+/// there are none. The one percentile helper of the workspace's benches
+/// and tools.
+///
+/// ```
+/// let latencies = [3, 5, 8, 13, 21, 34, 55, 89, 144, 233];
+/// assert_eq!(raft_core::sim::quantile(&latencies, 0.5), Some(34));
+/// assert_eq!(raft_core::sim::quantile(&latencies, 0.99), Some(233));
+/// assert_eq!(raft_core::sim::quantile::<u32>(&[], 0.5), None);
+/// ```
+pub fn quantile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(i).copied()
+}
+
 use std::cmp::Reverse;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
