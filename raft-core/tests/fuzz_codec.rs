@@ -25,6 +25,9 @@ use raft_core::{
 
 type C = KvConfig;
 
+/// Decodes its bytes as one type; whether they made a value.
+type Decoder = fn(&[u8]) -> bool;
+
 fn membership() -> Membership<String> {
     let mut m = Membership::new_voters(
         (1..=3)
@@ -75,7 +78,7 @@ fn entries() -> Vec<Entry<C>> {
 
 /// Valid encodings of every kind of value the codec decodes from peers
 /// or disk, each with the decoder that reads it.
-fn corpus() -> Vec<(Vec<u8>, fn(&[u8]) -> bool)> {
+fn corpus() -> Vec<(Vec<u8>, Decoder)> {
     fn msg(bytes: &[u8]) -> bool {
         codec::decode::<Message<C>>(bytes).is_ok()
     }
@@ -143,9 +146,9 @@ fn corpus() -> Vec<(Vec<u8>, fn(&[u8]) -> bool)> {
             leader_id: NodeId(1),
         }),
     ];
-    let mut out: Vec<(Vec<u8>, fn(&[u8]) -> bool)> = messages
+    let mut out: Vec<(Vec<u8>, Decoder)> = messages
         .iter()
-        .map(|m| (codec::encode(m).expect("encode"), msg as fn(&[u8]) -> bool))
+        .map(|m| (codec::encode(m).expect("encode"), msg as Decoder))
         .collect();
     for e in entries() {
         out.push((codec::encode(&e).expect("encode"), entry));
@@ -241,7 +244,7 @@ fn regressions() -> Vec<Vec<u8>> {
 #[test]
 fn damaged_encodings_decode_to_a_value_or_an_error_never_a_panic() {
     let corpus = corpus();
-    let decoders: Vec<fn(&[u8]) -> bool> = corpus.iter().map(|(_, d)| *d).collect();
+    let decoders: Vec<Decoder> = corpus.iter().map(|(_, d)| *d).collect();
     // Every kept input, through every decoder.
     for input in regressions() {
         for d in &decoders {
