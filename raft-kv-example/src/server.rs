@@ -198,31 +198,45 @@ fn write_cluster_id(dir: &std::path::Path, id: u64) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// The node's cluster id for the transport to check: the recorded one; a
-/// founder's, derived and recorded now; none yet for a node about to join
-/// (it adopts the id of the first request that carries one). A node with
-/// data but no id (from a build before cluster ids) checks none.
-fn cluster_id(
-    file: &ClusterFile,
-    dir: &std::path::Path,
-    founding: bool,
-) -> Result<Arc<ClusterId>, ServeError> {
-    let id = match read_cluster_id(dir)? {
-        Some(id) => id,
-        None if founding => {
-            let id = founding_cluster_id(file)?;
-            write_cluster_id(dir, id).map_err(|source| ServeError::File {
-                path: dir.join(CLUSTER_ID_FILE),
-                source,
-            })?;
-            id
-        }
-        None => 0,
-    };
+/// The node's cluster id for the transport to check: the recorded one, or
+/// none yet. A node with none adopts the id of the first request that
+/// carries one, or, if it leads first, claims its founding id
+/// ([`claim_when_leading`]): so founders, a node joining with `--join`, a
+/// node whose data was wiped (restarted from a file that may have changed
+/// since the cluster was founded) and a cluster of a build before cluster
+/// ids all end up with the id of the cluster they are in.
+fn cluster_id(dir: &std::path::Path) -> Result<Arc<ClusterId>, ServeError> {
+    let id = read_cluster_id(dir)?.unwrap_or(0);
     let dir = dir.to_path_buf();
     Ok(Arc::new(ClusterId::new(id, move |id| {
         write_cluster_id(&dir, id)
     })))
+}
+
+/// Once this node leads while its cluster has no id yet, records `founding`
+/// as the id; the others adopt it from its next request. Any leader with
+/// the same file and CA derives the same id, so a leader that dies before
+/// anyone adopted its id is succeeded by one that claims the same.
+fn claim_when_leading(raft: Raft<Kv>, cluster: Arc<ClusterId>, founding: u64) {
+    tokio::spawn(async move {
+        let mut metrics = raft.metrics();
+        loop {
+            if cluster.get() != 0 {
+                return;
+            }
+            if metrics.borrow_and_update().role == raft_core::Role::Leader {
+                let c = cluster.clone();
+                match tokio::task::spawn_blocking(move || c.claim(founding)).await {
+                    Ok(Ok(_)) => return,
+                    Ok(Err(e)) => warn!(error = %e, "could not record the cluster id; will retry"),
+                    Err(_) => return,
+                }
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// A running node.
@@ -289,7 +303,8 @@ impl Node {
         if pristine && join.is_none() && file.nodes.len() == 1 && !bootstrap {
             return Err(ServeError::Alone(id));
         }
-        let cluster = cluster_id(file, &me.data_dir, pristine && join.is_none())?;
+        let founding = founding_cluster_id(file)?;
+        let cluster = cluster_id(&me.data_dir)?;
         let log = MeteredLogStore {
             inner: log,
             metrics: metrics.clone(),
@@ -311,6 +326,7 @@ impl Node {
         };
         let raft = Raft::start(id, file.raft.clone(), log, sm, network).await?;
         transport.serve(raft.clone());
+        claim_when_leading(raft.clone(), cluster.clone(), founding);
 
         if pristine && join.is_none() {
             match raft.initialize(file.members()).await {

@@ -179,8 +179,17 @@ async fn a_wiped_node_counts_again_only_once_removed_and_added_back() {
     let before = cw.status().await.expect("status").uuid;
     assert_eq!(before.len(), 32, "a uuid of 32 hex digits: {before:?}");
 
+    let cluster_id = one_cluster_id(&cluster).await;
     cluster.stop_node(wiped).await;
     std::fs::remove_dir_all(cluster.data_dir(wiped)).expect("wipe the data dir");
+    // Its file changed since the cluster was founded (a node 4 was listed
+    // since): the id it would derive from it is not the cluster's, and it
+    // must take the cluster's instead of refusing it.
+    let mut four = cluster.file.nodes[&NodeId(3)].clone();
+    four.id = NodeId(4);
+    four.raft_addr = free_addr();
+    four.http_addr = free_addr();
+    cluster.file.nodes.insert(NodeId(4), four);
     cluster.start_node(wiped).await;
     let after = cw.status().await.expect("status").uuid;
     assert_ne!(after, before, "a wiped node draws a new identity");
@@ -210,6 +219,7 @@ async fn a_wiped_node_counts_again_only_once_removed_and_added_back() {
     .await;
     assert_eq!(cw.status().await.expect("status").uuid, after);
     c.put("after", b"re-added").await.expect("put");
+    assert_eq!(one_cluster_id(&cluster).await, cluster_id);
     cluster.shutdown().await;
 }
 
@@ -288,6 +298,30 @@ async fn a_demoted_voter_is_a_learner_that_keeps_up_and_can_be_promoted_again() 
     cluster.shutdown().await;
 }
 
+/// Waits until every node of `c` reports the same cluster id; that id.
+async fn one_cluster_id(c: &Cluster) -> String {
+    let clients: Vec<Client> = c
+        .nodes
+        .keys()
+        .map(|id| Client::new(&c.endpoint(*id)).expect("client"))
+        .collect();
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    loop {
+        let mut ids = Vec::new();
+        for client in &clients {
+            ids.push(client.status().await.expect("status").cluster_id);
+        }
+        if ids[0].len() == 16 && ids.iter().all(|id| *id == ids[0]) {
+            return ids[0].clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the nodes never agreed on a cluster id: {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Each cluster gets an id when it is founded; a node of another cluster
 /// (here: one whose data comes from a cluster founded elsewhere with the
 /// same CA, started at a member's address) is refused by id, and takes
@@ -307,16 +341,10 @@ async fn a_node_of_another_cluster_is_refused_by_id() {
     let cb = Client::new(&b.endpoint(b.leader().await)).expect("client");
     cb.put("b", b"only").await.expect("put");
 
-    let status = |c: Client| async move { c.status().await.expect("status").cluster_id };
-    let id_a = status(Client::new(&a.endpoint(NodeId(1))).expect("client")).await;
-    for id in [2, 3].map(NodeId) {
-        assert_eq!(
-            status(Client::new(&a.endpoint(id)).expect("client")).await,
-            id_a
-        );
-    }
-    let id_b = status(Client::new(&b.endpoint(NodeId(1))).expect("client")).await;
-    assert_eq!(id_a.len(), 16, "{id_a:?}");
+    // Each cluster's first leader records its id; the others adopt it from
+    // its next request.
+    let id_a = one_cluster_id(&a).await;
+    let id_b = one_cluster_id(&b).await;
     assert_ne!(id_a, id_b);
 
     // Node 3 of A is replaced by node 3 of B: B's data at A's address.

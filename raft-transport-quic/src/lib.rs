@@ -160,9 +160,10 @@ struct WireRequest<C: TypeConfig> {
 
 /// The cluster a node belongs to, as the transport checks it.
 ///
-/// A cluster gets its id when it is founded (the application decides how;
-/// raft-kv derives it from the founding members and the cluster CA). Every
-/// request carries the sender's id; a receiver that has an id refuses a
+/// A cluster gets its id when it is founded (the application decides how
+/// and when, and records it with [`ClusterId::claim`]; raft-kv's first
+/// leader derives it from its members and the cluster CA). Every request
+/// carries the sender's id; a receiver that has an id refuses a
 /// request carrying a different nonzero one (logged, and counted in
 /// [`ClusterId::refused`]). A node with no id yet (one waiting to be added
 /// to a running cluster) adopts the id of the first request that carries
@@ -195,6 +196,21 @@ impl ClusterId {
     /// The node's cluster id (0: none yet).
     pub fn get(&self) -> u64 {
         self.id.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Makes `id` this node's cluster id if it has none yet (durably,
+    /// through `adopt`, before it is used): what the node that founds the
+    /// cluster does, for the others to adopt. Whether it was taken.
+    /// Blocking (the persisting): call it off the runtime.
+    pub fn claim(&self, id: u64) -> std::io::Result<bool> {
+        let _one_at_a_time = self.adopting.blocking_lock();
+        if self.get() != 0 || id == 0 {
+            return Ok(false);
+        }
+        (self.adopt)(id)?;
+        self.id.store(id, std::sync::atomic::Ordering::Release);
+        info!(cluster = %format!("{id:016x}"), "recorded the cluster id");
+        Ok(true)
     }
 
     /// Requests refused because they came from another cluster.
@@ -799,6 +815,14 @@ mod tests {
         let member = Arc::new(ClusterId::new(5, |_| panic!("nothing to adopt")));
         assert!(member.admit(5).await.is_ok());
         assert!(member.admit(6).await.is_err());
+        // A founder claims one once; a claim never replaces an id.
+        let founder = Arc::new(ClusterId::new(0, |_| Ok(())));
+        let f = founder.clone();
+        let claimed =
+            tokio::task::spawn_blocking(move || (f.claim(9).unwrap(), f.claim(10).unwrap()));
+        assert_eq!(claimed.await.unwrap(), (true, false));
+        assert_eq!(founder.get(), 9);
+        assert!(founder.admit(10).await.is_err());
     }
 
     #[test]
