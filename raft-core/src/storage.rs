@@ -92,4 +92,24 @@ pub trait LogStore<C: TypeConfig>: Send + Sync + 'static {
 
     /// The last saved hard state, or the default on a new store.
     async fn load_hard_state(&mut self) -> Result<HardState, StorageError>;
+
+    /// Whether every future of this store waits without blocking its
+    /// thread: it does its disk I/O on threads of its own (or with
+    /// `spawn_blocking`) and only awaits their answer, and does little CPU
+    /// work in between (encoding a batch, say).
+    ///
+    /// The driver then runs the log operations inside its own task instead
+    /// of a separate worker task: a follower's append and its
+    /// acknowledgement no longer cross two task hand-offs, which on a busy
+    /// machine are a large part of a write's latency. Messages, heartbeats
+    /// and timers still never wait behind the disk, because the driver
+    /// polls the operation beside them rather than awaiting it.
+    ///
+    /// The default, `false`, is always safe: the operations run on their
+    /// own task, so a store that blocks (a synchronous `fsync` in `append`)
+    /// stalls only that task. Answer `true` only if no call blocks; a store
+    /// that wraps another answers what the inner one does.
+    fn never_blocks(&self) -> bool {
+        false
+    }
 }

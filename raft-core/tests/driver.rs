@@ -850,3 +850,142 @@ async fn a_follower_that_lost_its_log_is_caught_up_from_what_it_holds() {
         "the wiped follower holds the cluster's state again"
     );
 }
+
+/// A `MemLogStore` that blocks its thread in every mutation, as a store
+/// that syncs with a plain `fsync` would, and so keeps the default answer
+/// to `never_blocks`: its operations run on a task of their own.
+#[derive(Clone)]
+struct ThreadBlocking(MemLogStore<KvConfig>);
+
+impl ThreadBlocking {
+    fn sync(&self) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[async_trait::async_trait]
+impl raft_core::LogStore<KvConfig> for ThreadBlocking {
+    async fn log_state(&mut self) -> Result<raft_core::LogState, raft_core::StorageError> {
+        self.0.log_state().await
+    }
+    async fn read(
+        &mut self,
+        from: LogIndex,
+        to: LogIndex,
+    ) -> Result<Vec<raft_core::Entry<KvConfig>>, raft_core::StorageError> {
+        self.0.read(from, to).await
+    }
+    async fn append(
+        &mut self,
+        entries: Vec<raft_core::Entry<KvConfig>>,
+    ) -> Result<(), raft_core::StorageError> {
+        self.sync();
+        self.0.append(entries).await
+    }
+    async fn truncate(&mut self, from: LogIndex) -> Result<(), raft_core::StorageError> {
+        self.sync();
+        self.0.truncate(from).await
+    }
+    async fn purge(&mut self, upto: raft_core::LogId) -> Result<(), raft_core::StorageError> {
+        self.sync();
+        self.0.purge(upto).await
+    }
+    async fn save_hard_state(
+        &mut self,
+        hard_state: raft_core::HardState,
+    ) -> Result<(), raft_core::StorageError> {
+        self.sync();
+        self.0.save_hard_state(hard_state).await
+    }
+    async fn load_hard_state(&mut self) -> Result<raft_core::HardState, raft_core::StorageError> {
+        self.0.load_hard_state().await
+    }
+}
+
+/// The driver runs the workers of stores that never block inside its own
+/// task and the others on tasks of their own; the memory stores take the
+/// first way, so this cluster takes the second for both lanes (the log
+/// store blocks, the state machine keeps the default answer): every
+/// write is acknowledged once, and every node ends with the same log and
+/// state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_that_may_block_are_run_on_worker_tasks_of_their_own() {
+    let (open, gate) = tokio::sync::watch::channel(true);
+    drop(open);
+    let router = MemRouter::<KvConfig>::new();
+    let members: BTreeMap<NodeId, String> =
+        (1..=3).map(|i| (NodeId(i), format!("node-{i}"))).collect();
+    let mut nodes = Vec::new();
+    for id in members.keys() {
+        let log = ThreadBlocking(MemLogStore::new());
+        let sm = GatedBuilds {
+            inner: MemStateMachine::new(),
+            begun: Default::default(),
+            gate: gate.clone(),
+            abandoned: Default::default(),
+        };
+        assert!(!raft_core::LogStore::never_blocks(&log));
+        assert!(!raft_core::StateMachine::never_blocks(&sm));
+        let raft = Raft::start(
+            *id,
+            Config::default(),
+            log.clone(),
+            sm.clone(),
+            router.factory(*id),
+        )
+        .await
+        .expect("start");
+        router.register(*id, raft.clone());
+        tokio::time::timeout(WAIT, raft.initialize(members.clone()))
+            .await
+            .expect("initialize answered")
+            .expect("initialize");
+        nodes.push((raft, log, sm));
+    }
+    let leader = tokio::time::timeout(WAIT, nodes[0].0.wait_for_leader(WAIT))
+        .await
+        .ok()
+        .flatten()
+        .expect("a leader");
+    let raft = nodes[(leader.0 - 1) as usize].0.clone();
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let raft = raft.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut last = LogIndex(0);
+            for i in 0..20 {
+                let cmd = KvCommand::Put {
+                    key: format!("w{w}"),
+                    value: format!("{i}"),
+                };
+                last = raft.client_write(cmd).await.expect("write").0.index;
+            }
+            last
+        }));
+    }
+    let mut last = LogIndex(0);
+    for t in tasks {
+        let wrote = tokio::time::timeout(WAIT, t)
+            .await
+            .expect("writes answered");
+        last = last.max(wrote.expect("writer"));
+    }
+    for (raft, log, sm) in &nodes {
+        let mut m = raft.metrics();
+        tokio::time::timeout(WAIT, m.wait_for(|m| m.applied_index >= last))
+            .await
+            .expect("every node applies every write")
+            .expect("metrics");
+        for w in 0..16 {
+            assert_eq!(sm.inner.get(&format!("w{w}")).as_deref(), Some("19"));
+        }
+        let mut log = log.clone();
+        let entries = raft_core::LogStore::read(&mut log, LogIndex(1), last)
+            .await
+            .expect("read");
+        assert_eq!(entries.len() as u64, last.0, "node {} log", raft.id());
+    }
+    for (raft, ..) in nodes {
+        raft.shutdown().await;
+    }
+}

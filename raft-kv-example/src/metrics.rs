@@ -277,6 +277,9 @@ impl<L: LogStore<Kv>> LogStore<Kv> for MeteredLogStore<L> {
     async fn load_hard_state(&mut self) -> Result<HardState, StorageError> {
         self.inner.load_hard_state().await
     }
+    fn never_blocks(&self) -> bool {
+        self.inner.never_blocks()
+    }
 }
 
 /// A [`NetworkFactory`] whose clients count failed RPCs per peer.

@@ -594,6 +594,12 @@ impl<C: TypeConfig> LogStore<C> for RocksLogStore<C> {
             .record_get(CF_HARD_STATE, self.group, codec::TAG_HARD_STATE)?
             .unwrap_or_default())
     }
+    /// Mutations go to the group-commit writer thread and reads to
+    /// `spawn_blocking`; what runs in place is encoding and checksumming a
+    /// batch. (`load_hard_state` reads in place, but only at start-up.)
+    fn never_blocks(&self) -> bool {
+        true
+    }
 }
 
 /// Group `group`'s entries `start ..= end`, which the log holds (no hole,

@@ -123,4 +123,9 @@ impl<C: TypeConfig> LogStore<C> for MemLogStore<C> {
     async fn load_hard_state(&mut self) -> Result<HardState, StorageError> {
         Ok(self.lock()?.hard_state)
     }
+
+    /// Every call is a lock and a copy in memory.
+    fn never_blocks(&self) -> bool {
+        true
+    }
 }

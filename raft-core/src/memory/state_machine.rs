@@ -240,6 +240,12 @@ impl StateMachine<KvConfig> for MemStateMachine {
         })
         .await
     }
+
+    /// Applies are map updates under a lock; builds, installs and the
+    /// encoding of a snapshot run on blocking threads.
+    fn never_blocks(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -184,12 +184,19 @@ pub(super) struct Driver<C: TypeConfig, F: NetworkFactory<C>> {
     pub(super) log_tx: mpsc::UnboundedSender<LogItem<C>>,
     pub(super) sm_tx: mpsc::UnboundedSender<SmOpOf<C>>,
     pub(super) workers: Vec<JoinHandle<()>>,
+    /// The storage workers that run inside this task (those whose store
+    /// [never blocks](LogStore::never_blocks)): polled beside the loop's
+    /// other waits, never awaited alone.
+    pub(super) lanes: FuturesUnordered<Lane>,
     pub(super) start: Instant,
     pub(super) initialize_reply: Option<Reply<(), C::Node>>,
     pub(super) metrics: watch::Sender<RaftMetrics<C::Node>>,
 }
 
 pub(super) const BATCH: usize = 1024;
+
+/// A storage worker run inside the driver's task.
+pub(super) type Lane = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A driver turn this long, or a wake-up this late, is logged: every timer
 /// of the node (heartbeats, elections) waits on it, so a node whose
@@ -216,6 +223,11 @@ where
                 Some((from, msg)) => Some(Event::Answer(from, msg)),
                 None => tokio::select! {
                     biased;
+                    // First, so that the storage work the last turn
+                    // handed out starts (and, in memory, finishes) before
+                    // anything else is looked at. A lane ends only when its
+                    // store failed (the report is queued) or at shutdown.
+                    Some(()) = self.lanes.next(), if !self.lanes.is_empty() => None,
                     report = self.reports.recv() => match report {
                         Some(r) => Some(Event::Report(r)),
                         None => break,
@@ -316,9 +328,11 @@ where
             log_tx,
             sm_tx,
             workers,
+            mut lanes,
             ..
         } = self;
         drop((log_tx, sm_tx));
+        while lanes.next().await.is_some() {}
         for w in workers {
             let _ = w.await;
         }
