@@ -989,3 +989,114 @@ async fn stores_that_may_block_are_run_on_worker_tasks_of_their_own() {
         raft.shutdown().await;
     }
 }
+
+/// A `MemLogStore` on a slow disk: every append takes `delay` of the
+/// runtime's time, awaited without blocking the thread, so it keeps the
+/// memory store's answer to `never_blocks` and runs inside the driver's
+/// task.
+#[derive(Clone)]
+struct SlowAppends {
+    inner: MemLogStore<KvConfig>,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl raft_core::LogStore<KvConfig> for SlowAppends {
+    async fn log_state(&mut self) -> Result<raft_core::LogState, raft_core::StorageError> {
+        self.inner.log_state().await
+    }
+    async fn read(
+        &mut self,
+        from: LogIndex,
+        to: LogIndex,
+    ) -> Result<Vec<raft_core::Entry<KvConfig>>, raft_core::StorageError> {
+        self.inner.read(from, to).await
+    }
+    async fn append(
+        &mut self,
+        entries: Vec<raft_core::Entry<KvConfig>>,
+    ) -> Result<(), raft_core::StorageError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.append(entries).await
+    }
+    async fn truncate(&mut self, from: LogIndex) -> Result<(), raft_core::StorageError> {
+        self.inner.truncate(from).await
+    }
+    async fn purge(&mut self, upto: raft_core::LogId) -> Result<(), raft_core::StorageError> {
+        self.inner.purge(upto).await
+    }
+    async fn save_hard_state(
+        &mut self,
+        hard_state: raft_core::HardState,
+    ) -> Result<(), raft_core::StorageError> {
+        self.inner.save_hard_state(hard_state).await
+    }
+    async fn load_hard_state(&mut self) -> Result<raft_core::HardState, raft_core::StorageError> {
+        self.inner.load_hard_state().await
+    }
+    fn never_blocks(&self) -> bool {
+        true
+    }
+}
+
+/// A log worker that runs inside the driver's task is polled beside the
+/// driver's other waits, never awaited alone: with every append taking
+/// three maximum election timeouts, heartbeats still go out and are
+/// answered, so the first leader keeps its term through every write.
+/// Virtual time (`start_paused`): the delays cost nothing and the run is
+/// the same every time.
+#[tokio::test(start_paused = true)]
+async fn appends_slower_than_an_election_timeout_do_not_hold_up_heartbeats() {
+    let config = Config::default();
+    let delay = Duration::from_millis(3 * config.election_timeout_max_ms);
+    let router = MemRouter::<KvConfig>::new();
+    let members: BTreeMap<NodeId, String> =
+        (1..=3).map(|i| (NodeId(i), format!("node-{i}"))).collect();
+    let mut nodes = Vec::new();
+    for id in members.keys() {
+        let log = SlowAppends {
+            inner: MemLogStore::new(),
+            delay,
+        };
+        let raft = Raft::start(
+            *id,
+            config.clone(),
+            log,
+            MemStateMachine::new(),
+            router.factory(*id),
+        )
+        .await
+        .expect("start");
+        router.register(*id, raft.clone());
+        nodes.push(raft);
+    }
+    tokio::time::timeout(WAIT, nodes[0].initialize(members))
+        .await
+        .expect("initialize answered")
+        .expect("initialize");
+    let leader = nodes[0].wait_for_leader(WAIT).await.expect("a leader");
+    let raft = nodes[(leader.0 - 1) as usize].clone();
+    let before: Vec<_> = nodes.iter().map(|r| r.metrics().borrow().clone()).collect();
+    for i in 0..10 {
+        let cmd = KvCommand::Put {
+            key: format!("k{i}"),
+            value: "v".into(),
+        };
+        tokio::time::timeout(WAIT, raft.client_write(cmd))
+            .await
+            .expect("write answered")
+            .expect("write committed under the first leader");
+    }
+    for (r, was) in nodes.iter().zip(before) {
+        let now = r.metrics().borrow().clone();
+        assert_eq!(
+            (now.term, now.leader_id, now.elections),
+            (was.term, was.leader_id, was.elections),
+            "node {} saw an election while appends were slow",
+            r.id()
+        );
+    }
+    for r in nodes {
+        r.shutdown().await;
+    }
+}
