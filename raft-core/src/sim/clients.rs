@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Sim {
+impl<C: SimApp> Sim<C> {
     /// Starts `n` clients issuing puts, gets and compare-and-sets on `keys`
     /// keys until [`Sim::stop_clients`].
     pub fn start_clients(&mut self, n: usize, keys: usize) {
@@ -35,16 +35,9 @@ impl Sim {
     pub fn propose_put_on(&mut self, id: NodeId, key: &str, value: &str) -> Option<usize> {
         let i = self.idx(id);
         self.nodes[i].engine()?;
-        let op = self.new_op(
-            usize::MAX,
-            i,
-            key.to_string(),
-            OpKind::Put(value.to_string()),
-        );
-        let cmd = KvCommand::Put {
-            key: key.to_string(),
-            value: value.to_string(),
-        };
+        let kind = OpKind::Put(value.to_string());
+        let cmd = C::command(key, &kind)?;
+        let op = self.new_op(usize::MAX, i, key.to_string(), kind);
         self.nodes[i].inbox.push_back(Input::Propose { op, cmd });
         self.process(i);
         Some(op)
@@ -53,7 +46,7 @@ impl Sim {
     /// Asks the current leader for a membership change and returns the
     /// engine's answer (the proposed entry, or why it was refused). The
     /// change is only proposed: run the simulation for it to commit.
-    pub fn change(&mut self, change: MembershipChange) -> Result<LogId, ProposeError<String>> {
+    pub fn change(&mut self, change: MembershipChange) -> Result<LogId, ProposeError<C::Node>> {
         let no_leader = || {
             ProposeError::NotLeader(crate::error::NotLeader {
                 leader_id: None,
@@ -85,7 +78,7 @@ impl Sim {
     /// Writes that occur more than once in the leader's log. Every put and
     /// every CAS that sets a value carries a value unique to its client
     /// operation, so a repeat is a duplicated write.
-    pub fn duplicated_commands(&self) -> Vec<KvCommand> {
+    pub fn duplicated_commands(&self) -> Vec<C::Command> {
         let Some(e) = self.leader().and_then(|l| self.engine(l)) else {
             return Vec::new();
         };
@@ -93,10 +86,7 @@ impl Sim {
         e.log()
             .range(e.log().first_index(), e.log().last_index())
             .filter_map(|entry| match &entry.payload {
-                EntryPayload::Command(c) => match &**c {
-                    c @ (KvCommand::Put { .. } | KvCommand::Cas { new: Some(_), .. }) => Some(c),
-                    _ => None,
-                },
+                EntryPayload::Command(c) if C::writes_unique_value(c) => Some(&**c),
                 _ => None,
             })
             .filter(|c| !seen.insert(format!("{c:?}")))
@@ -202,15 +192,9 @@ impl Sim {
             self.clients[c].seq += 1;
             let value = format!("c{c}-{}", self.clients[c].seq);
             let roll = self.rng.range(0, 10);
-            let (kind, input) = match roll {
-                0..=3 => (
-                    OpKind::Put(value.clone()),
-                    Some(KvCommand::Put {
-                        key: key.clone(),
-                        value,
-                    }),
-                ),
-                4..=6 => (OpKind::Get, None),
+            let kind = match roll {
+                0..=3 => OpKind::Put(value),
+                4..=6 => OpKind::Get,
                 _ => {
                     // CAS from the value this client last saw, or from absent.
                     let expected = if self.rng.chance(0.3) {
@@ -223,19 +207,10 @@ impl Sim {
                     } else {
                         Some(value)
                     };
-                    (
-                        OpKind::Cas {
-                            expected: expected.clone(),
-                            new: new.clone(),
-                        },
-                        Some(KvCommand::Cas {
-                            key: key.clone(),
-                            expected,
-                            new,
-                        }),
-                    )
+                    OpKind::Cas { expected, new }
                 }
             };
+            let input = C::command(&key, &kind);
             let target = self.clients[c].target;
             let op = self.new_op(c, target, key, kind);
             self.clients[c].current = Some(op);

@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Sim {
+impl<C: SimApp> Sim<C> {
     /// Cuts every link between `a` and `b`, both ways.
     pub fn cut(&mut self, a: NodeId, b: NodeId) {
         self.blocked.insert((a, b));
@@ -84,7 +84,7 @@ impl Sim {
         n.sm_busy = false;
         n.building = None;
         n.staging.clear();
-        n.sm = KvStore::default();
+        n.sm = C::State::default();
         // Writes and reads the node was working on: their outcome is unknown.
         for op in 0..self.ops.len() {
             if self.ops[op].state == OpState::Pending && self.ops[op].node == i {
@@ -161,26 +161,26 @@ impl Sim {
         n.failed = false;
         let (snapshot, sm) = match &n.disk.snapshot {
             Some((meta, data)) => {
-                let sm = KvStore::decode(data)
+                let sm = C::decode(data)
                     .unwrap_or_else(|e| panic!("snapshot of node {id} undecodable: {e}"));
                 (Some(meta.clone()), sm)
             }
-            None => (None, KvStore::default()),
+            None => (None, C::State::default()),
         };
         let state = RecoveredState {
             hard_state: n.disk.hard_state,
             log_base: n.disk.base,
             entries: n.disk.entries.clone(),
             snapshot,
-            applied: sm.last_applied,
+            applied: C::applied(&sm),
         };
         n.sm = sm;
         // What was not durable may be forgotten; what was, never.
         n.term_seen = n.disk.hard_state.term;
-        n.commit_seen = n.sm.last_applied.index;
-        n.applied_seen = n.sm.last_applied.index;
+        n.commit_seen = C::applied(&n.sm).index;
+        n.applied_seen = C::applied(&n.sm).index;
         n.was_leader = false;
-        let applied = n.sm.last_applied.index;
+        let applied = C::applied(&n.sm).index;
         let engine = Engine::new(id, self.opts.config.clone(), seed, self.now, state)
             .unwrap_or_else(|e| self.fail(format!("node {id} cannot recover its own disk: {e}")));
         self.nodes[i].membership_seen = engine.membership().clone();

@@ -31,6 +31,7 @@
 //! `safety.rs` the checks above, `node.rs` one node's executor and storage
 //! model, `monitor.rs` the properties followed across the whole run.
 
+mod app;
 mod clients;
 mod faults;
 pub mod linearizability;
@@ -41,6 +42,7 @@ mod safety;
 /// The seeded generator the simulator draws from, for tests and tools that
 /// want their own runs to be a function of a seed too.
 pub use crate::engine::rng::Rng;
+pub use app::SimApp;
 pub use monitor::{Coverage, Reach};
 
 /// The `p` quantile (0.0 to 1.0) of `sorted` (ascending): the value below
@@ -67,15 +69,13 @@ use std::hash::{Hash, Hasher};
 use crate::config::Config;
 use crate::engine::{Engine, ProposeError, RecoveredState};
 use crate::executor::{Callers, Executor, LogOp, Mode, SmOp};
-use crate::memory::kv::{KvCommand, KvConfig, KvStore};
+use crate::memory::kv::KvConfig;
 use crate::message::{Message, SnapshotMeta};
 use crate::types::{
-    Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, NodeUuid, Term,
+    Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, NodeUuid, Term, TypeConfig,
 };
 
 use self::linearizability::{OpKind, OpOutput, Operation};
-
-type C = KvConfig;
 
 /// The simulator's callers: client operations by number; requests are
 /// answered with messages, never through a handle.
@@ -176,8 +176,8 @@ impl SimOptions {
 }
 
 /// The durable part of a node: what survives a crash.
-#[derive(Clone, Debug, Default)]
-pub struct Disk {
+#[derive(Clone, Debug)]
+pub struct Disk<C: TypeConfig = KvConfig> {
     /// The saved term and vote.
     pub hard_state: HardState,
     /// The last purged entry.
@@ -191,7 +191,19 @@ pub struct Disk {
     pub previous_snapshot: Option<(SnapshotMeta<C>, Vec<u8>)>,
 }
 
-impl Disk {
+impl<C: TypeConfig> Default for Disk<C> {
+    fn default() -> Self {
+        Disk {
+            hard_state: HardState::default(),
+            base: LogId::ZERO,
+            entries: Vec::new(),
+            snapshot: None,
+            previous_snapshot: None,
+        }
+    }
+}
+
+impl<C: TypeConfig> Disk<C> {
     /// The entries `from ..= to` the log holds.
     pub fn read(&self, from: LogIndex, to: LogIndex) -> Vec<Entry<C>> {
         let first = self.base.index.next();
@@ -206,7 +218,7 @@ impl Disk {
     }
 }
 
-enum Input {
+enum Input<C: SimApp> {
     Message {
         from: NodeId,
         msg: Message<C>,
@@ -214,7 +226,7 @@ enum Input {
     Tick,
     Propose {
         op: usize,
-        cmd: KvCommand,
+        cmd: C::Command,
     },
     Read {
         op: usize,
@@ -250,20 +262,20 @@ pub enum MembershipChange {
     Demote(NodeId),
 }
 
-struct Node {
+struct Node<C: SimApp> {
     id: NodeId,
     /// The node's executor (and engine); `None` while it is down.
     x: Option<Executor<C, SimCallers>>,
     /// Bumped on every crash so completions of lost storage actions are ignored.
     epoch: u64,
-    disk: Disk,
+    disk: Disk<C>,
     /// The disks this node had before each wipe ([`Sim::wipe`]): what its
     /// earlier identities acknowledged holding. A leader that heard an
     /// acknowledgement before the wipe may still count it.
-    wiped_disks: Vec<Disk>,
-    sm: KvStore,
+    wiped_disks: Vec<Disk<C>>,
+    sm: C::State,
     staging: Vec<u8>,
-    inbox: VecDeque<Input>,
+    inbox: VecDeque<Input<C>>,
     /// Log operations handed out, in order; the first runs when `log_busy`.
     log_worker: VecDeque<LogOp<C>>,
     log_busy: bool,
@@ -286,7 +298,7 @@ struct Node {
     was_leader: bool,
     /// The configuration in force at the last check (the one a commit in
     /// the next step is counted under).
-    membership_seen: Membership<String>,
+    membership_seen: Membership<C::Node>,
     /// Stopped by a storage error; stays down until restarted.
     failed: bool,
     /// A crash armed to fire at a moment that matters.
@@ -298,14 +310,14 @@ struct Node {
     paused_until: u64,
 }
 
-impl Node {
+impl<C: SimApp> Node<C> {
     fn engine(&self) -> Option<&Engine<C>> {
         self.x.as_ref().map(Executor::engine)
     }
 }
 
 #[derive(Debug)]
-enum EventKind {
+enum EventKind<C: TypeConfig> {
     Deliver {
         from: NodeId,
         to: NodeId,
@@ -387,15 +399,15 @@ pub struct SimStats {
 }
 
 /// The simulated cluster.
-pub struct Sim {
+pub struct Sim<C: SimApp = KvConfig> {
     /// What the run was started with.
     pub opts: SimOptions,
     rng: Rng,
     now: u64,
     seq: u64,
     queue: BinaryHeap<Reverse<(u64, u64)>>,
-    events: HashMap<u64, EventKind>,
-    nodes: Vec<Node>,
+    events: HashMap<u64, EventKind<C>>,
+    nodes: Vec<Node<C>>,
     blocked: HashSet<(NodeId, NodeId)>,
     /// Per-link overrides of `opts.net`.
     links: HashMap<(NodeId, NodeId), NetOptions>,
@@ -413,7 +425,7 @@ pub struct Sim {
     keys: Vec<String>,
     clients_running: bool,
     /// The engine's answer to the last `Input::Membership`.
-    change_result: Option<Result<LogId, ProposeError<String>>>,
+    change_result: Option<Result<LogId, ProposeError<C::Node>>>,
     /// For each read a leader took: the highest index committed anywhere
     /// when it did (thesis §6.4: the read must reflect at least that).
     read_floor: HashMap<usize, LogIndex>,
@@ -432,23 +444,40 @@ fn mode_of(opts: &SimOptions) -> Mode {
     }
 }
 
+/// The built-in key-value store's constructors: `Sim::new(opts)` needs no
+/// type annotation.
 impl Sim {
     /// A cluster of `opts.nodes` pristine nodes, all initialized with the
     /// same membership.
     pub fn new(opts: SimOptions) -> Sim {
-        let all: Vec<NodeId> = (1..=opts.nodes as u64).map(NodeId).collect();
-        Sim::with_voters(opts, &all)
+        Sim::with_app(opts)
     }
 
     /// A cluster of `opts.nodes` nodes of which only `voters` are
     /// initialized (as the voters); the others are pristine and join when
     /// added as learners.
     pub fn with_voters(opts: SimOptions, voters: &[NodeId]) -> Sim {
-        let mut sim = Sim::uninitialized(opts);
-        let members: BTreeMap<NodeId, String> = voters
-            .iter()
-            .map(|id| (*id, format!("node-{id}")))
-            .collect();
+        Sim::with_app_voters(opts, voters)
+    }
+
+    /// A cluster of pristine nodes that nobody has initialized.
+    pub fn uninitialized(opts: SimOptions) -> Sim {
+        Sim::uninitialized_app(opts)
+    }
+}
+
+impl<C: SimApp> Sim<C> {
+    /// [`Sim::new`] for application `C`.
+    pub fn with_app(opts: SimOptions) -> Self {
+        let all: Vec<NodeId> = (1..=opts.nodes as u64).map(NodeId).collect();
+        Self::with_app_voters(opts, &all)
+    }
+
+    /// [`Sim::with_voters`] for application `C`.
+    pub fn with_app_voters(opts: SimOptions, voters: &[NodeId]) -> Self {
+        let mut sim = Self::uninitialized_app(opts);
+        let members: BTreeMap<NodeId, C::Node> =
+            voters.iter().map(|id| (*id, C::node(*id))).collect();
         for i in 0..sim.nodes.len() {
             if !members.contains_key(&sim.nodes[i].id) {
                 continue;
@@ -472,8 +501,8 @@ impl Sim {
         sim
     }
 
-    /// A cluster of pristine nodes that nobody has initialized.
-    pub fn uninitialized(opts: SimOptions) -> Sim {
+    /// [`Sim::uninitialized`] for application `C`.
+    pub fn uninitialized_app(opts: SimOptions) -> Self {
         let mut rng = Rng::new(opts.seed);
         let nodes = (0..opts.nodes)
             .map(|i| {
@@ -492,7 +521,7 @@ impl Sim {
                     epoch: 0,
                     disk: Disk::default(),
                     wiped_disks: Vec::new(),
-                    sm: KvStore::default(),
+                    sm: C::State::default(),
                     staging: Vec::new(),
                     inbox: VecDeque::new(),
                     log_worker: VecDeque::new(),
@@ -562,11 +591,11 @@ impl Sim {
         self.nodes[self.idx(id)].x.is_some()
     }
     /// A node's durable state.
-    pub fn disk(&self, id: NodeId) -> &Disk {
+    pub fn disk(&self, id: NodeId) -> &Disk<C> {
         &self.nodes[self.idx(id)].disk
     }
     /// A node's state machine.
-    pub fn state_machine(&self, id: NodeId) -> &KvStore {
+    pub fn state_machine(&self, id: NodeId) -> &C::State {
         &self.nodes[self.idx(id)].sm
     }
     /// Every live node that believes it leads, with its term.
@@ -616,7 +645,7 @@ impl Sim {
 
     // ------------------------------------------------------------ running
 
-    fn schedule(&mut self, after: u64, kind: EventKind) {
+    fn schedule(&mut self, after: u64, kind: EventKind<C>) {
         self.seq += 1;
         self.queue.push(Reverse((self.now + after, self.seq)));
         self.events.insert(self.seq, kind);
@@ -639,7 +668,7 @@ impl Sim {
     }
 
     /// Runs until `cond` holds or `max_ms` pass; returns the time it took.
-    pub fn run_until(&mut self, max_ms: u64, mut cond: impl FnMut(&Sim) -> bool) -> Option<u64> {
+    pub fn run_until(&mut self, max_ms: u64, mut cond: impl FnMut(&Self) -> bool) -> Option<u64> {
         let start = self.now;
         let until = self.now + max_ms;
         while !cond(self) {
@@ -674,7 +703,7 @@ impl Sim {
                     e.last_log_id(),
                     e.log().base(),
                     e.commit_index(),
-                    n.sm.last_applied,
+                    C::applied(&n.sm),
                     n.log_worker.len(),
                     n.sm_worker.len(),
                     n.inbox.len(),
@@ -704,7 +733,7 @@ impl Sim {
                 e.term() == le.term()
                     && e.last_log_id() == last
                     && e.commit_index() == last.index
-                    && n.sm.last_applied.index == last.index
+                    && C::applied(&n.sm).index == last.index
                     && n.x.as_ref().is_some_and(|x| x.idle())
             })
     }

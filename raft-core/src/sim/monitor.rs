@@ -31,9 +31,9 @@ use std::collections::BTreeSet;
 
 use crate::engine::Role;
 use crate::message::Message;
-use crate::types::{LogId, LogIndex, Membership, NodeId, Term};
+use crate::types::{LogId, LogIndex, Membership, NodeId, Term, TypeConfig};
 
-use super::{Disk, Input, Sim};
+use super::{Disk, Input, Sim, SimApp};
 
 /// A dangerous state: a situation in which a classic Raft bug does harm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -182,7 +182,7 @@ pub(super) struct Before {
 
 /// Whether `disk` holds `id` (durably in its log, or behind its purge point,
 /// which only committed entries reach).
-fn disk_holds(disk: &Disk, id: LogId) -> bool {
+fn disk_holds<C: TypeConfig>(disk: &Disk<C>, id: LogId) -> bool {
     if id.index <= disk.base.index {
         return true;
     }
@@ -190,7 +190,7 @@ fn disk_holds(disk: &Disk, id: LogId) -> bool {
     disk.entries.get(off).is_some_and(|e| e.log_id == id)
 }
 
-fn disk_last(disk: &Disk) -> LogIndex {
+fn disk_last<C: TypeConfig>(disk: &Disk<C>) -> LogIndex {
     disk.entries
         .last()
         .map(|e| e.log_id.index)
@@ -199,7 +199,7 @@ fn disk_last(disk: &Disk) -> LogIndex {
 
 /// The last index a node's disk holds, in its log or in an installed
 /// snapshot (an install is durable before the purge of the log under it).
-fn durable_through(disk: &Disk) -> LogIndex {
+fn durable_through<C: TypeConfig>(disk: &Disk<C>) -> LogIndex {
     let snapshot = disk.snapshot.as_ref().map(|(m, _)| m.last_log_id.index);
     disk_last(disk).max(snapshot.unwrap_or_default())
 }
@@ -208,7 +208,7 @@ fn majority(voters: &BTreeSet<NodeId>, yes: impl Fn(NodeId) -> bool) -> bool {
     voters.iter().filter(|v| yes(**v)).count() * 2 > voters.len()
 }
 
-impl Sim {
+impl<C: SimApp> Sim<C> {
     /// The run's dangerous-state counts.
     pub fn coverage(&self) -> &Coverage {
         &self.coverage
@@ -216,7 +216,7 @@ impl Sim {
 
     /// Before node `i` takes `input`: counts the dangerous states the input
     /// brings about and remembers what the step's checks need.
-    pub(super) fn monitor_input(&mut self, i: usize, input: &Input) -> Before {
+    pub(super) fn monitor_input(&mut self, i: usize, input: &Input<C>) -> Before {
         let e = self.nodes[i].engine().expect("live node");
         let before = Before { term: e.term() };
         let mut hits = Vec::new();
@@ -329,7 +329,7 @@ impl Sim {
 
     /// Before node `i` sends `msg` to `to`: what the message depends on is
     /// durable.
-    pub(super) fn monitor_send(&self, i: usize, to: NodeId, msg: &Message<super::C>) {
+    pub(super) fn monitor_send(&self, i: usize, to: NodeId, msg: &Message<C>) {
         let n = &self.nodes[i];
         let hs = n.disk.hard_state;
         let pre_vote = matches!(msg, Message::Vote(v) if v.pre_vote)
@@ -420,7 +420,7 @@ impl Sim {
         &self,
         i: usize,
         to: LogIndex,
-        membership: &Membership<String>,
+        membership: &Membership<C::Node>,
     ) {
         let n = &self.nodes[i];
         let e = n.engine().expect("live node");

@@ -7,15 +7,14 @@
 use std::cmp::Reverse;
 
 use crate::executor::{Done, Io, LogOp, SmOp, WriteError};
-use crate::memory::kv::{KvResponse, KvStore};
 use crate::message::{InstallSnapshotRequest, Message, SnapshotMeta};
 use crate::types::{Entry, NodeId};
 
 use super::linearizability::OpOutput;
 use super::monitor::Reach;
-use super::{ArmedCrash, C, EventKind, Input, MembershipChange, OpState, Sim};
+use super::{ArmedCrash, EventKind, Input, MembershipChange, OpState, Sim, SimApp};
 
-impl Sim {
+impl<C: SimApp> Sim<C> {
     pub(super) fn step_event(&mut self) {
         let Some(Reverse((at, seq))) = self.queue.pop() else {
             return;
@@ -107,7 +106,7 @@ impl Sim {
         }
     }
 
-    fn feed(&mut self, i: usize, input: Input) {
+    fn feed(&mut self, i: usize, input: Input<C>) {
         let now = self.now;
         let before = self.monitor_input(i, &input);
         // The term a message may move the receiver to: not a pre-vote's,
@@ -154,11 +153,11 @@ impl Sim {
             Input::Membership(change) => {
                 let e = x.engine_mut();
                 let r = match change {
-                    MembershipChange::AddLearner(id) => e.add_learner(id, format!("node-{id}")),
+                    MembershipChange::AddLearner(id) => e.add_learner(id, C::node(id)),
                     MembershipChange::RemoveLearner(id) => e.remove_learner(id),
                     MembershipChange::Voters(v) => e.change_membership(v),
                     MembershipChange::Demote(id) if !e.membership().nodes.contains_key(&id) => {
-                        e.add_learner(id, format!("node-{id}"))
+                        e.add_learner(id, C::node(id))
                     }
                     MembershipChange::Demote(id) => e.demote_voter(id),
                 };
@@ -233,13 +232,8 @@ impl Sim {
 
     /// A write applied by node `i`'s state-machine worker, answered as the
     /// driver's worker answers it.
-    fn answer_write(&mut self, op: usize, resp: KvResponse) {
-        let out = match resp {
-            KvResponse::Put | KvResponse::None => OpOutput::Put,
-            KvResponse::Deleted(d) => OpOutput::Deleted(d),
-            KvResponse::Cas { succeeded, current } => OpOutput::Cas { succeeded, current },
-        };
-        self.finish_op(op, OpState::Ok(self.now, out));
+    fn answer_write(&mut self, op: usize, resp: C::Response) {
+        self.finish_op(op, OpState::Ok(self.now, C::output(resp)));
     }
 
     fn answer(&mut self, i: usize, done: Done<C, super::SimCallers>) {
@@ -258,7 +252,7 @@ impl Sim {
                         "node {id} served read {op} at index {index}, but {floor} was committed when the read arrived"
                     ));
                 }
-                let v = self.nodes[i].sm.get(&self.ops[op].key).cloned();
+                let v = C::read(&self.nodes[i].sm, &self.ops[op].key);
                 self.finish_op(op, OpState::Ok(self.now, OpOutput::Get(v)));
             }
             Done::Read(op, Err(nl)) => {
@@ -528,16 +522,17 @@ impl Sim {
             }
             SmOp::InstallSnapshot { meta } => {
                 let data = std::mem::take(&mut self.nodes[i].staging);
-                let sm = KvStore::decode(&data).unwrap_or_else(|e| {
+                let sm = C::decode(&data).unwrap_or_else(|e| {
                     panic!("node {id}: received snapshot does not decode: {e}")
                 });
-                if sm.last_applied != meta.last_log_id {
+                if C::applied(&sm) != meta.last_log_id {
                     self.fail(format!(
                         "node {id}: snapshot data is at {} but meta says {}",
-                        sm.last_applied, meta.last_log_id
+                        C::applied(&sm),
+                        meta.last_log_id
                     ));
                 }
-                if sm.last_applied.index < self.nodes[i].applied_seen {
+                if C::applied(&sm).index < self.nodes[i].applied_seen {
                     self.fail(format!(
                         "node {id}: installing a snapshot moved applied backwards"
                     ));
@@ -562,11 +557,11 @@ impl Sim {
     fn begin_build(&mut self, i: usize) {
         let n = &mut self.nodes[i];
         n.sm_worker.pop_front();
-        let data = n.sm.encode().expect("kv store encodes");
+        let data = C::encode(&n.sm);
         self.seq += 1;
         let meta = SnapshotMeta {
-            last_log_id: n.sm.last_applied,
-            membership: n.sm.membership.clone(),
+            last_log_id: C::applied(&n.sm),
+            membership: C::membership(&n.sm),
             id: self.seq,
             size: data.len() as u64,
         };
@@ -595,7 +590,7 @@ impl Sim {
         let Some((meta, data)) = n.building.take() else {
             return;
         };
-        if n.sm.last_applied.index > meta.last_log_id.index {
+        if C::applied(&n.sm).index > meta.last_log_id.index {
             self.coverage.hit(Reach::AppliedDuringBuild);
         }
         let n = &mut self.nodes[i];
@@ -608,12 +603,12 @@ impl Sim {
 
     /// Applies committed entries to node `i`'s state machine, checking that
     /// every node applies the same entry at each index.
-    fn apply(&mut self, i: usize, entries: Vec<Entry<C>>) -> Vec<KvResponse> {
+    fn apply(&mut self, i: usize, entries: Vec<Entry<C>>) -> Vec<C::Response> {
         let id = self.nodes[i].id;
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
             let idx = e.log_id.index;
-            let prev = self.nodes[i].sm.last_applied.index;
+            let prev = C::applied(&self.nodes[i].sm).index;
             if idx != prev.next() {
                 self.fail(format!("node {id} applies {idx} after {prev}"));
             }
@@ -628,7 +623,7 @@ impl Sim {
                     e.log_id
                 )),
             }
-            out.push(self.nodes[i].sm.apply(e));
+            out.push(C::apply(&mut self.nodes[i].sm, e));
             self.nodes[i].applied_seen = idx;
         }
         out

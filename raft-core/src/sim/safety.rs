@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl Sim {
+impl<C: SimApp> Sim<C> {
     pub(super) fn check_node(&mut self, i: usize) {
         let id = self.nodes[i].id;
         let e = self.nodes[i].engine().expect("live node");
@@ -115,14 +115,14 @@ impl Sim {
         self.check_linearizable();
         // State Machine Safety, end to end: nodes that applied up to the
         // same entry hold the same data.
-        let mut seen: BTreeMap<LogId, &BTreeMap<String, String>> = BTreeMap::new();
+        let mut seen: BTreeMap<LogId, &C::State> = BTreeMap::new();
         for n in self.nodes.iter().filter(|n| n.x.is_some()) {
-            if let Some(other) = seen.insert(n.sm.last_applied, &n.sm.data)
-                && other != &n.sm.data
+            let applied = C::applied(&n.sm);
+            if let Some(other) = seen.insert(applied, &n.sm)
+                && other != &n.sm
             {
                 self.fail(format!(
-                    "two nodes applied up to {} but hold different data",
-                    n.sm.last_applied
+                    "two nodes applied up to {applied} but hold different data"
                 ));
             }
         }
@@ -196,7 +196,7 @@ impl Sim {
         // of the history for every key so it is part of the check.
         let keys: Vec<String> = self.keys.clone();
         for k in &keys {
-            let v = sm.get(k).cloned();
+            let v = C::read(sm, k);
             let t = self.now;
             self.ops.push(OpRecord {
                 client: usize::MAX,
