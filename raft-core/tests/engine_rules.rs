@@ -327,7 +327,7 @@ fn a_snapshot_older_than_the_current_one_or_of_another_history_is_ignored() {
     };
     let newest = meta(last, 1, leader);
     leader.snapshot_built(newest.clone());
-    let older = meta(leader.log().log_id_at(LogIndex(2)).unwrap(), 2, leader);
+    let older = meta(leader.log_id_at(LogIndex(2)).unwrap(), 2, leader);
     leader.snapshot_built(older);
     assert_eq!(
         leader.snapshot_meta(),
@@ -632,7 +632,7 @@ fn a_follower_that_acknowledges_slowly_is_not_sent_its_window_again() {
 fn purge_with_a_live_follower_behind(purge_keep_max: u64) -> (LogIndex, LogIndex) {
     let (mut s, s3_matched) = leader_snapshots_with_a_live_follower_behind(purge_keep_max, 0);
     (
-        s.engines.get_mut(&NodeId(1)).unwrap().log().base().index,
+        s.engines.get_mut(&NodeId(1)).unwrap().log_base().index,
         s3_matched,
     )
 }
@@ -688,7 +688,7 @@ fn leader_snapshots_with_a_follower_behind(
 fn a_follower_keeps_what_its_leader_keeps_for_a_follower_that_lags() {
     let [s1, s2, s3] = [1, 2, 3].map(NodeId);
     let (mut s, s3_matched) = leader_snapshots_with_a_live_follower_behind(100, 0);
-    let leader_base = s.engines[&s1].log().base().index;
+    let leader_base = s.engines[&s1].log_base().index;
     assert!(leader_base <= s3_matched, "the leader kept what s3 needs");
     // The next heartbeat tells s2 where the leader's log begins.
     s.heartbeat(s1, |_, to, m| {
@@ -697,7 +697,7 @@ fn a_follower_keeps_what_its_leader_keeps_for_a_follower_that_lags() {
     let follower = s.engines.get_mut(&s2).unwrap();
     snapshot_built_at_last_entry(follower, 1);
     assert_eq!(
-        follower.log().base().index,
+        follower.log_base().index,
         leader_base,
         "s2 purged entries its leader keeps for s3"
     );
@@ -707,7 +707,7 @@ fn a_follower_keeps_what_its_leader_keeps_for_a_follower_that_lags() {
     let follower = s.engines.get_mut(&s2).unwrap();
     snapshot_built_at_last_entry(follower, 1);
     let last = follower.last_log_id().index;
-    assert_eq!(follower.log().base().index, LogIndex(last.0 - 3));
+    assert_eq!(follower.log_base().index, LogIndex(last.0 - 3));
 }
 
 #[test]
@@ -740,14 +740,14 @@ fn a_leader_keeps_what_a_live_follower_lacks_while_it_weighs_less_than_the_snaps
     let s1 = NodeId(1);
     let (s, s3_matched) = leader_snapshots_with_a_live_follower_behind(3, 1 << 20);
     assert_eq!(
-        s.engines[&s1].log().base().index,
+        s.engines[&s1].log_base().index,
         s3_matched,
         "a 1 MiB state outweighs a dozen small entries: they stay for s3"
     );
     // A snapshot lighter than the entries s3 lacks is the cheaper path.
     let (s, _) = leader_snapshots_with_a_live_follower_behind(3, 2);
     let last = s.engines[&s1].last_log_id().index;
-    assert_eq!(s.engines[&s1].log().base().index, LogIndex(last.0 - 3));
+    assert_eq!(s.engines[&s1].log_base().index, LogIndex(last.0 - 3));
 }
 
 /// A follower busy installing a snapshot or catching up can go an
@@ -760,9 +760,9 @@ fn a_follower_silent_for_a_few_election_timeouts_still_has_its_entries_kept() {
     let s1 = NodeId(1);
     let timeout = config().election_timeout_max_ms;
     let (s, s3_matched) = leader_snapshots_with_a_follower_behind(100, 0, 2 * timeout);
-    assert_eq!(s.engines[&s1].log().base().index, s3_matched);
+    assert_eq!(s.engines[&s1].log_base().index, s3_matched);
     let (s, s3_matched) = leader_snapshots_with_a_follower_behind(100, 0, 11 * timeout);
-    assert!(s.engines[&s1].log().base().index > s3_matched);
+    assert!(s.engines[&s1].log_base().index > s3_matched);
 }
 
 #[test]
@@ -790,7 +790,7 @@ fn a_restart_keeps_purge_keep_entries_behind_the_snapshot() {
     };
     let mut e = Engine::new(NodeId(1), cfg, 1, 0, state).unwrap();
     assert_eq!(
-        e.log().base().index,
+        e.log_base().index,
         LogIndex(6),
         "a restart purged the slack a follower a little behind needs"
     );
@@ -848,7 +848,7 @@ fn a_completed_write_of_replaced_entries_does_not_count_as_durable() {
     // s3 wins term 2 with s1's vote; its no-op replaces s2's index 3.
     s.elect(s3, |_, _, _| false);
     assert_eq!(
-        s.engines[&s2].log().log_id_at(LogIndex(3)),
+        s.engines[&s2].log_id_at(LogIndex(3)),
         Some(LogId::new(2, 3))
     );
     // s2's first write (entries 1-3..1-5) completes only now.
@@ -1472,7 +1472,7 @@ fn snapshot_builds(
                 done += 1;
                 let e = s.engines.get_mut(&id).unwrap();
                 let meta = SnapshotMeta {
-                    last_log_id: e.log().log_id_at(at).unwrap(),
+                    last_log_id: e.log_id_at(at).unwrap(),
                     membership: e.membership().clone(),
                     id: at.0,
                     size: size(e, at),
@@ -1531,7 +1531,7 @@ fn nodes_build_their_snapshots_apart_but_within_the_jittered_thresholds() {
             done += 1;
             let e = s.engines.get_mut(&id).unwrap();
             let meta = SnapshotMeta {
-                last_log_id: e.log().log_id_at(at).unwrap(),
+                last_log_id: e.log_id_at(at).unwrap(),
                 membership: e.membership().clone(),
                 id: at.0,
                 size: 0,
@@ -1562,8 +1562,8 @@ fn a_large_state_is_snapshotted_only_once_the_log_weighs_snapshot_log_percent_of
     // waits for six entries and at 50% for three, while `snapshot_every`
     // alone would build after every one.
     let six_puts = |e: &Engine<C>, _: LogIndex| {
-        let last = e.log().last_index();
-        6 * e.log().get(last).unwrap().size_hint() as u64
+        let last = e.last_log_id().index;
+        6 * e.cached_entry(last).unwrap().size_hint() as u64
     };
     let cfg = |percent| Config {
         snapshot_jitter_percent: 0,
@@ -2049,7 +2049,7 @@ fn a_follower_behind_the_cache_gets_entries_read_back_from_the_store() {
     let mut s = s3_behind_an_empty_cache(20);
     let last = s.engines[&s1].last_log_id();
     assert_eq!(s.engines[&s1].commit_index(), last.index);
-    let log = s.engines[&s1].log();
+    let log = &s.engines[&s1];
     assert_eq!(
         (log.cached_from(), log.cached_bytes()),
         (last.index.next(), 0),
@@ -2087,7 +2087,7 @@ fn a_read_back_fills_the_window_for_a_follower_in_step() {
     let [s1, s3] = [1, 3].map(NodeId);
     // A cache of a few entries: enough to know their size.
     let mut s = s3_behind_a_cache(60, 120);
-    let cached = s.engines[&s1].log().cached_bytes();
+    let cached = s.engines[&s1].cached_bytes();
     assert!(cached > 0, "nothing cached to size entries by");
     for _ in 0..10 {
         s.heartbeat(s1, |_, _, _| false);
@@ -2130,7 +2130,7 @@ fn a_read_back_runs_past_the_cache_edge_to_the_last_entry() {
         s.heartbeat(s1, |_, _, _| false);
     }
     let last = s.engines[&s1].last_log_id().index;
-    let edge = s.engines[&s1].log().cached_from();
+    let edge = s.engines[&s1].cached_from();
     let reads: Vec<_> = s.reads_back.iter().filter(|r| r.1 == s3).collect();
     let [(_, _, from, to)] = reads[..] else {
         panic!("one read-back for s3: {reads:?}");

@@ -465,8 +465,10 @@ fn a_demoted_voter_stays_a_learner_and_keeps_receiving_the_log() {
         });
         // One change: it never left the cluster on the way (no removal and
         // re-adding), so every configuration from the joint one on names it.
-        let log = sim.engine(leader).expect("leader").log();
-        for entry in log.range(joint.index, log.last_index()) {
+        let e = sim.engine(leader).expect("leader");
+        let cached = (joint.index.0..=e.last_log_id().index.0)
+            .filter_map(|i| e.cached_entry(raft_core::LogIndex(i)));
+        for entry in cached {
             if let raft_core::EntryPayload::Membership(m) = &entry.payload {
                 sim.expect(m.nodes.contains_key(&demoted), || {
                     format!(

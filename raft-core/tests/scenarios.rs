@@ -662,7 +662,7 @@ fn snapshot_catch_up_of_a_lagging_follower_with_lost_chunks_and_a_crash_mid_inst
             let leader_now = sim.leader().unwrap_or(leader);
             let base = sim
                 .engine(leader_now)
-                .map(|e| e.log().base().index)
+                .map(|e| e.log_base().index)
                 .unwrap_or_default();
             sim.expect(base > LogIndex(20), || {
                 format!("leader did not compact its log (base {base})")
@@ -885,12 +885,12 @@ fn slow_snapshot_builds_and_installs_keep_the_leader() {
         for second in 0..60 {
             sim.run_for(1_000);
             expect_leader_kept(&sim, leader, term, &format!("second {second} of the load"));
-            let base = sim.engine(leader).map(|e| e.log().base().index);
+            let base = sim.engine(leader).map(|e| e.log_base().index);
             if base.is_some_and(|b| b > lagging_last) {
                 break;
             }
         }
-        let base = sim.engine(leader).map(|e| e.log().base().index);
+        let base = sim.engine(leader).map(|e| e.log_base().index);
         sim.expect(base.is_some_and(|b| b > lagging_last), || {
             format!("the leader did not compact past {lagging_last} (base {base:?})")
         });

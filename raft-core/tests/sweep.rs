@@ -158,7 +158,7 @@ fn stale_leader_returns(sim: &mut Sim, r: &mut Rng) {
             .filter(|l| !minority.contains(l))
             .is_some_and(|l| {
                 s.engine(l)
-                    .is_some_and(|e| e.log().term_at(e.commit_index()) == Some(e.term()))
+                    .is_some_and(|e| e.term_at(e.commit_index()) == Some(e.term()))
             })
     };
     // Either the new leader dies and the stale log competes in the next

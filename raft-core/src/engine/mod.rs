@@ -47,7 +47,7 @@
 mod action;
 mod election;
 mod identity;
-pub mod log;
+pub(crate) mod log;
 mod membership;
 pub(crate) mod progress;
 mod queries;

@@ -93,8 +93,42 @@ impl<C: TypeConfig> Engine<C> {
         self.log.last_log_id()
     }
     /// The engine's view of the log: its cached entries and bounds.
-    pub fn log(&self) -> &RaftLog<C> {
+    pub(crate) fn log(&self) -> &RaftLog<C> {
         &self.log
+    }
+    /// The term of the entry at `index`, if the log holds it; known also
+    /// for the last purged entry and for entries evicted from the cache.
+    pub fn term_at(&self, index: LogIndex) -> Option<Term> {
+        self.log.term_at(index)
+    }
+    /// The id of the entry at `index`, as [`Engine::term_at`] knows it.
+    pub fn log_id_at(&self, index: LogIndex) -> Option<LogId> {
+        self.log.log_id_at(index)
+    }
+    /// Whether the log holds an entry with exactly this id (the last
+    /// purged entry counts).
+    pub fn log_holds(&self, id: LogId) -> bool {
+        self.log.matches(id)
+    }
+    /// The last purged entry (`LogId::ZERO` if none): the log holds the
+    /// entries after it.
+    pub fn log_base(&self) -> LogId {
+        self.log.base()
+    }
+    /// The entry at `index`, if its payload is in the engine's cache
+    /// (`Config::log_cache_bytes`; older entries are read back from the
+    /// `LogStore` when a follower needs them).
+    pub fn cached_entry(&self, index: LogIndex) -> Option<&Entry<C>> {
+        self.log.get(index)
+    }
+    /// The first index whose payload is cached (one past the last entry
+    /// when none is).
+    pub fn cached_from(&self) -> LogIndex {
+        self.log.cached_from()
+    }
+    /// Bytes of payload in the cache (by `Entry::size_hint`).
+    pub fn cached_bytes(&self) -> usize {
+        self.log.cached_bytes()
     }
     /// The current snapshot, if there is one.
     pub fn snapshot_meta(&self) -> Option<&SnapshotMeta<C>> {

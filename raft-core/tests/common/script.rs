@@ -194,7 +194,7 @@ impl Script {
         for i in 1..=e.commit_index().0 {
             let idx = LogIndex(i);
             // Purged behind a snapshot: checked when it was committed.
-            let Some(log_id) = e.log().log_id_at(idx) else {
+            let Some(log_id) = e.log_id_at(idx) else {
                 continue;
             };
             let prev = *self.committed.entry(idx).or_insert(log_id);
