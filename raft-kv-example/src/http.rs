@@ -39,7 +39,6 @@
 //! before: a 504 then leaves the outcome unknown.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -339,7 +338,7 @@ impl AppState {
     }
 
     async fn propose(&self, command: Command, uri: &Uri) -> Result<(u64, KvResponse), ApiError> {
-        self.metrics.proposals.fetch_add(1, Relaxed);
+        self.metrics.proposals.inc();
         let outcome = bounded(
             self.limits.request_timeout,
             self.raft.client_write(command),
@@ -352,14 +351,14 @@ impl AppState {
         )
         .await;
         if outcome.is_err() {
-            self.metrics.proposals_failed.fetch_add(1, Relaxed);
+            self.metrics.proposals_failed.inc();
         }
         outcome.map(|(log_id, resp)| (log_id.index.0, resp))
     }
 
     /// Waits until a read of the local state machine is linearizable.
     async fn linearize(&self, uri: &Uri) -> Result<(), ApiError> {
-        self.metrics.reads.fetch_add(1, Relaxed);
+        self.metrics.reads.inc();
         let outcome = bounded(
             self.limits.request_timeout,
             self.raft.ensure_linearizable(),
@@ -368,7 +367,7 @@ impl AppState {
         )
         .await;
         if outcome.is_err() {
-            self.metrics.reads_failed.fetch_add(1, Relaxed);
+            self.metrics.reads_failed.inc();
         }
         outcome.map(|_| ())
     }
@@ -652,7 +651,7 @@ async fn status(State(state): State<AppState>) -> Response {
 async fn metrics(State(state): State<AppState>) -> Response {
     let m = state.raft.metrics().borrow().clone();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         state.metrics.render(&m),
     )
         .into_response()

@@ -1,14 +1,19 @@
-//! Counters and latency histograms for `GET /metrics` (Prometheus text
-//! format), and the wrappers that feed them: a [`LogStore`] that times every
+//! Counters and latency histograms for `GET /metrics` (the OpenMetrics
+//! text format, which Prometheus scrapes, written by the `prometheus-client`
+//! crate), and the wrappers that feed them: a [`LogStore`] that times every
 //! synced write, and a [`NetworkFactory`] that counts failed RPCs per peer.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::{Registry, Unit};
 use raft_core::{
     AppendEntriesRequest, AppendEntriesResponse, Entry, HardState, InstallSnapshotRequest,
     InstallSnapshotResponse, LogId, LogIndex, LogState, LogStore, Network, NetworkError,
@@ -18,214 +23,212 @@ use raft_core::{
 
 use crate::types::{Kv, NodeAddr};
 
+/// The content type of what [`Metrics::render`] writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
-/// A cumulative latency histogram.
-#[derive(Default)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_ns: AtomicU64,
+/// A latency histogram, in seconds.
+#[derive(Clone, Debug)]
+pub struct Histogram(prometheus_client::metrics::histogram::Histogram);
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram(prometheus_client::metrics::histogram::Histogram::new(
+            BUCKETS,
+        ))
+    }
 }
 
 impl Histogram {
     /// Records one request that started at `started`.
     pub fn observe(&self, started: Instant) {
-        let elapsed = started.elapsed();
-        let secs = elapsed.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.counts[i].fetch_add(1, Relaxed);
-        }
-        self.count.fetch_add(1, Relaxed);
-        self.sum_ns
-            .fetch_add(elapsed.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+        self.0.observe(started.elapsed().as_secs_f64());
     }
+}
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (bound, n) in BUCKETS.iter().zip(&self.counts) {
-            cumulative += n.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}\n{name}_count {count}",
-            self.sum_ns.load(Relaxed) as f64 / 1e9
-        );
-    }
+/// The labels of a failed RPC.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    peer: String,
+    rpc: &'static str,
 }
 
 /// Everything `/metrics` reports besides the Raft metrics themselves.
 #[derive(Default)]
 pub struct Metrics {
     /// Writes proposed.
-    pub proposals: AtomicU64,
+    pub proposals: Counter,
     /// Writes that failed.
-    pub proposals_failed: AtomicU64,
+    pub proposals_failed: Counter,
     /// Linearizable reads started.
-    pub reads: AtomicU64,
+    pub reads: Counter,
     /// Reads that failed.
-    pub reads_failed: AtomicU64,
-    /// Times this node became a candidate (a real election, after pre-vote).
+    pub reads_failed: Counter,
     /// `LogStore::append`, which returns once the entries are synced.
     pub append: Histogram,
     /// `LogStore::save_hard_state` (term and vote, synced).
     pub hard_state_sync: Histogram,
-    rpc_errors: Mutex<BTreeMap<(NodeId, &'static str), u64>>,
+    rpc_errors: Family<RpcLabels, Counter>,
     /// Bytes the configuration budgets for caches (RocksDB's block cache
     /// and memtables, the Raft log cache); set at start.
-    pub memory_budget: AtomicU64,
+    pub memory_budget: Gauge,
 }
 
 impl Metrics {
     fn rpc_error(&self, peer: NodeId, rpc: &'static str) {
-        if let Ok(mut m) = self.rpc_errors.lock() {
-            *m.entry((peer, rpc)).or_default() += 1;
-        }
+        self.rpc_errors
+            .get_or_create(&RpcLabels {
+                peer: peer.to_string(),
+                rpc,
+            })
+            .inc();
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition ([`CONTENT_TYPE`]): this node's
+    /// counters and histograms, and `raft`, the Raft metrics of the moment.
     pub fn render(&self, raft: &RaftMetrics<NodeAddr>) -> String {
-        let mut out = String::with_capacity(4096);
-        let mut gauge = |name: &str, help: &str, kind: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        };
-        gauge("raft_term", "Current term.", "gauge", raft.term.0);
-        gauge(
-            "raft_kv_memory_budget_bytes",
+        let mut r = Registry::default();
+        r.register_collector(Box::new(RaftCollector(raft.clone())));
+        r.register_with_unit(
+            "raft_kv_memory_budget",
             "Memory the configuration budgets for caches: RocksDB block cache and memtables, and the Raft log cache.",
-            "gauge",
-            self.memory_budget.load(Relaxed),
+            Unit::Bytes,
+            self.memory_budget.clone(),
         );
-        gauge(
-            "raft_commit_index",
-            "Highest log index known to be committed.",
-            "gauge",
-            raft.commit_index.0,
-        );
-        gauge(
-            "raft_applied_index",
-            "Highest log index applied to the state machine.",
-            "gauge",
-            raft.applied_index.0,
-        );
-        gauge(
-            "raft_last_log_index",
-            "Index of the last entry in the local log.",
-            "gauge",
-            raft.last_log_index.0,
-        );
-        gauge(
-            "raft_is_leader",
-            "1 if this node leads.",
-            "gauge",
-            u64::from(raft.role == Role::Leader),
-        );
-        let c = |a: &AtomicU64| a.load(Relaxed);
-        gauge(
-            "raft_proposals_total",
-            "Writes proposed through this node.",
-            "counter",
-            c(&self.proposals),
-        );
-        gauge(
-            "raft_proposals_failed_total",
-            "Proposals that failed or timed out.",
-            "counter",
-            c(&self.proposals_failed),
-        );
-        gauge(
-            "raft_linearizable_reads_total",
-            "Linearizable reads served.",
-            "counter",
-            c(&self.reads),
-        );
-        gauge(
-            "raft_linearizable_reads_failed_total",
-            "Linearizable reads that failed.",
-            "counter",
-            c(&self.reads_failed),
-        );
-        gauge(
-            "raft_elections_total",
-            "Elections this node started.",
-            "counter",
-            raft.elections,
-        );
-        gauge(
-            "raft_leader_changes_total",
-            "Times this node saw a new leader.",
-            "counter",
-            raft.leader_changes,
-        );
-        gauge(
-            "raft_snapshots_sent_total",
-            "Snapshot transfers this node started as leader (restarts count again).",
-            "counter",
-            raft.snapshots_sent,
-        );
-        gauge(
-            "raft_snapshots_installed_total",
-            "Snapshots this node received and installed.",
-            "counter",
-            raft.snapshots_installed,
-        );
-        gauge(
-            "raft_snapshot_delivered_bytes_total",
-            "Bytes of the snapshots this node delivered as leader (installed by the follower).",
-            "counter",
-            raft.snapshot_bytes_delivered,
-        );
-        gauge(
-            "raft_snapshot_delivery_milliseconds_total",
-            "Time those deliveries took, first chunk to install.",
-            "counter",
-            raft.snapshot_delivery_millis,
-        );
-        let roles = ["follower", "precandidate", "candidate", "leader", "learner"];
-        let _ = writeln!(
-            out,
-            "# HELP raft_role The node's role (1 for the current one).\n# TYPE raft_role gauge"
-        );
-        for r in roles {
-            let _ = writeln!(
-                out,
-                "raft_role{{role=\"{r}\"}} {}",
-                u64::from(role_name(raft.role) == r)
-            );
+        let counters = [
+            (
+                "raft_proposals",
+                "Writes proposed through this node.",
+                &self.proposals,
+            ),
+            (
+                "raft_proposals_failed",
+                "Proposals that failed or timed out.",
+                &self.proposals_failed,
+            ),
+            (
+                "raft_linearizable_reads",
+                "Linearizable reads served.",
+                &self.reads,
+            ),
+            (
+                "raft_linearizable_reads_failed",
+                "Linearizable reads that failed.",
+                &self.reads_failed,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            r.register(name, help, counter.clone());
         }
-        self.append.render(
-            &mut out,
-            "raft_log_append_seconds",
+        r.register_with_unit(
+            "raft_log_append",
             "Latency of a synced log append (includes the WAL fsync).",
+            Unit::Seconds,
+            self.append.0.clone(),
         );
-        self.hard_state_sync.render(
-            &mut out,
-            "raft_hard_state_sync_seconds",
+        r.register_with_unit(
+            "raft_hard_state_sync",
             "Latency of a synced term/vote save.",
+            Unit::Seconds,
+            self.hard_state_sync.0.clone(),
         );
-        let _ = writeln!(
-            out,
-            "# HELP raft_rpc_errors_total Failed RPCs to a peer, by kind.\n# TYPE raft_rpc_errors_total counter"
+        r.register(
+            "raft_rpc_errors",
+            "Failed RPCs to a peer, by kind.",
+            self.rpc_errors.clone(),
         );
-        if let Ok(m) = self.rpc_errors.lock() {
-            for ((peer, rpc), n) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "raft_rpc_errors_total{{peer=\"{peer}\",rpc=\"{rpc}\"}} {n}"
-                );
-            }
-        }
+        let mut out = String::with_capacity(4096);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
         out
+    }
+}
+
+/// The Raft metrics of one scrape, encoded as they are read.
+#[derive(Debug)]
+struct RaftCollector(RaftMetrics<NodeAddr>);
+
+impl Collector for RaftCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = &self.0;
+        let gauges = [
+            ("raft_term", "Current term.", m.term.0),
+            (
+                "raft_commit_index",
+                "Highest log index known to be committed.",
+                m.commit_index.0,
+            ),
+            (
+                "raft_applied_index",
+                "Highest log index applied to the state machine.",
+                m.applied_index.0,
+            ),
+            (
+                "raft_last_log_index",
+                "Index of the last entry in the local log.",
+                m.last_log_index.0,
+            ),
+            (
+                "raft_is_leader",
+                "1 if this node leads.",
+                u64::from(m.role == Role::Leader),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let g = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        let counters = [
+            (
+                "raft_elections",
+                "Elections this node started.",
+                m.elections,
+            ),
+            (
+                "raft_leader_changes",
+                "Times this node saw a new leader.",
+                m.leader_changes,
+            ),
+            (
+                "raft_snapshots_sent",
+                "Snapshot transfers this node started as leader (restarts count again).",
+                m.snapshots_sent,
+            ),
+            (
+                "raft_snapshots_installed",
+                "Snapshots this node received and installed.",
+                m.snapshots_installed,
+            ),
+            (
+                "raft_snapshot_delivered_bytes",
+                "Bytes of the snapshots this node delivered as leader (installed by the follower).",
+                m.snapshot_bytes_delivered,
+            ),
+            (
+                "raft_snapshot_delivery_milliseconds",
+                "Time those deliveries took, first chunk to install.",
+                m.snapshot_delivery_millis,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let c = ConstCounter::new(value);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let mut roles = encoder.encode_descriptor(
+            "raft_role",
+            "The node's role (1 for the current one).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in ["follower", "precandidate", "candidate", "leader", "learner"] {
+            let g = ConstGauge::new(i64::from(role_name(m.role) == r));
+            g.encode(roles.encode_family(&[("role", r)])?)?;
+        }
+        Ok(())
     }
 }
 

@@ -290,10 +290,10 @@ impl Node {
         let metrics = Arc::new(Metrics::default());
 
         let rocks = RocksOptions::default();
-        metrics.memory_budget.store(
-            (rocks.memory_budget() + file.raft.log_cache_bytes) as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let budget = rocks.memory_budget() + file.raft.log_cache_bytes;
+        metrics
+            .memory_budget
+            .set(i64::try_from(budget).unwrap_or(i64::MAX));
         let db = RocksDb::open(&me.data_dir, rocks)?;
         let mut log = db.log_store::<Kv>(GROUP)?;
         let mut sm = RocksStateMachine::open(&db, GROUP, KvLogic)?;

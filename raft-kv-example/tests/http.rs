@@ -90,15 +90,25 @@ async fn every_operation_works_through_any_node() {
         .await
         .expect("metrics");
     assert_eq!(metrics.status(), StatusCode::OK);
+    assert_eq!(
+        metrics.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
     let text = metrics.text().await.expect("text");
     for line in [
         "raft_term ",
         "raft_applied_index ",
         "raft_role{role=\"follower\"} 1",
+        "# TYPE raft_log_append_seconds histogram",
         "raft_log_append_seconds_count ",
+        "# TYPE raft_elections counter",
+        "raft_elections_total ",
+        "raft_proposals_total ",
+        "raft_kv_memory_budget_bytes ",
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
+    assert!(text.ends_with("# EOF\n"), "an OpenMetrics exposition ends with # EOF");
     cluster.shutdown().await;
 }
 
