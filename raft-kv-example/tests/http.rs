@@ -108,7 +108,10 @@ async fn every_operation_works_through_any_node() {
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
-    assert!(text.ends_with("# EOF\n"), "an OpenMetrics exposition ends with # EOF");
+    assert!(
+        text.ends_with("# EOF\n"),
+        "an OpenMetrics exposition ends with # EOF"
+    );
     cluster.shutdown().await;
 }
 

@@ -1,23 +1,25 @@
-//! An in-memory key-value [`StateMachine`]. Clones share state, so the
-//! application keeps a clone to read from.
+//! An in-memory [`StateMachine`] for any [`MemApp`] (the key-value
+//! [`KvStore`] by default). Clones share state, so the application keeps a
+//! clone to read from.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::kv::{KvConfig, KvResponse, KvStore};
+use super::MemApp;
+use super::kv::{KvConfig, KvStore};
 use crate::message::SnapshotMeta;
 use crate::state_machine::{SnapshotChunk, StateMachine};
 use crate::storage::StorageError;
 use crate::types::{Entry, LogId};
 
-#[derive(Debug, Default)]
-struct Inner {
-    store: KvStore,
-    snapshot: Option<Snapshot>,
+#[derive(Debug)]
+struct Inner<C: MemApp> {
+    store: C::State,
+    snapshot: Option<Snapshot<C>>,
     /// The snapshot the last build replaced, readable until the next build
     /// or install (a transfer may be reading it).
-    previous: Option<Snapshot>,
+    previous: Option<Snapshot<C>>,
     receiving: Vec<u8>,
     next_snapshot_id: u64,
 }
@@ -26,42 +28,73 @@ struct Inner {
 /// follower first reads it. Most snapshots only let the log be purged and
 /// are never sent, and copying the map costs a fraction of encoding it.
 #[derive(Debug)]
-struct Snapshot {
-    meta: SnapshotMeta<KvConfig>,
-    data: SnapshotData,
+struct Snapshot<C: MemApp> {
+    meta: SnapshotMeta<C>,
+    data: SnapshotData<C>,
 }
 
 #[derive(Debug)]
-enum SnapshotData {
-    Copy(Box<KvStore>),
+enum SnapshotData<C: MemApp> {
+    Copy(Box<C::State>),
     Encoded(Arc<Vec<u8>>),
 }
 
-impl Snapshot {
+impl<C: MemApp> Snapshot<C> {
     /// The snapshot's bytes, encoding the copy (and dropping it) once.
     fn encoded(&mut self) -> Result<Arc<Vec<u8>>, StorageError> {
         let bytes = match &self.data {
             SnapshotData::Encoded(bytes) => return Ok(bytes.clone()),
-            SnapshotData::Copy(store) => Arc::new(store.encode().map_err(corrupt)?),
+            SnapshotData::Copy(store) => Arc::new(C::encode(store).map_err(corrupt)?),
         };
         self.data = SnapshotData::Encoded(bytes.clone());
         Ok(bytes)
     }
 }
 
-/// The [`KvStore`] as a Raft state machine, with snapshots kept in memory.
-#[derive(Debug, Clone, Default)]
-pub struct MemStateMachine {
-    inner: Arc<Mutex<Inner>>,
+/// An application's state ([`MemApp`]; the key-value [`KvStore`] by
+/// default) as a Raft state machine, with snapshots kept in memory.
+#[derive(Debug)]
+pub struct MemStateMachine<C: MemApp = KvConfig> {
+    inner: Arc<Mutex<Inner<C>>>,
 }
 
-impl MemStateMachine {
+impl<C: MemApp> Clone for MemStateMachine<C> {
+    fn clone(&self) -> Self {
+        MemStateMachine {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<C: MemApp> Default for MemStateMachine<C> {
+    fn default() -> Self {
+        MemStateMachine {
+            inner: Arc::new(Mutex::new(Inner {
+                store: C::State::default(),
+                snapshot: None,
+                previous: None,
+                receiving: Vec::new(),
+                next_snapshot_id: 0,
+            })),
+        }
+    }
+}
+
+impl<C: MemApp> MemStateMachine<C> {
     /// An empty state machine with no snapshot.
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, Inner>, StorageError> {
+    /// A copy of the whole state.
+    pub fn state(&self) -> C::State {
+        self.inner
+            .lock()
+            .map(|g| g.store.clone())
+            .unwrap_or_default()
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Inner<C>>, StorageError> {
         self.inner.lock().map_err(|_| StorageError::Corrupt {
             location: "memory state machine".into(),
             detail: "a writer panicked while holding the lock".into(),
@@ -76,7 +109,7 @@ impl MemStateMachine {
     /// leader at 1,024 writers).
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(MemStateMachine) -> Result<T, StorageError> + Send + 'static,
+        f: impl FnOnce(MemStateMachine<C>) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
         let this = self.clone();
         let run = move || f(this);
@@ -89,7 +122,9 @@ impl MemStateMachine {
         }
         run()
     }
+}
 
+impl MemStateMachine {
     /// Reads a key from the local state. After `Raft::ensure_linearizable`
     /// the read is linearizable; otherwise it may be stale.
     pub fn get(&self, key: &str) -> Option<String> {
@@ -98,10 +133,7 @@ impl MemStateMachine {
 
     /// A copy of the whole store (for tests).
     pub fn snapshot_of_store(&self) -> KvStore {
-        self.inner
-            .lock()
-            .map(|g| g.store.clone())
-            .unwrap_or_default()
+        self.state()
     }
 }
 
@@ -113,29 +145,29 @@ fn corrupt(detail: impl ToString) -> StorageError {
 }
 
 #[async_trait]
-impl StateMachine<KvConfig> for MemStateMachine {
+impl<C: MemApp> StateMachine<C> for MemStateMachine<C> {
     async fn applied(&mut self) -> Result<LogId, StorageError> {
-        Ok(self.lock()?.store.last_applied)
+        Ok(C::applied(&self.lock()?.store))
     }
 
-    async fn apply(
-        &mut self,
-        entries: Vec<Entry<KvConfig>>,
-    ) -> Result<Vec<KvResponse>, StorageError> {
+    async fn apply(&mut self, entries: Vec<Entry<C>>) -> Result<Vec<C::Response>, StorageError> {
         let mut g = self.lock()?;
-        Ok(entries.into_iter().map(|e| g.store.apply(e)).collect())
+        Ok(entries
+            .into_iter()
+            .map(|e| C::apply(&mut g.store, e))
+            .collect())
     }
 
-    async fn build_snapshot(&mut self) -> Result<SnapshotMeta<KvConfig>, StorageError> {
+    async fn build_snapshot(&mut self) -> Result<SnapshotMeta<C>, StorageError> {
         self.blocking(|sm| {
             let (meta, replaced) = {
                 let mut g = sm.lock()?;
                 g.next_snapshot_id += 1;
                 let meta = SnapshotMeta {
-                    last_log_id: g.store.last_applied,
-                    membership: g.store.membership.clone(),
+                    last_log_id: C::applied(&g.store),
+                    membership: C::membership(&g.store),
                     id: g.next_snapshot_id,
-                    size: g.store.approx_encoded_len(),
+                    size: C::size_hint(&g.store),
                 };
                 let copy = Snapshot {
                     meta: meta.clone(),
@@ -152,7 +184,7 @@ impl StateMachine<KvConfig> for MemStateMachine {
         .await
     }
 
-    async fn current_snapshot(&mut self) -> Result<Option<SnapshotMeta<KvConfig>>, StorageError> {
+    async fn current_snapshot(&mut self) -> Result<Option<SnapshotMeta<C>>, StorageError> {
         Ok(self.lock()?.snapshot.as_ref().map(|s| s.meta.clone()))
     }
 
@@ -190,7 +222,7 @@ impl StateMachine<KvConfig> for MemStateMachine {
 
     async fn write_snapshot_chunk(
         &mut self,
-        _meta: &SnapshotMeta<KvConfig>,
+        _meta: &SnapshotMeta<C>,
         offset: u64,
         data: Vec<u8>,
     ) -> Result<(), StorageError> {
@@ -208,20 +240,18 @@ impl StateMachine<KvConfig> for MemStateMachine {
         Ok(())
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta<KvConfig>,
-    ) -> Result<(), StorageError> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<C>) -> Result<(), StorageError> {
         let meta = meta.clone();
         self.blocking(move |sm| {
             let replaced = {
                 let mut g = sm.lock()?;
                 let data = std::mem::take(&mut g.receiving);
-                let store = KvStore::decode(&data).map_err(corrupt)?;
-                if store.last_applied != meta.last_log_id {
+                let store = C::decode(&data).map_err(corrupt)?;
+                if C::applied(&store) != meta.last_log_id {
                     return Err(corrupt(format!(
                         "data ends at {} but meta says {}",
-                        store.last_applied, meta.last_log_id
+                        C::applied(&store),
+                        meta.last_log_id
                     )));
                 }
                 let snapshot = Snapshot {

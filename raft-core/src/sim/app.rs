@@ -3,15 +3,15 @@
 //! commands and the key-value register model the linearizability checker
 //! judges histories by.
 
-use std::fmt;
-
+use crate::memory::MemApp;
 use crate::memory::kv::{KvCommand, KvConfig, KvResponse, KvStore};
-use crate::types::{Entry, LogId, Membership, NodeId, TypeConfig};
+use crate::types::NodeId;
 
 use super::linearizability::{OpKind, OpOutput};
 
-/// An application the simulator can run: implement it for your own
-/// [`TypeConfig`] to put your commands, responses and state machine
+/// An application the simulator can run: implement it (and [`MemApp`],
+/// which says how its state applies and encodes) for your own
+/// [`TypeConfig`](crate::TypeConfig) to put your commands, responses and state machine
 /// through the same faults, safety checks and linearizability check as
 /// the built-in key-value store ([`KvConfig`], the default).
 ///
@@ -33,28 +33,7 @@ use super::linearizability::{OpKind, OpOutput};
 /// sim.run_for(1_000);
 /// sim.final_check();
 /// ```
-pub trait SimApp: TypeConfig {
-    /// The state machine's whole state, held in memory by each simulated
-    /// node. Two nodes that applied up to the same entry must hold equal
-    /// states (State Machine Safety, checked at the end of a run).
-    type State: Clone + Default + PartialEq + fmt::Debug;
-
-    /// Applies one committed entry (blank and membership entries included:
-    /// the state records the last applied id and the membership).
-    fn apply(state: &mut Self::State, entry: Entry<Self>) -> Self::Response;
-
-    /// The id of the last entry `state` applied (`LogId::ZERO` if none).
-    fn applied(state: &Self::State) -> LogId;
-
-    /// The membership as of the last applied entry.
-    fn membership(state: &Self::State) -> Membership<Self::Node>;
-
-    /// The snapshot bytes of `state`.
-    fn encode(state: &Self::State) -> Vec<u8>;
-
-    /// A state from [`SimApp::encode`]'s bytes.
-    fn decode(bytes: &[u8]) -> Result<Self::State, String>;
-
+pub trait SimApp: MemApp {
     /// The address of node `id` in membership entries.
     fn node(id: NodeId) -> Self::Node;
 
@@ -76,28 +55,6 @@ pub trait SimApp: TypeConfig {
 }
 
 impl SimApp for KvConfig {
-    type State = KvStore;
-
-    fn apply(state: &mut KvStore, entry: Entry<KvConfig>) -> KvResponse {
-        state.apply(entry)
-    }
-
-    fn applied(state: &KvStore) -> LogId {
-        state.last_applied
-    }
-
-    fn membership(state: &KvStore) -> Membership<String> {
-        state.membership.clone()
-    }
-
-    fn encode(state: &KvStore) -> Vec<u8> {
-        state.encode().expect("a key-value store always encodes")
-    }
-
-    fn decode(bytes: &[u8]) -> Result<KvStore, String> {
-        KvStore::decode(bytes).map_err(|e| e.to_string())
-    }
-
     fn node(id: NodeId) -> String {
         format!("node-{id}")
     }

@@ -555,9 +555,15 @@ impl<C: SimApp> Sim<C> {
     /// the state is captured now, the snapshot becomes durable after a disk
     /// latency, and the applies queued behind it go on meanwhile.
     fn begin_build(&mut self, i: usize) {
+        let data = match C::encode(&self.nodes[i].sm) {
+            Ok(data) => data,
+            Err(e) => self.fail(format!(
+                "node {}: state does not encode: {e}",
+                self.nodes[i].id
+            )),
+        };
         let n = &mut self.nodes[i];
         n.sm_worker.pop_front();
-        let data = C::encode(&n.sm);
         self.seq += 1;
         let meta = SnapshotMeta {
             last_log_id: C::applied(&n.sm),
