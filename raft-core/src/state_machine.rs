@@ -184,6 +184,13 @@ pub trait StateMachine<C: TypeConfig>: Send + Sync + 'static {
     /// (for blank and membership entries the response is ignored, but the
     /// entry still counts as applied: record its log id, and keep the
     /// membership for snapshots).
+    ///
+    /// Need not be durable on completion: the log holds every committed
+    /// entry, so what a crash loses is applied again at the next start
+    /// (from [`StateMachine::applied`] on). What it must be is atomic with
+    /// its bookkeeping: after a crash, `applied` names the last entry whose
+    /// effects the state holds, never one before or after (a durable state
+    /// machine writes data and last applied id in one batch).
     async fn apply(&mut self, entries: Vec<Entry<C>>) -> Result<Vec<C::Response>, StorageError>;
 
     /// Captures the state as of the last applied entry as a new snapshot
