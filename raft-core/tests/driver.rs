@@ -851,57 +851,6 @@ async fn a_follower_that_lost_its_log_is_caught_up_from_what_it_holds() {
     );
 }
 
-/// A `MemLogStore` that blocks its thread in every mutation, as a store
-/// that syncs with a plain `fsync` would, and so keeps the default answer
-/// to `never_blocks`: its operations run on a task of their own.
-#[derive(Clone)]
-struct ThreadBlocking(MemLogStore<KvConfig>);
-
-impl ThreadBlocking {
-    fn sync(&self) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-#[async_trait::async_trait]
-impl raft_core::LogStore<KvConfig> for ThreadBlocking {
-    async fn log_state(&mut self) -> Result<raft_core::LogState, raft_core::StorageError> {
-        self.0.log_state().await
-    }
-    async fn read(
-        &mut self,
-        from: LogIndex,
-        to: LogIndex,
-    ) -> Result<Vec<raft_core::Entry<KvConfig>>, raft_core::StorageError> {
-        self.0.read(from, to).await
-    }
-    async fn append(
-        &mut self,
-        entries: Vec<raft_core::Entry<KvConfig>>,
-    ) -> Result<(), raft_core::StorageError> {
-        self.sync();
-        self.0.append(entries).await
-    }
-    async fn truncate(&mut self, from: LogIndex) -> Result<(), raft_core::StorageError> {
-        self.sync();
-        self.0.truncate(from).await
-    }
-    async fn purge(&mut self, upto: raft_core::LogId) -> Result<(), raft_core::StorageError> {
-        self.sync();
-        self.0.purge(upto).await
-    }
-    async fn save_hard_state(
-        &mut self,
-        hard_state: raft_core::HardState,
-    ) -> Result<(), raft_core::StorageError> {
-        self.sync();
-        self.0.save_hard_state(hard_state).await
-    }
-    async fn load_hard_state(&mut self) -> Result<raft_core::HardState, raft_core::StorageError> {
-        self.0.load_hard_state().await
-    }
-}
-
 /// The driver runs the workers of stores that never block inside its own
 /// task and the others on tasks of their own; the memory stores take the
 /// first way, so this cluster takes the second for both lanes (the log
@@ -917,7 +866,10 @@ async fn stores_that_may_block_are_run_on_worker_tasks_of_their_own() {
         (1..=3).map(|i| (NodeId(i), format!("node-{i}"))).collect();
     let mut nodes = Vec::new();
     for id in members.keys() {
-        let log = ThreadBlocking(MemLogStore::new());
+        let log = SlowAppends {
+            inner: MemLogStore::new(),
+            wait: Wait::Block(Duration::from_millis(1)),
+        };
         let sm = GatedBuilds {
             inner: MemStateMachine::new(),
             begun: Default::default(),
@@ -990,14 +942,24 @@ async fn stores_that_may_block_are_run_on_worker_tasks_of_their_own() {
     }
 }
 
-/// A `MemLogStore` on a slow disk: every append takes `delay` of the
-/// runtime's time, awaited without blocking the thread, so it keeps the
-/// memory store's answer to `never_blocks` and runs inside the driver's
-/// task.
+/// How a slow disk's appends wait.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// Blocking the thread, as a plain `fsync` does: such a store keeps the
+    /// default answer to `never_blocks`, and its worker has a task of its
+    /// own.
+    Block(Duration),
+    /// Awaiting the runtime's time without blocking: the store never
+    /// blocks, and its worker runs inside the driver's task.
+    Await(Duration),
+}
+
+/// A `MemLogStore` whose every append takes a while, waiting as `wait`
+/// says.
 #[derive(Clone)]
 struct SlowAppends {
     inner: MemLogStore<KvConfig>,
-    delay: Duration,
+    wait: Wait,
 }
 
 #[async_trait::async_trait]
@@ -1016,7 +978,10 @@ impl raft_core::LogStore<KvConfig> for SlowAppends {
         &mut self,
         entries: Vec<raft_core::Entry<KvConfig>>,
     ) -> Result<(), raft_core::StorageError> {
-        tokio::time::sleep(self.delay).await;
+        match self.wait {
+            Wait::Block(d) => std::thread::sleep(d),
+            Wait::Await(d) => tokio::time::sleep(d).await,
+        }
         self.inner.append(entries).await
     }
     async fn truncate(&mut self, from: LogIndex) -> Result<(), raft_core::StorageError> {
@@ -1035,7 +1000,7 @@ impl raft_core::LogStore<KvConfig> for SlowAppends {
         self.inner.load_hard_state().await
     }
     fn never_blocks(&self) -> bool {
-        true
+        matches!(self.wait, Wait::Await(_))
     }
 }
 
@@ -1056,7 +1021,7 @@ async fn appends_slower_than_an_election_timeout_do_not_hold_up_heartbeats() {
     for id in members.keys() {
         let log = SlowAppends {
             inner: MemLogStore::new(),
-            delay,
+            wait: Wait::Await(delay),
         };
         let raft = Raft::start(
             *id,
