@@ -16,10 +16,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use raft_core::log_store_suite::{self, LogStoreHarness};
-use raft_core::memory::{MemApp, MemLogStore, MemRouter, MemStateMachine};
+use raft_core::memory::{MemApp, MemLogStore};
 use raft_core::sim::linearizability::{OpKind, OpOutput};
 use raft_core::sim::{NetOptions, Sim, SimApp, SimOptions};
-use raft_core::{Config, Entry, EntryPayload, LogId, Membership, NodeId, Raft, TypeConfig};
+use raft_core::{Config, Entry, EntryPayload, LogId, Membership, NodeId, TypeConfig};
 
 /// Registers named and valued by bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -252,85 +252,93 @@ async fn the_log_store_suite_runs_with_an_application_of_its_own_types() {
     log_store_suite::run(&mut Harness).await;
 }
 
-/// The memory backends under the real driver: a 3-node cluster of
-/// `MemLogStore<Registers>` and `MemStateMachine<Registers>` replicates
-/// this application's commands, answers with its answers, and every node
-/// ends with the same registers, snapshots included.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_memory_backends_run_an_application_of_its_own_types() {
-    let wait = std::time::Duration::from_secs(20);
-    let router = MemRouter::<Registers>::new();
-    let members: BTreeMap<NodeId, SocketAddr> = (1..=3)
-        .map(|i| (NodeId(i), Registers::node(NodeId(i))))
-        .collect();
-    let config = Config {
-        snapshot_every: 10,
-        purge_keep: 2,
-        ..Config::default()
-    };
-    let mut nodes = Vec::new();
-    for id in members.keys() {
-        let sm = MemStateMachine::<Registers>::new();
-        let raft = Raft::start(
-            *id,
-            config.clone(),
-            MemLogStore::new(),
-            sm.clone(),
-            router.factory(*id),
-        )
-        .await
-        .expect("start");
-        router.register(*id, raft.clone());
-        nodes.push((raft, sm));
-    }
-    nodes[0].0.initialize(members).await.expect("initialize");
-    let leader = nodes[0].0.wait_for_leader(wait).await.expect("a leader");
-    let raft = nodes[(leader.0 - 1) as usize].0.clone();
-    let mut last = LogId::ZERO;
-    for i in 0..25u8 {
-        let (id, answer) = raft
-            .client_write(Command::Set(vec![i % 5], vec![i]))
+/// With the driver feature (the default).
+#[cfg(feature = "driver")]
+mod under_the_driver {
+    use super::*;
+    use raft_core::Raft;
+    use raft_core::memory::{MemRouter, MemStateMachine};
+
+    /// The memory backends under the real driver: a 3-node cluster of
+    /// `MemLogStore<Registers>` and `MemStateMachine<Registers>` replicates
+    /// this application's commands, answers with its answers, and every node
+    /// ends with the same registers, snapshots included.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_memory_backends_run_an_application_of_its_own_types() {
+        let wait = std::time::Duration::from_secs(20);
+        let router = MemRouter::<Registers>::new();
+        let members: BTreeMap<NodeId, SocketAddr> = (1..=3)
+            .map(|i| (NodeId(i), Registers::node(NodeId(i))))
+            .collect();
+        let config = Config {
+            snapshot_every: 10,
+            purge_keep: 2,
+            ..Config::default()
+        };
+        let mut nodes = Vec::new();
+        for id in members.keys() {
+            let sm = MemStateMachine::<Registers>::new();
+            let raft = Raft::start(
+                *id,
+                config.clone(),
+                MemLogStore::new(),
+                sm.clone(),
+                router.factory(*id),
+            )
             .await
-            .expect("set");
-        assert_eq!(answer, Answer::Nothing);
-        last = id;
-    }
-    let (_, answer) = raft
-        .client_write(Command::Swap {
-            register: vec![0],
-            from: Some(vec![20]),
-            to: None,
-        })
-        .await
-        .expect("swap");
-    assert_eq!(
-        answer,
-        Answer::Swapped {
-            done: true,
-            now: None
+            .expect("start");
+            router.register(*id, raft.clone());
+            nodes.push((raft, sm));
         }
-    );
-    let (_, answer) = raft
-        .client_write(Command::Clear(vec![0]))
-        .await
-        .expect("clear");
-    assert_eq!(answer, Answer::Cleared { was_set: false });
-    let want: BTreeMap<Vec<u8>, Vec<u8>> = (1..5u8).map(|k| (vec![k], vec![20 + k])).collect();
-    for (raft, sm) in &nodes {
-        let mut m = raft.metrics();
-        tokio::time::timeout(wait, m.wait_for(|m| m.applied_index > last.index))
+        nodes[0].0.initialize(members).await.expect("initialize");
+        let leader = nodes[0].0.wait_for_leader(wait).await.expect("a leader");
+        let raft = nodes[(leader.0 - 1) as usize].0.clone();
+        let mut last = LogId::ZERO;
+        for i in 0..25u8 {
+            let (id, answer) = raft
+                .client_write(Command::Set(vec![i % 5], vec![i]))
+                .await
+                .expect("set");
+            assert_eq!(answer, Answer::Nothing);
+            last = id;
+        }
+        let (_, answer) = raft
+            .client_write(Command::Swap {
+                register: vec![0],
+                from: Some(vec![20]),
+                to: None,
+            })
             .await
-            .expect("every node applies every write")
-            .expect("metrics");
-        assert_eq!(sm.state().registers, want, "node {}", raft.id());
-    }
-    assert!(
-        nodes
-            .iter()
-            .any(|(r, _)| r.metrics().borrow().snapshot.is_some()),
-        "a snapshot was built of this application's state"
-    );
-    for (raft, _) in nodes {
-        raft.shutdown().await;
+            .expect("swap");
+        assert_eq!(
+            answer,
+            Answer::Swapped {
+                done: true,
+                now: None
+            }
+        );
+        let (_, answer) = raft
+            .client_write(Command::Clear(vec![0]))
+            .await
+            .expect("clear");
+        assert_eq!(answer, Answer::Cleared { was_set: false });
+        let want: BTreeMap<Vec<u8>, Vec<u8>> = (1..5u8).map(|k| (vec![k], vec![20 + k])).collect();
+        for (raft, sm) in &nodes {
+            let mut m = raft.metrics();
+            tokio::time::timeout(wait, m.wait_for(|m| m.applied_index > last.index))
+                .await
+                .expect("every node applies every write")
+                .expect("metrics");
+            assert_eq!(sm.state().registers, want, "node {}", raft.id());
+        }
+        assert!(
+            nodes
+                .iter()
+                .any(|(r, _)| r.metrics().borrow().snapshot.is_some()),
+            "a snapshot was built of this application's state"
+        );
+        for (raft, _) in nodes {
+            raft.shutdown().await;
+        }
     }
 }
