@@ -20,6 +20,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod executor;
+pub mod fuzz;
 pub mod message;
 pub mod network;
 #[cfg(feature = "driver")]

@@ -5,18 +5,17 @@
 //! prefixes blown up), must decode to a value or a typed error: never a
 //! panic, never an allocation past the codec's cap.
 //!
-//! Deterministic per seed (`FUZZ_SEED`, default 1); `FUZZ_ITERS` mutations
-//! per seed value (default 20,000) or `FUZZ_SECS` to run for a time. A
-//! failure prints the seed and iteration; every input that ever failed is
-//! kept under `tests/fuzz_regressions/` (one hex line per input) and
-//! replayed first.
+//! Run by `raft_core::fuzz`: deterministic per seed (`FUZZ_SEED`, default
+//! 1); `FUZZ_ITERS` damaged inputs (default 20,000) or `FUZZ_SECS` to run
+//! for a time. A failure prints the seed and iteration; every input that
+//! ever failed is kept under `tests/fuzz_regressions/` (one hex line per
+//! input) and replayed first.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use raft_core::codec;
+use raft_core::fuzz::{self, Options, Target};
 use raft_core::memory::{KvCommand, KvConfig};
-use raft_core::sim::Rng;
 use raft_core::{
     AppendEntriesRequest, AppendEntriesResponse, ConflictHint, Entry, EntryPayload, HardState,
     InstallSnapshotRequest, InstallSnapshotResponse, LogId, LogIndex, Membership, Message, NodeId,
@@ -163,126 +162,20 @@ fn corpus() -> Vec<(Vec<u8>, Decoder)> {
     out
 }
 
-/// One damaged copy of `bytes` (`other` is another corpus value to splice
-/// from).
-fn mutate(rng: &mut Rng, bytes: &[u8], other: &[u8]) -> Vec<u8> {
-    let mut b = bytes.to_vec();
-    for _ in 0..rng.range(1, 4) {
-        let at = |rng: &mut Rng, b: &Vec<u8>| rng.range(0, b.len().max(1) as u64) as usize;
-        match rng.range(0, 8) {
-            0 if !b.is_empty() => {
-                let i = at(rng, &b);
-                b[i] ^= 1 << rng.range(0, 8);
-            }
-            1 if !b.is_empty() => {
-                let i = at(rng, &b);
-                b[i] = rng.next_u64() as u8;
-            }
-            2 => {
-                let i = at(rng, &b).min(b.len());
-                let n = rng.range(1, 9) as usize;
-                let junk: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
-                b.splice(i..i, junk);
-            }
-            3 if !b.is_empty() => {
-                let i = at(rng, &b);
-                let end = (i + rng.range(1, 9) as usize).min(b.len());
-                b.drain(i..end);
-            }
-            4 => {
-                let keep = rng.range(0, b.len() as u64 + 1) as usize;
-                b.truncate(keep);
-            }
-            5 if !other.is_empty() => {
-                let i = at(rng, &b).min(b.len());
-                let from = rng.range(0, other.len() as u64) as usize;
-                let end = (from + rng.range(1, 33) as usize).min(other.len());
-                b.splice(i..i, other[from..end].iter().copied());
-            }
-            // A varint length prefix blown up: 0xFB then a huge u64.
-            6 => {
-                let i = at(rng, &b).min(b.len());
-                let mut huge = vec![0xFB];
-                huge.extend_from_slice(&(u64::MAX - rng.range(0, 1 << 20)).to_le_bytes());
-                b.splice(i..i, huge);
-            }
-            // 0xFA then a u32: a mid-sized length.
-            _ => {
-                let i = at(rng, &b).min(b.len());
-                let mut len = vec![0xFA];
-                len.extend_from_slice(&(rng.next_u64() as u32).to_le_bytes());
-                b.splice(i..i, len);
-            }
-        }
-    }
-    b
-}
-
-fn regressions() -> Vec<Vec<u8>> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_regressions");
-    let Ok(files) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for f in files.flatten() {
-        let text = std::fs::read_to_string(f.path()).unwrap_or_default();
-        for line in text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
-            let bytes: Option<Vec<u8>> = (0..line.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(line.get(i..i + 2)?, 16).ok())
-                .collect();
-            out.extend(bytes);
-        }
-    }
-    out
-}
-
 #[test]
 fn damaged_encodings_decode_to_a_value_or_an_error_never_a_panic() {
     let corpus = corpus();
-    let decoders: Vec<Decoder> = corpus.iter().map(|(_, d)| *d).collect();
-    // Every kept input, through every decoder.
-    for input in regressions() {
-        for d in &decoders {
-            let _ = d(&input);
-        }
-    }
-    let seed: u64 = std::env::var("FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    let secs: Option<u64> = std::env::var("FUZZ_SECS").ok().and_then(|v| v.parse().ok());
-    let iters: u64 = std::env::var("FUZZ_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
-    let deadline = secs.map(|s| Instant::now() + Duration::from_secs(s));
-    let mut rng = Rng::new(seed);
-    let mut i = 0u64;
-    let mut still_valid = 0u64;
-    while deadline.map_or(i < iters, |d| Instant::now() < d) {
-        let (bytes, decode) = &corpus[rng.range(0, corpus.len() as u64) as usize];
-        let (other, _) = &corpus[rng.range(0, corpus.len() as u64) as usize];
-        let input = mutate(&mut rng, bytes, other);
-        let outcome = std::panic::catch_unwind(|| decode(&input));
-        if matches!(outcome, Ok(true)) {
-            still_valid += 1;
-        }
-        assert!(
-            outcome.is_ok(),
-            "decoding panicked (FUZZ_SEED={seed}, iteration {i}); keep this input in \
-             tests/fuzz_regressions/: {}",
-            input.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
-        i += 1;
-    }
+    let targets: Vec<Target> = corpus
+        .iter()
+        .map(|(bytes, decode)| Target::new("codec", bytes.clone(), decode))
+        .collect();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_regressions");
+    let opts = Options::from_env(20_000);
+    let r = fuzz::run(&targets, Some(&dir), opts);
     println!(
-        "fuzz_codec: {i} damaged inputs (seed {seed}): no panic; {still_valid} still decoded \
-         as a value, the rest were refused with an error"
+        "fuzz_codec: {} damaged inputs (seed {}), {} kept ones: no panic; {} still decoded \
+         as a value, the rest were refused with an error",
+        r.inputs, opts.seed, r.regressions, r.still_valid
     );
 }
 
