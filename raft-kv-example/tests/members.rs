@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::time::Duration;
 
-use common::Cluster;
+use common::{Cluster, free_addr};
 use raft_core::NodeId;
 use raft_kv_example::client::{Client, ClientError};
 use raft_kv_example::http::Status;
@@ -15,16 +14,6 @@ use raft_kv_example::{ClusterFile, Node};
 use raft_transport_quic::tls::DevCerts;
 use reqwest::StatusCode;
 use serde_json::json;
-
-fn free_addr() -> SocketAddr {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-        let port = udp.local_addr().expect("addr").port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return SocketAddr::from(([127, 0, 0, 1], port));
-        }
-    }
-}
 
 fn api_code(e: ClientError) -> (StatusCode, String) {
     match e {

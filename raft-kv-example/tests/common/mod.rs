@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use raft_core::{NodeId, Role};
@@ -30,13 +31,24 @@ pub struct Cluster {
     pub nodes: BTreeMap<NodeId, Node>,
 }
 
-/// A port no one listens on right now, for both UDP and TCP.
-fn free_port() -> u16 {
+/// A loopback address nothing uses now, for both QUIC (UDP) and HTTP
+/// (TCP), and handed out once per process.
+///
+/// Taken below the kernel's ephemeral range (32768 and up on Linux) from a
+/// counter, not by binding port 0: a port the kernel hands out can be
+/// handed out again, to another test's probe or to a client connection's
+/// local end, between this check and the node's bind (it failed a CI run
+/// once with `AddrInUse`). Each process starts at its own offset, so test
+/// binaries that run side by side rarely meet, and a port in use is
+/// skipped.
+pub fn free_addr() -> SocketAddr {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id() % 1_000 * 12;
     loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-        let port = udp.local_addr().expect("addr").port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let a = addr(20_000 + ((start + n) % 12_000) as u16);
+        if UdpSocket::bind(a).is_ok() && TcpListener::bind(a).is_ok() {
+            return a;
         }
     }
 }
@@ -63,8 +75,8 @@ impl Cluster {
         for id in 1..=n {
             text.push_str(&format!(
                 "[[node]]\nid = {id}\nraft_addr = \"{}\"\nhttp_addr = \"{}\"\n\n",
-                addr(free_port()),
-                addr(free_port())
+                free_addr(),
+                free_addr()
             ));
         }
         text.push_str(extra);
