@@ -393,6 +393,71 @@ election_timeout_ms = [300, 600]
         ClusterFile::parse(Path::new("/etc/kv/cluster.toml"), text)
     }
 
+    /// A file with every section and key set.
+    const FULL: &str = r#"
+[[node]]
+id = 1
+raft_addr = "127.0.0.1:7001"
+http_addr = "[::1]:8001"
+data_dir = "data/1"
+
+[[node]]
+id = 7
+raft_addr = "10.0.0.7:7001"
+http_addr = "10.0.0.7:8001"
+
+[tls]
+dir = "../certs"
+
+[raft]
+election_timeout_ms = [150, 300]
+heartbeat_ms = 50
+snapshot_every = 10000
+snapshot_log_percent = 50
+snapshot_jitter_percent = 10
+purge_keep = 1000
+purge_keep_max = 100000
+snapshot_window = 4
+snapshot_chunk_bytes = 262144
+max_inflight = 8
+max_entries_per_message = 1024
+
+[limits]
+max_key_bytes = 1024
+max_value_bytes = 1048576
+request_timeout_ms = 5000
+membership_timeout_ms = 30000
+"#;
+
+    /// Damaged cluster files (issue 11's fuzzing, on `raft_core::fuzz`):
+    /// each is read as an operator's typo or a damaged disk would leave
+    /// it, and must parse or be refused with a `ClusterFileError`, never
+    /// panic. `FUZZ_SEED`, `FUZZ_ITERS`, `FUZZ_SECS` as for the other
+    /// fuzzers; kept inputs in `tests/fuzz_regressions/`.
+    #[test]
+    fn damaged_cluster_files_parse_or_are_refused_never_a_panic() {
+        use raft_core::fuzz::{self, Options, Target};
+        let file = |bytes: &[u8]| match std::str::from_utf8(bytes) {
+            Ok(text) => parse(text).is_ok(),
+            // What `ClusterFile::load` refuses before parsing.
+            Err(_) => false,
+        };
+        let targets = [
+            Target::new("cluster file", GOOD.as_bytes().to_vec(), &file),
+            Target::new("cluster file", FULL.as_bytes().to_vec(), &file),
+        ];
+        for t in &targets {
+            assert!((t.decode)(&t.input), "the corpus parses");
+        }
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_regressions");
+        let opts = Options::from_env(20_000);
+        let r = fuzz::run(&targets, Some(&dir), opts);
+        println!(
+            "cluster file fuzz: {} damaged files (seed {}): no panic; {} still parsed",
+            r.inputs, opts.seed, r.still_valid
+        );
+    }
+
     fn error(text: &str) -> String {
         parse(text).expect_err("must be refused").to_string()
     }

@@ -62,6 +62,9 @@ pub fn decode_u32(bytes: &[u8]) -> Option<u32> {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -786,6 +786,91 @@ where
 mod tests {
     use super::*;
 
+    /// What a peer's frame holds once read, damaged (issue 11's fuzzing,
+    /// on `raft_core::fuzz`): a request envelope and a response envelope
+    /// around each message kind must decode to a value or a typed error,
+    /// never panic, never allocate past the codec's cap. (The frame's
+    /// length prefix is checked against `max_frame_bytes` before anything
+    /// is allocated; the hostile-peer tests send oversized and truncated
+    /// frames over real streams.) `FUZZ_SEED`, `FUZZ_ITERS`, `FUZZ_SECS`
+    /// as for the other fuzzers.
+    #[test]
+    fn damaged_frames_decode_to_a_value_or_an_error_never_a_panic() {
+        use raft_core::fuzz::{self, Options, Target};
+        use raft_core::memory::{KvCommand, KvConfig};
+        use raft_core::{AppendEntriesResponse, Entry, EntryPayload, LogId, LogIndex, Term};
+        type C = KvConfig;
+        let requests: Vec<Message<C>> = vec![
+            Message::AppendEntries(AppendEntriesRequest {
+                term: Term(3),
+                leader_id: NodeId(1),
+                prev_log_id: LogId::new(3, 9),
+                entries: vec![Entry {
+                    log_id: LogId::new(3, 10),
+                    payload: EntryPayload::command(KvCommand::Put {
+                        key: "k".into(),
+                        value: "v".repeat(20),
+                    }),
+                }],
+                leader_commit: LogIndex(9),
+                round: 4,
+                keep_from: LogIndex(2),
+            }),
+            Message::Vote(VoteRequest {
+                term: Term(5),
+                candidate_id: NodeId(2),
+                last_log_id: LogId::new(4, 20),
+                pre_vote: false,
+                transfer: true,
+                candidate_uuid: raft_core::NodeUuid(11),
+            }),
+            Message::TimeoutNow(TimeoutNowRequest {
+                term: Term(6),
+                leader_id: NodeId(1),
+            }),
+        ];
+        let request = |b: &[u8]| raft_core::codec::decode::<WireRequest<C>>(b).is_ok();
+        let response = |b: &[u8]| raft_core::codec::decode::<WireResponse<C>>(b).is_ok();
+        let mut targets = Vec::new();
+        for msg in requests {
+            let wire = WireRequest::<C> {
+                from: NodeId(1),
+                cluster: 0xfeed,
+                msg,
+            };
+            let bytes = raft_core::codec::encode(&wire).expect("encodes");
+            targets.push(Target::new("request frame", bytes, &request));
+        }
+        let answers = [
+            WireResponse::<C>::Ok(Some(Message::AppendEntriesResponse(
+                AppendEntriesResponse {
+                    term: Term(3),
+                    success: true,
+                    index: LogIndex(10),
+                    conflict: None,
+                    round: 4,
+                    uuid: raft_core::NodeUuid(3),
+                },
+            ))),
+            WireResponse::<C>::Ok(None),
+            WireResponse::<C>::Err("refused: another cluster".into()),
+        ];
+        for a in &answers {
+            let bytes = raft_core::codec::encode(a).expect("encodes");
+            targets.push(Target::new("response frame", bytes, &response));
+        }
+        for t in &targets {
+            assert!((t.decode)(&t.input), "{} does not decode as it is", t.name);
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_regressions");
+        let opts = Options::from_env(20_000);
+        let r = fuzz::run(&targets, Some(&dir), opts);
+        println!(
+            "frame fuzz: {} damaged frames (seed {}): no panic; {} still decoded",
+            r.inputs, opts.seed, r.still_valid
+        );
+    }
+
     #[tokio::test]
     async fn a_node_adopts_the_first_cluster_it_hears_durably_and_refuses_others() {
         let recorded = Arc::new(std::sync::Mutex::new(Vec::new()));
