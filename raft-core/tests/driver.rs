@@ -851,6 +851,44 @@ async fn a_follower_that_lost_its_log_is_caught_up_from_what_it_holds() {
     );
 }
 
+/// Three nodes on `SlowAppends` disks that wait as `wait` says and on the
+/// state machines `sm` makes, initialized through the first one (whose
+/// answer comes once the configuration is durable); each node with its
+/// log store and state machine.
+async fn three_on_slow_disks<S: raft_core::StateMachine<KvConfig> + Clone>(
+    config: Config,
+    wait: Wait,
+    sm: impl Fn() -> S,
+) -> Vec<(Raft<KvConfig>, SlowAppends, S)> {
+    let router = MemRouter::<KvConfig>::new();
+    let members: BTreeMap<NodeId, String> =
+        (1..=3).map(|i| (NodeId(i), format!("node-{i}"))).collect();
+    let mut nodes = Vec::new();
+    for id in members.keys() {
+        let log = SlowAppends {
+            inner: MemLogStore::new(),
+            wait,
+        };
+        let sm = sm();
+        let raft = Raft::start(
+            *id,
+            config.clone(),
+            log.clone(),
+            sm.clone(),
+            router.factory(*id),
+        )
+        .await
+        .expect("start");
+        router.register(*id, raft.clone());
+        nodes.push((raft, log, sm));
+    }
+    tokio::time::timeout(WAIT, nodes[0].0.initialize(members))
+        .await
+        .expect("initialize answered")
+        .expect("initialize");
+    nodes
+}
+
 /// The driver runs the workers of stores that never block inside its own
 /// task and the others on tasks of their own; the memory stores take the
 /// first way, so this cluster takes the second for both lanes (the log
@@ -861,38 +899,20 @@ async fn a_follower_that_lost_its_log_is_caught_up_from_what_it_holds() {
 async fn stores_that_may_block_are_run_on_worker_tasks_of_their_own() {
     let (open, gate) = tokio::sync::watch::channel(true);
     drop(open);
-    let router = MemRouter::<KvConfig>::new();
-    let members: BTreeMap<NodeId, String> =
-        (1..=3).map(|i| (NodeId(i), format!("node-{i}"))).collect();
-    let mut nodes = Vec::new();
-    for id in members.keys() {
-        let log = SlowAppends {
-            inner: MemLogStore::new(),
-            wait: Wait::Block(Duration::from_millis(1)),
-        };
-        let sm = GatedBuilds {
+    let nodes = three_on_slow_disks(
+        Config::default(),
+        Wait::Block(Duration::from_millis(1)),
+        || GatedBuilds {
             inner: MemStateMachine::new(),
             begun: Default::default(),
             gate: gate.clone(),
             abandoned: Default::default(),
-        };
-        assert!(!raft_core::LogStore::never_blocks(&log));
-        assert!(!raft_core::StateMachine::never_blocks(&sm));
-        let raft = Raft::start(
-            *id,
-            Config::default(),
-            log.clone(),
-            sm.clone(),
-            router.factory(*id),
-        )
-        .await
-        .expect("start");
-        router.register(*id, raft.clone());
-        tokio::time::timeout(WAIT, raft.initialize(members.clone()))
-            .await
-            .expect("initialize answered")
-            .expect("initialize");
-        nodes.push((raft, log, sm));
+        },
+    )
+    .await;
+    for (_, log, sm) in &nodes {
+        assert!(!raft_core::LogStore::never_blocks(log));
+        assert!(!raft_core::StateMachine::never_blocks(sm));
     }
     let leader = tokio::time::timeout(WAIT, nodes[0].0.wait_for_leader(WAIT))
         .await
@@ -1014,31 +1034,12 @@ impl raft_core::LogStore<KvConfig> for SlowAppends {
 async fn appends_slower_than_an_election_timeout_do_not_hold_up_heartbeats() {
     let config = Config::default();
     let delay = Duration::from_millis(3 * config.election_timeout_max_ms);
-    let router = MemRouter::<KvConfig>::new();
-    let members: BTreeMap<NodeId, String> =
-        (1..=3).map(|i| (NodeId(i), format!("node-{i}"))).collect();
-    let mut nodes = Vec::new();
-    for id in members.keys() {
-        let log = SlowAppends {
-            inner: MemLogStore::new(),
-            wait: Wait::Await(delay),
-        };
-        let raft = Raft::start(
-            *id,
-            config.clone(),
-            log,
-            MemStateMachine::new(),
-            router.factory(*id),
-        )
-        .await
-        .expect("start");
-        router.register(*id, raft.clone());
-        nodes.push(raft);
-    }
-    tokio::time::timeout(WAIT, nodes[0].initialize(members))
-        .await
-        .expect("initialize answered")
-        .expect("initialize");
+    let nodes: Vec<Raft<KvConfig>> =
+        three_on_slow_disks(config, Wait::Await(delay), MemStateMachine::new)
+            .await
+            .into_iter()
+            .map(|(raft, ..)| raft)
+            .collect();
     let leader = nodes[0].wait_for_leader(WAIT).await.expect("a leader");
     let raft = nodes[(leader.0 - 1) as usize].clone();
     let before: Vec<_> = nodes.iter().map(|r| r.metrics().borrow().clone()).collect();
