@@ -134,6 +134,29 @@ pub fn run(targets: &[Target<'_>], regressions: Option<&Path>, opts: Options) ->
     report
 }
 
+/// What a crate's fuzz test does: checks that every target's input
+/// decodes as it is (damage to an input already refused tests nothing),
+/// runs with [`Options::from_env`] (`iters` inputs by default) after the
+/// inputs kept in `regressions`, and prints what the run did, naming it
+/// `what`.
+pub fn run_test(what: &str, targets: &[Target<'_>], regressions: &Path, iters: u64) -> Report {
+    for t in targets {
+        assert!(
+            (t.decode)(&t.input),
+            "{} does not decode its own input",
+            t.name
+        );
+    }
+    let opts = Options::from_env(iters);
+    let r = run(targets, Some(regressions), opts);
+    println!(
+        "{what} fuzz: {} damaged inputs (seed {}), {} kept ones: no panic; {} still decoded \
+         as a value, the rest were refused with an error",
+        r.inputs, opts.seed, r.regressions, r.still_valid
+    );
+    r
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use raft_core::codec;
-use raft_core::fuzz::{self, Options, Target};
+use raft_core::fuzz::{self, Target};
 use raft_core::memory::{KvCommand, KvConfig};
 use raft_core::{
     AppendEntriesRequest, AppendEntriesResponse, ConflictHint, Entry, EntryPayload, HardState,
@@ -170,13 +170,7 @@ fn damaged_encodings_decode_to_a_value_or_an_error_never_a_panic() {
         .map(|(bytes, decode)| Target::new("codec", bytes.clone(), decode))
         .collect();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_regressions");
-    let opts = Options::from_env(20_000);
-    let r = fuzz::run(&targets, Some(&dir), opts);
-    println!(
-        "fuzz_codec: {} damaged inputs (seed {}), {} kept ones: no panic; {} still decoded \
-         as a value, the rest were refused with an error",
-        r.inputs, opts.seed, r.regressions, r.still_valid
-    );
+    fuzz::run_test("codec", &targets, &dir, 20_000);
 }
 
 /// The corpus is what it claims: each value decodes whole with its
