@@ -652,7 +652,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let m = state.raft.metrics().borrow().clone();
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        state.metrics.render(&m),
+        state.metrics.render(m),
     )
         .into_response()
 }

@@ -90,9 +90,9 @@ impl Metrics {
 
     /// The OpenMetrics text exposition ([`CONTENT_TYPE`]): this node's
     /// counters and histograms, and `raft`, the Raft metrics of the moment.
-    pub fn render(&self, raft: &RaftMetrics<NodeAddr>) -> String {
+    pub fn render(&self, raft: RaftMetrics<NodeAddr>) -> String {
         let mut r = Registry::default();
-        r.register_collector(Box::new(RaftCollector(raft.clone())));
+        r.register_collector(Box::new(RaftCollector(raft)));
         r.register_with_unit(
             "raft_kv_memory_budget",
             "Memory the configuration budgets for caches: RocksDB block cache and memtables, and the Raft log cache.",
