@@ -36,6 +36,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 pub use crate::api::{CasAnswer, Deleted, Status, Written};
+use crate::token::{Role, Token};
 
 /// Why a client call failed.
 #[derive(Debug, Error)]
@@ -70,9 +71,12 @@ pub enum ClientError {
     /// unreachable, or the session expired meanwhile).
     #[error("outcome unknown: {0}")]
     OutcomeUnknown(String),
-    /// An endpoint is not an `http://host:port` URL.
-    #[error("invalid endpoint `{0}`: expected http://host:port")]
+    /// An endpoint is not an `https://host:port` or `http://host:port` URL.
+    #[error("invalid endpoint `{0}`: expected https://host:port (or http://host:port)")]
     Endpoint(String),
+    /// The CA certificate or the token could not be used.
+    #[error("{0}")]
+    Credentials(String),
     /// A local file could not be written.
     #[error("{path}: {source}")]
     File {
@@ -110,6 +114,93 @@ pub struct ClientOptions {
     /// Write in a client session, so that retried writes apply once. Off,
     /// a write whose outcome is unknown is not retried.
     pub exactly_once: bool,
+    /// The CA (PEM) that `https://` nodes' certificates must chain to: the
+    /// cluster's `ca.pem`. `None`: the system's trusted roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// The bearer token sent with every request (`Authorization: Bearer`).
+    pub token: Option<Token>,
+}
+
+impl ClientOptions {
+    /// These options with the CA certificate in `path` (PEM).
+    pub fn with_ca_file(self, path: impl AsRef<std::path::Path>) -> Result<Self, ClientError> {
+        let path = path.as_ref();
+        let pem = std::fs::read(path)
+            .map_err(|e| ClientError::Credentials(format!("CA file {}: {e}", path.display())))?;
+        Ok(ClientOptions {
+            ca_pem: Some(pem),
+            ..self
+        })
+    }
+
+    /// These options with the token in `path` (as `raft-kv certs` and
+    /// `raft-kv token create` write it).
+    pub fn with_token_file(self, path: impl AsRef<std::path::Path>) -> Result<Self, ClientError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ClientError::Credentials(format!("token file {}: {e}", path.display())))?;
+        let token = Token::parse(&text)
+            .map_err(|e| ClientError::Credentials(format!("token file {}: {e}", path.display())))?;
+        Ok(ClientOptions {
+            token: Some(token),
+            ..self
+        })
+    }
+}
+
+/// An HTTP client as `options` say: the token on every request, servers
+/// checked against the CA, redirects left to the caller. Public for tests
+/// that speak raw HTTP to a secured cluster.
+#[doc(hidden)]
+pub fn http_builder(options: &ClientOptions) -> Result<reqwest::ClientBuilder, ClientError> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = &options.token {
+        let mut value =
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+                .map_err(|e| ClientError::Credentials(format!("token: {e}")))?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .default_headers(headers)
+        .tls_backend_preconfigured(tls_config(options.ca_pem.as_deref())?))
+}
+
+/// The TLS settings of the client: rustls on ring (the provider the rest
+/// of the workspace uses), checking servers against `ca_pem` if given,
+/// else against the system's roots.
+fn tls_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, ClientError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let bad = |e: &dyn std::fmt::Display| ClientError::Credentials(format!("TLS: {e}"));
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(&e))?;
+    let config = match ca_pem {
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+            }
+            if roots.is_empty() {
+                return Err(ClientError::Credentials(
+                    "the CA file holds no certificate".into(),
+                ));
+            }
+            builder.with_root_certificates(roots)
+        }
+        // A machine without system roots can still reach plain-HTTP
+        // nodes; an `https://` one then fails its handshake, saying why.
+        None => match rustls_platform_verifier::Verifier::new(provider.clone()) {
+            Ok(v) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(std::sync::Arc::new(v)),
+            Err(_) => builder.with_root_certificates(rustls::RootCertStore::empty()),
+        },
+    };
+    Ok(config.with_no_client_auth())
 }
 
 impl Default for ClientOptions {
@@ -120,6 +211,8 @@ impl Default for ClientOptions {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(1),
             exactly_once: true,
+            ca_pem: None,
+            token: None,
         }
     }
 }
@@ -202,15 +295,17 @@ impl Client {
             .iter()
             .map(|e| e.trim_end_matches('/').to_string())
             .collect();
-        if let Some(bad) = endpoints.iter().find(|e| !e.starts_with("http://")) {
+        if let Some(bad) = endpoints
+            .iter()
+            .find(|e| !e.starts_with("https://") && !e.starts_with("http://"))
+        {
             return Err(ClientError::Endpoint(bad.clone()));
         }
         if endpoints.is_empty() {
             return Err(ClientError::Endpoint(String::new()));
         }
-        let http = reqwest::Client::builder()
+        let http = http_builder(&options)?
             .timeout(options.request_timeout)
-            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|source| ClientError::Http {
                 url: endpoints[0].clone(),
@@ -556,6 +651,28 @@ impl Client {
         decode(sent.status, &sent.bytes)
     }
 
+    /// `POST /v1/tokens`: records `token` (its name, `role` and hash; the
+    /// token itself is not sent) on the cluster.
+    pub async fn create_token(&self, token: &Token, role: Role) -> Result<Value, ClientError> {
+        let body = serde_json::json!({
+            "name": token.name(),
+            "role": role,
+            "hash": token.hash().to_hex(),
+        });
+        self.admin(Method::POST, "/v1/tokens", body).await
+    }
+
+    /// `DELETE /v1/tokens/{name}`: revokes the token `name` on every node.
+    pub async fn revoke_token(&self, name: &str) -> Result<Value, ClientError> {
+        let path = format!("/v1/tokens/{}", encode_key(name));
+        self.admin(Method::DELETE, &path, Value::Null).await
+    }
+
+    /// `GET /v1/tokens`: every token's name and role.
+    pub async fn list_tokens(&self) -> Result<Value, ClientError> {
+        self.admin(Method::GET, "/v1/tokens", Value::Null).await
+    }
+
     /// `POST /v1/members`: adds node `id` as a learner.
     pub async fn add_member(
         &self,
@@ -601,10 +718,9 @@ impl Client {
         path: &std::path::Path,
     ) -> Result<SavedSnapshot, ClientError> {
         use tokio::io::AsyncWriteExt;
-        let http = reqwest::Client::builder()
+        let http = http_builder(&self.options)?
             .connect_timeout(self.options.request_timeout)
             .read_timeout(self.options.request_timeout)
-            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|source| ClientError::Http {
                 url: self.endpoints[0].clone(),
@@ -796,7 +912,7 @@ mod tests {
             Err(ClientError::Unavailable(_))
         ));
         assert!(matches!(
-            Client::new("https://x"),
+            Client::new("ftp://x"),
             Err(ClientError::Endpoint(_))
         ));
     }

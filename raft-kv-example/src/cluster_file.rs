@@ -11,6 +11,10 @@
 //! [tls]
 //! dir = "certs"                  # optional; default certs/ next to the file
 //!
+//! [client_api]                   # every key optional; defaults shown
+//! tls = true                     # HTTPS with node-<id>-http.pem; false: plain HTTP (warned at start)
+//! auth = true                    # bearer tokens on every request but /healthz; false: none (warned)
+//!
 //! [raft]                         # every key optional; defaults shown
 //! election_timeout_ms = [150, 300]
 //! heartbeat_ms = 50
@@ -66,6 +70,38 @@ pub struct ClusterFile {
     pub raft: Config,
     /// Request size limits the HTTP API enforces.
     pub limits: Limits,
+    /// How the client API is secured.
+    pub client_api: ClientApi,
+}
+
+/// The `[client_api]` table: how clients reach a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientApi {
+    /// Serve HTTPS (the certificate `raft-kv certs` issues for the node's
+    /// `http_addr`); plain HTTP only when the file says `tls = false`.
+    pub tls: bool,
+    /// Require a bearer token ([`crate::auth`]) on every request but
+    /// `/healthz`.
+    pub auth: bool,
+}
+
+impl Default for ClientApi {
+    fn default() -> Self {
+        ClientApi {
+            tls: true,
+            auth: true,
+        }
+    }
+}
+
+impl ClientApi {
+    /// `https` or `http`.
+    pub fn scheme(&self) -> &'static str {
+        match self.tls {
+            true => "https",
+            false => "http",
+        }
+    }
 }
 
 /// One `[[node]]` table.
@@ -169,6 +205,14 @@ struct RawFile {
     tls: Option<RawTls>,
     raft: Option<Spanned<RawRaft>>,
     limits: Option<RawLimits>,
+    client_api: Option<RawClientApi>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientApi {
+    tls: Option<bool>,
+    auth: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -341,12 +385,19 @@ impl ClusterFile {
             }
         }
 
+        let defaults = ClientApi::default();
+        let client_api = raw.client_api.map_or(defaults, |c| ClientApi {
+            tls: c.tls.unwrap_or(defaults.tls),
+            auth: c.auth.unwrap_or(defaults.auth),
+        });
+
         Ok(ClusterFile {
             path: path.to_path_buf(),
             nodes,
             tls_dir,
             raft,
             limits,
+            client_api,
         })
     }
 
@@ -427,6 +478,10 @@ max_key_bytes = 1024
 max_value_bytes = 1048576
 request_timeout_ms = 5000
 membership_timeout_ms = 30000
+
+[client_api]
+tls = true
+auth = true
 "#;
 
     /// Damaged cluster files (issue 11's fuzzing, on `raft_core::fuzz`):
@@ -464,6 +519,26 @@ membership_timeout_ms = 30000
         assert_eq!(f.raft.election_timeout_min_ms, 300);
         assert_eq!(f.raft.heartbeat_interval_ms, 50);
         assert_eq!(f.limits, Limits::default());
+        assert_eq!(f.client_api, ClientApi::default());
+        assert!(f.client_api.tls && f.client_api.auth, "secure by default");
+    }
+
+    #[test]
+    fn the_client_api_is_made_plain_only_when_the_file_says_so() {
+        let f = parse(&format!("{GOOD}\n[client_api]\ntls = false\n")).expect("valid");
+        assert_eq!(
+            f.client_api,
+            ClientApi {
+                tls: false,
+                auth: true
+            }
+        );
+        assert_eq!(f.client_api.scheme(), "http");
+        let e = error(&format!("{GOOD}\n[client_api]\ntls = \"no\"\n"));
+        assert!(
+            e.starts_with("/etc/kv/cluster.toml:17:") && e.contains("expected a boolean"),
+            "{e}"
+        );
     }
 
     #[test]

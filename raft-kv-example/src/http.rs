@@ -1,4 +1,4 @@
-//! The client API over HTTP/1.1.
+//! The client API over HTTP/1.1 (over TLS by default: [`crate::listener`]).
 //!
 //! | method and path | answer |
 //! |---|---|
@@ -15,12 +15,28 @@
 //! | `POST /v1/members/{id}/demote` | makes voter `id` a learner (joint consensus); 200 once final |
 //! | `DELETE /v1/members/{id}` | removes a voter (joint consensus) or a learner; 200 once final |
 //! | `POST /v1/leader/transfer` `{"to": id}` | 200 once `id` leads, 504 if it did not take over in time |
+//! | `POST /v1/tokens` `{"name", "role", "hash"}` | records a bearer token by its SHA-256 (the client makes the token); 200 `{"name", "role", "index"}`, 409 `token_exists` |
+//! | `DELETE /v1/tokens/{name}` | revokes a token on every node: 200 `{"name", "revoked", "index"}` |
+//! | `GET /v1/tokens` | every token's name and role (`revoked` ones too) |
+//!
+//! **Who may call what** ([`crate::auth`]). Every request but `GET
+//! /healthz` carries `Authorization: Bearer <token>`. Roles: `read` (GETs
+//! of keys, status, readiness, metrics), `write` (read, and PUT, DELETE,
+//! CAS, sessions), `admin` (write, and membership, leadership transfer,
+//! backups, tokens). No token or one the node does not accept: 401
+//! `unauthorized` (with `WWW-Authenticate: Bearer`), the same answer
+//! whatever was wrong with it; a valid token short of the role: 403
+//! `forbidden`. Both before anything else: an unauthenticated client
+//! learns nothing, not even where the leader is. The cluster file can turn
+//! this off (`[client_api] auth = false`, warned at start).
 //!
 //! A node that does not lead answers writes and linearizable reads with
-//! `307` and a `Location` on the leader's `http_addr`; with no known leader,
+//! `307` and a `Location` on the leader's `http_addr` (`https://` unless
+//! the file says `[client_api] tls = false`); with no known leader,
 //! `503` and `Retry-After`. Errors are `{"error": code, "message": text}`:
-//! 400 malformed input, 404 unknown path or key, 405 wrong method, 413 key or
-//! value too large, 503 unavailable, 504 outcome unknown.
+//! 400 malformed input, 401 no valid token, 403 role too weak, 404 unknown
+//! path or key, 405 wrong method, 413 key or value too large, 503
+//! unavailable, 504 outcome unknown.
 //!
 //! **Exactly-once writes.** PUT, DELETE and CAS made with the headers
 //! `Client-Id: N` (from `POST /v1/sessions`) and `Client-Seq: S` (the
@@ -57,8 +73,10 @@ use serde_json::json;
 
 use crate::api::CasAnswer;
 pub use crate::api::Status;
+use crate::auth::{self, Auth, Denied, TokenRecord};
 use crate::cluster_file::Limits;
 use crate::metrics::{Metrics, role_name};
+use crate::token::{self, BOOTSTRAP_NAME, TokenHash, check_name};
 use crate::types::{Command, Kv, NodeAddr, Response as KvResponse, SessionWrite};
 
 /// Awaits a call to the Raft handle for at most `limit`: its error becomes
@@ -106,6 +124,10 @@ pub struct AppState {
     pub scratch_dir: std::path::PathBuf,
     /// The cluster this node belongs to.
     pub cluster: Arc<raft_transport_quic::ClusterId>,
+    /// Who may do what ([`crate::auth`]).
+    pub auth: Arc<Auth>,
+    /// `https` or `http`: what redirects to the leader say.
+    pub scheme: &'static str,
 }
 
 /// The API's routes.
@@ -127,6 +149,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/members/{id}/promote", post(promote_member))
         .route("/v1/members/{id}/demote", post(demote_member))
         .route("/v1/leader/transfer", post(transfer_leader))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{name}", delete(revoke_token))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -139,7 +163,39 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
         .with_state(state)
+}
+
+/// In front of every route: the token must carry the role the request
+/// needs ([`auth::required_role`]; 401 or 403 otherwise, before anything
+/// else is looked at, so an unauthenticated client learns nothing, not
+/// even where the leader is). Behind it, the scheme-relative `Location`
+/// of a redirect to the leader gets this node's scheme.
+async fn gate(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(needed) = auth::required_role(request.method(), request.uri().path())
+        && let Err(denied) = state
+            .auth
+            .check(request.headers().get(header::AUTHORIZATION), needed)
+    {
+        state.metrics.auth_refused.inc();
+        return ApiError::from(denied).into_response();
+    }
+    let mut response = next.run(request).await;
+    let relative = response
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|l| l.to_str().ok())
+        .filter(|l| l.starts_with("//"))
+        .map(|l| format!("{}:{l}", state.scheme));
+    if let Some(absolute) = relative.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        response.headers_mut().insert(header::LOCATION, absolute);
+    }
+    response
 }
 
 /// An error answer: `{"error": code, "message": text}` with a status, and
@@ -151,6 +207,8 @@ pub struct ApiError {
     message: String,
     location: Option<String>,
     retry_after: bool,
+    /// A 401's `WWW-Authenticate: Bearer` (RFC 6750).
+    challenge: bool,
 }
 
 impl ApiError {
@@ -161,6 +219,7 @@ impl ApiError {
             message: message.into(),
             location: None,
             retry_after: false,
+            challenge: false,
         }
     }
 
@@ -190,7 +249,8 @@ impl ApiError {
                 Some(leader) => {
                     let path = uri.path_and_query().map_or("/", |p| p.as_str());
                     ApiError {
-                        location: Some(format!("http://{}{path}", leader.http_addr)),
+                        // Scheme-relative: `gate` adds this node's.
+                        location: Some(format!("//{}{path}", leader.http_addr)),
                         ..ApiError::new(
                             StatusCode::TEMPORARY_REDIRECT,
                             "not_leader",
@@ -254,6 +314,27 @@ impl From<SessionError> for ApiError {
     }
 }
 
+impl From<Denied> for ApiError {
+    fn from(d: Denied) -> ApiError {
+        match d {
+            Denied::Unauthenticated => ApiError {
+                challenge: true,
+                ..ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "a valid token is required: Authorization: Bearer <token>",
+                )
+            },
+            Denied::Forbidden { needed, has } => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this needs a token with the {needed} role; this one has {has}"),
+            ),
+            Denied::Unavailable(why) => ApiError::unavailable(why),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = axum::Json(json!({ "error": self.code, "message": self.message }));
@@ -264,6 +345,12 @@ impl IntoResponse for ApiError {
         if self.retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.challenge {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"raft-kv\""),
+            );
         }
         resp
     }
@@ -905,4 +992,91 @@ async fn transfer_leader(
         .await
         .map_err(|e| ApiError::from_raft(e, &uri))?;
     Ok(axum::Json(json!({ "leader_id": to.0 })).into_response())
+}
+
+/// `POST /v1/tokens` body: the token is made by the client; the cluster
+/// gets its hash only.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// The token's name (`[A-Za-z0-9_-]`, at most 64 bytes).
+    pub name: String,
+    /// `read`, `write` or `admin`.
+    pub role: token::Role,
+    /// The SHA-256 of the whole token, 64 hex digits.
+    pub hash: String,
+}
+
+/// `POST /v1/tokens`: records a token; 200 `{"name", "role", "index"}`,
+/// 409 `token_exists` while a live token has that name.
+async fn create_token(
+    State(state): State<AppState>,
+    uri: Uri,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: TokenRequest = json_body(body, &state, "token request")?;
+    check_name(&req.name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let hash = TokenHash::from_hex(&req.hash)
+        .ok_or_else(|| ApiError::bad_request("`hash` must be a SHA-256 in hex (64 digits)"))?;
+    let exists = || {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "token_exists",
+            format!("a token named `{}` exists; revoke it first", req.name),
+        )
+    };
+    // The bootstrap token has no record until it is revoked or replaced:
+    // creating `admin` over it would end it silently.
+    if req.name == BOOTSTRAP_NAME && state.auth.has_bootstrap() {
+        require_leader(&state, &uri)?;
+        if state.auth.record(BOOTSTRAP_NAME)?.is_none() {
+            return Err(exists());
+        }
+    }
+    let command = Command::CreateToken {
+        name: req.name.clone(),
+        role: req.role,
+        hash,
+    };
+    match state.propose(command, &uri).await? {
+        (index, KvResponse::TokenChanged(true)) => Ok(axum::Json(
+            json!({ "name": req.name, "role": req.role, "index": index }),
+        )
+        .into_response()),
+        _ => Err(exists()),
+    }
+}
+
+/// `DELETE /v1/tokens/{name}`: revokes a token on every node; 200
+/// `{"name", "revoked", "index"}`, `revoked` false if no live token had
+/// that name (a retried revocation is not an error).
+async fn revoke_token(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    check_name(&name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let command = Command::RevokeToken { name: name.clone() };
+    let (index, response) = state.propose(command, &uri).await?;
+    let revoked = matches!(response, KvResponse::TokenChanged(true));
+    Ok(axum::Json(json!({ "name": name, "revoked": revoked, "index": index })).into_response())
+}
+
+/// `GET /v1/tokens`: every token's name and role, revoked ones with
+/// `"revoked": true`, as of a linearizable read on the leader.
+async fn list_tokens(State(state): State<AppState>, uri: Uri) -> Result<Response, ApiError> {
+    require_leader(&state, &uri)?;
+    state.linearize(&uri).await?;
+    let rows: Vec<_> = state
+        .auth
+        .list()?
+        .into_iter()
+        .map(|(name, record)| match record {
+            TokenRecord::Live { role, .. } => {
+                json!({ "name": name, "role": role, "revoked": false })
+            }
+            TokenRecord::Revoked => json!({ "name": name, "role": null, "revoked": true }),
+        })
+        .collect();
+    Ok(axum::Json(rows).into_response())
 }

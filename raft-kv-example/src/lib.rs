@@ -14,6 +14,10 @@
 #![deny(missing_docs)]
 
 pub mod api;
+#[cfg(feature = "server")]
+pub mod auth;
+#[cfg(feature = "server")]
+pub mod certs;
 #[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "server")]
@@ -21,11 +25,15 @@ pub mod cluster_file;
 #[cfg(feature = "server")]
 pub mod http;
 #[cfg(feature = "server")]
+pub mod listener;
+#[cfg(feature = "server")]
 pub mod logic;
 #[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "client")]
+pub mod token;
 #[cfg(feature = "server")]
 pub mod types;
 

@@ -5,6 +5,7 @@ use raft_core::LogId;
 use raft_core::session::{self, Admission};
 use raft_storage_rocksdb::{KvApply, RocksSessions, WriteView};
 
+use crate::auth;
 use crate::types::{Command, Kv, Response};
 
 /// Applies [`Command`]s to the RocksDB-backed data.
@@ -41,6 +42,10 @@ impl KvApply<Kv> for KvLogic {
                     current: new.as_ref().map(|v| v.to_vec()),
                 }
             }
+            Command::CreateToken { name, role, hash } => {
+                Response::TokenChanged(auth::apply_create(view, name, *role, *hash))
+            }
+            Command::RevokeToken { name } => Response::TokenChanged(auth::apply_revoke(view, name)),
             // Session commands need the entry's log id: `apply_at`.
             Command::OpenSession { .. } | Command::InSession { .. } => Response::None,
         }

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use raft_core::NodeId;
-use raft_kv_example::client::Client;
+use raft_kv_example::client::{Client, ClientOptions};
+use raft_kv_example::token::{Role, Token};
 use raft_kv_example::{ClusterFile, Node};
-use raft_transport_quic::tls::DevCerts;
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +20,65 @@ use raft_transport_quic::tls::DevCerts;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    #[command(flatten)]
+    creds: Creds,
+}
+
+/// How the client commands (and `serve --join`) reach a secured cluster.
+#[derive(clap::Args)]
+struct Creds {
+    /// The cluster CA's certificate (`ca.pem` in the TLS directory), that
+    /// https:// nodes must present certificates from. Default: the system's
+    /// roots.
+    #[arg(long, global = true, env = "RAFT_KV_CA")]
+    ca: Option<PathBuf>,
+    /// A file holding the bearer token (`admin.token` from `raft-kv certs`,
+    /// or one `raft-kv token create --out` wrote). Without it, the token in
+    /// the environment variable RAFT_KV_TOKEN, if set.
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+}
+
+impl Creds {
+    /// Client options carrying these credentials.
+    fn options(&self) -> Result<ClientOptions> {
+        let mut options = ClientOptions::default();
+        if let Some(ca) = &self.ca {
+            options = options.with_ca_file(ca)?;
+        }
+        options.token = self.token()?;
+        Ok(options)
+    }
+
+    fn token(&self) -> Result<Option<Token>> {
+        if let Some(path) = &self.token_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the token file {}", path.display()))?;
+            return Ok(Some(
+                Token::parse(&text).with_context(|| format!("token file {}", path.display()))?,
+            ));
+        }
+        match std::env::var("RAFT_KV_TOKEN") {
+            Ok(text) if !text.trim().is_empty() => {
+                Ok(Some(Token::parse(&text).context("RAFT_KV_TOKEN")?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// A client of `endpoint` with these credentials.
+    fn client(&self, endpoint: &str) -> Result<Client> {
+        Ok(Client::with_options(&[endpoint], self.options()?)?)
+    }
+
+    /// Like [`Creds::client`], each request allowed up to `timeout`.
+    fn client_waiting(&self, endpoint: &str, timeout: std::time::Duration) -> Result<Client> {
+        let options = ClientOptions {
+            request_timeout: timeout,
+            ..self.options()?
+        };
+        Ok(Client::with_options(&[endpoint], options)?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -45,7 +104,10 @@ enum Cmd {
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         worker_threads: Option<u16>,
     },
-    /// Write a development CA and one certificate per node of the file.
+    /// Write a development CA, each node's certificates (QUIC, and HTTPS
+    /// for the client API's address) and the first admin token
+    /// (`admin.token`, with its hash in `admin.token.sha256` for the
+    /// nodes). Keeps what exists: run it again after adding nodes.
     Certs {
         #[arg(long)]
         config: PathBuf,
@@ -57,7 +119,7 @@ enum Cmd {
     Put {
         key: String,
         value: String,
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        #[arg(long, env = "RAFT_KV_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
         endpoint: String,
     },
     /// Print KEY's value (linearizable unless --stale).
@@ -65,13 +127,13 @@ enum Cmd {
         key: String,
         #[arg(long)]
         stale: bool,
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        #[arg(long, env = "RAFT_KV_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
         endpoint: String,
     },
     /// Delete KEY.
     Delete {
         key: String,
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        #[arg(long, env = "RAFT_KV_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
         endpoint: String,
     },
     /// Set KEY to NEW if it holds EXPECTED (`--absent` / `--delete` for none).
@@ -85,7 +147,7 @@ enum Cmd {
         /// Delete KEY on success (instead of NEW).
         #[arg(long)]
         delete: bool,
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        #[arg(long, env = "RAFT_KV_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
         endpoint: String,
     },
     /// Add, promote or remove cluster members.
@@ -96,12 +158,12 @@ enum Cmd {
     /// Hand leadership to node ID.
     TransferLeader {
         id: u64,
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        #[arg(long, env = "RAFT_KV_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
         endpoint: String,
     },
     /// Print the node's status.
     Status {
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        #[arg(long, env = "RAFT_KV_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
         endpoint: String,
     },
     /// Back up the cluster's state, or seed a new cluster from a backup.
@@ -109,6 +171,47 @@ enum Cmd {
         #[command(subcommand)]
         action: SnapshotCmd,
     },
+    /// Create, revoke or list the client API's bearer tokens (needs an
+    /// admin token).
+    Token {
+        #[command(subcommand)]
+        action: TokenCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Make a token, record it on the cluster (which keeps only its hash)
+    /// and print it once, or write it to --out (mode 0600).
+    Create {
+        /// read (GET, status), write (read + PUT, DELETE, CAS) or admin
+        /// (write + membership, leadership, backups, tokens).
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// Its name: letters, digits, `-` and `_`.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, env = "RAFT_KV_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+        endpoint: String,
+    },
+    /// Revoke token NAME on every node.
+    Revoke {
+        name: String,
+        #[arg(long, env = "RAFT_KV_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+        endpoint: String,
+    },
+    /// List the tokens' names and roles.
+    List {
+        #[arg(long, env = "RAFT_KV_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+        endpoint: String,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse()
+        .map_err(|e: raft_kv_example::token::TokenError| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -117,7 +220,7 @@ enum SnapshotCmd {
     /// holding every acknowledged write) to FILE.
     Save {
         file: PathBuf,
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        #[arg(long, env = "RAFT_KV_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
         endpoint: String,
     },
     /// Seed node ID of a new cluster (the nodes of --config) from FILE.
@@ -138,25 +241,25 @@ enum MemberCmd {
         id: u64,
         raft_addr: String,
         http_addr: String,
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        #[arg(long, env = "RAFT_KV_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
         endpoint: String,
     },
     /// Make learner ID a voter.
     Promote {
         id: u64,
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        #[arg(long, env = "RAFT_KV_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
         endpoint: String,
     },
     /// Make voter ID a learner (it keeps its data and the log).
     Demote {
         id: u64,
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        #[arg(long, env = "RAFT_KV_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
         endpoint: String,
     },
     /// Remove node ID (voter or learner) from the cluster.
     Remove {
         id: u64,
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        #[arg(long, env = "RAFT_KV_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
         endpoint: String,
     },
 }
@@ -188,7 +291,7 @@ fn runtime(threads: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:8001";
+const DEFAULT_ENDPOINT: &str = "https://127.0.0.1:8001";
 
 /// Membership requests may wait for a learner to catch up.
 const MEMBERSHIP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -219,7 +322,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    match runtime.block_on(run(cli.command, cli.creds)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("raft-kv: {e:#}");
@@ -228,7 +331,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cmd: Cmd) -> Result<()> {
+async fn run(cmd: Cmd, creds: Creds) -> Result<()> {
     match cmd {
         Cmd::Serve {
             config,
@@ -238,45 +341,31 @@ async fn run(cmd: Cmd) -> Result<()> {
             ..
         } => {
             let file = ClusterFile::load(&config)?;
-            let node = Node::start_as(&file, NodeId(id), join.as_deref(), bootstrap).await?;
+            let node = Node::start_with_token(
+                &file,
+                NodeId(id),
+                join.as_deref(),
+                bootstrap,
+                creds.token()?,
+            )
+            .await?;
             node.run_until(shutdown_signal()).await;
             Ok(())
         }
         Cmd::Certs { config, out } => {
             let file = ClusterFile::load(&config)?;
             let dir = out.unwrap_or_else(|| file.tls_dir.clone());
-            // Reuse the CA if there is one, so nodes added to the file later
-            // get certificates their peers trust.
-            let (certs, what) = if dir.join("ca.pem").exists() && dir.join("ca-key.pem").exists() {
-                let missing: Vec<NodeId> = file
-                    .nodes
-                    .keys()
-                    .copied()
-                    .filter(|id| !dir.join(format!("node-{id}.pem")).exists())
-                    .collect();
-                let mut certs = DevCerts::load_ca(&dir)?;
-                certs.issue(missing.iter().copied())?;
-                (certs, format!("the existing CA in {}", dir.display()))
-            } else {
-                (
-                    DevCerts::generate(file.nodes.keys().copied())?,
-                    "a new CA".to_string(),
-                )
-            };
-            certs.write_to(&dir)?;
-            println!(
-                "issued certificates for {} node(s) from {what} into {}",
-                certs.nodes.len(),
-                dir.display()
-            );
+            let issued = raft_kv_example::certs::issue(&file, &dir)?;
+            println!("{issued}");
             Ok(())
         }
+        Cmd::Token { action } => token(action, &creds).await,
         Cmd::Put {
             key,
             value,
             endpoint,
         } => {
-            let r = Client::new(&endpoint)?.put(&key, value.as_bytes()).await?;
+            let r = creds.client(&endpoint)?.put(&key, value.as_bytes()).await?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
@@ -285,14 +374,14 @@ async fn run(cmd: Cmd) -> Result<()> {
             stale,
             endpoint,
         } => {
-            match Client::new(&endpoint)?.get(&key, stale).await? {
+            match creds.client(&endpoint)?.get(&key, stale).await? {
                 Some(v) => println!("{}", String::from_utf8_lossy(&v)),
                 None => anyhow::bail!("key `{key}` not found"),
             }
             Ok(())
         }
         Cmd::Delete { key, endpoint } => {
-            let r = Client::new(&endpoint)?.delete(&key).await?;
+            let r = creds.client(&endpoint)?.delete(&key).await?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
@@ -305,7 +394,8 @@ async fn run(cmd: Cmd) -> Result<()> {
             endpoint,
         } => {
             let (expected, new) = cas_args(expected, new, absent, delete)?;
-            let r = Client::new(&endpoint)?
+            let r = creds
+                .client(&endpoint)?
                 .cas(&key, expected.as_deref(), new.as_deref())
                 .await?;
             println!("{}", serde_json::to_string(&r)?);
@@ -319,22 +409,26 @@ async fn run(cmd: Cmd) -> Result<()> {
                     http_addr,
                     endpoint,
                 } => {
-                    Client::with_timeout(&endpoint, MEMBERSHIP_WAIT)?
+                    creds
+                        .client_waiting(&endpoint, MEMBERSHIP_WAIT)?
                         .add_member(id, &raft_addr, &http_addr)
                         .await?
                 }
                 MemberCmd::Promote { id, endpoint } => {
-                    Client::with_timeout(&endpoint, MEMBERSHIP_WAIT)?
+                    creds
+                        .client_waiting(&endpoint, MEMBERSHIP_WAIT)?
                         .promote_member(id)
                         .await?
                 }
                 MemberCmd::Demote { id, endpoint } => {
-                    Client::with_timeout(&endpoint, MEMBERSHIP_WAIT)?
+                    creds
+                        .client_waiting(&endpoint, MEMBERSHIP_WAIT)?
                         .demote_member(id)
                         .await?
                 }
                 MemberCmd::Remove { id, endpoint } => {
-                    Client::with_timeout(&endpoint, MEMBERSHIP_WAIT)?
+                    creds
+                        .client_waiting(&endpoint, MEMBERSHIP_WAIT)?
                         .remove_member(id)
                         .await?
                 }
@@ -343,13 +437,13 @@ async fn run(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::TransferLeader { id, endpoint } => {
-            println!("{}", Client::new(&endpoint)?.transfer_leader(id).await?);
+            println!("{}", creds.client(&endpoint)?.transfer_leader(id).await?);
             Ok(())
         }
         Cmd::Snapshot {
             action: SnapshotCmd::Save { file, endpoint },
         } => {
-            let saved = Client::new(&endpoint)?.save_snapshot(&file).await?;
+            let saved = creds.client(&endpoint)?.save_snapshot(&file).await?;
             println!("{}", serde_json::to_string(&saved)?);
             Ok(())
         }
@@ -365,11 +459,52 @@ async fn run(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Status { endpoint } => {
-            let s = Client::new(&endpoint)?.status().await?;
+            let s = creds.client(&endpoint)?.status().await?;
             println!(
                 "{}",
                 serde_json::to_string_pretty(&s).context("encoding status")?
             );
+            Ok(())
+        }
+    }
+}
+
+/// `raft-kv token ...`.
+async fn token(action: TokenCmd, creds: &Creds) -> Result<()> {
+    match action {
+        TokenCmd::Create {
+            role,
+            name,
+            out,
+            endpoint,
+        } => {
+            let token = Token::generate(&name)?;
+            if let Some(path) = &out {
+                // Before the cluster knows it: a token that cannot be kept
+                // is never made.
+                raft_kv_example::certs::write_secret(path, token.expose())?;
+            }
+            let created = creds.client(&endpoint)?.create_token(&token, role).await;
+            if let Err(e) = created {
+                if let Some(path) = &out {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e.into());
+            }
+            match &out {
+                Some(path) => println!("token `{name}` ({role}) written to {}", path.display()),
+                None => println!("{}", token.expose()),
+            }
+            Ok(())
+        }
+        TokenCmd::Revoke { name, endpoint } => {
+            let r = creds.client(&endpoint)?.revoke_token(&name).await?;
+            println!("{r}");
+            Ok(())
+        }
+        TokenCmd::List { endpoint } => {
+            let r = creds.client(&endpoint)?.list_tokens().await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())
         }
     }

@@ -68,6 +68,8 @@ pub struct Metrics {
     pub reads: Counter,
     /// Reads that failed.
     pub reads_failed: Counter,
+    /// Requests refused for their token (401 and 403).
+    pub auth_refused: Counter,
     /// `LogStore::append`, which returns once the entries are synced.
     pub append: Histogram,
     /// `LogStore::save_hard_state` (term and vote, synced).
@@ -119,6 +121,11 @@ impl Metrics {
                 "raft_linearizable_reads_failed",
                 "Linearizable reads that failed.",
                 &self.reads_failed,
+            ),
+            (
+                "raft_kv_auth_refused",
+                "Requests refused for a missing, invalid or insufficient token (401 and 403).",
+                &self.auth_refused,
             ),
         ];
         for (name, help, counter) in counters {

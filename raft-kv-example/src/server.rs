@@ -10,16 +10,18 @@ use raft_core::{
     StateMachine,
 };
 use raft_storage_rocksdb::{RocksDb, RocksError, RocksOptions, RocksStateMachine};
-use raft_transport_quic::tls::{TlsError, TlsIdentity};
+use raft_transport_quic::tls::{TlsError, TlsIdentity, client_api_server_config};
 use raft_transport_quic::{ClusterId, QuicConfig, QuicTransport, TransportError};
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::client::{Client, ClientError};
+use crate::auth::Auth;
+use crate::client::{Client, ClientError, ClientOptions};
 use crate::cluster_file::ClusterFile;
 use crate::http::{AppState, router};
 use crate::logic::KvLogic;
 use crate::metrics::{MeteredLogStore, MeteredNetworkFactory, Metrics};
+use crate::token::Token;
 use crate::types::{Kv, NodeAddr};
 
 /// The Raft group id of the service's one group in its RocksDB.
@@ -286,6 +288,19 @@ impl Node {
         join: Option<&str>,
         bootstrap: bool,
     ) -> Result<Node, ServeError> {
+        Node::start_with_token(file, id, join, bootstrap, None).await
+    }
+
+    /// Like [`Node::start_as`]; a join authenticates with `token` (it needs
+    /// the admin role), or without one with the TLS directory's
+    /// `admin.token` if there is one.
+    pub async fn start_with_token(
+        file: &ClusterFile,
+        id: NodeId,
+        join: Option<&str>,
+        bootstrap: bool,
+        token: Option<Token>,
+    ) -> Result<Node, ServeError> {
         let me = file.node(id).ok_or(ServeError::UnknownNode(id))?;
         let metrics = Arc::new(Metrics::default());
 
@@ -349,6 +364,23 @@ impl Node {
             addr: me.http_addr,
             source,
         })?;
+        let api = file.client_api;
+        let tls = match api.tls {
+            true => Some(Arc::new(client_api_server_config(&file.tls_dir, id)?)),
+            false => {
+                warn!(node = %id, "the client API serves plain HTTP ([client_api] tls = false): tokens and data cross the network unencrypted");
+                None
+            }
+        };
+        if !api.auth {
+            warn!(node = %id, "the client API asks for no token ([client_api] auth = false): anyone who reaches {http_addr} may read, write and change the cluster");
+        }
+        let auth = Auth::load(api.auth, reader.clone(), &file.tls_dir).map_err(|source| {
+            ServeError::File {
+                path: file.tls_dir.join(crate::auth::BOOTSTRAP_HASH_FILE),
+                source,
+            }
+        })?;
         let app = router(AppState {
             raft: raft.clone(),
             reader,
@@ -356,18 +388,16 @@ impl Node {
             metrics,
             scratch_dir: me.data_dir.clone(),
             cluster,
+            auth: Arc::new(auth),
+            scheme: api.scheme(),
         });
         let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
-        let http = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await
-        });
-        info!(node = %id, raft = %me.raft_addr, http = %http_addr, "serving");
+        let http = tokio::spawn(crate::listener::serve(listener, tls, app, async move {
+            let _ = stopped.await;
+        }));
+        info!(node = %id, raft = %me.raft_addr, http = %http_addr, scheme = api.scheme(), auth = api.auth, "serving");
         match join {
-            Some(url) if pristine => join_cluster(url, me.addr(), id, file).await?,
+            Some(url) if pristine => join_cluster(url, me.addr(), id, file, token).await?,
             Some(_) => info!(node = %id, "already a member (state on disk); not joining again"),
             None => {}
         }
@@ -410,13 +440,28 @@ async fn join_cluster(
     me: NodeAddr,
     id: NodeId,
     file: &ClusterFile,
+    token: Option<Token>,
 ) -> Result<(), ServeError> {
     let fail = |reason: String| ServeError::Join {
         url: url.to_string(),
         reason,
     };
-    let client = Client::with_timeout(url, file.limits.membership_timeout + Duration::from_secs(5))
-        .map_err(|e| fail(e.to_string()))?;
+    let mut options = ClientOptions {
+        request_timeout: file.limits.membership_timeout + Duration::from_secs(5),
+        token,
+        ..ClientOptions::default()
+    };
+    let ca = file.tls_dir.join("ca.pem");
+    if ca.exists() {
+        options = options.with_ca_file(&ca).map_err(|e| fail(e.to_string()))?;
+    }
+    let admin = file.tls_dir.join(crate::auth::BOOTSTRAP_TOKEN_FILE);
+    if options.token.is_none() && admin.exists() {
+        options = options
+            .with_token_file(&admin)
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    let client = Client::with_options(&[url], options).map_err(|e| fail(e.to_string()))?;
     let deadline = tokio::time::Instant::now() + file.limits.membership_timeout;
     loop {
         match client.add_member(id.0, &me.raft_addr, &me.http_addr).await {

@@ -8,6 +8,8 @@ use raft_core::session::{SessionError, SessionLimits, SessionTag};
 use raft_transport_quic::QuicAddr;
 use serde::{Deserialize, Serialize};
 
+use crate::token::{Role, TokenHash};
+
 /// The service's [`TypeConfig`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Kv;
@@ -25,6 +27,8 @@ impl TypeConfig for Kv {
             Command::Cas { key, expected, new } => key.len() + opt(expected) + opt(new),
             Command::OpenSession { .. } => 16,
             Command::InSession { command, .. } => 32 + Kv::command_size(command.command()),
+            Command::CreateToken { name, .. } => 40 + name.len(),
+            Command::RevokeToken { name } => name.len(),
         }
     }
 }
@@ -74,6 +78,22 @@ pub enum Command {
         stamp_ms: u64,
         /// The write.
         command: SessionWrite,
+    },
+    /// Records the client-API token `name` with `role`, given its hash
+    /// ([`crate::auth`]); refused (`TokenChanged(false)`) while a live
+    /// token of that name exists.
+    CreateToken {
+        /// The token's name.
+        name: String,
+        /// What it may do.
+        role: Role,
+        /// The SHA-256 of the whole token: the cluster never sees the token.
+        hash: TokenHash,
+    },
+    /// Revokes the token `name` on every node.
+    RevokeToken {
+        /// The token's name.
+        name: String,
     },
 }
 
@@ -203,6 +223,9 @@ pub enum Response {
     },
     /// A write in a session was refused, and not applied.
     SessionRefused(SessionError),
+    /// Whether a `CreateToken` created the token, or a `RevokeToken`
+    /// revoked a live one.
+    TokenChanged(bool),
 }
 
 /// How a member is reached: its QUIC address for peers and its HTTP address

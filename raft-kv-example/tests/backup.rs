@@ -6,14 +6,13 @@ mod common;
 
 use common::Cluster;
 use raft_core::NodeId;
-use raft_kv_example::client::Client;
 use raft_kv_example::server::{ServeError, restore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cluster_restored_from_a_saved_backup_reads_every_key_back() {
     let old = Cluster::start(3, "[raft]\nsnapshot_every = 100\n").await;
     // Saved through a follower: the client finds the leader.
-    let c = Client::new(&old.endpoint(old.follower().await)).expect("client");
+    let c = old.client(old.follower().await);
     for i in 0..300 {
         c.put(&format!("k{i}"), format!("v{i}").as_bytes())
             .await
@@ -53,7 +52,7 @@ async fn a_cluster_restored_from_a_saved_backup_reads_every_key_back() {
         new.start_node(id).await;
     }
     let l = new.leader().await;
-    let c = Client::new(&new.endpoint(l)).expect("client");
+    let c = new.client(l);
     for i in 0..300 {
         let want = match i {
             0..50 => Some(b"overwritten".to_vec()),
@@ -74,7 +73,7 @@ async fn a_cluster_restored_from_a_saved_backup_reads_every_key_back() {
     assert_eq!(status.voters, vec![1, 2, 3]);
     assert!(status.commit_index > saved.index);
     for id in [1, 2, 3].map(NodeId) {
-        let c = Client::new(&new.endpoint(id)).expect("client");
+        let c = new.client(id);
         common::wait_applied(&c, "new", "a restored node never caught up").await;
         assert_eq!(
             c.get("k100", true).await.expect("stale get"),
@@ -89,7 +88,7 @@ async fn a_cluster_restored_from_a_saved_backup_reads_every_key_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_damaged_backup_is_refused_and_leaves_the_node_empty() {
     let old = Cluster::start(3, "").await;
-    let c = Client::new(&old.endpoint(old.leader().await)).expect("client");
+    let c = old.client(old.leader().await);
     c.put("k", b"v").await.expect("put");
     // Outside the cluster's directory, which goes with it.
     let keep = tempfile::tempdir().expect("tempdir");

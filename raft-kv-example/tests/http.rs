@@ -8,17 +8,9 @@ use std::time::Duration;
 
 use common::Cluster;
 use raft_core::NodeId;
-use raft_kv_example::client::{CasAnswer, Client};
+use raft_kv_example::client::CasAnswer;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-
-/// A client that does not follow redirects, to see them.
-fn raw() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client")
-}
 
 async fn json_of(resp: reqwest::Response) -> (StatusCode, Value) {
     let status = resp.status();
@@ -36,7 +28,7 @@ async fn json_of(resp: reqwest::Response) -> (StatusCode, Value) {
 async fn every_operation_works_through_any_node() {
     let cluster = Cluster::start(3, "").await;
     let follower = cluster.follower().await;
-    let c = Client::new(&cluster.endpoint(follower)).expect("client");
+    let c = cluster.client(follower);
 
     let put = c.put("color", b"blue").await.expect("put");
     assert!(put.index > 0 && !put.replayed, "{put:?}");
@@ -84,7 +76,8 @@ async fn every_operation_works_through_any_node() {
     assert_eq!(status.leader_id, Some(cluster.leader().await.0));
     assert!(status.commit_index >= del.index);
 
-    let metrics = raw()
+    let metrics = cluster
+        .raw()
         .get(format!("{}/metrics", cluster.endpoint(follower)))
         .send()
         .await
@@ -121,7 +114,7 @@ async fn a_follower_redirects_writes_and_linearizable_reads_to_the_leader() {
     let leader = cluster.leader().await;
     let follower = cluster.follower().await;
     let leader_http = cluster.file.nodes[&leader].http_addr;
-    let http = raw();
+    let http = cluster.raw();
     let base = cluster.endpoint(follower);
 
     let put = http
@@ -133,7 +126,7 @@ async fn a_follower_redirects_writes_and_linearizable_reads_to_the_leader() {
     assert_eq!(put.status(), StatusCode::TEMPORARY_REDIRECT);
     assert_eq!(
         put.headers()["location"].to_str().expect("ascii"),
-        format!("http://{leader_http}/v1/kv/a%20b")
+        format!("https://{leader_http}/v1/kv/a%20b")
     );
     let read = http
         .get(format!("{base}/v1/kv/k?consistency=linearizable"))
@@ -143,7 +136,7 @@ async fn a_follower_redirects_writes_and_linearizable_reads_to_the_leader() {
     assert_eq!(read.status(), StatusCode::TEMPORARY_REDIRECT);
     assert_eq!(
         read.headers()["location"].to_str().expect("ascii"),
-        format!("http://{leader_http}/v1/kv/k?consistency=linearizable")
+        format!("https://{leader_http}/v1/kv/k?consistency=linearizable")
     );
     for req in [
         http.delete(format!("{base}/v1/kv/k")),
@@ -169,7 +162,7 @@ async fn malformed_requests_get_json_4xx_and_the_node_keeps_serving() {
     let cluster = Cluster::start(3, "[limits]\nmax_key_bytes = 16\nmax_value_bytes = 1024\n").await;
     let leader = cluster.leader().await;
     let base = cluster.endpoint(leader);
-    let http = raw();
+    let http = cluster.raw();
 
     let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str)> = vec![
         (
@@ -275,15 +268,13 @@ async fn malformed_requests_get_json_4xx_and_the_node_keeps_serving() {
     // A client that sends half a body and disconnects leaves nothing behind.
     {
         use tokio::io::AsyncWriteExt;
-        let mut s = tokio::net::TcpStream::connect(cluster.file.nodes[&leader].http_addr)
-            .await
-            .expect("connect");
+        let mut s = common::tls_stream(&cluster.file, leader).await;
         s.write_all(b"PUT /v1/kv/half HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nonly-part")
             .await
             .expect("write");
     }
 
-    let c = Client::new(&base).expect("client");
+    let c = cluster.client_at(&base);
     c.put("k", b"still serving")
         .await
         .expect("put after bad input");
@@ -300,7 +291,7 @@ async fn malformed_requests_get_json_4xx_and_the_node_keeps_serving() {
 async fn acknowledged_writes_survive_leader_failover_and_the_old_leader_catches_up() {
     let mut cluster = Cluster::start(3, "[raft]\nsnapshot_every = 50\npurge_keep = 5\n").await;
     let old = cluster.leader().await;
-    let c = Client::new(&cluster.endpoint(old)).expect("client");
+    let c = cluster.client(old);
     for i in 0..100 {
         c.put(&format!("k{i}"), format!("v{i}").as_bytes())
             .await
@@ -310,7 +301,7 @@ async fn acknowledged_writes_survive_leader_failover_and_the_old_leader_catches_
 
     let new = cluster.leader().await;
     assert_ne!(new, old);
-    let c = Client::new(&cluster.endpoint(new)).expect("client");
+    let c = cluster.client(new);
     for i in 0..100 {
         assert_eq!(
             c.get(&format!("k{i}"), false).await.expect("get"),
@@ -326,7 +317,7 @@ async fn acknowledged_writes_survive_leader_failover_and_the_old_leader_catches_
 
     cluster.start_node(old).await;
     let commit = c.status().await.expect("status").commit_index;
-    let back = Client::new(&cluster.endpoint(old)).expect("client");
+    let back = cluster.client(old);
     let deadline = tokio::time::Instant::now() + common::WAIT;
     while back.status().await.expect("status").applied_index < commit {
         assert!(
@@ -354,7 +345,7 @@ async fn acknowledged_writes_survive_leader_failover_and_the_old_leader_catches_
 async fn a_node_is_alive_at_once_and_ready_only_once_it_has_caught_up() {
     let mut cluster = Cluster::start(3, "").await;
     let l = cluster.leader().await;
-    let c = Client::new(&cluster.endpoint(l)).expect("client");
+    let c = cluster.client(l);
     for i in 0..20 {
         c.put(&format!("k{i}"), b"v").await.expect("put");
     }
@@ -364,7 +355,8 @@ async fn a_node_is_alive_at_once_and_ready_only_once_it_has_caught_up() {
     let lone = NodeId(1);
     cluster.start_node(lone).await;
     let probe = |path: &str| {
-        raw()
+        cluster
+            .raw()
             .get(format!("{}{path}", cluster.endpoint(lone)))
             .send()
     };
@@ -383,7 +375,8 @@ async fn a_node_is_alive_at_once_and_ready_only_once_it_has_caught_up() {
     for id in [1, 2, 3].map(NodeId) {
         loop {
             let url = format!("{}/readyz", cluster.endpoint(id));
-            let (status, body) = json_of(raw().get(url).send().await.expect("readyz")).await;
+            let (status, body) =
+                json_of(cluster.raw().get(url).send().await.expect("readyz")).await;
             if status == StatusCode::OK {
                 assert_eq!(body["ready"], json!(true));
                 assert!(body["applied_index"].as_u64() >= Some(20), "{body}");

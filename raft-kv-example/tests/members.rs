@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use common::{Cluster, free_addr};
 use raft_core::NodeId;
-use raft_kv_example::client::{Client, ClientError};
+use raft_kv_example::client::{Client, ClientError, ClientOptions};
 use raft_kv_example::http::Status;
 use raft_kv_example::{ClusterFile, Node};
-use raft_transport_quic::tls::DevCerts;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -44,8 +43,14 @@ async fn a_node_joins_is_promoted_takes_over_and_the_old_leader_is_removed() {
     let mut cluster = Cluster::start(3, "").await;
     let old_leader = cluster.leader().await;
     let follower = cluster.follower().await;
-    let c =
-        Client::with_timeout(&cluster.endpoint(follower), Duration::from_secs(60)).expect("client");
+    let c = Client::with_options(
+        &[&cluster.endpoint(follower)],
+        ClientOptions {
+            request_timeout: Duration::from_secs(60),
+            ..cluster.options()
+        },
+    )
+    .expect("client");
     for i in 0..50 {
         c.put(&format!("k{i}"), b"v").await.expect("put");
     }
@@ -59,9 +64,8 @@ async fn a_node_joins_is_promoted_takes_over_and_the_old_leader_is_removed() {
     )
     .expect("write join file");
     let join_file = ClusterFile::load(&path).expect("join file");
-    let mut ca = DevCerts::load_ca(&join_file.tls_dir).expect("the cluster's CA");
-    ca.issue([NodeId(4)]).expect("issue");
-    ca.write_to(&join_file.tls_dir).expect("write cert");
+    // Node 4's certificates, from the cluster's CA.
+    raft_kv_example::certs::issue(&join_file, &join_file.tls_dir).expect("certs for node 4");
 
     // Joining through a follower: the add is redirected to the leader.
     let four = Node::start_with(&join_file, NodeId(4), Some(&cluster.endpoint(follower)))
@@ -72,7 +76,7 @@ async fn a_node_joins_is_promoted_takes_over_and_the_old_leader_is_removed() {
         s.voters == [1, 2, 3] && s.learners == [4]
     })
     .await;
-    let c4 = Client::new(&format!("http://{http4}")).expect("client");
+    let c4 = cluster.client_at(&format!("https://{http4}"));
     common::wait_applied(&c4, "k49", "learner never applied k49").await;
     assert_eq!(c4.status().await.expect("status").role, "learner");
 
@@ -135,7 +139,7 @@ async fn a_node_joins_is_promoted_takes_over_and_the_old_leader_is_removed() {
         .find(|id| *id != 4)
         .map(NodeId)
         .expect("a survivor");
-    let cs = Client::new(&cluster.endpoint(any)).expect("client");
+    let cs = cluster.client(any);
     let four = Node::start_with(&join_file, NodeId(4), None)
         .await
         .expect("restart 4");
@@ -159,12 +163,18 @@ async fn a_wiped_node_counts_again_only_once_removed_and_added_back() {
     let mut cluster = Cluster::start(3, "").await;
     let leader = cluster.leader().await;
     let wiped = cluster.follower().await;
-    let c =
-        Client::with_timeout(&cluster.endpoint(leader), Duration::from_secs(60)).expect("client");
+    let c = Client::with_options(
+        &[&cluster.endpoint(leader)],
+        ClientOptions {
+            request_timeout: Duration::from_secs(60),
+            ..cluster.options()
+        },
+    )
+    .expect("client");
     for i in 0..20 {
         c.put(&format!("k{i}"), b"v").await.expect("put");
     }
-    let cw = Client::new(&cluster.endpoint(wiped)).expect("client");
+    let cw = cluster.client(wiped);
     let before = cw.status().await.expect("status").uuid;
     assert_eq!(before.len(), 32, "a uuid of 32 hex digits: {before:?}");
 
@@ -230,10 +240,7 @@ async fn a_node_alone_in_its_file_founds_a_cluster_only_when_told_to() {
     )
     .expect("write file");
     let file = ClusterFile::load(&path).expect("file");
-    DevCerts::generate([NodeId(1)])
-        .expect("certs")
-        .write_to(&file.tls_dir)
-        .expect("write certs");
+    raft_kv_example::certs::issue(&file, &file.tls_dir).expect("certs");
 
     let refused = Node::start(&file, NodeId(1)).await.err().expect("refused");
     let text = refused.to_string();
@@ -245,7 +252,11 @@ async fn a_node_alone_in_its_file_founds_a_cluster_only_when_told_to() {
     let node = Node::start_as(&file, NodeId(1), None, true)
         .await
         .expect("bootstraps when told to");
-    let c = Client::new(&format!("http://{}", file.nodes[&NodeId(1)].http_addr)).expect("client");
+    let c = Client::with_options(
+        &[&common::endpoint(&file, NodeId(1))],
+        common::options(&file),
+    )
+    .expect("client");
     c.put("k", b"v")
         .await
         .expect("a one-node cluster takes writes");
@@ -263,7 +274,7 @@ async fn a_node_alone_in_its_file_founds_a_cluster_only_when_told_to() {
 async fn a_demoted_voter_is_a_learner_that_keeps_up_and_can_be_promoted_again() {
     let cluster = Cluster::start(3, "").await;
     let follower = cluster.follower().await;
-    let c = Client::new(&cluster.endpoint(follower)).expect("client");
+    let c = cluster.client(follower);
     let answer = c.demote_member(follower.0).await.expect("demote");
     let voters: Vec<u64> = [1, 2, 3]
         .into_iter()
@@ -289,11 +300,7 @@ async fn a_demoted_voter_is_a_learner_that_keeps_up_and_can_be_promoted_again() 
 
 /// Waits until every node of `c` reports the same cluster id; that id.
 async fn one_cluster_id(c: &Cluster) -> String {
-    let clients: Vec<Client> = c
-        .nodes
-        .keys()
-        .map(|id| Client::new(&c.endpoint(*id)).expect("client"))
-        .collect();
+    let clients: Vec<Client> = c.nodes.keys().map(|id| c.client(*id)).collect();
     let deadline = tokio::time::Instant::now() + common::WAIT;
     loop {
         let mut ids = Vec::new();
@@ -327,7 +334,7 @@ async fn a_node_of_another_cluster_is_refused_by_id() {
     for id in [1, 2, 3].map(NodeId) {
         b.start_node(id).await;
     }
-    let cb = Client::new(&b.endpoint(b.leader().await)).expect("client");
+    let cb = b.client(b.leader().await);
     cb.put("b", b"only").await.expect("put");
 
     // Each cluster's first leader records its id; the others adopt it from
@@ -338,14 +345,14 @@ async fn a_node_of_another_cluster_is_refused_by_id() {
 
     // Node 3 of A is replaced by node 3 of B: B's data at A's address.
     // (The put committed on a majority; node 3 may not have applied it.)
-    let b3 = Client::new(&b.endpoint(NodeId(3))).expect("client");
+    let b3 = b.client(NodeId(3));
     common::wait_applied(&b3, "b", "B's node 3 never applied the put").await;
     b.stop_node(NodeId(3)).await;
     a.stop_node(NodeId(3)).await;
     let mut file = a.file.clone();
     file.nodes.get_mut(&NodeId(3)).expect("node 3").data_dir = b.data_dir(NodeId(3));
     let stranger = Node::start(&file, NodeId(3)).await.expect("starts");
-    let ca = Client::new(&a.endpoint(a.leader().await)).expect("client");
+    let ca = a.client(a.leader().await);
     ca.put("a", b"only")
         .await
         .expect("A commits with nodes 1 and 2");
@@ -357,7 +364,7 @@ async fn a_node_of_another_cluster_is_refused_by_id() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let c3 = Client::new(&format!("http://{}", stranger.http_addr)).expect("client");
+    let c3 = a.client_at(&format!("https://{}", stranger.http_addr));
     let s = c3.status().await.expect("status");
     assert_eq!(s.cluster_id, id_b);
     assert_ne!(s.leader_id, Some(a.leader().await.0), "{s:?}");

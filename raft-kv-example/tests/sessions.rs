@@ -10,21 +10,11 @@ use std::time::Duration;
 
 use common::Cluster;
 use raft_core::NodeId;
-use raft_kv_example::client::Client;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-/// A client that follows redirects to the leader (reqwest re-sends the
-/// body on a 307).
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client")
-}
-
-async fn open_session(endpoint: &str) -> u64 {
-    let resp = http()
+async fn open_session(http: &reqwest::Client, endpoint: &str) -> u64 {
+    let resp = http
         .post(format!("{endpoint}/v1/sessions"))
         .send()
         .await
@@ -37,12 +27,13 @@ async fn open_session(endpoint: &str) -> u64 {
 /// One try of `PUT /v1/kv/{key}` in session `id` with sequence `seq`:
 /// its status, `Replayed` header and body; `None` if it got no answer.
 async fn put_in_session(
+    http: &reqwest::Client,
     endpoint: &str,
     key: &str,
     value: &str,
     (id, seq, ack): (u64, u64, u64),
 ) -> Option<(StatusCode, bool, Value)> {
-    let resp = http()
+    let resp = http
         .put(format!("{endpoint}/v1/kv/{key}"))
         .header("Client-Id", id.to_string())
         .header("Client-Seq", seq.to_string())
@@ -59,7 +50,10 @@ async fn put_in_session(
 
 /// Retries the put until it is answered 200, through whichever of
 /// `endpoints` answers; panics with the last answer after the test's wait.
+/// Tries each of `endpoints` in turn (a follower answers 307: the next
+/// one is tried) until one answers 200.
 async fn put_until_definite(
+    http: &reqwest::Client,
     endpoints: &[String],
     key: &str,
     value: &str,
@@ -68,7 +62,7 @@ async fn put_until_definite(
     let deadline = tokio::time::Instant::now() + common::WAIT;
     for endpoint in endpoints.iter().cycle() {
         // Unavailable, outcome unknown, no answer: retry.
-        let last = match put_in_session(endpoint, key, value, tag).await {
+        let last = match put_in_session(http, endpoint, key, value, tag).await {
             Some((StatusCode::OK, replayed, body)) => {
                 return (replayed, body["index"].as_u64().expect("index"));
             }
@@ -90,34 +84,35 @@ async fn put_until_definite(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_retried_through_failover_snapshots_and_restarts_is_applied_once() {
     let mut cluster = Cluster::start(3, "[raft]\nsnapshot_every = 50\npurge_keep = 5\n").await;
+    let http = cluster.raw();
     let ids = [1, 2, 3].map(NodeId);
     let endpoints: Vec<String> = ids.iter().map(|id| cluster.endpoint(*id)).collect();
     let leader = cluster.leader().await;
-    let id = open_session(&cluster.endpoint(leader)).await;
+    let id = open_session(&http, &cluster.endpoint(leader)).await;
 
     let tag = (id, 1, 1);
-    let (replayed, first) = put_until_definite(&endpoints, "k", "first", tag).await;
+    let (replayed, first) = put_until_definite(&http, &endpoints, "k", "first", tag).await;
     assert!(!replayed, "the first try is no replay");
     // A later write overwrites it: applying the first one again would
     // bring "first" back, which every check below would see.
-    let leader_client = Client::new(&cluster.endpoint(leader)).expect("client");
+    let leader_client = cluster.client(leader);
     leader_client.put("k", b"second").await.expect("put");
 
     // Retries, many, concurrently with the leader's death and writes
     // enough for snapshots.
     let retrier = {
-        let endpoints = endpoints.clone();
+        let (endpoints, http) = (endpoints.clone(), http.clone());
         tokio::spawn(async move {
             let mut answers = Vec::new();
             for _ in 0..60 {
-                answers.push(put_until_definite(&endpoints, "k", "first", tag).await);
+                answers.push(put_until_definite(&http, &endpoints, "k", "first", tag).await);
             }
             answers
         })
     };
     cluster.stop_node(leader).await;
     let new = cluster.leader().await;
-    let c = Client::new(&cluster.endpoint(new)).expect("client");
+    let c = cluster.client(new);
     for i in 0..150 {
         c.put(&format!("filler{i}"), b"x").await.expect("put");
     }
@@ -130,7 +125,7 @@ async fn a_write_retried_through_failover_snapshots_and_restarts_is_applied_once
     // must carry the session; then it leads and answers the retry itself.
     cluster.start_node(leader).await;
     common::wait_applied(
-        &Client::new(&cluster.endpoint(leader)).expect("client"),
+        &cluster.client(leader),
         "filler149",
         "the old leader never caught up",
     )
@@ -138,7 +133,7 @@ async fn a_write_retried_through_failover_snapshots_and_restarts_is_applied_once
     c.transfer_leader(leader.0).await.expect("transfer");
     assert_eq!(cluster.leader().await, leader);
     assert_eq!(
-        put_until_definite(&[cluster.endpoint(leader)], "k", "first", tag).await,
+        put_until_definite(&http, &[cluster.endpoint(leader)], "k", "first", tag).await,
         (true, first),
         "answered from the session the snapshot installed"
     );
@@ -152,11 +147,11 @@ async fn a_write_retried_through_failover_snapshots_and_restarts_is_applied_once
     }
     cluster.leader().await;
     assert_eq!(
-        put_until_definite(&endpoints, "k", "first", tag).await,
+        put_until_definite(&http, &endpoints, "k", "first", tag).await,
         (true, first)
     );
     for id in ids {
-        let c = Client::new(&cluster.endpoint(id)).expect("client");
+        let c = cluster.client(id);
         common::wait_applied(&c, "filler149", "a node never caught up").await;
         assert_eq!(
             c.get("k", true).await.expect("stale get"),
@@ -172,16 +167,17 @@ async fn a_write_retried_through_failover_snapshots_and_restarts_is_applied_once
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn session_refusals_are_typed_and_apply_nothing() {
     let cluster = Cluster::start(3, "").await;
+    let http = cluster.raw();
     let endpoint = cluster.endpoint(cluster.leader().await);
-    let id = open_session(&endpoint).await;
+    let id = open_session(&http, &endpoint).await;
     assert!(
-        open_session(&endpoint).await > id,
+        open_session(&http, &endpoint).await > id,
         "each session gets its own id"
     );
     let status_of = |tag| {
-        let endpoint = endpoint.clone();
+        let (endpoint, http) = (endpoint.clone(), http.clone());
         async move {
-            let (status, replayed, body) = put_in_session(&endpoint, "r", "v", tag)
+            let (status, replayed, body) = put_in_session(&http, &endpoint, "r", "v", tag)
                 .await
                 .expect("an answer");
             (status, replayed, body["error"].clone())
@@ -205,7 +201,7 @@ async fn session_refusals_are_typed_and_apply_nothing() {
     assert!(status_of((id, 3, 3)).await.1, "sequence 3 is replayed");
 
     // Malformed or partial headers.
-    let c = http();
+    let c = http.clone();
     for headers in [
         vec![("Client-Id", id.to_string())],
         vec![("Client-Seq", "1".to_string())],
@@ -222,7 +218,7 @@ async fn session_refusals_are_typed_and_apply_nothing() {
         let resp = req.send().await.expect("answer");
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{headers:?}");
     }
-    let client = Client::new(&endpoint).expect("client");
+    let client = cluster.client_at(&endpoint);
     assert_eq!(
         client.get("r", false).await.expect("get"),
         Some(b"v".to_vec())

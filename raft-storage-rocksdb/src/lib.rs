@@ -39,7 +39,7 @@ mod state_machine;
 mod writer;
 
 pub use sessions::RocksSessions;
-pub use state_machine::{KvApply, RocksReader, RocksStateMachine, WriteView};
+pub use state_machine::{KeyValue, KvApply, RocksReader, RocksStateMachine, WriteView};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -391,6 +391,9 @@ fn meta_op<C: TypeConfig>(
     })
 }
 
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// Reads one group's state-machine data.
 #[derive(Clone)]
 pub struct RocksReader {
@@ -409,6 +412,18 @@ impl RocksReader {
         // the data already: that value is not of one state.
         self.refuse_while_installing()?;
         Ok(value)
+    }
+
+    /// Every key beginning with `prefix` and its value, in key order. Reads
+    /// them all: for small key ranges (an application's bookkeeping, such
+    /// as access tokens), not for its data. [`RocksError::Installing`]
+    /// while a snapshot install replaces the data.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, RocksError> {
+        self.refuse_while_installing()?;
+        let mut found = BTreeMap::new();
+        scan_stored(&self.db, self.group, prefix, &mut found)?;
+        self.refuse_while_installing()?;
+        Ok(found.into_iter().collect())
     }
 
     /// Writes the group's state as of one point in time (a RocksDB

@@ -74,6 +74,9 @@ pub struct DevCerts {
     pub ca_key_pem: String,
     /// Per node: certificate PEM and private key PEM.
     pub nodes: BTreeMap<NodeId, (String, String)>,
+    /// Per node: the certificate and key of its client API (HTTPS), whose
+    /// names are the addresses clients dial.
+    pub client_api: BTreeMap<NodeId, (String, String)>,
 }
 
 /// The development CA's parameters; the same every time, so a CA loaded
@@ -97,6 +100,7 @@ impl DevCerts {
             ca_pem: ca_cert.pem(),
             ca_key_pem: ca_key.serialize_pem(),
             nodes: BTreeMap::new(),
+            client_api: BTreeMap::new(),
         };
         certs.issue(ids)?;
         Ok(certs)
@@ -113,6 +117,7 @@ impl DevCerts {
             ca_pem: read("ca.pem")?,
             ca_key_pem: read("ca-key.pem")?,
             nodes: BTreeMap::new(),
+            client_api: BTreeMap::new(),
         })
     }
 
@@ -130,8 +135,25 @@ impl DevCerts {
         Ok(())
     }
 
-    /// Writes `ca.pem`, `ca-key.pem`, `node-<id>.pem` and `node-<id>-key.pem`
-    /// into `dir` (keys readable by the owner only).
+    /// Issues node `id`'s client-API (HTTPS server) certificate from this
+    /// CA, for `names`: IP addresses (as text) become IP names, anything
+    /// else a DNS name. Clients check the name they dial against these.
+    pub fn issue_client_api(&mut self, id: NodeId, names: &[String]) -> Result<(), TlsError> {
+        let ca_key = KeyPair::from_pem(&self.ca_key_pem)?;
+        let issuer = Issuer::new(ca_params()?, ca_key);
+        let mut p = CertificateParams::new(names.to_vec())?;
+        p.distinguished_name
+            .push(DnType::CommonName, format!("raft-kv node {id} client API"));
+        let key = KeyPair::generate()?;
+        let cert = p.signed_by(&key, &issuer)?;
+        self.client_api
+            .insert(id, (cert.pem(), key.serialize_pem()));
+        Ok(())
+    }
+
+    /// Writes `ca.pem`, `ca-key.pem`, `node-<id>.pem` and `node-<id>-key.pem`,
+    /// and `node-<id>-http.pem` and `node-<id>-http-key.pem` for the client
+    /// API certificates issued, into `dir` (keys readable by the owner only).
     pub fn write_to(&self, dir: &Path) -> Result<(), TlsError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -146,6 +168,12 @@ impl DevCerts {
             let c = dir.join(format!("node-{id}.pem"));
             std::fs::write(&c, cert).map_err(io(&c))?;
             let k = dir.join(format!("node-{id}-key.pem"));
+            write_private(&k, key).map_err(io(&k))?;
+        }
+        for (id, (cert, key)) in &self.client_api {
+            let c = dir.join(client_api_cert_file(*id));
+            std::fs::write(&c, cert).map_err(io(&c))?;
+            let k = dir.join(client_api_key_file(*id));
             write_private(&k, key).map_err(io(&k))?;
         }
         Ok(())
@@ -165,6 +193,45 @@ impl DevCerts {
             Path::new("<generated>"),
         )
     }
+}
+
+/// The file of node `id`'s client-API certificate.
+pub fn client_api_cert_file(id: NodeId) -> String {
+    format!("node-{id}-http.pem")
+}
+
+/// The file of node `id`'s client-API private key.
+pub fn client_api_key_file(id: NodeId) -> String {
+    format!("node-{id}-http-key.pem")
+}
+
+/// The TLS configuration of node `id`'s client API (HTTPS), from `dir`:
+/// its certificate and key ([`client_api_cert_file`], issued by
+/// [`DevCerts::issue_client_api`]), TLS 1.2 and 1.3, HTTP/1.1. Clients
+/// need no certificate; one that presents one must present one from the
+/// cluster CA (`ca.pem`), or the handshake fails.
+pub fn client_api_server_config(dir: &Path, id: NodeId) -> Result<rustls::ServerConfig, TlsError> {
+    let read = |name: String| {
+        let path = dir.join(name);
+        std::fs::read(&path).map_err(|source| TlsError::Io { path, source })
+    };
+    let ca = read("ca.pem".into())?;
+    let cert = read(client_api_cert_file(id))?;
+    let key = read(client_api_key_file(id))?;
+    let identity = TlsIdentity::from_pem(id, &ca, &cert, &key, dir)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        identity.roots()?,
+        TlsIdentity::provider(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut c = rustls::ServerConfig::builder_with_provider(TlsIdentity::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain, identity.key)?;
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(c)
 }
 
 /// Writes a private key readable by its owner only.

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use crate::chaos::parse_duration;
 use crate::cluster::LocalCluster;
 use crate::http::Http;
-use crate::load::{self, Request};
+use crate::load::{self, Endpoint, Request};
 
 pub struct Options {
     pub clients: Vec<usize>,
@@ -63,7 +63,7 @@ struct Cell {
 /// A system under test: how to write and read one key, and which answers
 /// count as done.
 trait Target {
-    fn addr(&self) -> SocketAddr;
+    fn endpoint(&self) -> &Endpoint;
     fn write(&self, key: &str, value: &str) -> Request;
     fn read(&self, key: &str) -> Request;
     /// Whether an answer with `status` is a completed operation.
@@ -71,18 +71,18 @@ trait Target {
 }
 
 struct RaftKv {
-    leader: SocketAddr,
+    leader: Endpoint,
 }
 
 impl Target for RaftKv {
-    fn addr(&self) -> SocketAddr {
-        self.leader
+    fn endpoint(&self) -> &Endpoint {
+        &self.leader
     }
     fn write(&self, key: &str, value: &str) -> Request {
-        load::raft_kv_put(self.leader, key, value)
+        load::raft_kv_put(&self.leader, key, value)
     }
     fn read(&self, key: &str) -> Request {
-        Request::new("GET", self.leader, &format!("/v1/kv/{key}"), None)
+        Request::new("GET", &self.leader, &format!("/v1/kv/{key}"), None)
     }
     fn ok(&self, status: u16) -> bool {
         // A read of a key not yet written answers 404, linearizably.
@@ -91,23 +91,23 @@ impl Target for RaftKv {
 }
 
 struct Etcd {
-    endpoint: SocketAddr,
+    endpoint: Endpoint,
 }
 
 impl Target for Etcd {
-    fn addr(&self) -> SocketAddr {
-        self.endpoint
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
     fn write(&self, key: &str, value: &str) -> Request {
         let body = format!(r#"{{"key":"{}","value":"{}"}}"#, base64(key), base64(value));
         let body = ("application/json", body.as_bytes());
-        Request::new("POST", self.endpoint, "/v3/kv/put", Some(body))
+        Request::new("POST", &self.endpoint, "/v3/kv/put", Some(body))
     }
     fn read(&self, key: &str) -> Request {
         // Linearizable unless "serializable": true is asked for.
         let body = format!(r#"{{"key":"{}"}}"#, base64(key));
         let body = ("application/json", body.as_bytes());
-        Request::new("POST", self.endpoint, "/v3/kv/range", Some(body))
+        Request::new("POST", &self.endpoint, "/v3/kv/range", Some(body))
     }
     fn ok(&self, status: u16) -> bool {
         status == 200
@@ -124,22 +124,26 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
         opts.clients
     );
 
-    let ours = {
-        let mut c = LocalCluster::create(root, dir.join("raft-kv"), 3, 7300, "")?;
+    // The secure default (HTTPS, a token on every request), then the same
+    // over plain HTTP: what TLS costs.
+    let raft_kv = |name: &str, extra: &str| -> Result<Vec<[Cell; 2]>> {
+        let mut c = LocalCluster::create(root, dir.join(name), 3, 7300, extra)?;
         c.start_all()?;
         let leader = c.wait_leader(&c.ids(), Duration::from_secs(20))?;
         let target = RaftKv {
-            leader: socket_addr(&c.endpoint(leader))?,
+            leader: Endpoint::parse(&c.endpoint(leader), &c.credentials()?)?,
         };
-        let cells = measure(&target, &opts, &value, "raft-kv")?;
+        let cells = measure(&target, &opts, &value, name)?;
         c.stop_all()?;
-        cells
+        Ok(cells)
     };
+    let ours = raft_kv("raft-kv", "")?;
+    let plain = raft_kv("plain", "[client_api]\ntls = false\n")?;
 
     let etcd = match EtcdCluster::start(&dir.join("etcd")) {
         Ok(mut e) => {
             let target = Etcd {
-                endpoint: socket_addr(&e.endpoint())?,
+                endpoint: Endpoint::plain(socket_addr(&e.endpoint())?),
             };
             let cells = measure(&target, &opts, &value, "etcd")?;
             e.stop();
@@ -152,12 +156,14 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
     };
 
     println!(
-        "\n| clients | op | raft-kv ops/s | p50 ms | p99 ms | etcd ops/s | p50 ms | p99 ms | ratio |"
+        "\n| clients | op | raft-kv (HTTPS) ops/s | p50 ms | p99 ms | plain HTTP ops/s | TLS cost | etcd ops/s | p50 ms | p99 ms | HTTPS / etcd |"
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, clients) in opts.clients.iter().enumerate() {
         for (j, op) in ["write", "read"].iter().enumerate() {
             let o = ours[i][j];
+            let p = plain[i][j];
+            let cost = 100.0 * (1.0 - o.ops_per_sec / p.ops_per_sec.max(1e-9));
             let (e, ratio) = match &etcd {
                 Some(cells) => {
                     let e = cells[i][j];
@@ -169,12 +175,12 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
                 None => ("- | - | -".into(), "-".into()),
             };
             println!(
-                "| {clients} | {op} | {:.0} | {:.2} | {:.2} | {e} | {ratio} |",
-                o.ops_per_sec, o.p50_ms, o.p99_ms
+                "| {clients} | {op} | {:.0} | {:.2} | {:.2} | {:.0} | {cost:.0}% | {e} | {ratio} |",
+                o.ops_per_sec, o.p50_ms, o.p99_ms, p.ops_per_sec
             );
         }
     }
-    let errors: usize = ours.iter().flatten().map(|c| c.errors).sum();
+    let errors: usize = ours.iter().chain(&plain).flatten().map(|c| c.errors).sum();
     if errors > 0 {
         println!("\nbench: {errors} raft-kv requests failed during the run");
     }
@@ -219,7 +225,7 @@ fn run_cell(
         _ => errors.set(errors.get() + 1),
     };
     let timeout = Duration::from_secs(10);
-    load::drive(target.addr(), clients, timeout, request, answered)?;
+    load::drive(target.endpoint(), clients, timeout, request, answered)?;
     let mut all = latencies_us.into_inner();
     all.sort_unstable();
     Ok(Cell {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::http::{Http, Status};
+use crate::http::{Credentials, Http, Status};
 
 /// One node of a local cluster.
 pub struct LocalNode {
@@ -46,6 +46,21 @@ pub struct LocalCluster {
     /// The TOML `create` added after the nodes (a `[raft]` table): a spare's
     /// file gets it too, so a joining node runs with the same settings.
     extra: String,
+    /// `https`, or `http` where the file says `[client_api] tls = false`.
+    scheme: &'static str,
+}
+
+/// What the cluster file's `[client_api]` table makes the API's scheme.
+fn scheme_of(toml: &str) -> &'static str {
+    let mut in_table = false;
+    for line in toml.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_table = line == "[client_api]";
+        } else if in_table && line.replace(' ', "") == "tls=false" {
+            return "http";
+        }
+    }
+    "https"
 }
 
 /// The `raft-kv` binary of this workspace's release build.
@@ -90,6 +105,7 @@ impl LocalCluster {
         std::fs::write(dir.join("cluster.toml"), text)?;
         let mut cluster = LocalCluster::open(root, dir, base, nodes)?;
         cluster.extra = extra.to_string();
+        cluster.scheme = scheme_of(extra);
         let out = Command::new(&cluster.bin)
             .args(["certs", "--config"])
             .arg(cluster.file())
@@ -101,6 +117,7 @@ impl LocalCluster {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        cluster.http = Http::secured(cluster.http.timeout(), cluster.credentials()?);
         Ok(cluster)
     }
 
@@ -125,7 +142,29 @@ impl LocalCluster {
             http: Http::new(Duration::from_secs(3)),
             kill_on_drop: true,
             extra: String::new(),
+            scheme: "https",
         })
+    }
+
+    /// The directory `raft-kv certs` wrote into (the file's default).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.join("certs")
+    }
+
+    /// The CA and admin token of the cluster's TLS directory.
+    pub fn credentials(&self) -> Result<Credentials> {
+        Credentials::from_tls_dir(&self.tls_dir())
+    }
+
+    /// An HTTP client of this cluster (its CA, its admin token) whose
+    /// requests may take up to `timeout`.
+    pub fn http_with_timeout(&self, timeout: Duration) -> Http {
+        self.http.with_timeout(timeout)
+    }
+
+    /// `https` or `http`.
+    pub fn scheme(&self) -> &'static str {
+        self.scheme
     }
 
     /// Reattaches to a cluster that `cargo xtask cluster up` left running.
@@ -162,6 +201,8 @@ impl LocalCluster {
             .unwrap_or(0);
         let mut c = LocalCluster::open(root, dir, base, nodes)?;
         c.kill_on_drop = false;
+        c.scheme = scheme_of(&text);
+        c.http = Http::secured(c.http.timeout(), c.credentials()?);
         Ok(c)
     }
 
@@ -175,7 +216,7 @@ impl LocalCluster {
     }
 
     pub fn endpoint(&self, id: u64) -> String {
-        format!("http://127.0.0.1:{}", self.nodes[&id].http_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.nodes[&id].http_port)
     }
 
     pub fn ids(&self) -> Vec<u64> {
@@ -427,4 +468,20 @@ impl Drop for LocalCluster {
 /// Appends to a file, creating it.
 pub fn append_file(path: &Path) -> Result<File> {
     Ok(OpenOptions::new().create(true).append(true).open(path)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_client_api_table_makes_the_scheme_plain() {
+        assert_eq!(scheme_of(""), "https");
+        assert_eq!(scheme_of("[raft]\ntls = false\n"), "https");
+        assert_eq!(scheme_of("[client_api]\nauth = false\n"), "https");
+        assert_eq!(
+            scheme_of("[raft]\nheartbeat_ms = 50\n\n[client_api]\ntls = false\n"),
+            "http"
+        );
+    }
 }

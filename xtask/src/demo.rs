@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use raft_kv_example::client::{Client, ClientOptions};
+use raft_kv_example::token::Token;
 
 use crate::cluster::LocalCluster;
-use crate::http::{Answer, Http, Outcome};
+use crate::http::{Answer, Outcome};
 
 const WRITES: usize = 500;
 const WRITES_WHILE_DOWN: usize = 200;
@@ -95,7 +96,7 @@ pub fn run(root: &Path) -> Result<()> {
     println!(
         "\nreplacing node {first}: it fails for good, node 4 joins, is promoted, node {first} is removed"
     );
-    let slow = Http::new(Duration::from_secs(60));
+    let slow = c.http_with_timeout(Duration::from_secs(60));
     c.kill(first)?;
     c.add_spare(4)?;
     let joined = Instant::now();
@@ -218,8 +219,11 @@ fn write_keys(
             .map(|id| c.endpoint(id)),
     );
     let endpoints: Vec<&str> = endpoints.iter().map(String::as_str).collect();
+    let creds = c.credentials()?;
     let options = ClientOptions {
         retry_for: Duration::from_secs(10),
+        ca_pem: creds.ca_pem,
+        token: creds.token.as_deref().map(Token::parse).transpose()?,
         ..ClientOptions::default()
     };
     let client = Client::with_options(&endpoints, options)?;

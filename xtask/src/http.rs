@@ -66,6 +66,59 @@ impl Resolver for LiteralResolver {
 #[derive(Clone)]
 pub struct Http {
     agent: ureq::Agent,
+    creds: Credentials,
+    timeout: Duration,
+}
+
+/// How a secured raft-kv cluster is reached: the CA its `https://`
+/// certificates come from and the bearer token to send. Empty for plain
+/// HTTP without tokens (etcd).
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    /// The cluster CA (`ca.pem`).
+    pub ca_pem: Option<Vec<u8>>,
+    /// The whole token (`rkv.<name>.<secret>`).
+    pub token: Option<String>,
+}
+
+impl Credentials {
+    /// The CA and admin token `raft-kv certs` wrote into `tls_dir`; what
+    /// of them exists.
+    pub fn from_tls_dir(tls_dir: &std::path::Path) -> Result<Credentials> {
+        let read = |name: &str| -> Result<Option<Vec<u8>>> {
+            match std::fs::read(tls_dir.join(name)) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(anyhow::anyhow!("{}: {e}", tls_dir.join(name).display())),
+            }
+        };
+        Ok(Credentials {
+            ca_pem: read("ca.pem")?,
+            token: read("admin.token")?.map(|t| String::from_utf8_lossy(&t).trim().to_string()),
+        })
+    }
+
+    /// The `Authorization` header's value, if there is a token.
+    pub fn authorization(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {t}"))
+    }
+
+    /// A rustls client configuration trusting the CA (ring, as everywhere
+    /// in the workspace), for the load generator.
+    pub fn tls(&self) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_deref().unwrap_or_default()) {
+            roots.add(cert?)?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(std::sync::Arc::new(config))
+    }
 }
 
 /// A raw answer.
@@ -78,19 +131,51 @@ pub struct Answer {
 }
 
 impl Http {
+    /// Plain HTTP, no token (etcd).
     pub fn new(timeout: Duration) -> Http {
+        Http::secured(timeout, Credentials::default())
+    }
+
+    /// `https://` checked against `creds`' CA, and its token on every
+    /// request.
+    pub fn secured(timeout: Duration, creds: Credentials) -> Http {
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(pem) = &creds.ca_pem {
+            let certs: Vec<_> = ureq::tls::parse_pem(pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c.to_owned()),
+                    _ => None,
+                })
+                .collect();
+            tls = tls.root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(certs)));
+        }
         let config = ureq::Agent::config_builder()
             .timeout_global(Some(timeout))
             .max_redirects(0)
             .http_status_as_error(false)
             .max_idle_connections_per_host(64)
+            .tls_config(tls.build())
             .build();
         let agent = ureq::Agent::with_parts(
             config,
             DefaultConnector::default(),
             LiteralResolver::default(),
         );
-        Http { agent }
+        Http {
+            agent,
+            creds,
+            timeout,
+        }
+    }
+
+    /// The same credentials with another timeout.
+    pub fn with_timeout(&self, timeout: Duration) -> Http {
+        Http::secured(timeout, self.creds.clone())
+    }
+
+    /// This client's timeout per request.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// One request, no redirects. `Err` carries whether the request surely
@@ -112,6 +197,12 @@ impl Http {
         body: Option<&[u8]>,
         headers: &[(&str, String)],
     ) -> Result<Answer, (bool, String)> {
+        let auth = self.creds.authorization();
+        let mut all: Vec<(&str, String)> = headers.to_vec();
+        if let Some(a) = auth {
+            all.push(("authorization", a));
+        }
+        let headers = &all[..];
         let result = match (method, body) {
             ("GET", _) => with_headers(self.agent.get(url), headers).call(),
             ("DELETE", _) => with_headers(self.agent.delete(url), headers).call(),

@@ -141,16 +141,16 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
     );
     let t = Instant::now();
     let failed = AtomicU64::new(0);
-    let leader_addr = crate::bench::socket_addr(&ep)?;
+    let leader_addr = load::Endpoint::parse(&ep, &c.credentials()?)?;
     let stride = opts.load_clients as u64;
     load::drive(
-        leader_addr,
+        &leader_addr,
         opts.load_clients,
         Duration::from_secs(10),
         // Client w loads keys w, w + stride, w + 2 stride, ...
         |w, i| {
             let k = w as u64 + (i - 1) * stride;
-            (k < opts.keys).then(|| load::raft_kv_put(leader_addr, &format!("key-{k}"), &value))
+            (k < opts.keys).then(|| load::raft_kv_put(&leader_addr, &format!("key-{k}"), &value))
         },
         |_, status, _| {
             if status != Some(200) {
@@ -170,6 +170,7 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
     c.add_spare(4)?;
     let endpoints: Vec<(u64, String)> =
         c.ids().into_iter().map(|id| (id, c.endpoint(id))).collect();
+    let sampler_http = c.http_with_timeout(Duration::from_millis(900));
 
     // Writers overwrite random keys until told to stop; node 4 joins after
     // one phase, and the run ends a phase after the join or once node 4 is
@@ -185,7 +186,7 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
                     .collect::<Vec<_>>(),
             );
             load::drive(
-                leader_addr,
+                &leader_addr,
                 opts.clients,
                 Duration::from_secs(10),
                 |w, _| {
@@ -197,12 +198,12 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
                     *x ^= *x >> 7;
                     *x ^= *x << 17;
                     let key = format!("key-{}", *x % opts.keys);
-                    Some(load::raft_kv_put(leader_addr, &key, &value))
+                    Some(load::raft_kv_put(&leader_addr, &key, &value))
                 },
                 |_, status, _| tally.record(status == Some(200)),
             )
         });
-        let sampler = s.spawn(|| sample_timeline(&endpoints, &stop, &tally));
+        let sampler = s.spawn(|| sample_timeline(&sampler_http, &endpoints, &stop, &tally));
         let result = join_node_4(&mut c, &ep, &opts, &tally);
         stop.store(true, Ordering::Relaxed);
         let timeline = sampler.join().unwrap_or_default();
@@ -315,7 +316,7 @@ fn join_node_4(
     let join_at = tally.start.elapsed();
     println!("bench join: node 4 joins at {:.1} s", join_at.as_secs_f64());
     c.start_joining(4, ep)?;
-    let http = Http::new(Duration::from_secs(30));
+    let http = c.http_with_timeout(Duration::from_secs(30));
     let deadline = Instant::now() + opts.phase * 10;
     let mut promoted = None;
     while Instant::now() < deadline {
@@ -345,8 +346,12 @@ fn join_node_4(
 /// not answer).
 /// Where a join's write rate goes shows here: which follower fell behind,
 /// and when.
-fn sample_timeline(endpoints: &[(u64, String)], stop: &AtomicBool, tally: &Tally) -> Vec<String> {
-    let http = Http::new(Duration::from_millis(900));
+fn sample_timeline(
+    http: &Http,
+    endpoints: &[(u64, String)],
+    stop: &AtomicBool,
+    tally: &Tally,
+) -> Vec<String> {
     let mut lines = vec![format!(
         "s\twrites\t{}",
         endpoints
@@ -399,7 +404,7 @@ fn sample_timeline(endpoints: &[(u64, String)], stop: &AtomicBool, tally: &Tally
 }
 
 fn reports(c: &LocalCluster) -> BTreeMap<u64, NodeReport> {
-    let http = Http::new(Duration::from_secs(5));
+    let http = c.http_with_timeout(Duration::from_secs(5));
     c.ids()
         .into_iter()
         .map(|id| {

@@ -10,21 +10,66 @@
 //! buffer each connection reuses.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::http::Credentials;
+
+/// Where load goes: an address, TLS for an `https://` endpoint (checked
+/// against the cluster's CA), and the token every request carries.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    authorization: Option<String>,
+}
+
+impl Endpoint {
+    /// Plain HTTP without a token (etcd).
+    pub fn plain(addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            addr,
+            tls: None,
+            authorization: None,
+        }
+    }
+
+    /// `endpoint` (`https://ip:port` or `http://ip:port`) with `creds`' CA
+    /// and token.
+    pub fn parse(endpoint: &str, creds: &Credentials) -> Result<Endpoint> {
+        let (tls, hostport) = match endpoint.split_once("://") {
+            Some(("https", rest)) => (Some(creds.tls()?), rest),
+            Some(("http", rest)) => (None, rest),
+            _ => bail!("endpoint {endpoint} is not https://ip:port or http://ip:port"),
+        };
+        let addr = hostport
+            .trim_end_matches('/')
+            .parse()
+            .with_context(|| format!("endpoint {endpoint} is not https://ip:port"))?;
+        Ok(Endpoint {
+            addr,
+            tls,
+            authorization: creds.authorization(),
+        })
+    }
+}
 
 /// One request, already serialized.
 pub struct Request(Vec<u8>);
 
 impl Request {
-    /// `method path` to `addr`, with `body` (and its content type) if any.
-    pub fn new(method: &str, addr: SocketAddr, path: &str, body: Option<(&str, &[u8])>) -> Request {
-        let mut r = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\n");
+    /// `method path` to `to`, with `body` (and its content type) if any.
+    pub fn new(method: &str, to: &Endpoint, path: &str, body: Option<(&str, &[u8])>) -> Request {
+        let mut r = format!("{method} {path} HTTP/1.1\r\nhost: {}\r\n", to.addr);
+        if let Some(auth) = &to.authorization {
+            r.push_str(&format!("authorization: {auth}\r\n"));
+        }
         if let Some((content_type, body)) = body {
             r.push_str(&format!(
                 "content-type: {content_type}\r\ncontent-length: {}\r\n",
@@ -41,12 +86,12 @@ impl Request {
 }
 
 /// raft-kv's `PUT /v1/kv/{key}` of `value`.
-pub fn raft_kv_put(addr: SocketAddr, key: &str, value: &str) -> Request {
+pub fn raft_kv_put(to: &Endpoint, key: &str, value: &str) -> Request {
     let body = ("application/octet-stream", value.as_bytes());
-    Request::new("PUT", addr, &format!("/v1/kv/{key}"), Some(body))
+    Request::new("PUT", to, &format!("/v1/kv/{key}"), Some(body))
 }
 
-/// Drives `clients` connections to `addr` until each is told to stop.
+/// Drives `clients` connections to `to` until each is told to stop.
 /// Connection `c` sends `next(c, i)` for i = 1, 2, ... (stopping at the
 /// first `None`), waiting for each answer before the next request, and
 /// reports each as `answered(c, status, latency)`: `None` for a request
@@ -56,7 +101,7 @@ pub fn raft_kv_put(addr: SocketAddr, key: &str, value: &str) -> Request {
 /// All connections run on the calling thread: `next` and `answered` are
 /// never called concurrently.
 pub fn drive(
-    addr: SocketAddr,
+    to: &Endpoint,
     clients: usize,
     timeout: Duration,
     next: impl Fn(usize, u64) -> Option<Request>,
@@ -69,7 +114,7 @@ pub fn drive(
     rt.block_on(async {
         let mut conns = Vec::with_capacity(clients);
         for _ in 0..clients {
-            conns.push(connect(addr).await?);
+            conns.push(connect(to).await?);
         }
         let (next, answered) = (&next, &answered);
         let mut all: FuturesUnordered<_> = conns
@@ -83,7 +128,7 @@ pub fn drive(
                     i += 1;
                     let stream = match conn.as_mut() {
                         Some(s) => s,
-                        None => match connect(addr).await {
+                        None => match connect(to).await {
                             Ok(s) => conn.insert(s),
                             Err(_) => {
                                 answered(c, None, Duration::ZERO);
@@ -113,12 +158,25 @@ pub fn drive(
     })
 }
 
-async fn connect(addr: SocketAddr) -> Result<TcpStream> {
+/// A connection, plain or TLS.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
+
+async fn connect(to: &Endpoint) -> Result<Box<dyn Stream>> {
+    let addr = to.addr;
     let s = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
     s.set_nodelay(true)?;
-    Ok(s)
+    let Some(tls) = &to.tls else {
+        return Ok(Box::new(s));
+    };
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let s = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, s)
+        .await
+        .with_context(|| format!("TLS handshake with {addr}"))?;
+    Ok(Box::new(s))
 }
 
 /// The parts of an answer the load generator looks at.
@@ -130,7 +188,7 @@ struct Answer {
 }
 
 /// Sends `req` and reads its whole answer into `buf`.
-async fn call(stream: &mut TcpStream, req: &Request, buf: &mut Vec<u8>) -> Result<Answer> {
+async fn call(stream: &mut Box<dyn Stream>, req: &Request, buf: &mut Vec<u8>) -> Result<Answer> {
     stream.write_all(&req.0).await?;
     buf.clear();
     loop {
@@ -261,13 +319,22 @@ mod tests {
 
     #[test]
     fn requests_carry_length_and_type_only_with_a_body() {
-        let addr: SocketAddr = "127.0.0.1:7301".parse().unwrap();
-        let get = Request::new("GET", addr, "/v1/kv/a", None);
+        let addr = Endpoint::plain("127.0.0.1:7301".parse().unwrap());
+        let get = Request::new("GET", &addr, "/v1/kv/a", None);
         assert_eq!(
             get.0,
             b"GET /v1/kv/a HTTP/1.1\r\nhost: 127.0.0.1:7301\r\n\r\n"
         );
-        let put = Request::new("PUT", addr, "/v1/kv/a", Some(("text/plain", b"vv")));
+        let creds = Credentials {
+            ca_pem: None,
+            token: Some("rkv.t.00".into()),
+        };
+        let with_token = Endpoint::parse("http://127.0.0.1:7301", &creds).unwrap();
+        assert_eq!(
+            Request::new("GET", &with_token, "/", None).0,
+            b"GET / HTTP/1.1\r\nhost: 127.0.0.1:7301\r\nauthorization: Bearer rkv.t.00\r\n\r\n"
+        );
+        let put = Request::new("PUT", &addr, "/v1/kv/a", Some(("text/plain", b"vv")));
         assert_eq!(
             put.0,
             b"PUT /v1/kv/a HTTP/1.1\r\nhost: 127.0.0.1:7301\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nvv"

@@ -270,9 +270,17 @@ fn cluster(root: &Path, args: &[String]) -> Result<()> {
                     c.dir.join("logs").join(format!("node-{id}.log")).display()
                 );
             }
+            let certs = c.tls_dir();
             println!(
-                "try: target/release/raft-kv put hello world --endpoint {}",
-                c.endpoint(1)
+                "the client API: {scheme} with a bearer token; to use it:\n  \
+                 export RAFT_KV_CA={ca} RAFT_KV_ENDPOINT={ep}\n  \
+                 export RAFT_KV_TOKEN=$(cat {token})\n  \
+                 target/release/raft-kv put hello world\n  \
+                 curl --cacert {ca} -H \"Authorization: Bearer $RAFT_KV_TOKEN\" {ep}/v1/kv/hello",
+                scheme = c.scheme(),
+                ca = certs.join("ca.pem").display(),
+                token = certs.join("admin.token").display(),
+                ep = c.endpoint(1),
             );
             Ok(())
         }

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use raft_core::{NodeId, Role};
+use raft_kv_example::client::{Client, ClientOptions};
 use raft_kv_example::{ClusterFile, Node};
-use raft_transport_quic::tls::DevCerts;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -83,10 +83,7 @@ impl Cluster {
         let path = dir.path().join("cluster.toml");
         std::fs::write(&path, &text).expect("write cluster file");
         let file = ClusterFile::load(&path).expect("valid cluster file");
-        DevCerts::generate(file.nodes.keys().copied())
-            .expect("certs")
-            .write_to(&file.tls_dir)
-            .expect("write certs");
+        raft_kv_example::certs::issue(&file, &file.tls_dir).expect("certs");
         Cluster {
             dir,
             file,
@@ -106,7 +103,32 @@ impl Cluster {
     }
 
     pub fn endpoint(&self, id: NodeId) -> String {
-        format!("http://{}", self.file.nodes[&id].http_addr)
+        endpoint(&self.file, id)
+    }
+
+    /// Client options with the cluster's CA and its admin token.
+    pub fn options(&self) -> ClientOptions {
+        options(&self.file)
+    }
+
+    /// A client of node `id`, as admin.
+    pub fn client(&self, id: NodeId) -> Client {
+        self.client_at(&self.endpoint(id))
+    }
+
+    /// A client of `endpoint`, as admin of this cluster.
+    pub fn client_at(&self, endpoint: &str) -> Client {
+        Client::with_options(&[endpoint], self.options()).expect("client")
+    }
+
+    /// Raw HTTP as admin: the cluster's CA, its admin token, no redirects
+    /// followed.
+    pub fn raw(&self) -> reqwest::Client {
+        raft_kv_example::client::http_builder(&self.options())
+            .expect("http client")
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("http client")
     }
 
     pub fn path(&self) -> &Path {
@@ -152,4 +174,53 @@ impl Cluster {
     pub fn data_dir(&self, id: NodeId) -> PathBuf {
         self.file.nodes[&id].data_dir.clone()
     }
+}
+
+/// The API endpoint of node `id` of `file`.
+pub fn endpoint(file: &ClusterFile, id: NodeId) -> String {
+    format!(
+        "{}://{}",
+        file.client_api.scheme(),
+        file.nodes[&id].http_addr
+    )
+}
+
+/// Client options for the cluster of `file`: its CA, its admin token.
+pub fn options(file: &ClusterFile) -> ClientOptions {
+    let options = ClientOptions::default()
+        .with_ca_file(file.tls_dir.join("ca.pem"))
+        .expect("CA");
+    options
+        .with_token_file(
+            file.tls_dir
+                .join(raft_kv_example::auth::BOOTSTRAP_TOKEN_FILE),
+        )
+        .expect("admin token")
+}
+
+/// A TLS connection to node `id`'s client API, checked against the
+/// cluster's CA, for tests that write raw bytes.
+pub async fn tls_stream(
+    file: &ClusterFile,
+    id: NodeId,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(file.tls_dir.join("ca.pem")).expect("CA");
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.expect("CA PEM")).expect("CA");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let addr = file.nodes[&id].http_addr;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake")
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use raft_core::sim::Rng;
 
-use crate::http::{Http, Outcome};
+use crate::http::{Credentials, Http, Outcome};
 
 pub const KEYS: u64 = 10_000;
 pub const VALUE_BYTES: usize = 1024;
@@ -54,6 +54,8 @@ impl Versions {
 
 #[derive(Default)]
 pub struct LargeState {
+    /// How the cluster is reached (its CA and admin token).
+    creds: Credentials,
     keys: Mutex<Vec<Versions>>,
     pub writes_acked: AtomicU64,
     pub writes_unknown: AtomicU64,
@@ -81,8 +83,9 @@ fn value(version: u64) -> String {
 }
 
 impl LargeState {
-    pub fn new() -> LargeState {
+    pub fn new(creds: Credentials) -> LargeState {
         LargeState {
+            creds,
             keys: Mutex::new(vec![Versions::default(); KEYS as usize]),
             ..LargeState::default()
         }
@@ -121,7 +124,7 @@ impl LargeState {
             let loaders: Vec<_> = (0..LOADERS)
                 .map(|t| {
                     s.spawn(move || -> Result<()> {
-                        let http = Http::new(Duration::from_secs(5));
+                        let http = Http::secured(Duration::from_secs(5), self.creds.clone());
                         for i in (t..KEYS).step_by(LOADERS as usize) {
                             while !matches!(self.write(&http, endpoint, i), Outcome::Ok(())) {
                                 if Instant::now() > deadline {
@@ -154,7 +157,7 @@ impl LargeState {
         endpoint: impl Fn(&mut Rng) -> String,
         stop: &AtomicBool,
     ) {
-        let http = Http::new(Duration::from_secs(2));
+        let http = Http::secured(Duration::from_secs(2), self.creds.clone());
         let mut rng = Rng::new(seed ^ (w + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
         let mine = KEYS / WRITERS;
         while !stop.load(Ordering::SeqCst) {
@@ -168,7 +171,7 @@ impl LargeState {
 
     /// Reads every key back through `endpoint`; how many were checked.
     pub fn check(&self, endpoint: &str, problems: &mut Vec<String>) -> usize {
-        let http = Http::new(Duration::from_secs(5));
+        let http = Http::secured(Duration::from_secs(5), self.creds.clone());
         let keys = self.keys.lock().expect("lock").clone();
         let mut wrong = 0;
         for (i, k) in keys.iter().enumerate() {
@@ -204,8 +207,7 @@ impl LargeState {
 
 /// Snapshot transfers started and installed, summed over `endpoints` (each
 /// node counts since its last start).
-pub fn snapshot_counts(endpoints: &[String]) -> (u64, u64) {
-    let http = Http::new(Duration::from_secs(3));
+pub fn snapshot_counts(http: &Http, endpoints: &[String]) -> (u64, u64) {
     let (mut sent, mut installed) = (0, 0);
     for ep in endpoints {
         if let Outcome::Ok(a) = http.call("GET", &format!("{ep}/metrics"), None) {

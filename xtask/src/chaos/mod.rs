@@ -34,7 +34,7 @@ use raft_core::sim::Rng;
 use raft_core::sim::linearizability::{self, OpKind, OpOutput, Operation};
 
 use crate::cluster::LocalCluster;
-use crate::http::{Http, Outcome};
+use crate::http::{Credentials, Http, Outcome};
 
 /// The faults a run may inject.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -287,6 +287,8 @@ struct Chaos {
     stop: AtomicBool,
     /// `--large-state`: the keys its writers overwrite.
     large: Option<large::LargeState>,
+    /// How the cluster is reached (its CA and admin token).
+    creds: Credentials,
     /// Unknown outcomes before and after the clients' retries.
     session_counts: session::Counts,
     /// Increments of [`COUNTER`] acknowledged (CAS succeeded).
@@ -310,6 +312,11 @@ const KEYS_PER_GENERATION: u64 = 3;
 const CHECK_BUDGET: usize = 5_000_000;
 
 impl Chaos {
+    /// An HTTP client of the cluster whose requests may take `timeout`.
+    fn http(&self, timeout: Duration) -> Http {
+        Http::secured(timeout, self.creds.clone())
+    }
+
     fn new(root: &Path, opts: Options) -> Result<Chaos> {
         let dir = root.join("target").join("xtask").join("chaos");
         let extra = if opts.large_state {
@@ -318,6 +325,7 @@ impl Chaos {
             ""
         };
         let cluster = LocalCluster::create(root, dir, opts.nodes, 7200, extra)?;
+        let creds = cluster.credentials()?;
         let endpoints = cluster
             .ids()
             .iter()
@@ -325,7 +333,10 @@ impl Chaos {
             .collect();
         Ok(Chaos {
             next_id: std::sync::atomic::AtomicU64::new(opts.nodes + 1),
-            large: opts.large_state.then(large::LargeState::new),
+            large: opts
+                .large_state
+                .then(|| large::LargeState::new(creds.clone())),
+            creds,
             opts,
             cluster: Mutex::new(cluster),
             endpoints: Mutex::new(endpoints),
@@ -411,7 +422,10 @@ impl Chaos {
         let verdict = self.check();
         let report = self.report(&verdict)?;
         if let Some(large) = &self.large {
-            let (sent, installed) = large::snapshot_counts(&self.endpoints.lock().expect("lock"));
+            let (sent, installed) = large::snapshot_counts(
+                &self.http(Duration::from_secs(3)),
+                &self.endpoints.lock().expect("lock"),
+            );
             println!(
                 "chaos: large state: {} overwrites acknowledged, {} unknown; snapshot transfers \
                  started {sent}, installed {installed} (counted since each node's last start)",
@@ -448,7 +462,7 @@ impl Chaos {
     /// One client: random operations on random nodes until told to stop.
     /// Writes go in the client's session and are retried until definite.
     fn client(&self, id: usize) {
-        let http = Http::new(Duration::from_secs(2));
+        let http = self.http(Duration::from_secs(2));
         let mut rng =
             Rng::new(self.opts.seed ^ (id as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let endpoint = |rng: &mut Rng| self.endpoint(rng);
@@ -668,7 +682,7 @@ impl Chaos {
     /// then its process stopped). Outcomes that are not clean successes
     /// are reported in the label; the cluster stays whatever it became.
     fn change_membership(&self, rng: &mut Rng, victim: u64) -> Result<String> {
-        let http = Http::new(Duration::from_secs(40));
+        let http = self.http(Duration::from_secs(40));
         let ep = self.endpoint(rng);
         let voters = self.leader_status().map(|s| s.voters).unwrap_or_default();
         let shrink =
@@ -731,7 +745,7 @@ impl Chaos {
     /// promote it. Outcomes that are not clean successes are reported in
     /// the label.
     fn wipe(&self, rng: &mut Rng, victim: u64) -> Result<String> {
-        let http = Http::new(Duration::from_secs(40));
+        let http = self.http(Duration::from_secs(40));
         let voters = self.leader_status().map(|s| s.voters).unwrap_or_default();
         let own = |id: &u64| *id <= self.opts.nodes && voters.contains(id);
         let victim = match voters.iter().copied().find(|_| own(&victim)) {
@@ -874,7 +888,7 @@ impl Chaos {
     /// Final reads, then the checks: linearizability per key and every
     /// acknowledged write-once key present.
     fn check(&self) -> Verdict {
-        let http = Http::new(Duration::from_secs(5));
+        let http = self.http(Duration::from_secs(5));
         let mut problems = Vec::new();
         let keys: std::collections::BTreeSet<String> = self
             .history
