@@ -185,7 +185,24 @@ async fn gate(
         state.metrics.auth_refused.inc();
         return ApiError::from(denied).into_response();
     }
-    let mut response = next.run(request).await;
+    // A body trickled in (a slow POST) holds its connection no longer
+    // than the longest a handler may legitimately wait. Backups are exempt:
+    // admins only, and as long as the state is large.
+    let limit = state.limits.membership_timeout + 2 * state.limits.request_timeout;
+    let mut response = match request.uri().path() == "/v1/snapshot" {
+        true => next.run(request).await,
+        false => match tokio::time::timeout(limit, next.run(request)).await {
+            Ok(r) => r,
+            Err(_) => {
+                return ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "the request took too long (a body sent too slowly?)",
+                )
+                .into_response();
+            }
+        },
+    };
     let relative = response
         .headers()
         .get(header::LOCATION)

@@ -8,7 +8,8 @@
 //! connection idle that long), and at most [`MAX_CONNECTIONS`] are served
 //! at once; past that, new connections are closed at once. A slowloris
 //! client (headers trickled a byte at a time) holds one slot for at most
-//! the header timeout, and request bodies are bounded by the router.
+//! the header timeout; the router bounds request bodies in size, and in
+//! time with the rest of the handler (`crate::http`'s gate).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,6 +137,9 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .keep_alive(true)
+        // A client that shuts its write side after the request still gets
+        // the answer.
+        .half_close(true)
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
     tokio::pin!(conn);
     let closed = async move {
