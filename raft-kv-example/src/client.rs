@@ -388,11 +388,11 @@ impl Client {
                 Ok(r) => r,
                 Err(e) if e.is_connect() => {
                     self.lost(&endpoint);
-                    return Answer::NotApplied(format!("{url}: {e}"));
+                    return Answer::NotApplied(format!("{url}: {}", causes(&e)));
                 }
                 Err(e) => {
                     self.lost(&endpoint);
-                    return Answer::Unknown(format!("{url}: {e}"));
+                    return Answer::Unknown(format!("{url}: {}", causes(&e)));
                 }
             };
             let status = resp.status();
@@ -404,7 +404,9 @@ impl Client {
                 .and_then(origin);
             let bytes = match resp.bytes().await {
                 Ok(b) => b.to_vec(),
-                Err(e) => return Answer::Unknown(format!("{url}: reading the answer: {e}")),
+                Err(e) => {
+                    return Answer::Unknown(format!("{url}: reading the answer: {}", causes(&e)));
+                }
             };
             match status {
                 StatusCode::TEMPORARY_REDIRECT | StatusCode::PERMANENT_REDIRECT => {
@@ -760,7 +762,7 @@ impl Client {
                 }
                 Err(e) => {
                     self.lost(&self.leader_endpoint());
-                    format!("{url}: {e}")
+                    format!("{url}: {}", causes(&e))
                 }
             };
             if tokio::time::Instant::now() >= deadline {
@@ -817,6 +819,19 @@ fn origin(url: &str) -> Option<String> {
     let (scheme, rest) = url.split_once("://")?;
     let authority = rest.split('/').next()?;
     (!authority.is_empty()).then(|| format!("{scheme}://{authority}"))
+}
+
+/// `e` and its causes: reqwest's own message ("error sending request")
+/// says nothing of a refused connection or an untrusted certificate.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 fn api_code(body: &[u8]) -> String {

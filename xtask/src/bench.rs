@@ -4,6 +4,7 @@
 //! run (etcd's v3 JSON gateway), with our/etcd ratios.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -195,8 +196,8 @@ fn measure(target: &dyn Target, opts: &Options, value: &str, name: &str) -> Resu
             let w = run_cell(target, clients, opts.duration, Some(value))?;
             let r = run_cell(target, clients, opts.duration, None)?;
             println!(
-                "bench: {name:<8} {clients:>4} clients: {:>8.0} writes/s (p99 {:.2} ms), {:>8.0} reads/s (p99 {:.2} ms)",
-                w.ops_per_sec, w.p99_ms, r.ops_per_sec, r.p99_ms
+                "bench: {name:<8} {clients:>4} clients: {:>8.0} writes/s (p99 {:.2} ms, {} failed), {:>8.0} reads/s (p99 {:.2} ms, {} failed)",
+                w.ops_per_sec, w.p99_ms, w.errors, r.ops_per_sec, r.p99_ms, r.errors
             );
             Ok([w, r])
         })
@@ -219,20 +220,33 @@ fn run_cell(
             None => target.read(&key),
         })
     };
-    let (latencies_us, errors) = (RefCell::new(Vec::new()), std::cell::Cell::new(0));
+    // Failed requests by status (`None`: no answer within the timeout, or
+    // the connection failed).
+    let (latencies_us, failed) = (RefCell::new(Vec::new()), RefCell::new(BTreeMap::new()));
     let answered = |_, status: Option<u16>, took: Duration| match status {
         Some(s) if target.ok(s) => latencies_us.borrow_mut().push(took.as_micros() as u32),
-        _ => errors.set(errors.get() + 1),
+        other => *failed.borrow_mut().entry(other).or_insert(0usize) += 1,
     };
     let timeout = Duration::from_secs(10);
     load::drive(target.endpoint(), clients, timeout, request, answered)?;
     let mut all = latencies_us.into_inner();
     all.sort_unstable();
+    let failed = failed.into_inner();
+    if !failed.is_empty() {
+        let what: Vec<String> = failed
+            .iter()
+            .map(|(s, n)| match s {
+                Some(s) => format!("{n} x {s}"),
+                None => format!("{n} x no answer"),
+            })
+            .collect();
+        println!("bench: {clients} clients: failed: {}", what.join(", "));
+    }
     Ok(Cell {
         ops_per_sec: all.len() as f64 / duration.as_secs_f64(),
         p50_ms: load::quantile_ms(&all, 0.50),
         p99_ms: load::quantile_ms(&all, 0.99),
-        errors: errors.get(),
+        errors: failed.values().sum(),
     })
 }
 

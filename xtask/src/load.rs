@@ -190,6 +190,11 @@ struct Answer {
 /// Sends `req` and reads its whole answer into `buf`.
 async fn call(stream: &mut Box<dyn Stream>, req: &Request, buf: &mut Vec<u8>) -> Result<Answer> {
     stream.write_all(&req.0).await?;
+    // A TLS stream may hold the records it encrypted (when the socket's
+    // write was refused, as tokio does once a task has used its budget of
+    // I/O: 256 connections on one task do) until it is flushed; unflushed,
+    // the request waits for the server's header timeout.
+    stream.flush().await?;
     buf.clear();
     loop {
         if let Some(parsed) = parse(buf)? {
