@@ -193,6 +193,18 @@ pub struct RaftMetrics<N> {
     pub snapshot_bytes_delivered: u64,
     /// How long those deliveries took in all, first chunk to install.
     pub snapshot_delivery_millis: u64,
+    /// Leader only: how it sends to each peer.
+    pub progress: BTreeMap<NodeId, crate::engine::PeerProgress>,
+    /// The last leadership changes this node saw, oldest first, with their
+    /// causes and how long it was without a leader (at most
+    /// [`crate::engine::LEADERSHIP_HISTORY`]).
+    pub leadership: Vec<crate::engine::LeadershipChange>,
+    /// Since when (milliseconds after `clock_origin`), and why, this node
+    /// has known no leader; `None` while it knows one.
+    pub leaderless_since: Option<(u64, crate::engine::ElectionCause)>,
+    /// The wall-clock time of this node's millisecond 0: the times above
+    /// count from it.
+    pub clock_origin: std::time::SystemTime,
 }
 
 type Reply<T, N> = oneshot::Sender<Result<T, RaftError<N>>>;
@@ -342,11 +354,12 @@ impl<C: TypeConfig> Raft<C> {
                 .unwrap_or(0)
                 ^ id.0
         });
-        let start = Instant::now();
+        let (start, clock_origin) = (Instant::now(), std::time::SystemTime::now());
         let engine = Engine::new(id, config, seed, 0, state)?;
         info!(node = %id, term = %engine.term(), last_log = %engine.last_log_id(), applied = %applied, "raft node recovered");
         let (tx, rx) = mpsc::unbounded_channel();
-        let (metrics_tx, metrics_rx) = watch::channel(metrics_of(&engine, applied.index, None));
+        let (metrics_tx, metrics_rx) =
+            watch::channel(metrics_of(&engine, applied.index, None, clock_origin));
         let (report_tx, reports) = mpsc::unbounded_channel();
         let (log_tx, log_rx) = mpsc::unbounded_channel();
         let (sm_tx, sm_rx) = mpsc::unbounded_channel();

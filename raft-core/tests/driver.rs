@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use raft_core::engine::ElectionCause;
 use raft_core::memory::{KvCommand, KvConfig, KvResponse, MemLogStore, MemRouter, MemStateMachine};
 use raft_core::{Config, LogIndex, NodeId, Raft, RaftError, RaftMetrics, Role};
 
@@ -418,6 +419,42 @@ async fn leadership_transfer_hands_over_to_the_target() {
         .expect("target leads")
         .expect("metrics");
     c.write("k2", "v2").await;
+
+    // Each node's leadership history: the first leader (the node had just
+    // started), then the target, which was told to campaign; the others
+    // saw its higher term first (the old leader may step down on the
+    // target's vote request or on its first append).
+    for (id, n) in &c.nodes {
+        let m = n.raft.metrics().borrow().clone();
+        let seen: Vec<_> = m.leadership.iter().map(|l| (l.leader, l.cause)).collect();
+        let cause = match *id == target {
+            true => ElectionCause::Transfer,
+            false => ElectionCause::HigherTerm,
+        };
+        assert_eq!(
+            seen,
+            [(leader, ElectionCause::Start), (target, cause)],
+            "node {id}: {:?}",
+            m.leadership
+        );
+        let last = m.leadership.last().expect("a change");
+        assert_eq!(last.term, m.term);
+        assert!(last.known_at_ms >= last.lost_at_ms);
+        assert_eq!(m.leaderless_since, None, "node {id} knows its leader");
+    }
+    let m = c.nodes[&target].raft.metrics().borrow().clone();
+    let peers: Vec<NodeId> = m.progress.keys().copied().collect();
+    assert_eq!(
+        peers.len(),
+        2,
+        "the new leader tracks both peers: {:?}",
+        m.progress
+    );
+    assert!(
+        m.progress
+            .values()
+            .all(|p| p.voter && p.matched <= m.last_log_index)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,6 +39,10 @@ impl<C: TypeConfig> Engine<C> {
             warn!(node = %self.id, "term space exhausted; refusing to campaign");
             return;
         };
+        self.leader_lost(match kind {
+            CampaignKind::Transfer => ElectionCause::Transfer,
+            CampaignKind::PreVote | CampaignKind::Election => ElectionCause::Timeout,
+        });
         let (term, pre_vote) = match kind {
             CampaignKind::PreVote => {
                 debug!(node = %self.id, term = %next_term, "pre-vote campaign");
@@ -239,6 +243,9 @@ impl<C: TypeConfig> Engine<C> {
             }
         }
         let was = self.role();
+        if term > self.term && leader.is_none() {
+            self.leader_lost(ElectionCause::HigherTerm);
+        }
         if term > self.term {
             self.term = term;
             self.voted_for = None;
@@ -248,8 +255,9 @@ impl<C: TypeConfig> Engine<C> {
         }
         self.role = RoleState::Follower;
         self.leader_id = leader;
-        if leader.is_some() {
+        if let Some(l) = leader {
             self.leader_contact = self.now;
+            self.leader_known(l);
         }
         self.reset_election_timer();
         if was != Role::Follower && was != Role::Learner {
@@ -271,6 +279,7 @@ impl<C: TypeConfig> Engine<C> {
             demoting: BTreeSet::new(),
         }));
         self.leader_id = Some(self.id);
+        self.leader_known(self.id);
         info!(node = %self.id, term = %self.term, last_log = %self.log.last_log_id(), "became leader");
         // §8: a no-op from this term lets the leader learn, through the
         // Figure 8 rule, which earlier entries are committed.

@@ -28,6 +28,8 @@
 //! - `snapshot.rs`: when to build and purge, and InstallSnapshot on both
 //!   sides (§7);
 //! - `membership.rs`: learners and joint consensus (§6);
+//! - `history.rs`: the leadership changes this node saw, with their
+//!   causes (observation only);
 //! - `timers.rs`: the clock, election timeouts, and the leader's
 //!   heartbeats, check-quorum (thesis §6.2) and retransmission;
 //! - `recovery.rs`: starting from what storage recovered;
@@ -46,6 +48,7 @@
 
 mod action;
 mod election;
+mod history;
 mod identity;
 pub(crate) mod log;
 mod membership;
@@ -60,6 +63,8 @@ mod snapshot;
 mod timers;
 
 pub use self::action::{Action, ReadId, Role};
+pub use self::history::{ElectionCause, LEADERSHIP_HISTORY, LeadershipChange};
+pub use self::queries::{PeerProgress, PeerState};
 pub use self::recovery::RecoveredState;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -292,6 +297,8 @@ pub struct Engine<C: TypeConfig> {
     read_round_wanted: bool,
     /// Elections (not pre-vote rounds) this engine started.
     elections: u64,
+    /// Leadership changes as this node saw them.
+    history: history::History,
     /// Snapshot transfers this engine started as leader, and snapshots it
     /// installed as follower.
     snapshots_sent: u64,

@@ -159,6 +159,29 @@ impl<C: TypeConfig> Engine<C> {
     }
 
     /// [`Engine::matched`] without allocating, in node id order.
+    /// Leader only: how it sends to each peer.
+    pub fn each_progress(&self) -> impl Iterator<Item = (NodeId, PeerProgress)> + '_ {
+        let progress = match &self.role {
+            RoleState::Leader(l) => Some(l.progress.iter()),
+            _ => None,
+        };
+        progress.into_iter().flatten().map(|(id, p)| {
+            let state = match p.state {
+                ProgressState::Probe { .. } => PeerState::Probe,
+                ProgressState::Replicate => PeerState::Replicate,
+                ProgressState::Snapshot { acked, size, .. } => PeerState::Snapshot { acked, size },
+            };
+            let progress = PeerProgress {
+                matched: p.matched,
+                next: p.next,
+                inflight: p.inflight.len(),
+                state,
+                voter: p.voter,
+            };
+            (*id, progress)
+        })
+    }
+
     pub(crate) fn each_matched(&self) -> impl Iterator<Item = (NodeId, LogIndex)> + '_ {
         let progress = match &self.role {
             RoleState::Leader(l) => Some(l.progress.iter()),
@@ -178,4 +201,35 @@ impl<C: TypeConfig> Engine<C> {
                 .and_then(|l| self.membership().nodes.get(&l).cloned()),
         }
     }
+}
+
+/// How a leader sends to one peer (etcd's progress states).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerProgress {
+    /// The peer's highest index known to match the leader's log.
+    pub matched: LogIndex,
+    /// The next index to send it.
+    pub next: LogIndex,
+    /// AppendEntries in flight to it.
+    pub inflight: usize,
+    /// The state of its replication.
+    pub state: PeerState,
+    /// Whether it votes.
+    pub voter: bool,
+}
+
+/// The replication state of a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerState {
+    /// Where its log matches is being found: one message at a time.
+    Probe,
+    /// In step: entries go out optimistically, up to the in-flight window.
+    Replicate,
+    /// A snapshot is streaming to it.
+    Snapshot {
+        /// Bytes it acknowledged.
+        acked: u64,
+        /// The snapshot's size (0 if unknown).
+        size: u64,
+    },
 }

@@ -171,6 +171,7 @@ impl<C: TypeConfig> Engine<C> {
             unflushed: None,
             read_round_wanted: false,
             elections: 0,
+            history: Default::default(),
             snapshots_sent: 0,
             snapshot_bytes_delivered: 0,
             snapshot_delivery_ms: 0,

@@ -451,6 +451,7 @@ impl<C: TypeConfig> Engine<C> {
             RoleState::Follower => {
                 self.leader_id = Some(from);
                 self.leader_contact = self.now;
+                self.leader_known(from);
                 self.reset_election_timer();
             }
             _ => self.become_follower(term, Some(from)),
@@ -656,6 +657,7 @@ impl<C: TypeConfig> Engine<C> {
             // hands over by stepping down (§6).
             if self.membership_log_id().index <= index && !self.membership().is_voter(self.id) {
                 info!(node = %self.id, term = %self.term, "removed from the configuration; stepping down");
+                self.leader_lost(ElectionCause::Removed);
                 self.become_follower(self.term, None);
             }
         }

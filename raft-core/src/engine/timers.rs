@@ -78,6 +78,7 @@ impl<C: TypeConfig> Engine<C> {
             l.check_quorum_due = now + stale_after;
             if check_quorum && !active {
                 warn!(node = %id, term = %term, "lost contact with a quorum; stepping down");
+                self.leader_lost(ElectionCause::CheckQuorum);
                 self.become_follower(term, None);
                 return;
             }

@@ -9,6 +9,7 @@ pub(super) fn metrics_of<C: TypeConfig>(
     e: &Engine<C>,
     applied: LogIndex,
     fatal: Option<String>,
+    clock_origin: std::time::SystemTime,
 ) -> RaftMetrics<C::Node> {
     RaftMetrics {
         id: e.id(),
@@ -33,6 +34,10 @@ pub(super) fn metrics_of<C: TypeConfig>(
         snapshots_installed: e.snapshots_installed(),
         snapshot_bytes_delivered: e.snapshot_deliveries().0,
         snapshot_delivery_millis: e.snapshot_deliveries().1,
+        progress: e.each_progress().collect(),
+        leadership: e.leadership_changes().copied().collect(),
+        leaderless_since: e.leaderless_since(),
+        clock_origin,
     }
 }
 
@@ -67,6 +72,10 @@ pub(super) fn update_metrics<C: TypeConfig>(
         snapshots_installed,
         snapshot_bytes_delivered,
         snapshot_delivery_millis,
+        progress,
+        leadership,
+        leaderless_since,
+        clock_origin: _,
     } = m;
     let mut changed = false;
     macro_rules! set {
@@ -100,6 +109,19 @@ pub(super) fn update_metrics<C: TypeConfig>(
     set!(snapshots_installed, e.snapshots_installed());
     set!(snapshot_bytes_delivered, e.snapshot_deliveries().0);
     set!(snapshot_delivery_millis, e.snapshot_deliveries().1);
+    set!(leaderless_since, e.leaderless_since());
+    if !leadership.iter().eq(e.leadership_changes()) {
+        *leadership = e.leadership_changes().copied().collect();
+        changed = true;
+    }
+    if !progress
+        .iter()
+        .map(|(id, p)| (*id, *p))
+        .eq(e.each_progress())
+    {
+        *progress = e.each_progress().collect();
+        changed = true;
+    }
     if *membership != *e.membership() {
         *membership = e.membership().clone();
         changed = true;
