@@ -250,13 +250,15 @@ impl Auth {
     }
 }
 
-/// The role a request needs, by method and path; `None` for the one path
-/// open to anyone (`/healthz`, a liveness probe that says nothing about
-/// the data). Paths the API does not have need `read`, so that only a
+/// The role a request needs, by method and path; `None` for the paths
+/// open to anyone: `/healthz` (a liveness probe that says nothing about
+/// the data) and the dashboard's page (`/`, `/ui`: static, no data). Paths the API does not have need `read`, so that only a
 /// client with a token learns which paths exist.
 pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     let reads = matches!(*method, Method::GET | Method::HEAD);
-    let role = if path == "/healthz" {
+    let role = if matches!(path, "/healthz" | "/" | "/ui") {
+        // The dashboard's page holds no data: it asks for a token and
+        // reads `/v1/events` with it.
         return None;
     } else if path.starts_with("/v1/kv/") {
         if reads { Role::Read } else { Role::Write }

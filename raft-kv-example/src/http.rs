@@ -75,6 +75,7 @@ use crate::api::CasAnswer;
 pub use crate::api::Status;
 use crate::auth::{self, Auth, Denied, TokenRecord};
 use crate::cluster_file::Limits;
+use crate::dashboard::{self, Dashboard};
 use crate::metrics::{Metrics, role_name};
 use crate::token::{self, BOOTSTRAP_NAME, TokenHash, check_name};
 use crate::types::{Command, Kv, NodeAddr, Response as KvResponse, SessionWrite};
@@ -128,6 +129,8 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// `https` or `http`: what redirects to the leader say.
     pub scheme: &'static str,
+    /// The live dashboard ([`crate::dashboard`]).
+    pub dashboard: Dashboard,
 }
 
 /// The API's routes.
@@ -153,6 +156,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tokens/{name}", delete(revoke_token))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/", get(dashboard::page))
+        .route("/ui", get(dashboard::page))
+        .route(
+            "/v1/events",
+            get(|State(s): State<AppState>, headers: HeaderMap| async move {
+                dashboard::events(&s.dashboard, &headers).await
+            }),
+        )
+        .route(
+            "/v1/dashboard/sample",
+            get(|State(s): State<AppState>| async move { dashboard::sample(&s.dashboard).await }),
+        )
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such path") })
         .method_not_allowed_fallback(|| async {
@@ -189,6 +204,11 @@ async fn gate(
     // than the longest a handler may legitimately wait. Backups are exempt:
     // admins only, and as long as the state is large.
     let limit = state.limits.membership_timeout + 2 * state.limits.request_timeout;
+    // Key-value requests are counted for the dashboard's charts.
+    let path = request.uri().path();
+    let kv = (path.starts_with("/v1/kv/") || path.starts_with("/v1/cas/"))
+        .then(|| request.method() != axum::http::Method::GET);
+    let began = std::time::Instant::now();
     let mut response = match request.uri().path() == "/v1/snapshot" {
         true => next.run(request).await,
         false => match tokio::time::timeout(limit, next.run(request)).await {
@@ -203,6 +223,11 @@ async fn gate(
             }
         },
     };
+    if let Some(write) = kv
+        && (response.status().is_success() || response.status() == StatusCode::NOT_FOUND)
+    {
+        state.dashboard.stats.record(write, began.elapsed());
+    }
     let relative = response
         .headers()
         .get(header::LOCATION)

@@ -23,6 +23,8 @@ pub mod client;
 #[cfg(feature = "server")]
 pub mod cluster_file;
 #[cfg(feature = "server")]
+pub mod dashboard;
+#[cfg(feature = "server")]
 pub mod http;
 #[cfg(feature = "server")]
 pub mod listener;

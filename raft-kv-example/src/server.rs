@@ -84,6 +84,9 @@ pub enum ServeError {
         /// The operating system's error.
         source: std::io::Error,
     },
+    /// The dashboard's client of the leader could not be made.
+    #[error("dashboard: {0}")]
+    Dashboard(String),
     /// The HTTP API could not listen.
     #[error("HTTP on {addr}: {source}")]
     Http {
@@ -250,6 +253,7 @@ pub struct Node {
     transport: QuicTransport,
     http: tokio::task::JoinHandle<Result<(), std::io::Error>>,
     stop_http: tokio::sync::oneshot::Sender<()>,
+    dashboard: crate::dashboard::DashboardHandle,
 }
 
 impl Node {
@@ -381,7 +385,27 @@ impl Node {
                 source,
             }
         })?;
+        // A follower's dashboard asks the leader for its view, over the
+        // client API, with the browser's token.
+        let mut relay = ClientOptions::default();
+        let ca = file.tls_dir.join("ca.pem");
+        if api.tls && ca.exists() {
+            relay = relay
+                .with_ca_file(&ca)
+                .map_err(|e| ServeError::Dashboard(e.to_string()))?;
+        }
+        let relay = crate::client::http_builder(&relay)
+            .and_then(|b| {
+                b.build().map_err(|source| ClientError::Http {
+                    url: String::new(),
+                    source,
+                })
+            })
+            .map_err(|e| ServeError::Dashboard(e.to_string()))?;
+        let (dashboard, dashboard_handle) =
+            crate::dashboard::start(raft.clone(), cluster.clone(), relay, api.scheme());
         let app = router(AppState {
+            dashboard,
             raft: raft.clone(),
             reader,
             limits: file.limits.clone(),
@@ -407,6 +431,7 @@ impl Node {
             transport,
             http,
             stop_http,
+            dashboard: dashboard_handle,
         })
     }
 
@@ -418,6 +443,8 @@ impl Node {
 
     /// Stops serving clients, then the Raft node, then the transport.
     pub async fn stop(self) {
+        // Dashboard streams never end by themselves.
+        self.dashboard.close();
         let _ = self.stop_http.send(());
         // In-flight requests get a moment to finish; a client that keeps its
         // connection open does not hold the shutdown hostage.

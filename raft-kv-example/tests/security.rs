@@ -23,6 +23,8 @@ fn endpoints() -> Vec<(Method, &'static str, Option<&'static str>, Option<Role>)
     use Role::*;
     vec![
         (Method::GET, "/healthz", None, None),
+        (Method::GET, "/", None, None),
+        (Method::GET, "/v1/dashboard/sample", None, Some(Read)),
         (Method::GET, "/readyz", None, Some(Read)),
         (Method::GET, "/v1/status", None, Some(Read)),
         (Method::GET, "/metrics", None, Some(Read)),
@@ -163,6 +165,23 @@ async fn each_role_may_call_exactly_what_its_role_allows_and_nothing_hints_at_a_
             cells += 1;
         }
     }
+    // The dashboard's event stream (it never ends: only its status).
+    let events = format!("{base}/v1/events");
+    let status = http.get(&events).send().await.expect("an answer").status();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let reader_token = callers
+        .iter()
+        .find_map(|(who, header, _)| (who == "as-read").then(|| header.clone().unwrap()))
+        .unwrap();
+    let resp = http
+        .get(&events)
+        .header("authorization", &reader_token)
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(resp);
+
     // Missing, malformed, unknown, wrong and revoked: one answer for all.
     assert_eq!(unauthorized_bodies.len(), 1, "{unauthorized_bodies:?}");
     let body = unauthorized_bodies.into_iter().next().unwrap();

@@ -162,6 +162,16 @@ impl LocalCluster {
         self.http.with_timeout(timeout)
     }
 
+    /// Node `id`'s dashboard, with the admin token in the URL's fragment
+    /// (which a browser keeps to itself: the page reads it and forgets the
+    /// URL).
+    pub fn dashboard_url(&self, id: u64) -> String {
+        match self.http.credentials().token.as_deref() {
+            Some(t) => format!("{}/#token={t}", self.endpoint(id)),
+            None => format!("{}/", self.endpoint(id)),
+        }
+    }
+
     /// `https` or `http`.
     pub fn scheme(&self) -> &'static str {
         self.scheme

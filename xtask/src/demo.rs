@@ -19,7 +19,19 @@ use crate::http::{Answer, Outcome};
 const WRITES: usize = 500;
 const WRITES_WHILE_DOWN: usize = 200;
 
-pub fn run(root: &Path) -> Result<()> {
+/// `--pace SECS`: how long the demo pauses before each step, so that a
+/// person watching the dashboard sees each one happen (default 0).
+pub fn parse_pace(args: &[String]) -> Result<Duration> {
+    match args {
+        [] => Ok(Duration::ZERO),
+        [flag, secs] if flag == "--pace" => Ok(Duration::from_secs_f64(
+            secs.parse().context("--pace takes seconds")?,
+        )),
+        _ => bail!("usage: cargo xtask demo [--pace SECS]"),
+    }
+}
+
+pub fn run(root: &Path, pace: Duration) -> Result<()> {
     let began = Instant::now();
     let dir = root.join("target").join("xtask").join("demo");
     let mut c = LocalCluster::create(root, dir, 3, 7100, "")?;
@@ -32,6 +44,18 @@ pub fn run(root: &Path) -> Result<()> {
         "3 nodes up; node {first} leads (elected in {})",
         ms(first_election)
     );
+    // A node that is never the one killed or replaced first.
+    let watched = c.ids().into_iter().find(|id| *id != first).unwrap_or(first);
+    println!(
+        "watch it live: {} (run with --pace 3 to slow the demo down)",
+        c.dashboard_url(watched)
+    );
+    let step = || {
+        if !pace.is_zero() {
+            sleep(pace);
+        }
+    };
+    step();
 
     let mut rows: Vec<(String, String)> = vec![("first election".into(), ms(first_election))];
     let mut acked = Vec::new();
@@ -44,6 +68,7 @@ pub fn run(root: &Path) -> Result<()> {
     ));
     verify(&c, first, &acked, "reading back (linearizable)")?;
 
+    step();
     println!("\nkilling the leader, node {first}, with SIGKILL");
     c.kill(first)?;
     let killed = Instant::now();
@@ -67,6 +92,7 @@ pub fn run(root: &Path) -> Result<()> {
         "writing while node down",
     )?;
 
+    step();
     println!("\nrestarting node {first}");
     c.start(first)?;
     let restarted = Instant::now();
@@ -93,6 +119,7 @@ pub fn run(root: &Path) -> Result<()> {
         acked.len()
     );
 
+    step();
     println!(
         "\nreplacing node {first}: it fails for good, node 4 joins, is promoted, node {first} is removed"
     );

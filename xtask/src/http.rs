@@ -173,6 +173,11 @@ impl Http {
         Http::secured(timeout, self.creds.clone())
     }
 
+    /// This client's credentials.
+    pub fn credentials(&self) -> &Credentials {
+        &self.creds
+    }
+
     /// This client's timeout per request.
     pub fn timeout(&self) -> Duration {
         self.timeout

@@ -1,6 +1,6 @@
 //! `cargo xtask`: the project's entry points.
 //!
-//! - `cargo xtask demo`: build `raft-kv` and run the 3-node demo.
+//! - `cargo xtask demo [--pace SECS]`: build `raft-kv` and run the 3-node demo.
 //! - `cargo xtask test`: the whole test suite as CI runs it (release mode;
 //!   the simulator sweep runs `SIM_SEEDS` seeds, default 1000), then a short
 //!   chaos run against real processes.
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <demo | test | cluster up|status|down [--nodes N] | \
+const USAGE: &str = "usage: cargo xtask <demo [--pace SECS] | test | cluster up|status|down [--nodes N] | \
 chaos [--nodes 5] [--duration 60s] [--faults kill,pause,partition,membership,wipe] [--seed S] [--large-state] | \
 bench [core | join | --clients 1,16,256 --duration 20s] | mutants [--seeds N] [--only a,b] [--list] | \
 doctor [--install [--bench]] | help>";
@@ -58,9 +58,10 @@ fn run() -> Result<()> {
     let root = root();
     match args.first().map(String::as_str) {
         Some("demo") => {
+            let pace = demo::parse_pace(rest)?;
             doctor(&[])?;
             demo::build(&root)?;
-            demo::run(&root)
+            demo::run(&root, pace)
         }
         Some("test") => test(&root, rest),
         Some("cluster") => cluster(&root, rest),
@@ -270,6 +271,11 @@ fn cluster(root: &Path, args: &[String]) -> Result<()> {
                     c.dir.join("logs").join(format!("node-{id}.log")).display()
                 );
             }
+            println!(
+                "dashboard (any node; the browser will ask to trust {} or to accept the certificate):\n  {}",
+                c.tls_dir().join("ca.pem").display(),
+                c.dashboard_url(1)
+            );
             let certs = c.tls_dir();
             println!(
                 "the client API: {scheme} with a bearer token; to use it:\n  \
@@ -340,6 +346,20 @@ const FOR_CHAOS: Need = (
     || find_tool("iptables").is_some(),
     "iptables",
 );
+/// The dashboard's browser test (skipped, saying so, without them);
+/// `doctor --install` installs them.
+const FOR_BROWSER: &[Need] = &[
+    (
+        "chromium (the dashboard's browser test)",
+        || on_path("chromium"),
+        "chromium",
+    ),
+    (
+        "chromedriver (the dashboard's browser test)",
+        || on_path("chromedriver"),
+        "chromium-driver",
+    ),
+];
 /// The baseline of `cargo xtask bench`; `doctor --install --bench` installs it.
 const FOR_BENCH: Need = (
     "etcd (the bench baseline)",
@@ -348,12 +368,14 @@ const FOR_BENCH: Need = (
 );
 
 /// Checks what the build needs (and with `install`, as root, installs it
-/// along with the chaos and, with `--bench`, the benchmark tools).
+/// along with the chaos and browser-test tools and, with `--bench`, the
+/// benchmark's).
 fn doctor(args: &[String]) -> Result<()> {
     let install = args.iter().any(|a| a == "--install");
     let mut needs: Vec<&Need> = NEEDS.iter().collect();
     if install {
         needs.push(&FOR_CHAOS);
+        needs.extend(FOR_BROWSER);
         if args.iter().any(|a| a == "--bench") {
             needs.push(&FOR_BENCH);
         }

@@ -42,7 +42,8 @@ pub struct LeadershipChange {
     pub leader: NodeId,
     /// Why the node was without a leader.
     pub cause: ElectionCause,
-    /// When it lost its leader (engine milliseconds).
+    /// When it lost its leader (engine milliseconds): for a timeout, when
+    /// it last heard from that leader.
     pub lost_at_ms: u64,
     /// When it knew the new one.
     pub known_at_ms: u64,
@@ -79,7 +80,13 @@ impl<C: TypeConfig> Engine<C> {
     /// The node has no leader from now, for `cause` (if it had one).
     pub(super) fn leader_lost(&mut self, cause: ElectionCause) {
         if self.history.lost.is_none() {
-            self.history.lost = Some((self.now, cause));
+            // A timeout is noticed an election timeout late: the leader
+            // was gone from the last word heard from it.
+            let since = match cause {
+                ElectionCause::Timeout if self.history.last.is_some() => self.leader_contact,
+                _ => self.now,
+            };
+            self.history.lost = Some((since, cause));
         }
     }
 

@@ -177,6 +177,9 @@ impl<C: TypeConfig> Engine<C> {
                 inflight: p.inflight.len(),
                 state,
                 voter: p.voter,
+                reachable: p
+                    .last_heard
+                    .is_some_and(|t| t + self.config.election_timeout_min_ms > self.now),
             };
             (*id, progress)
         })
@@ -216,6 +219,8 @@ pub struct PeerProgress {
     pub state: PeerState,
     /// Whether it votes.
     pub voter: bool,
+    /// Whether it answered within the last election timeout.
+    pub reachable: bool,
 }
 
 /// The replication state of a peer.
