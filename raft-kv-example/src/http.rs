@@ -208,8 +208,9 @@ async fn gate(
     let path = request.uri().path();
     let kv = (path.starts_with("/v1/kv/") || path.starts_with("/v1/cas/"))
         .then(|| request.method() != axum::http::Method::GET);
+    let backup = path == "/v1/snapshot";
     let began = std::time::Instant::now();
-    let mut response = match request.uri().path() == "/v1/snapshot" {
+    let mut response = match backup {
         true => next.run(request).await,
         false => match tokio::time::timeout(limit, next.run(request)).await {
             Ok(r) => r,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Cluster, free_addr};
 use raft_core::NodeId;
-use raft_kv_example::client::{Client, ClientError, ClientOptions};
+use raft_kv_example::client::{Client, ClientError};
 use raft_kv_example::http::Status;
 use raft_kv_example::{ClusterFile, Node};
 use reqwest::StatusCode;
@@ -43,14 +43,7 @@ async fn a_node_joins_is_promoted_takes_over_and_the_old_leader_is_removed() {
     let mut cluster = Cluster::start(3, "").await;
     let old_leader = cluster.leader().await;
     let follower = cluster.follower().await;
-    let c = Client::with_options(
-        &[&cluster.endpoint(follower)],
-        ClientOptions {
-            request_timeout: Duration::from_secs(60),
-            ..cluster.options()
-        },
-    )
-    .expect("client");
+    let c = cluster.client_waiting(follower, Duration::from_secs(60));
     for i in 0..50 {
         c.put(&format!("k{i}"), b"v").await.expect("put");
     }
@@ -163,14 +156,7 @@ async fn a_wiped_node_counts_again_only_once_removed_and_added_back() {
     let mut cluster = Cluster::start(3, "").await;
     let leader = cluster.leader().await;
     let wiped = cluster.follower().await;
-    let c = Client::with_options(
-        &[&cluster.endpoint(leader)],
-        ClientOptions {
-            request_timeout: Duration::from_secs(60),
-            ..cluster.options()
-        },
-    )
-    .expect("client");
+    let c = cluster.client_waiting(leader, Duration::from_secs(60));
     for i in 0..20 {
         c.put(&format!("k{i}"), b"v").await.expect("put");
     }

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Cluster, WAIT};
@@ -328,25 +327,7 @@ async fn plain_http_to_the_tls_port_gets_only_a_hint_to_use_https() {
 
 /// A rustls client of `cluster` presenting `cert` and `key` (PEM).
 fn tls_client(cluster: &Cluster, cert: &str, key: &str) -> tokio_rustls::TlsConnector {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(cluster.file.tls_dir.join("ca.pem")).expect("CA");
-    for c in CertificateDer::pem_slice_iter(&ca) {
-        roots.add(c.expect("CA")).expect("CA");
-    }
-    let chain: Vec<_> = CertificateDer::pem_slice_iter(cert.as_bytes())
-        .map(|c| c.expect("cert"))
-        .collect();
-    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .expect("client cert");
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    common::tls_connector(&cluster.file, Some((cert, key)))
 }
 
 /// Sends an unauthenticated status request over `connector`; the answer's

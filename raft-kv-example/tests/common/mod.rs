@@ -116,6 +116,16 @@ impl Cluster {
         self.client_at(&self.endpoint(id))
     }
 
+    /// A client of node `id`, as admin, whose requests may take up to
+    /// `timeout` (membership changes wait for learners).
+    pub fn client_waiting(&self, id: NodeId, timeout: Duration) -> Client {
+        let options = ClientOptions {
+            request_timeout: timeout,
+            ..self.options()
+        };
+        Client::with_options(&[&self.endpoint(id)], options).expect("client")
+    }
+
     /// A client of `endpoint`, as admin of this cluster.
     pub fn client_at(&self, endpoint: &str) -> Client {
         Client::with_options(&[endpoint], self.options()).expect("client")
@@ -198,28 +208,49 @@ pub fn options(file: &ClusterFile) -> ClientOptions {
         .expect("admin token")
 }
 
+/// A TLS connector trusting the cluster CA of `file`, presenting
+/// `client_cert` (certificate and key PEM) if given.
+pub fn tls_connector(
+    file: &ClusterFile,
+    client_cert: Option<(&str, &str)>,
+) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(file.tls_dir.join("ca.pem")).expect("CA");
+    for c in CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.expect("CA PEM")).expect("CA");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots);
+    let config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain: Vec<_> = CertificateDer::pem_slice_iter(cert.as_bytes())
+                .map(|c| c.expect("cert"))
+                .collect();
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client cert")
+        }
+    };
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
 /// A TLS connection to node `id`'s client API, checked against the
 /// cluster's CA, for tests that write raw bytes.
 pub async fn tls_stream(
     file: &ClusterFile,
     id: NodeId,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(file.tls_dir.join("ca.pem")).expect("CA");
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
-        roots.add(c.expect("CA PEM")).expect("CA");
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let addr = file.nodes[&id].http_addr;
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    tls_connector(file, None)
         .connect(name, tcp)
         .await
         .expect("TLS handshake")
