@@ -1,10 +1,12 @@
 //! `cargo xtask bench join`: a node joins a loaded cluster under write load
 //! (issue 13's run). Three nodes are loaded with `--keys` keys of
 //! `--value-bytes` bytes, `--clients` writers then overwrite random keys for
-//! `--phase` before a fourth node joins (`serve --join`, then promote) and
-//! for at least `--phase` after; the report compares committed writes/s
-//! before and during the join, and counts elections, snapshot transfers,
-//! installs and peak memory per node. The rate the snapshot moved at is
+//! `--phase` before a fourth node joins (`serve --join`, then promote), for
+//! at least `--phase` after, and for one more `--phase` once it is
+//! promoted; the report compares committed writes/s before the join, during
+//! it, and after it with four voters (what a fourth replica costs by
+//! itself, so what the join costs beyond that shows), and counts
+//! elections, snapshot transfers, installs and peak memory per node. The rate the snapshot moved at is
 //! set next to the machine's raw rates measured in the same run, before the
 //! load: a sequential write to the bench's disk, and loopback QUIC in the
 //! transfer's shape (the transport bench's `RPC_BENCH=chunks` cell).
@@ -176,7 +178,7 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
     // one phase, and the run ends a phase after the join or once node 4 is
     // promoted, whichever is later (at most 10 phases).
     let stop = AtomicBool::new(false);
-    let tally = Tally::new(opts.phase.as_secs() as usize * 12 + 60);
+    let tally = Tally::new(opts.phase.as_secs() as usize * 13 + 60);
     type Joined = ((Duration, Option<Duration>), Vec<String>);
     let joined = std::thread::scope(|s| -> Result<Joined> {
         let writers = s.spawn(|| {
@@ -237,6 +239,18 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
         "| writes/s during the join | {rate_during:.0} ({:+.0}%) |",
         (rate_during / rate_before.max(1.0) - 1.0) * 100.0
     );
+    // The second of the promotion itself is left out of the rate after it.
+    let rate_after = promoted_at.map(|p| {
+        let from = p + Duration::from_secs(1);
+        tally.rate(from, end.max(from))
+    });
+    if let Some(after) = rate_after {
+        println!(
+            "| writes/s after, with 4 voters | {after:.0} ({:+.0}% against before; the join {:+.0}% against this) |",
+            (after / rate_before.max(1.0) - 1.0) * 100.0,
+            (rate_during / after.max(1.0) - 1.0) * 100.0
+        );
+    }
     println!(
         "| node 4 promoted after | {} |",
         promoted_at.map_or("never".into(), |p| format!(
@@ -333,7 +347,8 @@ fn join_node_4(
         Some(p) => println!("bench join: node 4 promoted at {:.1} s", p.as_secs_f64()),
         None => println!("bench join: node 4 not promoted"),
     }
-    let until = join_at + opts.phase;
+    // A phase after the join at least, and a phase with four voters.
+    let until = (join_at + opts.phase).max(promoted.map_or(Duration::ZERO, |p| p + opts.phase));
     if let Some(wait) = until.checked_sub(tally.start.elapsed()) {
         sleep(wait);
     }
