@@ -386,6 +386,95 @@ fn s3_back_behind_snapshot_1_of_size(cfg: Config, size: u64) -> Script {
     s
 }
 
+/// s3 is down while s1 commits six puts, silent for ten election timeouts
+/// (so the leader no longer keeps the log for it); then s1 reports
+/// snapshot 1 (of `size` bytes) of the first three only, and s3 comes back
+/// behind it.
+fn s3_back_behind_snapshot_1_and_more_log(cfg: Config, size: u64) -> Script {
+    let [s1, s3] = [1, 3].map(NodeId);
+    let mut s = led_by_s1(cfg.clone());
+    s.crash(s3);
+    for v in ["a", "b", "c", "d", "e", "f"] {
+        commit(&mut s, s1, put(v));
+    }
+    let silent_from = s.clock;
+    while s.clock <= silent_from + 10 * cfg.election_timeout_max_ms {
+        s.heartbeat(s1, |_, _, _| false);
+    }
+    let leader = s.engines.get_mut(&s1).unwrap();
+    let at = leader.log_id_at(LogIndex(leader.last_log_id().index.0 - 3));
+    leader.snapshot_built(SnapshotMeta {
+        last_log_id: at.expect("in the log"),
+        membership: leader.membership().clone(),
+        id: 1,
+        size,
+    });
+    s.flush(s1);
+    s.restart(s3);
+    s
+}
+
+#[test]
+fn a_snapshot_with_more_log_behind_it_than_its_share_is_rebuilt_before_it_is_sent() {
+    let cfg = Config {
+        purge_keep: 0,
+        ..config()
+    };
+    let [s1, s3] = [1, 3].map(NodeId);
+    let kept = |_: NodeId, _: NodeId, _: &raft_core::Message<C>| false;
+    // Which snapshots went out (a transfer is a window of chunks).
+    let sent_ids = |s: &Script| {
+        let mut ids: Vec<u64> = s.snapshot_sends.iter().map(|x| x.4).collect();
+        ids.dedup();
+        ids
+    };
+    // Three puts weigh more than half of a 2-byte snapshot: s3 would get
+    // the old state and then all of them. The leader builds first.
+    let mut s = s3_back_behind_snapshot_1_and_more_log(cfg.clone(), 2);
+    s.heartbeat(s1, kept);
+    s.heartbeat(s1, kept);
+    let applied = s.engines[&s1].applied_index();
+    assert_eq!(
+        s.snapshot_builds,
+        [(s1, applied)],
+        "a fresh build asked for"
+    );
+    assert!(sent_ids(&s).is_empty(), "the stale snapshot went out");
+    // Asked once, however many probes come back while it builds.
+    s.heartbeat(s1, kept);
+    assert_eq!(
+        s.snapshot_builds.len(),
+        1,
+        "a second build for one transfer"
+    );
+    snapshot_of_size_built_at_last_entry(s.engines.get_mut(&s1).unwrap(), 2, 2);
+    s.heartbeat(s1, kept);
+    s.heartbeat(s1, kept);
+    assert_eq!(sent_ids(&s), [2], "the fresh snapshot, and only it");
+    assert!(s.engines[&s3].term() == s.engines[&s1].term());
+
+    // A snapshot the log since weighs less than half of is sent as it is.
+    let mut s = s3_back_behind_snapshot_1_and_more_log(cfg.clone(), 1 << 20);
+    s.heartbeat(s1, kept);
+    s.heartbeat(s1, kept);
+    assert!(
+        s.snapshot_builds.is_empty(),
+        "rebuilt a fresh enough snapshot"
+    );
+    assert_eq!(sent_ids(&s), [1]);
+
+    // And with the rule off, even a stale one.
+    let off = Config {
+        snapshot_refresh_percent: 0,
+        ..cfg
+    };
+    let mut s = s3_back_behind_snapshot_1_and_more_log(off, 2);
+    s.heartbeat(s1, kept);
+    s.heartbeat(s1, kept);
+    assert!(s.snapshot_builds.is_empty(), "built with the rule off");
+    assert_eq!(sent_ids(&s), [1]);
+}
+
 #[test]
 fn a_snapshot_streams_a_window_of_chunks_and_resends_only_what_was_not_acknowledged() {
     let cfg = Config {

@@ -23,6 +23,7 @@
 //! snapshot_jitter_percent = 50   # each node stretches both by a random 0-50%, so nodes build apart
 //! purge_keep = 1000              # entries kept behind a snapshot
 //! purge_keep_max = 100000        # and up to this many (or twice the snapshot's bytes) for a live follower behind
+//! snapshot_refresh_percent = 50  # a transfer waits for a fresh snapshot if the log since weighs more (0: never)
 //! snapshot_window = 8            # snapshot chunks in flight per follower
 //! snapshot_chunk_bytes = 262144  # bytes per snapshot chunk (at most 8 MiB)
 //! max_inflight = 8               # AppendEntries in flight per follower
@@ -240,6 +241,7 @@ struct RawRaft {
     snapshot_jitter_percent: Option<u64>,
     purge_keep: Option<u64>,
     purge_keep_max: Option<u64>,
+    snapshot_refresh_percent: Option<u64>,
     snapshot_window: Option<usize>,
     snapshot_chunk_bytes: Option<usize>,
     max_inflight: Option<usize>,
@@ -344,6 +346,9 @@ impl ClusterFile {
                 .unwrap_or(raft.snapshot_jitter_percent);
             raft.purge_keep = r.purge_keep.unwrap_or(raft.purge_keep);
             raft.purge_keep_max = r.purge_keep_max.unwrap_or(raft.purge_keep_max);
+            raft.snapshot_refresh_percent = r
+                .snapshot_refresh_percent
+                .unwrap_or(raft.snapshot_refresh_percent);
             raft.snapshot_window = r.snapshot_window.unwrap_or(raft.snapshot_window);
             raft.snapshot_chunk_bytes = r.snapshot_chunk_bytes.unwrap_or(raft.snapshot_chunk_bytes);
             if raft.snapshot_chunk_bytes > MAX_SNAPSHOT_CHUNK_BYTES {
@@ -468,6 +473,7 @@ snapshot_log_percent = 50
 snapshot_jitter_percent = 10
 purge_keep = 1000
 purge_keep_max = 100000
+snapshot_refresh_percent = 25
 snapshot_window = 4
 snapshot_chunk_bytes = 262144
 max_inflight = 8

@@ -154,6 +154,7 @@ impl<C: TypeConfig> Engine<C> {
             // The snapshot this peer's next message needs, if any: looked up
             // before the leader's state is borrowed for writing, and cloned
             // only on that path (not for every AppendEntries).
+            let mut refresh = false;
             let snapshot = match &self.role {
                 RoleState::Leader(l) => match l.progress.get(&peer) {
                     Some(p) => match &p.state {
@@ -163,13 +164,25 @@ impl<C: TypeConfig> Engine<C> {
                                 None => return,
                             }
                         }
-                        _ if p.next <= base => self.snapshot.clone(),
+                        _ if p.next <= base => {
+                            refresh = self.refresh_before_transfer();
+                            self.snapshot.clone().filter(|_| !refresh)
+                        }
                         _ => None,
                     },
                     None => return,
                 },
                 _ => return,
             };
+            if refresh {
+                // The peer stays where it is; its next probe after the
+                // build starts the transfer with what it built.
+                if !self.building_snapshot {
+                    info!(node = %id, peer = %peer, "building a fresh snapshot to send");
+                    self.start_snapshot_build();
+                }
+                return;
+            }
             let Some(l) = self.role.leader_mut() else {
                 return;
             };
@@ -677,9 +690,7 @@ impl<C: TypeConfig> Engine<C> {
         self.actions.push(Action::Apply { entries });
         self.evict_cached();
         if !self.building_snapshot && self.snapshot_due() {
-            self.building_snapshot = true;
-            self.log_bytes_at_build = self.applied_log_bytes;
-            self.actions.push(Action::BuildSnapshot);
+            self.start_snapshot_build();
         }
     }
 }

@@ -20,7 +20,12 @@ impl<C: TypeConfig> Engine<C> {
             return;
         }
         info!(node = %self.id, snapshot = %meta.last_log_id, bytes = meta.size, "snapshot built");
-        self.log_bytes_at_snapshot = self.log_bytes_at_build;
+        // A snapshot of everything applied has no log behind it, whenever
+        // it was asked for.
+        self.log_bytes_at_snapshot = match meta.last_log_id.index >= self.applied {
+            true => self.applied_log_bytes,
+            false => self.log_bytes_at_build,
+        };
         let snap = meta.last_log_id.index.0;
         let mut purge_to = LogIndex(snap.saturating_sub(self.config.purge_keep));
         // A follower keeps what its leader keeps for followers that lag
@@ -50,6 +55,29 @@ impl<C: TypeConfig> Engine<C> {
             self.purge_log(upto);
             self.actions.push(Action::PurgeLog { upto });
         }
+    }
+
+    /// Asks the state machine for a snapshot of what is applied now.
+    pub(super) fn start_snapshot_build(&mut self) {
+        self.building_snapshot = true;
+        self.log_bytes_at_build = self.applied_log_bytes;
+        self.actions.push(Action::BuildSnapshot);
+    }
+
+    /// Whether a snapshot transfer about to start should wait for a fresh
+    /// snapshot ([`Config::snapshot_refresh_percent`]): the log applied
+    /// since the current one weighs more than that share of it, and no
+    /// other transfer holds builds back.
+    pub(super) fn refresh_before_transfer(&self) -> bool {
+        let percent = self.config.snapshot_refresh_percent;
+        let Some(s) = &self.snapshot else {
+            return false;
+        };
+        let log_bytes = self.applied_log_bytes - self.log_bytes_at_snapshot;
+        percent > 0
+            && self.applied > s.last_log_id.index
+            && u128::from(log_bytes) * 100 > u128::from(s.size) * u128::from(percent)
+            && (self.building_snapshot || !self.deferred_for_transfer())
     }
 
     /// Draws this node's stretch of the snapshot thresholds until its next
