@@ -126,7 +126,7 @@ impl Default for Config {
             snapshot_jitter_percent: 50,
             purge_keep: 1_000,
             purge_keep_max: 100_000,
-            snapshot_refresh_percent: 50,
+            snapshot_refresh_percent: 20,
             snapshot_chunk_bytes: 256 << 10,
             snapshot_window: 8,
             learner_max_lag: 100,

@@ -280,6 +280,13 @@ pub struct Engine<C: TypeConfig> {
     /// or install) instead of starting over on the new one.
     previous_snapshot: Option<SnapshotMeta<C>>,
     building_snapshot: bool,
+    /// The build in progress is awaited by a snapshot transfer, and the
+    /// current snapshot came from such a build: it goes out as it is, so
+    /// one transfer waits for one build at most (a rule that judged every
+    /// snapshot by the log since would rebuild forever where writes during
+    /// a build outweigh the share, seen in the slow-snapshot scenario).
+    building_for_transfer: bool,
+    snapshot_for_transfer: bool,
     /// Bytes of log (by `Entry::size_hint`) applied since this engine
     /// started, and that count where the current snapshot ends and where
     /// the build in progress will: the snapshot policy weighs the

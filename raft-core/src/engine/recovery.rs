@@ -164,6 +164,8 @@ impl<C: TypeConfig> Engine<C> {
             snapshot,
             previous_snapshot: None,
             building_snapshot: false,
+            building_for_transfer: false,
+            snapshot_for_transfer: false,
             applied_log_bytes,
             log_bytes_at_snapshot: 0,
             log_bytes_at_build: 0,

@@ -176,7 +176,9 @@ impl<C: TypeConfig> Engine<C> {
             };
             if refresh {
                 // The peer stays where it is; its next probe after the
-                // build starts the transfer with what it built.
+                // build starts the transfer with what it built (or with
+                // what the build already under way builds).
+                self.building_for_transfer = true;
                 if !self.building_snapshot {
                     info!(node = %id, peer = %peer, "building a fresh snapshot to send");
                     self.start_snapshot_build();

@@ -10,6 +10,7 @@ impl<C: TypeConfig> Engine<C> {
     /// `purge_keep_max` entries behind the snapshot).
     pub fn snapshot_built(&mut self, meta: SnapshotMeta<C>) {
         self.building_snapshot = false;
+        let for_transfer = std::mem::take(&mut self.building_for_transfer);
         let newer = self
             .snapshot
             .as_ref()
@@ -20,6 +21,7 @@ impl<C: TypeConfig> Engine<C> {
             return;
         }
         info!(node = %self.id, snapshot = %meta.last_log_id, bytes = meta.size, "snapshot built");
+        self.snapshot_for_transfer = for_transfer;
         // A snapshot of everything applied has no log behind it, whenever
         // it was asked for.
         self.log_bytes_at_snapshot = match meta.last_log_id.index >= self.applied {
@@ -66,8 +68,9 @@ impl<C: TypeConfig> Engine<C> {
 
     /// Whether a snapshot transfer about to start should wait for a fresh
     /// snapshot ([`Config::snapshot_refresh_percent`]): the log applied
-    /// since the current one weighs more than that share of it, and no
-    /// other transfer holds builds back.
+    /// since the current one weighs more than that share of it, the current
+    /// one was not itself built for a transfer, and no other transfer holds
+    /// builds back.
     pub(super) fn refresh_before_transfer(&self) -> bool {
         let percent = self.config.snapshot_refresh_percent;
         let Some(s) = &self.snapshot else {
@@ -75,6 +78,7 @@ impl<C: TypeConfig> Engine<C> {
         };
         let log_bytes = self.applied_log_bytes - self.log_bytes_at_snapshot;
         percent > 0
+            && !self.snapshot_for_transfer
             && self.applied > s.last_log_id.index
             && u128::from(log_bytes) * 100 > u128::from(s.size) * u128::from(percent)
             && (self.building_snapshot || !self.deferred_for_transfer())
@@ -324,6 +328,7 @@ impl<C: TypeConfig> Engine<C> {
         self.applied = snap.index;
         self.log_bytes_at_snapshot = self.applied_log_bytes;
         self.snapshot = Some(meta);
+        self.snapshot_for_transfer = false;
         self.previous_snapshot = None;
         self.stretch_snapshot_thresholds();
         respond(self, end, true);
