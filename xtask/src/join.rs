@@ -314,7 +314,39 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
     println!("| elections during the run | {elections} |");
     println!("\nlogs: {}", dir.join("logs").display());
     println!("timeline (per second): {}", timeline_file.display());
+    let kept = keep_run(root, &dir)?;
+    println!(
+        "kept (the next run starts afresh in {}): {}",
+        dir.display(),
+        kept.display()
+    );
     Ok(())
+}
+
+/// Copies a run's logs and timeline (small; the data dirs are not) to
+/// `target/xtask/bench/join-runs/<seconds since the epoch>`: the next run
+/// wipes `dir`, and a run that went wrong (an election nobody expected)
+/// used to lose its logs to the run after it.
+fn keep_run(root: &Path, dir: &Path) -> Result<std::path::PathBuf> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let to = root
+        .join("target")
+        .join("xtask")
+        .join("bench")
+        .join("join-runs")
+        .join(secs.to_string());
+    std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
+    std::fs::copy(dir.join("timeline.txt"), to.join("timeline.txt"))?;
+    for entry in std::fs::read_dir(dir.join("logs"))? {
+        let path = entry?.path();
+        if let Some(name) = path.file_name().filter(|_| path.is_file()) {
+            std::fs::copy(&path, to.join(name))
+                .with_context(|| format!("copying {}", path.display()))?;
+        }
+    }
+    Ok(to)
 }
 
 /// Starts node 4 with `--join`, waits a phase of load after that, and
