@@ -67,7 +67,8 @@ pub struct Config {
     /// then 300,000 entries of 1 KiB, 17 s of its 23 s join). The transfer
     /// waits for the build; while another live follower is receiving a
     /// snapshot (builds are held back then) the current one is sent as is.
-    /// 0 never rebuilds for a transfer.
+    /// 0 never rebuilds for a transfer, and neither does a node whose
+    /// automatic snapshots are off (`snapshot_every` 0).
     pub snapshot_refresh_percent: u64,
     /// Bytes per InstallSnapshot chunk.
     pub snapshot_chunk_bytes: usize,

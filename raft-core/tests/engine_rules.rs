@@ -477,16 +477,23 @@ fn a_snapshot_with_more_log_behind_it_than_its_share_is_rebuilt_before_it_is_sen
     );
     assert_eq!(sent_ids(&s), [1]);
 
-    // And with the rule off, even a stale one.
-    let off = Config {
-        snapshot_refresh_percent: 0,
-        ..cfg
-    };
-    let mut s = s3_back_behind_snapshot_1_and_more_log(off, 2);
-    s.heartbeat(s1, kept);
-    s.heartbeat(s1, kept);
-    assert!(s.snapshot_builds.is_empty(), "built with the rule off");
-    assert_eq!(sent_ids(&s), [1]);
+    // And with the rule off, or automatic snapshots off, even a stale one.
+    for off in [
+        Config {
+            snapshot_refresh_percent: 0,
+            ..cfg.clone()
+        },
+        Config {
+            snapshot_every: 0,
+            ..cfg.clone()
+        },
+    ] {
+        let mut s = s3_back_behind_snapshot_1_and_more_log(off, 2);
+        s.heartbeat(s1, kept);
+        s.heartbeat(s1, kept);
+        assert!(s.snapshot_builds.is_empty(), "built with the rule off");
+        assert_eq!(sent_ids(&s), [1]);
+    }
 }
 
 #[test]

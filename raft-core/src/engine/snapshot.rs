@@ -67,10 +67,10 @@ impl<C: TypeConfig> Engine<C> {
     }
 
     /// Whether a snapshot transfer about to start should wait for a fresh
-    /// snapshot ([`Config::snapshot_refresh_percent`]): the log applied
-    /// since the current one weighs more than that share of it, the current
-    /// one was not itself built for a transfer, and no other transfer holds
-    /// builds back.
+    /// snapshot ([`Config::snapshot_refresh_percent`]): automatic snapshots
+    /// are on, the log applied since the current one weighs more than that
+    /// share of it, the current one was not itself built for a transfer,
+    /// and no other transfer holds builds back.
     pub(super) fn refresh_before_transfer(&self) -> bool {
         let percent = self.config.snapshot_refresh_percent;
         let Some(s) = &self.snapshot else {
@@ -78,6 +78,7 @@ impl<C: TypeConfig> Engine<C> {
         };
         let log_bytes = self.applied_log_bytes - self.log_bytes_at_snapshot;
         percent > 0
+            && self.config.snapshot_every > 0
             && !self.snapshot_for_transfer
             && self.applied > s.last_log_id.index
             && u128::from(log_bytes) * 100 > u128::from(s.size) * u128::from(percent)
