@@ -342,6 +342,25 @@ impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
         self.snapshot_dir.join(snapshot_name(id))
     }
 
+    /// Deletes the snapshot files of `ids`, on a blocking thread: unlinking
+    /// a file of hundreds of megabytes frees its extents there and then,
+    /// and on the node's runtime thread that holds up its driver (in `cargo
+    /// xtask bench join` a leader's first turn after such a delete was 60
+    /// ms late, and check-quorum deposed it in that turn). Best effort: a
+    /// file left behind is removed at the next open.
+    async fn remove_snapshot_files(&self, ids: impl IntoIterator<Item = u64>) {
+        let paths: Vec<PathBuf> = ids.into_iter().map(|id| self.snapshot_file(id)).collect();
+        if paths.is_empty() {
+            return;
+        }
+        let _ = tokio::task::spawn_blocking(move || {
+            for path in paths {
+                let _ = std::fs::remove_file(path);
+            }
+        })
+        .await;
+    }
+
     fn receive_file(&self, id: u64) -> PathBuf {
         self.snapshot_dir.join(format!("{id}.partial"))
     }
@@ -741,9 +760,8 @@ where
             .await?;
         let replaced = self.snapshot.replace(meta.clone()).map(|s| s.id);
         let freed = std::mem::replace(&mut self.previous, replaced.filter(|&id| id != meta.id));
-        if let Some(old) = freed.filter(|&id| id != meta.id) {
-            let _ = std::fs::remove_file(self.snapshot_file(old));
-        }
+        self.remove_snapshot_files(freed.filter(|&id| id != meta.id))
+            .await;
         Ok(())
     }
 
@@ -806,11 +824,9 @@ where
         joined(loaded.await)?;
         self.installing.store(false, Ordering::Release);
         let replaced = self.snapshot.replace(meta.clone()).map(|s| s.id);
-        for old in [replaced, self.previous.take()].into_iter().flatten() {
-            if old != meta.id {
-                let _ = std::fs::remove_file(self.snapshot_file(old));
-            }
-        }
+        let old = [replaced, self.previous.take()];
+        self.remove_snapshot_files(old.into_iter().flatten().filter(|&id| id != meta.id))
+            .await;
         self.applied = meta.last_log_id;
         self.membership = meta.membership.clone();
         Ok(())
