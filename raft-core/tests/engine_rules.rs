@@ -175,8 +175,19 @@ fn snapshot_built_at_last_entry(e: &mut Engine<C>, id: u64) -> SnapshotMeta<C> {
 }
 
 fn snapshot_of_size_built_at_last_entry(e: &mut Engine<C>, id: u64, size: u64) -> SnapshotMeta<C> {
+    let last = e.last_log_id().index;
+    snapshot_of_size_built_at(e, last, id, size)
+}
+
+/// Reports to `e` a snapshot `id` of `size` bytes of its log up to `at`.
+fn snapshot_of_size_built_at(
+    e: &mut Engine<C>,
+    at: LogIndex,
+    id: u64,
+    size: u64,
+) -> SnapshotMeta<C> {
     let meta = SnapshotMeta {
-        last_log_id: e.last_log_id(),
+        last_log_id: e.log_id_at(at).expect("in the log"),
         membership: e.membership().clone(),
         id,
         size,
@@ -368,10 +379,16 @@ fn chunk_answer(term: Term, uuid: NodeUuid, snapshot_id: u64, next_offset: u64) 
 
 /// As [`s3_back_behind_snapshot_1`], the snapshot's meta giving `size`.
 fn s3_back_behind_snapshot_1_of_size(cfg: Config, size: u64) -> Script {
+    s3_back_behind_snapshot_1_with_puts_after(cfg, size, 0)
+}
+
+/// As [`s3_back_behind_snapshot_1_of_size`], with `after` (at most three)
+/// more puts committed past the snapshot, which covers the first three.
+fn s3_back_behind_snapshot_1_with_puts_after(cfg: Config, size: u64, after: usize) -> Script {
     let [s1, s3] = [1, 3].map(NodeId);
     let mut s = led_by_s1(cfg.clone());
     s.crash(s3);
-    for v in ["a", "b", "c"] {
+    for v in &["a", "b", "c", "d", "e", "f"][..3 + after] {
         commit(&mut s, s1, put(v));
     }
     // Down long enough that the leader keeps nothing for it: ten election
@@ -380,35 +397,9 @@ fn s3_back_behind_snapshot_1_of_size(cfg: Config, size: u64) -> Script {
     while s.clock <= silent_from + 10 * cfg.election_timeout_max_ms {
         s.heartbeat(s1, |_, _, _| false);
     }
-    snapshot_of_size_built_at_last_entry(s.engines.get_mut(&s1).unwrap(), 1, size);
-    s.flush(s1);
-    s.restart(s3);
-    s
-}
-
-/// s3 is down while s1 commits six puts, silent for ten election timeouts
-/// (so the leader no longer keeps the log for it); then s1 reports
-/// snapshot 1 (of `size` bytes) of the first three only, and s3 comes back
-/// behind it.
-fn s3_back_behind_snapshot_1_and_more_log(cfg: Config, size: u64) -> Script {
-    let [s1, s3] = [1, 3].map(NodeId);
-    let mut s = led_by_s1(cfg.clone());
-    s.crash(s3);
-    for v in ["a", "b", "c", "d", "e", "f"] {
-        commit(&mut s, s1, put(v));
-    }
-    let silent_from = s.clock;
-    while s.clock <= silent_from + 10 * cfg.election_timeout_max_ms {
-        s.heartbeat(s1, |_, _, _| false);
-    }
     let leader = s.engines.get_mut(&s1).unwrap();
-    let at = leader.log_id_at(LogIndex(leader.last_log_id().index.0 - 3));
-    leader.snapshot_built(SnapshotMeta {
-        last_log_id: at.expect("in the log"),
-        membership: leader.membership().clone(),
-        id: 1,
-        size,
-    });
+    let at = LogIndex(leader.last_log_id().index.0 - after as u64);
+    snapshot_of_size_built_at(leader, at, 1, size);
     s.flush(s1);
     s.restart(s3);
     s
@@ -430,7 +421,7 @@ fn a_snapshot_with_more_log_behind_it_than_its_share_is_rebuilt_before_it_is_sen
     };
     // Three puts weigh more than half of a 2-byte snapshot: s3 would get
     // the old state and then all of them. The leader builds first.
-    let mut s = s3_back_behind_snapshot_1_and_more_log(cfg.clone(), 2);
+    let mut s = s3_back_behind_snapshot_1_with_puts_after(cfg.clone(), 2, 3);
     s.heartbeat(s1, kept);
     s.heartbeat(s1, kept);
     let applied = s.engines[&s1].applied_index();
@@ -455,20 +446,14 @@ fn a_snapshot_with_more_log_behind_it_than_its_share_is_rebuilt_before_it_is_sen
     // already outweighs the share again: it goes out all the same (a
     // transfer waits for one build, or writes faster than builds would
     // hold it back forever).
-    let leader = s.engines.get_mut(&s1).unwrap();
-    leader.snapshot_built(SnapshotMeta {
-        last_log_id: leader.log_id_at(applied).expect("in the log"),
-        membership: leader.membership().clone(),
-        id: 2,
-        size: 2,
-    });
+    snapshot_of_size_built_at(s.engines.get_mut(&s1).unwrap(), applied, 2, 2);
     s.heartbeat(s1, kept);
     s.heartbeat(s1, kept);
     assert_eq!(sent_ids(&s), [2], "the fresh snapshot, and only it");
     assert_eq!(s.snapshot_builds.len(), 1, "rebuilt again for one transfer");
 
     // A snapshot the log since weighs less than half of is sent as it is.
-    let mut s = s3_back_behind_snapshot_1_and_more_log(cfg.clone(), 1 << 20);
+    let mut s = s3_back_behind_snapshot_1_with_puts_after(cfg.clone(), 1 << 20, 3);
     s.heartbeat(s1, kept);
     s.heartbeat(s1, kept);
     assert!(
@@ -488,7 +473,7 @@ fn a_snapshot_with_more_log_behind_it_than_its_share_is_rebuilt_before_it_is_sen
             ..cfg.clone()
         },
     ] {
-        let mut s = s3_back_behind_snapshot_1_and_more_log(off, 2);
+        let mut s = s3_back_behind_snapshot_1_with_puts_after(off, 2, 3);
         s.heartbeat(s1, kept);
         s.heartbeat(s1, kept);
         assert!(s.snapshot_builds.is_empty(), "built with the rule off");

@@ -240,12 +240,11 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
         "| writes/s during the join | {rate_during:.0} ({:+.0}%) |",
         (rate_during / rate_before.max(1.0) - 1.0) * 100.0
     );
-    // The second of the promotion itself is left out of the rate after it.
-    let rate_after = promoted_at.map(|p| {
-        let from = p + Duration::from_secs(1);
-        tally.rate(from, end.max(from))
-    });
-    if let (Some(after), Some(promoted)) = (rate_after, promoted_at) {
+    if let Some(promoted) = promoted_at {
+        // The second of the promotion itself is left out of the rate after
+        // it.
+        let from = promoted + Duration::from_secs(1);
+        let after = tally.rate(from, end.max(from));
         // The join proper, to the promotion: the window above runs on past
         // it (a phase at least) and overlaps this one.
         let joining = tally.rate(join_at, promoted.max(join_at + Duration::from_secs(1)));
