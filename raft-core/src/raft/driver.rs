@@ -303,6 +303,16 @@ where
                     },
                 };
             }
+            // Answers that came in while this task waited or worked count
+            // before check-quorum judges their absence: a turn that was late
+            // would otherwise see one answer and miss the rest, and step down
+            // with its followers' answers unread.
+            if !stop {
+                self.start_rpcs().await;
+                while let Some((from, msg)) = self.answered.pop_front() {
+                    self.answer(from, msg);
+                }
+            }
             self.x.tick(now);
             self.pump();
             self.start_rpcs().await;
@@ -329,9 +339,9 @@ where
         info!(node = %id, "raft node shut down");
     }
 
-    /// Polls the RPCs in flight once, so the requests `pump` just queued
-    /// are written now rather than when the loop next sleeps; answers that
-    /// are already in wait for the next batch.
+    /// Polls the RPCs in flight once: the requests `pump` just queued are
+    /// written now rather than when the loop next sleeps, and the answers
+    /// that are already in are queued in `answered`.
     pub(super) async fn start_rpcs(&mut self) {
         let (rpcs, answered) = (&mut self.rpcs, &mut self.answered);
         std::future::poll_fn(|cx| {
