@@ -221,6 +221,9 @@ pub(crate) struct Shared {
     pub(crate) db: DB,
     pub(crate) path: PathBuf,
     pub(crate) sync: bool,
+    /// The compression the column families use: an SST file written for
+    /// ingestion (a snapshot install) uses it too.
+    pub(crate) compression: DBCompressionType,
 }
 
 impl Shared {
@@ -296,11 +299,12 @@ impl RocksDb {
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&cache);
         opts.set_block_based_table_factory(&table);
-        opts.set_compression_type(if options.compression {
+        let compression = if options.compression {
             DBCompressionType::Lz4
         } else {
             DBCompressionType::None
-        });
+        };
+        opts.set_compression_type(compression);
 
         let exists = path.join("CURRENT").exists();
         if exists {
@@ -319,6 +323,7 @@ impl RocksDb {
             db,
             path: path.clone(),
             sync: options.sync,
+            compression,
         });
 
         let meta = shared

@@ -11,13 +11,16 @@
 //!   earlier batch and apply the rest again from the log;
 //! - snapshots are a consistent iteration of the group's data (a RocksDB
 //!   snapshot), written to a file and streamed in chunks from it. An
-//!   install streams the received file into the store in bounded batches
-//!   off the runtime, redo-logged: the file is renamed into place and an
-//!   install marker written (synced) before the first batch, and the last
-//!   batch records the new applied id and removes the marker. A crash in
-//!   between leaves the marker, and [`RocksStateMachine::open`] finishes
-//!   the install from the file before anything reads the data; reads
-//!   meanwhile get [`RocksError::Installing`], never a half-replaced
+//!   install turns the received file into SST files off the runtime (in
+//!   key order, as the file holds them; one file per
+//!   [`INSTALL_FILE_BYTES`], so memory stays bounded) and ingests them
+//!   after deleting the group's old data: no WAL, memtable or flush for
+//!   the bulk of it. It is redo-logged: the file is renamed into place and
+//!   an install marker written (synced) before the old data goes, and a
+//!   synced last batch records the new applied id and removes the marker.
+//!   A crash in between leaves the marker, and [`RocksStateMachine::open`]
+//!   finishes the install from the file before anything reads the data;
+//!   reads meanwhile get [`RocksError::Installing`], never a half-replaced
 //!   state. A partly received snapshot is just a stray file.
 //!
 //! Keys of group `g` are stored as `g (u64 BE) ++ key` in the `sm` column
@@ -50,9 +53,11 @@ const TAG_SNAPSHOT: &[u8] = b"sm_snapshot";
 /// The snapshot an unfinished install is loading (its meta).
 const TAG_INSTALLING: &[u8] = b"sm_installing";
 
-/// Bytes of data an install writes per batch: memory stays bounded by
-/// this, whatever the snapshot's size.
-const INSTALL_BATCH_BYTES: usize = 4 << 20;
+/// Bytes of data an install writes per SST file: a file's index and
+/// filter are held in memory until it is finished, so memory stays bounded
+/// by this, whatever the snapshot's size. Small in tests, so that they
+/// cover a snapshot spread over several files.
+const INSTALL_FILE_BYTES: usize = if cfg!(test) { 4 << 20 } else { 256 << 20 };
 
 /// The application's command logic.
 pub trait KvApply<C: TypeConfig>: Send + Sync + 'static {
@@ -834,50 +839,99 @@ where
 }
 
 /// Replaces group `group`'s data with the snapshot file at `path`, whose
-/// meta is `meta`: one batch deletes the data, then batches of at most
-/// [`INSTALL_BATCH_BYTES`] load the file unsynced, and a synced last batch
-/// records the applied id and the snapshot and removes the install marker
-/// (the WAL is ordered: that sync makes every earlier batch durable too).
-/// Idempotent, so a crash anywhere is repaired by running it again.
-/// Blocking: run it off the runtime.
+/// meta is `meta`: writes the file's pairs into SST files beside it, then
+/// one batch deletes the group's data, the SST files are ingested (moved
+/// into the store, synced), and a synced last batch records the applied id
+/// and the snapshot and removes the install marker. Idempotent, so a crash
+/// anywhere is repaired by running it again (a later delete covers what an
+/// earlier run ingested). Blocking: run it off the runtime.
 fn load_snapshot_file<C: TypeConfig>(
     db: &RocksDb,
     group: u64,
     path: &Path,
     meta: &SnapshotMeta<C>,
 ) -> Result<(), StorageError> {
+    let files = write_sst_files(db, group, path)?;
+    let ingested = ingest(db, group, &files);
+    // Ingestion moves the files into the store; what is left is a failed
+    // run's (the next start removes them too, as `.tmp` files).
+    for f in &files {
+        let _ = std::fs::remove_file(f);
+    }
+    ingested?;
+    let last = [
+        applied_op::<C>(group, meta.last_log_id, &meta.membership)?,
+        meta_op(group, TAG_SNAPSHOT, meta)?,
+        Op::Delete {
+            cf: CF_META,
+            key: codec::meta_key(group, TAG_INSTALLING),
+        },
+    ];
+    Ok(db.writer.write_blocking(&last, true)?)
+}
+
+/// Deletes group `group`'s data and ingests `files` in its place.
+fn ingest(db: &RocksDb, group: u64, files: &[PathBuf]) -> Result<(), StorageError> {
+    let range = Op::DeleteRange {
+        cf: CF_SM,
+        from: group.to_be_bytes().to_vec(),
+        to: (group + 1).to_be_bytes().to_vec(),
+    };
+    db.writer.write_blocking(&[range], false)?;
+    if files.is_empty() {
+        return Ok(());
+    }
+    let mut opts = rocksdb::IngestExternalFileOptions::default();
+    opts.set_move_files(true);
+    let shared = &db.shared;
+    shared
+        .db
+        .ingest_external_file_cf_opts(shared.cf(CF_SM)?, &opts, files.to_vec())
+        .map_err(|e| shared.db_err(e).into())
+}
+
+/// Writes the pairs of the snapshot file at `path` as group `group`'s keys
+/// into SST files beside it, [`INSTALL_FILE_BYTES`] of data each, and
+/// returns their paths (none for an empty snapshot).
+fn write_sst_files(db: &RocksDb, group: u64, path: &Path) -> Result<Vec<PathBuf>, StorageError> {
     let file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
-    let mut r = BufReader::new(file);
+    let mut r = BufReader::with_capacity(1 << 20, file);
     let corrupt = |detail: String| StorageError::Corrupt {
         location: path.display().to_string(),
         detail,
     };
-    let mut batch = vec![Op::DeleteRange {
-        cf: CF_SM,
-        from: group.to_be_bytes().to_vec(),
-        to: (group + 1).to_be_bytes().to_vec(),
-    }];
-    let mut bytes = 0;
+    let mut opts = rocksdb::Options::default();
+    opts.set_compression_type(db.shared.compression);
+    let mut files = Vec::new();
+    let mut writer: Option<(rocksdb::SstFileWriter<'_>, usize)> = None;
+    let finish = |w: &mut rocksdb::SstFileWriter<'_>| {
+        w.finish()
+            .map_err(|e| StorageError::from(db.shared.db_err(e)))
+    };
     while let Some((k, v)) = read_pair(&mut r).map_err(corrupt)? {
-        bytes += k.len() + v.len();
-        batch.push(Op::Put {
-            cf: CF_SM,
-            key: data_key(group, &k),
-            value: v,
-        });
-        if bytes >= INSTALL_BATCH_BYTES {
-            db.writer.write_blocking(&batch, false)?;
-            batch.clear();
-            bytes = 0;
+        let (w, bytes) = match &mut writer {
+            Some(w) => w,
+            None => {
+                let sst = path.with_extension(format!("{}.sst.tmp", files.len()));
+                let w = rocksdb::SstFileWriter::create(&opts);
+                w.open(&sst).map_err(|e| db.shared.db_err(e))?;
+                files.push(sst);
+                writer.insert((w, 0))
+            }
+        };
+        // Refused (out of order) only if the file is not one a store wrote.
+        w.put(data_key(group, &k), &v)
+            .map_err(|e| corrupt(format!("record refused by the SST writer: {e}")))?;
+        *bytes += k.len() + v.len();
+        if *bytes >= INSTALL_FILE_BYTES {
+            finish(w)?;
+            writer = None;
         }
     }
-    batch.push(applied_op::<C>(group, meta.last_log_id, &meta.membership)?);
-    batch.push(meta_op(group, TAG_SNAPSHOT, meta)?);
-    batch.push(Op::Delete {
-        cf: CF_META,
-        key: codec::meta_key(group, TAG_INSTALLING),
-    });
-    Ok(db.writer.write_blocking(&batch, true)?)
+    if let Some((w, _)) = &mut writer {
+        finish(w)?;
+    }
+    Ok(files)
 }
 
 #[cfg(test)]
@@ -1205,7 +1259,7 @@ mod tests {
         }
     }
 
-    /// A store of 600 keys of 20 KiB (three install batches' worth) and
+    /// A store of 600 keys of 20 KiB (three install files' worth) and
     /// its snapshot at index 7, and a follower store holding one old key,
     /// with the snapshot received but not installed.
     async fn received_large_snapshot(
@@ -1219,8 +1273,8 @@ mod tests {
         db.writer.write_blocking(&ops, false).expect("data");
         let meta = snapshot_after_blank(&mut a, LogId::new(1, 7)).await;
         assert!(
-            meta.size > 2 * INSTALL_BATCH_BYTES as u64,
-            "three batches or more"
+            meta.size > 2 * INSTALL_FILE_BYTES as u64,
+            "three files or more"
         );
         let (db_b, mut b) = open_sm(follower);
         db_b.writer
@@ -1239,7 +1293,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_snapshot_larger_than_a_batch_installs_whole() {
+    async fn a_snapshot_larger_than_an_install_file_installs_whole() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let (mut sm, meta) = received_large_snapshot(a.path(), b.path()).await;
         sm.install_snapshot(&meta).await.expect("install");
@@ -1251,19 +1305,43 @@ mod tests {
         assert_eq!(sm.current_snapshot().await.expect("meta"), Some(meta));
     }
 
-    /// A crash after the install marker and one batch: the data is half
-    /// replaced, and opening finishes the install from the file.
-    #[tokio::test]
-    async fn an_install_a_crash_interrupted_is_finished_at_open() {
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (sm, meta) = received_large_snapshot(a.path(), b.path()).await;
-        // What install_snapshot does up to its first data batch.
+    /// The install of `received_large_snapshot` up to its marker, as
+    /// `install_snapshot` does it.
+    fn begin_install(sm: &Sm, meta: &SnapshotMeta<KvConfig>) {
         rename_durably(&sm.receive_file(meta.id), &sm.snapshot_file(meta.id)).expect("rename");
-        let marker = meta_op(1, TAG_INSTALLING, &meta).expect("marker");
+        let marker = meta_op(1, TAG_INSTALLING, meta).expect("marker");
         sm.db
             .writer
             .write_blocking(&[marker], true)
             .expect("marker");
+    }
+
+    /// Opens the store in `dir` after a crash during the install of `meta`
+    /// and checks that the install was finished: the snapshot's data and
+    /// nothing else, its applied id, no marker, no SST file left behind.
+    async fn finished_at_open(dir: &Path, meta: SnapshotMeta<KvConfig>) {
+        let (db, mut sm) = open_sm(dir);
+        holds_the_snapshot(&sm);
+        assert_eq!(sm.applied().await.expect("applied"), meta.last_log_id);
+        assert_eq!(sm.current_snapshot().await.expect("meta"), Some(meta));
+        let marker: Option<SnapshotMeta<KvConfig>> =
+            db.meta_get(1, TAG_INSTALLING).expect("marker");
+        assert!(marker.is_none(), "the finished install left its marker");
+        let left: Vec<_> = std::fs::read_dir(&sm.snapshot_dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .filter(|n| n.to_string_lossy().contains(".sst"))
+            .collect();
+        assert!(left.is_empty(), "SST files left: {left:?}");
+    }
+
+    /// A crash after the install marker, with the old data deleted and one
+    /// key of the new written: opening finishes the install from the file.
+    #[tokio::test]
+    async fn an_install_a_crash_interrupted_is_finished_at_open() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (sm, meta) = received_large_snapshot(a.path(), b.path()).await;
+        begin_install(&sm, &meta);
         let first = [
             Op::DeleteRange {
                 cf: CF_SM,
@@ -1274,14 +1352,22 @@ mod tests {
         ];
         sm.db.writer.write_blocking(&first, false).expect("batch");
         drop(sm);
+        finished_at_open(b.path(), meta).await;
+    }
 
-        let (db, mut sm) = open_sm(b.path());
-        holds_the_snapshot(&sm);
-        assert_eq!(sm.applied().await.expect("applied"), meta.last_log_id);
-        assert_eq!(sm.current_snapshot().await.expect("meta"), Some(meta));
-        let marker: Option<SnapshotMeta<KvConfig>> =
-            db.meta_get(1, TAG_INSTALLING).expect("marker");
-        assert!(marker.is_none(), "the finished install left its marker");
+    /// A crash after the SST files were written and one of them ingested,
+    /// before the last batch: the next run deletes and ingests again, and
+    /// the half-done run's files do not outlive the open.
+    #[tokio::test]
+    async fn an_install_a_crash_interrupted_after_ingesting_is_finished_at_open() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (sm, meta) = received_large_snapshot(a.path(), b.path()).await;
+        begin_install(&sm, &meta);
+        let files = write_sst_files(&sm.db, 1, &sm.snapshot_file(meta.id)).expect("sst");
+        assert!(files.len() >= 3, "three files or more: {files:?}");
+        ingest(&sm.db, 1, &files[..1]).expect("ingest");
+        drop(sm);
+        finished_at_open(b.path(), meta).await;
     }
 
     #[tokio::test]
