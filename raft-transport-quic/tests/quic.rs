@@ -488,3 +488,71 @@ async fn a_certificate_from_another_ca_fails_the_handshake() {
     assert!(r.is_err(), "a certificate from another CA was accepted");
     h.still_replicates().await;
 }
+
+/// Snapshot chunks go on a connection of their own, from an endpoint (and
+/// a thread) set up at the first chunk: node 1 serves, node 2 dials it. A
+/// vote opens one connection, the first chunk a second one, the next chunk
+/// reuses it; once node 2's networks are dropped, both connections close
+/// (the bulk endpoint with the last of them) well within the idle
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_chunks_travel_on_a_connection_of_their_own() {
+    use raft_core::{InstallSnapshotRequest, LogId, Membership, Network, NetworkFactory};
+    let certs = DevCerts::generate([1, 2].map(NodeId)).expect("certs");
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let server = start(
+        &certs,
+        NodeId(1),
+        any,
+        MemLogStore::new(),
+        MemStateMachine::new(),
+    )
+    .await;
+    let client = QuicTransport::bind(quic_config(any), certs.identity(NodeId(2)).expect("id"))
+        .expect("bind");
+    let mut factory = client.network_factory::<KvConfig>();
+    let net = factory.connect(NodeId(1), &server.addr.to_string());
+    let connections = || server.transport.endpoint().open_connections();
+    let vote = raft_core::VoteRequest {
+        term: raft_core::Term(1),
+        candidate_id: NodeId(2),
+        last_log_id: LogId::new(0, 0),
+        pre_vote: true,
+        transfer: false,
+        candidate_uuid: Default::default(),
+    };
+    net.vote(vote).await.expect("vote answered");
+    assert_eq!(connections(), 1, "the vote's connection");
+    let meta = raft_core::SnapshotMeta {
+        last_log_id: LogId::new(1, 5),
+        membership: Membership::default(),
+        id: 5,
+        size: 8,
+    };
+    for offset in [0, 4] {
+        let chunk = InstallSnapshotRequest::chunk(
+            raft_core::Term(1),
+            NodeId(2),
+            meta.clone(),
+            offset,
+            vec![7; 4],
+            offset == 4,
+        );
+        // Answered or refused by the node: either way it was delivered.
+        let _ = net.install_snapshot(chunk).await;
+        assert_eq!(connections(), 2, "the vote's and the chunks' connections");
+    }
+    drop((net, factory));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while connections() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} connections outlived their networks",
+            connections()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.close().await;
+    server.raft.shutdown().await;
+    server.transport.close().await;
+}
