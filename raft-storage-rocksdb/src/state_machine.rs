@@ -226,6 +226,11 @@ pub struct RocksStateMachine<C: TypeConfig, A: KvApply<C>> {
     snapshot_dir: PathBuf,
     /// An install is replacing the data: reads are refused until it ends.
     installing: Arc<AtomicBool>,
+    /// The snapshot being received, its SST files built as it arrives.
+    streamed: Option<Streamed>,
+    /// Transfers received since open: names each one's SST files apart
+    /// from those of an abandoned one still being deleted.
+    transfers: u64,
 }
 
 pub(crate) fn io(context: String) -> impl FnOnce(std::io::Error) -> StorageError {
@@ -284,6 +289,8 @@ impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
             previous: None,
             snapshot_dir,
             installing: Arc::default(),
+            streamed: None,
+            transfers: 0,
         })
     }
 
@@ -341,6 +348,62 @@ impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
             .map_err(io(format!("renaming {}", staging.display())))?;
         self.install_snapshot(&meta).await?;
         Ok(meta)
+    }
+
+    /// Hands a received chunk to the SST builder of its transfer: a chunk
+    /// at offset 0 starts one (abandoning any other); a chunk out of step
+    /// with it abandons it, and the install then builds from the file.
+    async fn stream_chunk(&mut self, id: u64, offset: u64, data: Vec<u8>) {
+        if offset == 0 {
+            self.streamed = None;
+            self.transfers += 1;
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let store = (
+                self.db.path().to_path_buf(),
+                self.db.shared.compression,
+                self.group,
+            );
+            let base = self
+                .snapshot_dir
+                .join(format!("{id}.{}.received", self.transfers));
+            let built = tokio::task::spawn_blocking(move || sst_files_from_chunks(store, base, rx));
+            self.streamed = Some(Streamed {
+                id,
+                next: 0,
+                chunks: Some(tx),
+                built,
+            });
+        }
+        let Some(s) = &mut self.streamed else {
+            return;
+        };
+        if s.id != id || s.next != offset {
+            self.streamed = None;
+            return;
+        }
+        s.next += data.len() as u64;
+        if let Some(tx) = &s.chunks
+            && tx.send(data).await.is_err()
+        {
+            // The builder stopped: done (the snapshot's end was in an
+            // earlier chunk) or failed; the install finds out which.
+            s.chunks = None;
+        }
+    }
+
+    /// The SST files built for snapshot `id` while it was received, if they
+    /// were (a builder that failed is logged; the install then builds from
+    /// the file).
+    async fn streamed_files(&mut self, id: u64) -> Option<SstFiles> {
+        let s = self.streamed.take().filter(|s| s.id == id)?;
+        drop(s.chunks);
+        match joined(s.built.await) {
+            Ok(files) => Some(files),
+            Err(e) => {
+                tracing::warn!(snapshot = id, error = %e, "SST files built while receiving failed; building from the file");
+                None
+            }
+        }
     }
 
     fn snapshot_file(&self, id: u64) -> PathBuf {
@@ -503,8 +566,12 @@ fn remove_files_where(dir: &Path, stray: impl Fn(&str) -> bool) -> Result<(), St
         let entry = entry.map_err(io(format!("listing {}", dir.display())))?;
         if stray(&entry.file_name().to_string_lossy()) {
             tracing::info!(file = %entry.path().display(), "removing stray snapshot file");
-            std::fs::remove_file(entry.path())
-                .map_err(io(format!("removing {}", entry.path().display())))?;
+            match std::fs::remove_file(entry.path()) {
+                // Gone meanwhile: an abandoned transfer's SST builder, still
+                // winding down after its store was closed, deletes its own.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                r => r.map_err(io(format!("removing {}", entry.path().display())))?,
+            }
         }
     }
     Ok(())
@@ -799,8 +866,12 @@ where
     ) -> Result<(), StorageError> {
         let path = self.receive_file(meta.id);
         let dir = self.snapshot_dir.clone();
-        let job = tokio::task::spawn_blocking(move || write_chunk(&dir, &path, offset, &data));
-        joined(job.await)
+        let job = tokio::task::spawn_blocking(move || {
+            write_chunk(&dir, &path, offset, &data).map(|()| data)
+        });
+        let data = joined(job.await)?;
+        self.stream_chunk(meta.id, offset, data).await;
+        Ok(())
     }
 
     /// Bounded memory, off the runtime, atomic by redo: see the module
@@ -824,8 +895,12 @@ where
             .writer
             .write(vec![meta_op(self.group, TAG_INSTALLING, meta)?])
             .await?;
+        let streamed = self.streamed_files(meta.id).await;
         let (db, group, m) = (self.db.clone(), self.group, meta.clone());
-        let loaded = tokio::task::spawn_blocking(move || load_snapshot_file(&db, group, &path, &m));
+        let loaded = tokio::task::spawn_blocking(move || match streamed {
+            Some(files) => install_files(&db, group, &m, &files.0),
+            None => load_snapshot_file(&db, group, &path, &m),
+        });
         joined(loaded.await)?;
         self.installing.store(false, Ordering::Release);
         let replaced = self.snapshot.replace(meta.clone()).map(|s| s.id);
@@ -852,10 +927,20 @@ fn load_snapshot_file<C: TypeConfig>(
     meta: &SnapshotMeta<C>,
 ) -> Result<(), StorageError> {
     let files = write_sst_files(db, group, path)?;
-    let ingested = ingest(db, group, &files);
+    install_files(db, group, meta, &files)
+}
+
+/// The rest of [`load_snapshot_file`] once the SST files are written.
+fn install_files<C: TypeConfig>(
+    db: &RocksDb,
+    group: u64,
+    meta: &SnapshotMeta<C>,
+    files: &[PathBuf],
+) -> Result<(), StorageError> {
+    let ingested = ingest(db, group, files);
     // Ingestion moves the files into the store; what is left is a failed
     // run's (the next start removes them too, as `.tmp` files).
-    for f in &files {
+    for f in files {
         let _ = std::fs::remove_file(f);
     }
     ingested?;
@@ -896,42 +981,178 @@ fn ingest(db: &RocksDb, group: u64, files: &[PathBuf]) -> Result<(), StorageErro
 fn write_sst_files(db: &RocksDb, group: u64, path: &Path) -> Result<Vec<PathBuf>, StorageError> {
     let file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
     let mut r = BufReader::with_capacity(1 << 20, file);
-    let corrupt = |detail: String| StorageError::Corrupt {
-        location: path.display().to_string(),
-        detail,
-    };
+    let opts = sst_options(db.shared.compression);
+    let mut sink = SstSink::new(db.path(), group, path, &opts);
+    while let Some((k, v)) = read_pair(&mut r).map_err(|e| sink.corrupt(e))? {
+        sink.put(&k, &v)?;
+    }
+    sink.finish()
+}
+
+/// What an SST file written for ingestion is written with: the column
+/// family's compression (and, as ever, its default comparator).
+fn sst_options(compression: rocksdb::DBCompressionType) -> rocksdb::Options {
     let mut opts = rocksdb::Options::default();
-    opts.set_compression_type(db.shared.compression);
-    let mut files = Vec::new();
-    let mut writer: Option<(rocksdb::SstFileWriter<'_>, usize)> = None;
-    let finish = |w: &mut rocksdb::SstFileWriter<'_>| {
-        w.finish()
-            .map_err(|e| StorageError::from(db.shared.db_err(e)))
-    };
-    while let Some((k, v)) = read_pair(&mut r).map_err(corrupt)? {
-        let (w, bytes) = match &mut writer {
-            Some(w) => w,
-            None => {
-                let sst = path.with_extension(format!("{}.sst.tmp", files.len()));
-                let w = rocksdb::SstFileWriter::create(&opts);
-                w.open(&sst).map_err(|e| db.shared.db_err(e))?;
-                files.push(sst);
-                writer.insert((w, 0))
-            }
-        };
-        // Refused (out of order) only if the file is not one a store wrote.
-        w.put(data_key(group, &k), &v)
-            .map_err(|e| corrupt(format!("record refused by the SST writer: {e}")))?;
-        *bytes += k.len() + v.len();
-        if *bytes >= INSTALL_FILE_BYTES {
-            finish(w)?;
-            writer = None;
+    opts.set_compression_type(compression);
+    opts
+}
+
+/// Group `group`'s pairs, given in key order, written into SST files named
+/// `<base>.<n>.sst.tmp`, [`INSTALL_FILE_BYTES`] of data each.
+struct SstSink<'a> {
+    /// The store's directory, for errors.
+    db_path: &'a Path,
+    group: u64,
+    base: &'a Path,
+    opts: &'a rocksdb::Options,
+    files: Vec<PathBuf>,
+    /// The file being written and the bytes of data in it.
+    writer: Option<(rocksdb::SstFileWriter<'a>, usize)>,
+}
+
+impl<'a> SstSink<'a> {
+    fn new(db_path: &'a Path, group: u64, base: &'a Path, opts: &'a rocksdb::Options) -> Self {
+        SstSink {
+            db_path,
+            group,
+            base,
+            opts,
+            files: Vec::new(),
+            writer: None,
         }
     }
-    if let Some((w, _)) = &mut writer {
-        finish(w)?;
+
+    fn corrupt(&self, detail: String) -> StorageError {
+        StorageError::Corrupt {
+            location: self.base.display().to_string(),
+            detail,
+        }
     }
-    Ok(files)
+
+    fn db_err(&self, source: rocksdb::Error) -> StorageError {
+        RocksError::Db {
+            path: self.db_path.to_path_buf(),
+            source,
+        }
+        .into()
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
+        let (w, bytes) = match &mut self.writer {
+            Some(w) => w,
+            None => {
+                let sst = PathBuf::from(format!(
+                    "{}.{}.sst.tmp",
+                    self.base.display(),
+                    self.files.len()
+                ));
+                let w = rocksdb::SstFileWriter::create(self.opts);
+                if let Err(e) = w.open(&sst) {
+                    return Err(self.db_err(e));
+                }
+                self.files.push(sst);
+                self.writer.insert((w, 0))
+            }
+        };
+        // Refused (out of order) only if the data is not what a store wrote.
+        if let Err(e) = w.put(data_key(self.group, key), value) {
+            return Err(self.corrupt(format!("record refused by the SST writer: {e}")));
+        }
+        *bytes += key.len() + value.len();
+        if *bytes >= INSTALL_FILE_BYTES {
+            self.finish_file()?;
+        }
+        Ok(())
+    }
+
+    fn finish_file(&mut self) -> Result<(), StorageError> {
+        match self.writer.take() {
+            Some((mut w, _)) => w.finish().map_err(|e| self.db_err(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// The files written, all finished.
+    fn finish(mut self) -> Result<Vec<PathBuf>, StorageError> {
+        self.finish_file()?;
+        Ok(std::mem::take(&mut self.files))
+    }
+}
+
+impl Drop for SstSink<'_> {
+    /// Files of a sink dropped unfinished (a failure, an abandoned
+    /// transfer) are deleted.
+    fn drop(&mut self) {
+        self.writer = None;
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// Builds the SST files of a snapshot from its bytes as they are received
+/// (`chunks`, in order from offset 0), so that an install waits only for
+/// the last chunk's records and the ingestion. Blocking: runs on a
+/// blocking thread for the length of the transfer. Returns the files once
+/// the snapshot's terminator is read; an error if the chunks stop before it
+/// (the transfer was abandoned: its files are deleted) or do not parse.
+/// It holds no handle on the store, so a store closed meanwhile (the node
+/// shut down) is released at once.
+fn sst_files_from_chunks(
+    (db_path, compression, group): (PathBuf, rocksdb::DBCompressionType, u64),
+    base: PathBuf,
+    mut chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+) -> Result<SstFiles, StorageError> {
+    let opts = sst_options(compression);
+    let mut sink = SstSink::new(&db_path, group, &base, &opts);
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let mut at = 0;
+        while let Some(len) = buf.get(at..at + 4) {
+            let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+            if len == 0 {
+                return sink.finish().map(SstFiles);
+            }
+            if len > 64 << 20 {
+                return Err(sink.corrupt(format!("record of {len} bytes")));
+            }
+            let Some(record) = buf.get(at + 4..at + 4 + len) else {
+                break;
+            };
+            let (k, v): Pair =
+                raft_core::codec::decode(record).map_err(|e| sink.corrupt(e.to_string()))?;
+            sink.put(&k, &v)?;
+            at += 4 + len;
+        }
+        buf.drain(..at);
+        match chunks.blocking_recv() {
+            Some(chunk) => buf.extend_from_slice(&chunk),
+            None => return Err(sink.corrupt("the transfer ended before the snapshot did".into())),
+        }
+    }
+}
+
+/// A received snapshot's SST files being built as its chunks arrive.
+struct Streamed {
+    /// The snapshot, and the offset the next chunk must start at.
+    id: u64,
+    next: u64,
+    /// Where the chunks go; `None` once the builder stopped taking them.
+    chunks: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    built: tokio::task::JoinHandle<Result<SstFiles, StorageError>>,
+}
+
+/// SST files built for an install: deleted when dropped (those the install
+/// ingested are gone by then; a transfer abandoned after its last chunk
+/// leaves none).
+struct SstFiles(Vec<PathBuf>);
+
+impl Drop for SstFiles {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1284,6 +1505,65 @@ mod tests {
         (b, meta)
     }
 
+    /// The SST files in `sm`'s snapshot directory.
+    fn sst_files_left(sm: &Sm) -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(&sm.snapshot_dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .filter(|n| n.to_string_lossy().contains(".sst"))
+            .collect()
+    }
+
+    /// An install uses the SST files built while the chunks arrived: the
+    /// received file is zeroed after the last chunk (a file read would find
+    /// an empty snapshot), and the install still holds the snapshot.
+    #[tokio::test]
+    async fn an_install_ingests_what_was_built_while_receiving() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut sm, meta) = received_large_snapshot(a.path(), b.path()).await;
+        let partial = sm.receive_file(meta.id);
+        std::fs::write(&partial, vec![0u8; meta.size as usize]).expect("zero");
+        sm.install_snapshot(&meta).await.expect("install");
+        holds_the_snapshot(&sm);
+        assert!(sst_files_left(&sm).is_empty(), "{:?}", sst_files_left(&sm));
+    }
+
+    /// A transfer that starts over at offset 0 halfway abandons the files
+    /// built so far (deleted) and builds them again from the new chunks.
+    #[tokio::test]
+    async fn a_transfer_that_starts_over_builds_its_files_again() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (db, mut leader) = open_sm(a.path());
+        let ops: Vec<Op> = (0..600)
+            .map(|i| put(&format!("k{i}"), vec![i as u8; 20 << 10]))
+            .collect();
+        db.writer.write_blocking(&ops, false).expect("data");
+        let meta = snapshot_after_blank(&mut leader, LogId::new(1, 7)).await;
+        let (_db_b, mut sm) = open_sm(b.path());
+        for offset in (0..6).map(|i| i << 20) {
+            let c = leader
+                .read_snapshot_chunk(meta.id, offset, 1 << 20)
+                .await
+                .expect("read")
+                .expect("readable");
+            sm.write_snapshot_chunk(&meta, offset, c.data)
+                .await
+                .expect("write");
+        }
+        stream(&mut leader, &mut sm, &meta).await;
+        sm.install_snapshot(&meta).await.expect("install");
+        holds_the_snapshot(&sm);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !sst_files_left(&sm).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the abandoned transfer's files stay: {:?}",
+                sst_files_left(&sm)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     fn holds_the_snapshot(sm: &Sm) {
         assert_eq!(sm.get(b"old").expect("get"), None, "the old state is gone");
         for i in [0, 299, 599] {
@@ -1306,8 +1586,11 @@ mod tests {
     }
 
     /// The install of `received_large_snapshot` up to its marker, as
-    /// `install_snapshot` does it.
-    fn begin_install(sm: &Sm, meta: &SnapshotMeta<KvConfig>) {
+    /// `install_snapshot` does it; the SST files built while receiving are
+    /// dropped (deleted), as a crash loses them (the open removes what a
+    /// crash leaves).
+    async fn begin_install(sm: &mut Sm, meta: &SnapshotMeta<KvConfig>) {
+        drop(sm.streamed_files(meta.id).await);
         rename_durably(&sm.receive_file(meta.id), &sm.snapshot_file(meta.id)).expect("rename");
         let marker = meta_op(1, TAG_INSTALLING, meta).expect("marker");
         sm.db
@@ -1327,11 +1610,7 @@ mod tests {
         let marker: Option<SnapshotMeta<KvConfig>> =
             db.meta_get(1, TAG_INSTALLING).expect("marker");
         assert!(marker.is_none(), "the finished install left its marker");
-        let left: Vec<_> = std::fs::read_dir(&sm.snapshot_dir)
-            .expect("list")
-            .map(|e| e.expect("entry").file_name())
-            .filter(|n| n.to_string_lossy().contains(".sst"))
-            .collect();
+        let left = sst_files_left(&sm);
         assert!(left.is_empty(), "SST files left: {left:?}");
     }
 
@@ -1340,8 +1619,8 @@ mod tests {
     #[tokio::test]
     async fn an_install_a_crash_interrupted_is_finished_at_open() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (sm, meta) = received_large_snapshot(a.path(), b.path()).await;
-        begin_install(&sm, &meta);
+        let (mut sm, meta) = received_large_snapshot(a.path(), b.path()).await;
+        begin_install(&mut sm, &meta).await;
         let first = [
             Op::DeleteRange {
                 cf: CF_SM,
@@ -1361,8 +1640,8 @@ mod tests {
     #[tokio::test]
     async fn an_install_a_crash_interrupted_after_ingesting_is_finished_at_open() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (sm, meta) = received_large_snapshot(a.path(), b.path()).await;
-        begin_install(&sm, &meta);
+        let (mut sm, meta) = received_large_snapshot(a.path(), b.path()).await;
+        begin_install(&mut sm, &meta).await;
         let files = write_sst_files(&sm.db, 1, &sm.snapshot_file(meta.id)).expect("sst");
         assert!(files.len() >= 3, "three files or more: {files:?}");
         ingest(&sm.db, 1, &files[..1]).expect("ingest");
