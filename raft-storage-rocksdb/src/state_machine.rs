@@ -10,12 +10,13 @@
 //!   same WAL): after a power loss the state machine may resume from an
 //!   earlier batch and apply the rest again from the log;
 //! - snapshots are a consistent iteration of the group's data (a RocksDB
-//!   snapshot), written to a file and streamed in chunks from it. An
-//!   install turns the received file into SST files off the runtime (in
-//!   key order, as the file holds them; one file per
-//!   [`INSTALL_FILE_BYTES`], so memory stays bounded) and ingests them
-//!   after deleting the group's old data: no WAL, memtable or flush for
-//!   the bulk of it. It is redo-logged: the file is renamed into place and
+//!   snapshot), written to a file and streamed in chunks from it. A
+//!   receiving node writes the chunks to a file and, on a blocking thread,
+//!   into SST files as they arrive (in key order, as the snapshot holds
+//!   them; one file per [`INSTALL_FILE_BYTES`], so memory stays bounded);
+//!   the install ingests those files (or builds them from the file, when a
+//!   restart's redo or a broken stream needs it) after deleting the
+//!   group's old data: no WAL, memtable or flush for the bulk of it. It is redo-logged: the file is renamed into place and
 //!   an install marker written (synced) before the old data goes, and a
 //!   synced last batch records the new applied id and removes the marker.
 //!   A crash in between leaves the marker, and [`RocksStateMachine::open`]
