@@ -1165,31 +1165,34 @@ struct HeldNetwork {
     from: NodeId,
 }
 
+impl HeldNetwork {
+    /// `call`'s answer, once its hold (if any) is over.
+    async fn held<T>(&self, call: impl std::future::Future<Output = T>) -> T {
+        let answer = call.await;
+        self.held.deliver(self.from).await;
+        answer
+    }
+}
+
 #[async_trait::async_trait]
 impl raft_core::Network<KvConfig> for HeldNetwork {
     async fn append_entries(
         &self,
         req: raft_core::AppendEntriesRequest<KvConfig>,
     ) -> Result<raft_core::AppendEntriesResponse, raft_core::NetworkError> {
-        let resp = self.inner.append_entries(req).await;
-        self.held.deliver(self.from).await;
-        resp
+        self.held(self.inner.append_entries(req)).await
     }
     async fn vote(
         &self,
         req: raft_core::VoteRequest,
     ) -> Result<raft_core::VoteResponse, raft_core::NetworkError> {
-        let resp = self.inner.vote(req).await;
-        self.held.deliver(self.from).await;
-        resp
+        self.held(self.inner.vote(req)).await
     }
     async fn install_snapshot(
         &self,
         req: raft_core::InstallSnapshotRequest<KvConfig>,
     ) -> Result<raft_core::InstallSnapshotResponse, raft_core::NetworkError> {
-        let resp = self.inner.install_snapshot(req).await;
-        self.held.deliver(self.from).await;
-        resp
+        self.held(self.inner.install_snapshot(req)).await
     }
     async fn timeout_now(
         &self,
