@@ -647,8 +647,9 @@ where
 /// encryption and packet building of a transfer), so a transfer moves at the
 /// rate of that thread rather than of a node's runtime shared with its
 /// clients. Set up at the first chunk sent; a node that never sends a
-/// snapshot never starts the thread. Dropped with the last network of its
-/// factory: the thread then closes the endpoint and ends.
+/// snapshot never starts the thread. Dropped with its factory and the last
+/// of the factory's networks: the thread then closes the endpoint and
+/// ends.
 struct Bulk {
     bind: SocketAddr,
     client: quinn::ClientConfig,
