@@ -16,9 +16,10 @@
 //!   them; one file per [`INSTALL_FILE_BYTES`], so memory stays bounded);
 //!   the install ingests those files (or builds them from the file, when a
 //!   restart's redo or a broken stream needs it) after deleting the
-//!   group's old data: no WAL, memtable or flush for the bulk of it. It is redo-logged: the file is renamed into place and
-//!   an install marker written (synced) before the old data goes, and a
-//!   synced last batch records the new applied id and removes the marker.
+//!   group's old data: no WAL, memtable or flush for the bulk of it. It
+//!   is redo-logged: the file is renamed into place and an install marker
+//!   written (synced) before the old data goes, and a synced last batch
+//!   records the new applied id and removes the marker.
 //!   A crash in between leaves the marker, and [`RocksStateMachine::open`]
 //!   finishes the install from the file before anything reads the data;
 //!   reads meanwhile get [`RocksError::Installing`], never a half-replaced
