@@ -982,9 +982,21 @@ fn ingest(db: &RocksDb, group: u64, files: &[PathBuf]) -> Result<(), StorageErro
 /// returns their paths (none for an empty snapshot).
 fn write_sst_files(db: &RocksDb, group: u64, path: &Path) -> Result<Vec<PathBuf>, StorageError> {
     let file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
-    let mut r = BufReader::with_capacity(1 << 20, file);
-    let opts = sst_options(db.shared.compression);
-    let mut sink = SstSink::new(db.path(), group, path, &opts);
+    let r = BufReader::with_capacity(1 << 20, file);
+    let store = (db.path().to_path_buf(), db.shared.compression, group);
+    sst_files_from(r, store, path)
+}
+
+/// Reads snapshot records from `r` up to the terminator and writes them
+/// as group `group`'s keys into SST files named after `base`, of the
+/// store at `db_path` (named in errors) with its compression.
+fn sst_files_from(
+    mut r: impl Read,
+    (db_path, compression, group): (PathBuf, rocksdb::DBCompressionType, u64),
+    base: &Path,
+) -> Result<Vec<PathBuf>, StorageError> {
+    let opts = sst_options(compression);
+    let mut sink = SstSink::new(&db_path, group, base, &opts);
     while let Some((k, v)) = read_pair(&mut r).map_err(|e| sink.corrupt(e))? {
         sink.put(&k, &v)?;
     }
@@ -1101,36 +1113,39 @@ impl Drop for SstSink<'_> {
 /// It holds no handle on the store, so a store closed meanwhile (the node
 /// shut down) is released at once.
 fn sst_files_from_chunks(
-    (db_path, compression, group): (PathBuf, rocksdb::DBCompressionType, u64),
+    store: (PathBuf, rocksdb::DBCompressionType, u64),
     base: PathBuf,
-    mut chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
 ) -> Result<SstFiles, StorageError> {
-    let opts = sst_options(compression);
-    let mut sink = SstSink::new(&db_path, group, &base, &opts);
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        let mut at = 0;
-        while let Some(len) = buf.get(at..at + 4) {
-            let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
-            if len == 0 {
-                return sink.finish().map(SstFiles);
+    let r = ChunkReader {
+        chunks,
+        chunk: Vec::new(),
+        at: 0,
+    };
+    sst_files_from(r, store, &base).map(SstFiles)
+}
+
+/// The bytes of the chunks received on `chunks`, in order, as a reader;
+/// it ends when the sender is dropped (a record cut short there is an
+/// error to `read_pair`).
+struct ChunkReader {
+    chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.chunk.len() {
+            match self.chunks.blocking_recv() {
+                Some(chunk) => (self.chunk, self.at) = (chunk, 0),
+                None => return Ok(0),
             }
-            if len > 64 << 20 {
-                return Err(sink.corrupt(format!("record of {len} bytes")));
-            }
-            let Some(record) = buf.get(at + 4..at + 4 + len) else {
-                break;
-            };
-            let (k, v): Pair =
-                raft_core::codec::decode(record).map_err(|e| sink.corrupt(e.to_string()))?;
-            sink.put(&k, &v)?;
-            at += 4 + len;
         }
-        buf.drain(..at);
-        match chunks.blocking_recv() {
-            Some(chunk) => buf.extend_from_slice(&chunk),
-            None => return Err(sink.corrupt("the transfer ended before the snapshot did".into())),
-        }
+        let n = out.len().min(self.chunk.len() - self.at);
+        out[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 
