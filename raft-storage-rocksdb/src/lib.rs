@@ -23,17 +23,20 @@
 //! Durability: with [`RocksOptions::sync`] on (the default) every mutation's
 //! future completes only after its WAL write is synced. Purge and truncate
 //! update data and metadata in one batch, so any crash leaves a valid log.
-//! WAL recovery tolerates only a torn record at the tail (the write a crash
-//! interrupted, which was never acknowledged); damage anywhere else, or a
-//! WAL shorter than the size the MANIFEST recorded when it was synced, makes
-//! [`RocksDb::open`] fail with a typed error instead of silently dropping
-//! records.
+//! WAL recovery tolerates a torn record at the tail (the write a crash
+//! interrupted, which was never acknowledged) and a hole that a power loss
+//! left among the unsynced apply batches at the tail, when the records past
+//! it show that nothing in it had been acknowledged (`recovery`); other
+//! damage, or a WAL shorter than the size the MANIFEST recorded when it was
+//! synced, makes [`RocksDb::open`] fail with a typed error instead of
+//! silently dropping records.
 
 #![deny(missing_docs)]
 
 pub mod backup;
 mod codec;
 mod legacy;
+mod recovery;
 mod sessions;
 mod state_machine;
 mod writer;
@@ -43,6 +46,7 @@ pub use state_machine::{KeyValue, KvApply, RocksReader, RocksStateMachine, Write
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use async_trait::async_trait;
 use raft_core::{Entry, HardState, LogId, LogIndex, LogState, LogStore, StorageError, TypeConfig};
@@ -224,6 +228,9 @@ pub(crate) struct Shared {
     /// The compression the column families use: an SST file written for
     /// ingestion (a snapshot install) uses it too.
     pub(crate) compression: DBCompressionType,
+    /// How many synced groups the writer has committed and acknowledged;
+    /// every batch records it (see `recovery`).
+    pub(crate) acked: AtomicU64,
 }
 
 impl Shared {
@@ -287,9 +294,9 @@ impl RocksDb {
         opts.create_if_missing(true);
         opts.set_paranoid_checks(true);
         // A crash can tear the record being written at the WAL's tail: that
-        // record was never acknowledged, so tolerate it; damage anywhere
-        // else in a WAL fails the open. Synced WAL sizes are also recorded
-        // in the MANIFEST, so a WAL truncated at rest is detected.
+        // record was never acknowledged, so tolerate it; other damage fails
+        // this open and is looked at by `recovery`. Synced WAL sizes are also
+        // recorded in the MANIFEST, so a WAL truncated at rest is detected.
         opts.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
         opts.set_track_and_verify_wals_in_manifest(true);
         opts.set_write_buffer_size(options.write_buffer_size);
@@ -318,8 +325,15 @@ impl RocksDb {
             opts.create_missing_column_families(true);
         }
         let cfs = COLUMN_FAMILIES.map(|n| ColumnFamilyDescriptor::new(n, opts.clone()));
-        let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(db_err)?;
+        let db = match DB::open_cf_descriptors(&opts, &path, cfs) {
+            Ok(db) => db,
+            Err(e) if exists && e.kind() == rocksdb::ErrorKind::Corruption => {
+                recovery::open_past_torn_tail(&opts, &path, e)?
+            }
+            Err(e) => return Err(db_err(e)),
+        };
         let shared = Arc::new(Shared {
+            acked: AtomicU64::new(recovery::counter(&db, recovery::KEY_SYNCED)),
             db,
             path: path.clone(),
             sync: options.sync,

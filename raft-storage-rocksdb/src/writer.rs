@@ -3,6 +3,7 @@
 //! Unsynced writes are done in place by their caller unless RocksDB would
 //! delay them ([`Writer::write_unsynced`]).
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -10,7 +11,8 @@ use std::thread::JoinHandle;
 use rocksdb::{WriteBatch, WriteOptions};
 use tokio::sync::oneshot;
 
-use crate::{RocksError, Shared};
+use crate::recovery::{KEY_ACKED, KEY_SYNCED};
+use crate::{CF_META, RocksError, Shared};
 
 /// One mutation of a batch.
 pub enum Op {
@@ -151,18 +153,28 @@ fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Request>) {
             }
         }
         // One sync covers the whole group; skip it when no one needs it.
+        let synced = shared.sync && group.iter().any(|r| r.sync);
         let mut opts = WriteOptions::default();
-        opts.set_sync(shared.sync && group.iter().any(|r| r.sync));
+        opts.set_sync(synced);
         let mut batch = WriteBatch::default();
+        let ordinal = shared.acked.load(Ordering::Acquire) + 1;
         let result = group
             .iter()
             .try_for_each(|req| add_ops(&mut batch, &shared, &req.ops))
             .and_then(|()| {
+                let meta = shared.cf(CF_META)?;
+                if synced {
+                    batch.put_cf(meta, KEY_SYNCED, ordinal.to_le_bytes());
+                }
+                batch.put_cf(meta, KEY_ACKED, (ordinal - 1).to_le_bytes());
                 shared
                     .db
                     .write_opt(batch, &opts)
                     .map_err(|e| shared.db_err(e))
             });
+        if synced && result.is_ok() {
+            shared.acked.store(ordinal, Ordering::Release);
+        }
         for req in group {
             let r = match &result {
                 Ok(()) => Ok(()),
@@ -173,10 +185,13 @@ fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Request>) {
     }
 }
 
-/// `ops` as one batch.
+/// `ops` as one batch written outside the writer thread, which records how
+/// many synced groups were acknowledged before it (see `recovery`).
 fn batch_of(shared: &Shared, ops: &[Op]) -> Result<WriteBatch, RocksError> {
     let mut batch = WriteBatch::default();
     add_ops(&mut batch, shared, ops)?;
+    let acked = shared.acked.load(Ordering::Acquire);
+    batch.put_cf(shared.cf(CF_META)?, KEY_ACKED, acked.to_le_bytes());
     Ok(batch)
 }
 

@@ -3,11 +3,16 @@
 //! Every case must end in a typed error or in the intact log: never a panic,
 //! never a log with entries silently missing.
 
-use std::path::Path;
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::KvLogic;
 use raft_core::memory::{KvCommand, KvConfig};
-use raft_core::{Entry, EntryPayload, HardState, LogId, LogIndex, LogStore, NodeId, Term};
-use raft_storage_rocksdb::{RocksDb, RocksError, RocksLogStore, RocksOptions};
+use raft_core::{
+    Entry, EntryPayload, HardState, LogId, LogIndex, LogStore, NodeId, StateMachine, Term,
+};
+use raft_storage_rocksdb::{RocksDb, RocksError, RocksLogStore, RocksOptions, RocksStateMachine};
 
 const N: u64 = 3000;
 
@@ -267,4 +272,135 @@ fn a_hole_in_the_log_is_refused() {
         Ok(_) => panic!("a hole in the middle of the log went unnoticed"),
     }
     let _ = LogIndex(0);
+}
+
+/// Entry `i` of the WAL-hole tests: a 2 KiB value, so a few batches span
+/// several of the WAL's 4 KiB pages and 32 KiB blocks.
+fn big_put(i: u64) -> Entry<KvConfig> {
+    Entry {
+        log_id: LogId::new(1, i),
+        payload: EntryPayload::command(KvCommand::Put {
+            key: format!("k{i}"),
+            value: format!("{i:0>2048}"),
+        }),
+    }
+}
+
+/// The store's live WAL (the newest `*.log`) and its length.
+fn live_wal(dir: &Path) -> (PathBuf, usize) {
+    let wal = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .max()
+        .expect("a WAL");
+    let len = std::fs::metadata(&wal).expect("meta").len() as usize;
+    (wal, len)
+}
+
+/// Writes a store whose log holds entries 1..=48 (appended, synced, in two
+/// groups of 24) and, if `apply`, whose state machine applied them in 24
+/// unsynced batches of two; returns the WAL's length before the second
+/// group and after the last synced write.
+fn synced_log_then_unsynced_applies(dir: &Path, apply: bool) -> (usize, usize) {
+    rt().block_on(async {
+        let db = RocksDb::open(dir, RocksOptions::default()).expect("open");
+        let mut log: RocksLogStore<KvConfig> = db.log_store(1).expect("store");
+        let entries: Vec<_> = (1..=48).map(big_put).collect();
+        log.append(entries[..24].to_vec()).await.expect("append");
+        let before_second = live_wal(dir).1;
+        log.append(entries[24..].to_vec()).await.expect("append");
+        let mut sm = RocksStateMachine::open(&db, 1, KvLogic).expect("sm");
+        let synced = live_wal(dir).1;
+        if !apply {
+            return (before_second, synced);
+        }
+        for pair in entries.chunks(2) {
+            sm.apply(pair.to_vec()).await.expect("apply");
+        }
+        assert!(
+            live_wal(dir).1 > synced + 64 * 1024,
+            "the applies went to the WAL"
+        );
+        (before_second, synced)
+    })
+}
+
+/// A power loss can write the WAL's unsynced tail out of order: a page of
+/// apply batches never reaches the disk while later ones do. That is a hole
+/// followed by whole records, which the strict recovery mode refuses (the
+/// node would never start again). Nothing in it was acknowledged, so the
+/// store opens at the last whole batch before it: the log whole, the state
+/// machine at an earlier applied id with exactly the data up to it.
+#[test]
+fn a_power_loss_hole_among_unsynced_apply_batches_opens_before_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, synced) = synced_log_then_unsynced_applies(dir.path(), true);
+    let (wal, len) = live_wal(dir.path());
+    let hole = synced.div_ceil(4096) * 4096 + 4096;
+    assert!(
+        hole + 4096 < len - 32 * 1024,
+        "whole records follow the hole"
+    );
+    let mut bytes = std::fs::read(&wal).expect("read");
+    bytes[hole..hole + 4096].fill(0);
+    std::fs::write(&wal, &bytes).expect("write");
+
+    for round in 0..2 {
+        rt().block_on(async {
+            let db = RocksDb::open(dir.path(), RocksOptions::default())
+                .unwrap_or_else(|e| panic!("round {round}: a torn unsynced tail must open: {e}"));
+            let mut log: RocksLogStore<KvConfig> = db.log_store(1).expect("store");
+            let st = log.log_state().await.expect("state");
+            assert_eq!(st.last, LogId::new(1, 48), "the synced log is whole");
+            let read = log.read(LogIndex(1), LogIndex(48)).await.expect("read");
+            assert_eq!(read, (1..=48).map(big_put).collect::<Vec<_>>());
+            let mut sm = RocksStateMachine::open(&db, 1, KvLogic).expect("sm");
+            let applied = sm.applied().await.expect("applied").index.0;
+            assert!(applied < 48, "the batches from the hole on are gone");
+            for i in 1..=48 {
+                let v = sm.get(format!("k{i}").as_bytes()).expect("get");
+                assert_eq!(
+                    v.is_some(),
+                    i <= applied,
+                    "round {round}: key {i} against applied {applied}"
+                );
+            }
+        });
+    }
+}
+
+/// Flips a bit in the middle of the second synced group of a store built by
+/// [`synced_log_then_unsynced_applies`] and expects the open to fail.
+fn damage_in_the_second_synced_group_is_refused(apply: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (before_second, synced) = synced_log_then_unsynced_applies(dir.path(), apply);
+    let (wal, _) = live_wal(dir.path());
+    let mut bytes = std::fs::read(&wal).expect("read");
+    bytes[(before_second + synced) / 2] ^= 0x10;
+    std::fs::write(&wal, &bytes).expect("write");
+    match RocksDb::open(dir.path(), RocksOptions::default()) {
+        Err(RocksError::Db { source, .. }) => {
+            assert_eq!(source.kind(), rocksdb::ErrorKind::Corruption, "{source}")
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("opened past a damaged synced group (apply batches after it: {apply})"),
+    }
+}
+
+/// The same repair must not swallow acknowledged data: damage inside a
+/// synced group that apply batches written after its sync returned survive
+/// past is a disk fault, and the store refuses to open rather than resume
+/// without those entries.
+#[test]
+fn damage_before_records_written_after_its_sync_returned_is_refused() {
+    damage_in_the_second_synced_group_is_refused(true);
+}
+
+/// Damage in the last write, with nothing whole after it, may be a torn
+/// unacknowledged write or a disk fault in an acknowledged one: nothing
+/// tells them apart, so it stays refused as strict recovery refuses it.
+#[test]
+fn damage_in_the_last_synced_write_is_refused() {
+    damage_in_the_second_synced_group_is_refused(false);
 }
