@@ -24,8 +24,8 @@
 //! purge_keep = 1000              # entries kept behind a snapshot
 //! purge_keep_max = 100000        # and up to this many (or twice the snapshot's bytes) for a live follower behind
 //! snapshot_refresh_percent = 20  # a transfer waits for a fresh snapshot if the log since weighs more (0: never)
-//! snapshot_window = 32           # snapshot chunks in flight per follower
-//! snapshot_chunk_bytes = 262144  # bytes per snapshot chunk (at most 8 MiB)
+//! snapshot_window = 8            # snapshot chunks in flight per follower
+//! snapshot_chunk_bytes = 1048576 # bytes per snapshot chunk (at most 8 MiB)
 //! max_inflight = 8               # AppendEntries in flight per follower
 //! max_entries_per_message = 512
 //!
