@@ -31,9 +31,28 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ 256 * 1024 * 1024 }>()
 }
 
-/// Encodes `value` to a fresh buffer.
+/// Encodes `value` to a fresh buffer of exactly its size.
+///
+/// The value is measured first and then written once: a buffer grown by
+/// doubling (bincode's `encode_to_vec`) copied a 1 MiB snapshot chunk or a
+/// large append about twice over, and touched fresh pages at every step.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Encode(e.to_string()))
+    let failed = |e: bincode::error::EncodeError| CodecError::Encode(e.to_string());
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(value, &mut size, config()).map_err(failed)?;
+    let mut out = Exact(Vec::with_capacity(size.bytes_written));
+    bincode::serde::encode_into_writer(value, &mut out, config()).map_err(failed)?;
+    Ok(out.0)
+}
+
+/// A bincode writer appending to a buffer sized beforehand.
+struct Exact(Vec<u8>);
+
+impl bincode::enc::write::Writer for Exact {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
 }
 
 /// Decodes one value that must span all of `bytes`.
@@ -56,6 +75,12 @@ mod tests {
     fn round_trips_and_rejects_garbage() {
         let v: (u64, String) = (7, "x".into());
         let bytes = encode(&v).unwrap();
+        assert_eq!(bytes.capacity(), bytes.len(), "sized before it is written");
+        assert_eq!(
+            bytes,
+            bincode::serde::encode_to_vec(&v, config()).unwrap(),
+            "the same bytes as bincode's own encoder"
+        );
         assert_eq!(decode::<(u64, String)>(&bytes).unwrap(), v);
         assert!(decode::<(u64, String)>(&[0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
         let mut long = bytes.clone();
