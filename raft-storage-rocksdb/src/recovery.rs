@@ -31,9 +31,13 @@
 //!    acknowledged than the point-in-time replay holds, i.e. nothing the
 //!    hole swallowed had been acknowledged as durable.
 //!
-//! Otherwise the strict open's error is returned. What this cannot see: a
-//! synced group damaged by the disk after its sync returned, when no whole
-//! batch written after that return survived.
+//! Otherwise the strict open's error is returned. A power loss cannot put
+//! a hole in synced bytes, so the check is there for disk faults, and what
+//! it cannot see is one: a synced group damaged after its sync returned
+//! when no whole batch written after that return survived, or when a later
+//! whole batch carries a lower count (the skipping replay reads the last
+//! batch's count; a batch written in place can carry a count read a little
+//! before the writer thread raised it).
 
 use std::path::Path;
 
