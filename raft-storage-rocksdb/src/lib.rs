@@ -50,10 +50,7 @@ use std::sync::atomic::AtomicU64;
 
 use async_trait::async_trait;
 use raft_core::{Entry, HardState, LogId, LogIndex, LogState, LogStore, StorageError, TypeConfig};
-use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, DBRecoveryMode,
-    Options,
-};
+use rocksdb::{BlockBasedOptions, Cache, DB, DBCompressionType, DBRecoveryMode, Options};
 use thiserror::Error;
 
 use self::writer::{Op, Writer};
@@ -324,8 +321,7 @@ impl RocksDb {
         } else {
             opts.create_missing_column_families(true);
         }
-        let cfs = COLUMN_FAMILIES.map(|n| ColumnFamilyDescriptor::new(n, opts.clone()));
-        let db = match DB::open_cf_descriptors(&opts, &path, cfs) {
+        let db = match DB::open_cf_descriptors(&opts, &path, recovery::descriptors(&opts)) {
             Ok(db) => db,
             Err(e) if exists && e.kind() == rocksdb::ErrorKind::Corruption => {
                 recovery::open_past_torn_tail(&opts, &path, e)?

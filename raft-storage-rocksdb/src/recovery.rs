@@ -59,7 +59,9 @@ pub(crate) fn counter(db: &DB, key: &[u8]) -> u64 {
         .unwrap_or(0)
 }
 
-fn descriptors(opts: &Options) -> Vec<ColumnFamilyDescriptor> {
+/// Every column family, each opened with `opts`: the strict open and the
+/// replays below open the same set the same way.
+pub(crate) fn descriptors(opts: &Options) -> Vec<ColumnFamilyDescriptor> {
     COLUMN_FAMILIES
         .iter()
         .map(|n| ColumnFamilyDescriptor::new(*n, opts.clone()))
