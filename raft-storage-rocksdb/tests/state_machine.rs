@@ -313,3 +313,38 @@ async fn a_transfer_reads_the_snapshot_the_last_build_replaced_but_no_older_one(
     assert!(!readable(&mut a, second).await);
     assert_eq!(files(a_dir.path()).len(), 1, "{:?}", files(a_dir.path()));
 }
+
+/// One store holds several groups: a group's snapshot holds its own keys,
+/// none of the groups after or before it in key order, and the groups an
+/// install does not name keep theirs.
+#[tokio::test]
+async fn a_snapshot_holds_its_own_group_only() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let db = RocksDb::open(a_dir.path(), RocksOptions::default()).expect("open");
+    let mut groups: Vec<Sm> = (1..=3)
+        .map(|g| RocksStateMachine::open(&db, g, KvLogic).expect("sm"))
+        .collect();
+    for (g, sm) in groups.iter_mut().enumerate() {
+        let entries = (1..=50)
+            .map(|i| put(i, &format!("k{i}"), &format!("group {} {i}", g + 1)))
+            .chain([put(51, &format!("only-in-{}", g + 1), "x")])
+            .collect();
+        sm.apply(entries).await.expect("apply");
+    }
+    let meta = groups[1].build_snapshot().await.expect("snapshot");
+
+    let db_b = RocksDb::open(b_dir.path(), RocksOptions::default()).expect("open");
+    let mut b2 = RocksStateMachine::open(&db_b, 2, KvLogic).expect("sm");
+    let mut b3 = RocksStateMachine::open(&db_b, 3, KvLogic).expect("sm");
+    b3.apply(vec![put(1, "kept", "3")]).await.expect("apply");
+    stream(&mut groups[1], &mut b2, &meta, 4096).await;
+    b2.install_snapshot(&meta).await.expect("install");
+
+    assert_eq!(get(&b2, "k7").as_deref(), Some("group 2 7"));
+    assert_eq!(get(&b2, "only-in-2").as_deref(), Some("x"));
+    for other in ["only-in-1", "only-in-3"] {
+        assert_eq!(get(&b2, other), None, "{other} is another group's");
+    }
+    assert_eq!(get(&b3, "kept").as_deref(), Some("3"), "group 3 untouched");
+    assert_eq!(get(&b3, "k7"), None);
+}
