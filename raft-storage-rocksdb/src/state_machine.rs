@@ -55,6 +55,10 @@ const TAG_SNAPSHOT: &[u8] = b"sm_snapshot";
 /// The snapshot an unfinished install is loading (its meta).
 const TAG_INSTALLING: &[u8] = b"sm_installing";
 
+/// Received chunks queued for the SST builder of a transfer; see
+/// `stream_chunk`.
+const STREAM_QUEUE_CHUNKS: usize = 16;
+
 /// Bytes of data an install writes per SST file: a file's index and
 /// filter are held in memory until it is finished, so memory stays bounded
 /// by this, whatever the snapshot's size. Small in tests, so that they
@@ -359,7 +363,11 @@ impl<C: TypeConfig, A: KvApply<C>> RocksStateMachine<C, A> {
         if offset == 0 {
             self.streamed = None;
             self.transfers += 1;
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            // Chunks the builder may fall behind by before a chunk's write
+            // (and so its answer) waits for it: 16 MiB at the default
+            // 1 MiB chunks, twice the leader's window, so a builder that
+            // loses the CPU for a moment does not stop the transfer.
+            let (tx, rx) = tokio::sync::mpsc::channel(STREAM_QUEUE_CHUNKS);
             let store = (
                 self.db.path().to_path_buf(),
                 self.db.shared.compression,
