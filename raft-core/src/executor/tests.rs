@@ -138,6 +138,30 @@ fn a_held_append_whose_predecessor_never_comes_is_refused_after_a_while() {
 }
 
 #[test]
+fn a_held_append_waits_while_its_predecessors_keep_arriving() {
+    let mut x = led_follower();
+    let wait = Config::default().election_timeout_min_ms / 2;
+    // Entries 7-8 arrive first; 1-6 come in three appends, each a little
+    // less than `wait` after the one before: slow, but the log moves.
+    x.step(NodeId(1), append(6, 2, 1), Some(4)).ok().unwrap();
+    let mut now = 0;
+    let mut acks = Vec::new();
+    for (i, prev) in [0, 2, 4].into_iter().enumerate() {
+        now += wait - 1;
+        x.tick(now);
+        acks.extend(answers(x.poll_io()));
+        x.step(NodeId(1), append(prev, 2, 1), Some(i as u32 + 1))
+            .ok()
+            .unwrap();
+        acks.extend(answers(x.poll_io()));
+    }
+    // Held for nearly three times `wait` since it arrived, never refused.
+    assert!(acks.iter().all(|a| a.2), "refused: {acks:?}");
+    assert!(acks.contains(&(4, 8, true)), "{acks:?}");
+    assert_eq!(x.engine().log().last_index(), LogIndex(8));
+}
+
+#[test]
 fn appends_held_past_the_window_refuse_the_one_furthest_ahead() {
     let mut x = led_follower();
     let window = Config::default().max_inflight as u64;
