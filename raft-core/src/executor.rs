@@ -52,7 +52,7 @@
 //! the wait from arrival alone refused appends whose predecessors were
 //! still arriving: a learner catching up on a busy two-core machine
 //! received a window of 512-entry appends more slowly than 75 ms, refused
-//! 140-170 of them in 20 s, and each refusal sent the leader back to
+//! about 120 of them in 20 s, and each refusal sent the leader back to
 //! probing, so the learner fell from 3,000 to 30,000-68,000 entries behind
 //! (`cargo xtask bench join`, debug logs).
 //!
