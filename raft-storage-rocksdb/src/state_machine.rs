@@ -164,10 +164,7 @@ fn scan_stored(
     let start = data_key(group, prefix);
     let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
     for item in db.shared.db.iterator_cf(cf, mode) {
-        let (k, v) = item.map_err(|source| RocksError::Db {
-            path: db.shared.path.clone(),
-            source,
-        })?;
+        let (k, v) = item.map_err(|e| db.shared.db_err(e))?;
         if !k.starts_with(&start) {
             break;
         }
@@ -187,10 +184,7 @@ fn read_key(db: &RocksDb, group: u64, key: &[u8]) -> Result<Option<Vec<u8>>, Roc
     db.shared
         .db
         .get_cf(cf, data_key(group, key))
-        .map_err(|source| RocksError::Db {
-            path: db.shared.path.clone(),
-            source,
-        })
+        .map_err(|e| db.shared.db_err(e))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -742,10 +736,6 @@ pub(crate) fn write_pairs(
     if let Some(next) = group.checked_add(1) {
         opts.set_iterate_upper_bound(next.to_be_bytes());
     }
-    let db_err = |source| RocksError::Db {
-        path: db.shared.path.clone(),
-        source,
-    };
     let mut it = snap.raw_iterator_cf_opt(cf, opts);
     it.seek(prefix);
     while let (Some(k), Some(v)) = (it.key(), it.value()) {
@@ -756,7 +746,7 @@ pub(crate) fn write_pairs(
         write_pair(w, &k[8..], v).map_err(|e| io(format!("writing {}", path.display()))(e))?;
         it.next();
     }
-    it.status().map_err(db_err)?;
+    it.status().map_err(|e| db.shared.db_err(e))?;
     w.write_all(&0u32.to_le_bytes())
         .map_err(io(format!("writing {}", path.display())))
 }
