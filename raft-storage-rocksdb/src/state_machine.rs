@@ -1019,13 +1019,21 @@ fn install_files<C: TypeConfig>(
 }
 
 /// Deletes group `group`'s data and ingests `files` in its place.
+///
+/// A group with no keys (a new learner's) is not range-deleted: the
+/// tombstone would overlap the files, so RocksDB would flush it and place
+/// them in level 0, and then compact all of the state once more (in
+/// `cargo xtask bench join`, 356,000 records just as the learner began
+/// catching up). Without it they go straight to the bottom level.
 fn ingest(db: &RocksDb, group: u64, files: &[PathBuf]) -> Result<(), StorageError> {
-    let range = Op::DeleteRange {
-        cf: CF_SM,
-        from: group.to_be_bytes().to_vec(),
-        to: (group + 1).to_be_bytes().to_vec(),
-    };
-    db.writer.write_blocking(&[range], false)?;
+    if group_has_keys(db, group)? {
+        let range = Op::DeleteRange {
+            cf: CF_SM,
+            from: group.to_be_bytes().to_vec(),
+            to: (group + 1).to_be_bytes().to_vec(),
+        };
+        db.writer.write_blocking(&[range], false)?;
+    }
     if files.is_empty() {
         return Ok(());
     }
@@ -1036,6 +1044,21 @@ fn ingest(db: &RocksDb, group: u64, files: &[PathBuf]) -> Result<(), StorageErro
         .db
         .ingest_external_file_cf_opts(shared.cf(CF_SM)?, &opts, files.to_vec())
         .map_err(|e| shared.db_err(e).into())
+}
+
+/// Group `group` holds at least one live key.
+fn group_has_keys(db: &RocksDb, group: u64) -> Result<bool, StorageError> {
+    let prefix = group.to_be_bytes();
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.fill_cache(false);
+    if let Some(next) = group.checked_add(1) {
+        opts.set_iterate_upper_bound(next.to_be_bytes());
+    }
+    let mut it = db.shared.db.raw_iterator_cf_opt(db.cf(CF_SM)?, opts);
+    it.seek(prefix);
+    let found = it.key().is_some_and(|k| k.starts_with(&prefix));
+    it.status().map_err(|e| db.shared.db_err(e))?;
+    Ok(found)
 }
 
 /// Writes the pairs of the snapshot file at `path` as group `group`'s keys
@@ -1676,6 +1699,34 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+    }
+
+    /// A node with no state (a new learner) takes the files in at the
+    /// bottom level: with a range delete before them, they land in level 0
+    /// over its tombstone, and RocksDB compacts the whole state once more.
+    #[tokio::test]
+    async fn a_new_learner_ingests_below_level_0() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (db, mut leader) = open_sm(a.path());
+        let ops: Vec<Op> = (0..50)
+            .map(|i| put(&format!("k{i}"), vec![i as u8; 1 << 10]))
+            .collect();
+        db.writer.write_blocking(&ops, false).expect("data");
+        let meta = snapshot_after_blank(&mut leader, LogId::new(1, 7)).await;
+        let (db_b, mut sm) = open_sm(b.path());
+        stream(&mut leader, &mut sm, &meta).await;
+        sm.install_snapshot(&meta).await.expect("install");
+        for i in [0, 49] {
+            let v = sm.get(format!("k{i}").as_bytes()).expect("get");
+            assert_eq!(v, Some(vec![i as u8; 1 << 10]), "k{i}");
+        }
+        let shared = &db_b.shared;
+        let cf = shared.cf(CF_SM).expect("cf");
+        let level0 = shared
+            .db
+            .property_int_value_cf(cf, "rocksdb.num-files-at-level0")
+            .expect("property");
+        assert_eq!(level0, Some(0), "files in level 0");
     }
 
     fn holds_the_snapshot(sm: &Sm) {
