@@ -87,8 +87,10 @@ pub struct Config {
     /// chunks that arrive ahead of a gap, so the window costs memory on
     /// both sides.
     pub snapshot_window: usize,
-    /// `Raft::add_learner` returns once the learner is at most this many
-    /// entries behind the leader.
+    /// `Raft::add_learner` returns, and a promotion proceeds, once the
+    /// learner lacks at most this many of the leader's committed entries
+    /// (what it lacks of the writes still in flight to every follower is
+    /// not counted: the voters lack those too).
     pub learner_max_lag: u64,
     /// Most client writes one node holds at once (handed to it and not yet
     /// answered). Past it, `Raft::client_write` does what `when_full` says,

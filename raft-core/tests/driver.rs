@@ -1208,6 +1208,91 @@ impl raft_core::Network<KvConfig> for HeldNetwork {
     }
 }
 
+/// A learner as current as the voters is caught up while the leader holds
+/// writes no follower has acknowledged yet. Under load, or over a link of
+/// some latency, there always are some; counted against the learner, they
+/// kept it more than `learner_max_lag` behind for as long as clients
+/// wrote, and it was never promoted. Here every answer to the leader is
+/// held (for less than an election timeout) while it appends twice
+/// `learner_max_lag` writes and sends them to everyone. Virtual time.
+#[tokio::test(start_paused = true)]
+async fn a_learner_as_current_as_the_voters_is_caught_up_while_writes_are_in_flight() {
+    let config = Config::default();
+    let router = MemRouter::<KvConfig>::new();
+    let held = HeldAnswers::default();
+    let mut nodes = BTreeMap::new();
+    for i in 1..=4 {
+        let id = NodeId(i);
+        let raft = Raft::start(
+            id,
+            config.clone(),
+            MemLogStore::new(),
+            MemStateMachine::new(),
+            held.factory(&router, id),
+        )
+        .await
+        .expect("start");
+        router.register(id, raft.clone());
+        nodes.insert(id, raft);
+    }
+    let voters: BTreeMap<NodeId, String> =
+        (1..=3).map(|i| (NodeId(i), format!("node-{i}"))).collect();
+    nodes[&NodeId(1)]
+        .initialize(voters)
+        .await
+        .expect("initialize");
+    let leader = nodes[&NodeId(1)]
+        .wait_for_leader(WAIT)
+        .await
+        .expect("a leader");
+    let raft = nodes[&leader].clone();
+    raft.add_learner(NodeId(4), "node-4".into(), WAIT)
+        .await
+        .expect("learner 4 catches up");
+    let mut m = raft.metrics();
+    let settled = m
+        .wait_for(|m| {
+            m.commit_index == m.last_log_index
+                && m.replication.get(&NodeId(4)) == Some(&m.last_log_index)
+        })
+        .await
+        .expect("metrics")
+        .commit_index;
+
+    let hold = Duration::from_millis(config.election_timeout_min_ms / 2);
+    held.set(leader, tokio::time::Instant::now() + hold);
+    let n = 2 * config.learner_max_lag;
+    let writes: Vec<_> = (0..n)
+        .map(|i| {
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                let cmd = KvCommand::Put {
+                    key: format!("k{i}"),
+                    value: "v".into(),
+                };
+                raft.client_write(cmd).await
+            })
+        })
+        .collect();
+    let m = m
+        .wait_for(|m| m.last_log_index.0 >= settled.0 + n)
+        .await
+        .expect("metrics")
+        .clone();
+    assert_eq!(m.commit_index, settled, "nothing is acknowledged yet");
+    assert_eq!(m.replication.get(&NodeId(4)), Some(&settled));
+    raft.wait_caught_up(NodeId(4), hold / 4)
+        .await
+        .expect("as current as the voters: caught up");
+
+    for w in writes {
+        w.await.expect("writer").expect("the write commits");
+    }
+    for r in nodes.values() {
+        r.shutdown().await;
+    }
+}
+
 /// Check-quorum judges a leader by the answers it has, and every answer
 /// that is in when the check fires counts, however many came at once: four
 /// voters (the leader needs two followers heard in each window), and every

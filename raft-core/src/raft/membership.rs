@@ -6,7 +6,8 @@ use super::*;
 
 impl<C: TypeConfig> Raft<C> {
     /// Adds `id` (reached at `node`) as a learner, then waits until it is
-    /// within `Config::learner_max_lag` entries of this leader's log. If it
+    /// within `Config::learner_max_lag` entries of this leader's commit
+    /// index (entries still in flight to every follower do not count). If it
     /// is still further behind after `timeout`, returns `LearnerBehind`:
     /// the learner stays added and keeps catching up.
     pub async fn add_learner(
@@ -36,7 +37,7 @@ impl<C: TypeConfig> Raft<C> {
     }
 
     /// Waits until learner `id` is within `Config::learner_max_lag`
-    /// entries of this leader's log. `LearnerBehind` if it is not after
+    /// entries of this leader's commit index. `LearnerBehind` if it is not after
     /// `timeout`; `NotLeader` if this node stops leading meanwhile.
     /// [`Raft::change_membership`] does this for every learner it
     /// promotes; call it first to bound that wait separately.
