@@ -1617,6 +1617,18 @@ mod tests {
         }
     }
 
+    /// A state machine in `dir` holding keys `k0`.. `k{n-1}`, each `len`
+    /// bytes of its number, and a snapshot of it at 1-7.
+    async fn holding(dir: &Path, n: usize, len: usize) -> (RocksDb, Sm, SnapshotMeta<KvConfig>) {
+        let (db, mut sm) = open_sm(dir);
+        let ops: Vec<Op> = (0..n)
+            .map(|i| put(&format!("k{i}"), vec![i as u8; len]))
+            .collect();
+        db.writer.write_blocking(&ops, false).expect("data");
+        let meta = snapshot_after_blank(&mut sm, LogId::new(1, 7)).await;
+        (db, sm, meta)
+    }
+
     /// A store of 600 keys of 20 KiB (three install files' worth) and
     /// its snapshot at index 7, and a follower store holding one old key,
     /// with the snapshot received but not installed.
@@ -1624,12 +1636,7 @@ mod tests {
         leader: &Path,
         follower: &Path,
     ) -> (Sm, SnapshotMeta<KvConfig>) {
-        let (db, mut a) = open_sm(leader);
-        let ops: Vec<Op> = (0..600)
-            .map(|i| put(&format!("k{i}"), vec![i as u8; 20 << 10]))
-            .collect();
-        db.writer.write_blocking(&ops, false).expect("data");
-        let meta = snapshot_after_blank(&mut a, LogId::new(1, 7)).await;
+        let (_db, mut a, meta) = holding(leader, 600, 20 << 10).await;
         assert!(
             meta.size > 2 * INSTALL_FILE_BYTES as u64,
             "three files or more"
@@ -1670,12 +1677,7 @@ mod tests {
     #[tokio::test]
     async fn a_transfer_that_starts_over_builds_its_files_again() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (db, mut leader) = open_sm(a.path());
-        let ops: Vec<Op> = (0..600)
-            .map(|i| put(&format!("k{i}"), vec![i as u8; 20 << 10]))
-            .collect();
-        db.writer.write_blocking(&ops, false).expect("data");
-        let meta = snapshot_after_blank(&mut leader, LogId::new(1, 7)).await;
+        let (_db, mut leader, meta) = holding(a.path(), 600, 20 << 10).await;
         let (_db_b, mut sm) = open_sm(b.path());
         for offset in (0..6).map(|i| i << 20) {
             let c = leader
@@ -1707,12 +1709,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_learner_ingests_below_level_0() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (db, mut leader) = open_sm(a.path());
-        let ops: Vec<Op> = (0..50)
-            .map(|i| put(&format!("k{i}"), vec![i as u8; 1 << 10]))
-            .collect();
-        db.writer.write_blocking(&ops, false).expect("data");
-        let meta = snapshot_after_blank(&mut leader, LogId::new(1, 7)).await;
+        let (_db, mut leader, meta) = holding(a.path(), 50, 1 << 10).await;
         let (db_b, mut sm) = open_sm(b.path());
         stream(&mut leader, &mut sm, &meta).await;
         sm.install_snapshot(&meta).await.expect("install");
