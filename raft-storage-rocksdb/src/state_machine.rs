@@ -714,6 +714,20 @@ fn write_chunk(dir: &Path, path: &Path, offset: u64, data: &[u8]) -> Result<(), 
     Ok(())
 }
 
+/// Read options for a scan of group `group`'s keys: its blocks are read
+/// once, so they stay out of the block cache (which holds what reads and
+/// applies use, and which the scan of a state larger than the cache would
+/// empty); the bound stops the iterator at the group's end instead of the
+/// next key after it (the last group has none: check the prefix too).
+fn group_scan(group: u64) -> rocksdb::ReadOptions {
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.fill_cache(false);
+    if let Some(next) = group.checked_add(1) {
+        opts.set_iterate_upper_bound(next.to_be_bytes());
+    }
+    opts
+}
+
 /// Writes group `group`'s data as `snap` sees it to `w` in the snapshot
 /// file format, terminator included (`path` names `w` in errors).
 pub(crate) fn write_pairs(
@@ -725,18 +739,9 @@ pub(crate) fn write_pairs(
 ) -> Result<(), StorageError> {
     let cf = db.cf(CF_SM)?;
     let prefix = group.to_be_bytes();
-    // A whole-group scan: its blocks are read once, so they stay out of
-    // the block cache (which holds what reads and applies use, and which
-    // the scan of a state larger than the cache would empty); the bound
-    // stops the iterator at the group's end instead of the next key after
-    // it. The raw iterator lends each pair instead of copying it into two
-    // new boxes per key, as the iterator adapter does.
-    let mut opts = rocksdb::ReadOptions::default();
-    opts.fill_cache(false);
-    if let Some(next) = group.checked_add(1) {
-        opts.set_iterate_upper_bound(next.to_be_bytes());
-    }
-    let mut it = snap.raw_iterator_cf_opt(cf, opts);
+    // The raw iterator lends each pair instead of copying it into two new
+    // boxes per key, as the iterator adapter does.
+    let mut it = snap.raw_iterator_cf_opt(cf, group_scan(group));
     it.seek(prefix);
     while let (Some(k), Some(v)) = (it.key(), it.value()) {
         if !k.starts_with(&prefix) {
@@ -1049,12 +1054,10 @@ fn ingest(db: &RocksDb, group: u64, files: &[PathBuf]) -> Result<(), StorageErro
 /// Group `group` holds at least one live key.
 fn group_has_keys(db: &RocksDb, group: u64) -> Result<bool, StorageError> {
     let prefix = group.to_be_bytes();
-    let mut opts = rocksdb::ReadOptions::default();
-    opts.fill_cache(false);
-    if let Some(next) = group.checked_add(1) {
-        opts.set_iterate_upper_bound(next.to_be_bytes());
-    }
-    let mut it = db.shared.db.raw_iterator_cf_opt(db.cf(CF_SM)?, opts);
+    let mut it = db
+        .shared
+        .db
+        .raw_iterator_cf_opt(db.cf(CF_SM)?, group_scan(group));
     it.seek(prefix);
     let found = it.key().is_some_and(|k| k.starts_with(&prefix));
     it.status().map_err(|e| db.shared.db_err(e))?;
