@@ -1139,6 +1139,32 @@ impl HeldAnswers {
         }
     }
 
+    /// Nodes 1 to `n` on `router`, each calling its peers through this
+    /// hold, not initialized; node `i` is at index `i - 1`.
+    async fn start(
+        &self,
+        router: &MemRouter<KvConfig>,
+        config: &Config,
+        n: u64,
+    ) -> Vec<Raft<KvConfig>> {
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let id = NodeId(i);
+            let raft = Raft::start(
+                id,
+                config.clone(),
+                MemLogStore::new(),
+                MemStateMachine::new(),
+                self.factory(router, id),
+            )
+            .await
+            .expect("start");
+            router.register(id, raft.clone());
+            nodes.push(raft);
+        }
+        nodes
+    }
+
     fn factory(&self, router: &MemRouter<KvConfig>, from: NodeId) -> HeldFactory {
         HeldFactory {
             inner: router.factory(from),
@@ -1220,32 +1246,12 @@ async fn a_learner_as_current_as_the_voters_is_caught_up_while_writes_are_in_fli
     let config = Config::default();
     let router = MemRouter::<KvConfig>::new();
     let held = HeldAnswers::default();
-    let mut nodes = BTreeMap::new();
-    for i in 1..=4 {
-        let id = NodeId(i);
-        let raft = Raft::start(
-            id,
-            config.clone(),
-            MemLogStore::new(),
-            MemStateMachine::new(),
-            held.factory(&router, id),
-        )
-        .await
-        .expect("start");
-        router.register(id, raft.clone());
-        nodes.insert(id, raft);
-    }
+    let nodes = held.start(&router, &config, 4).await;
     let voters: BTreeMap<NodeId, String> =
         (1..=3).map(|i| (NodeId(i), format!("node-{i}"))).collect();
-    nodes[&NodeId(1)]
-        .initialize(voters)
-        .await
-        .expect("initialize");
-    let leader = nodes[&NodeId(1)]
-        .wait_for_leader(WAIT)
-        .await
-        .expect("a leader");
-    let raft = nodes[&leader].clone();
+    nodes[0].initialize(voters).await.expect("initialize");
+    let leader = nodes[0].wait_for_leader(WAIT).await.expect("a leader");
+    let raft = nodes[(leader.0 - 1) as usize].clone();
     raft.add_learner(NodeId(4), "node-4".into(), WAIT)
         .await
         .expect("learner 4 catches up");
@@ -1288,7 +1294,7 @@ async fn a_learner_as_current_as_the_voters_is_caught_up_while_writes_are_in_fli
     for w in writes {
         w.await.expect("writer").expect("the write commits");
     }
-    for r in nodes.values() {
+    for r in nodes {
         r.shutdown().await;
     }
 }
@@ -1309,20 +1315,7 @@ async fn answers_that_arrive_with_the_check_quorum_deadline_count() {
     let held = HeldAnswers::default();
     let members: BTreeMap<NodeId, String> =
         (1..=4).map(|i| (NodeId(i), format!("node-{i}"))).collect();
-    let mut nodes = Vec::new();
-    for id in members.keys() {
-        let raft = Raft::start(
-            *id,
-            config.clone(),
-            MemLogStore::new(),
-            MemStateMachine::new(),
-            held.factory(&router, *id),
-        )
-        .await
-        .expect("start");
-        router.register(*id, raft.clone());
-        nodes.push(raft);
-    }
+    let nodes = held.start(&router, &config, 4).await;
     nodes[0].initialize(members).await.expect("initialize");
     // Every node hears of the leader at the instant it is elected (the
     // network takes no time), and its first check-quorum window starts
